@@ -1,0 +1,156 @@
+"""What every backend is: a name, an availability, declared capabilities and a forward call.
+
+Capabilities are data. :meth:`Capabilities.reasons` turns a case into the human-readable list of
+reasons a backend does not support it (``head_dim=320 > 256``, ``softcap is ignored by
+rocm-ck``); an empty list means supported. A backend may *claim* less than it accepts, which is
+what ``--audit`` probes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any
+
+from harness.case import DTYPES, ENTRIES, Case
+from harness.errors import UsageError
+
+if TYPE_CHECKING:
+    from harness.inputs import Inputs
+    from harness.outputs import Outputs
+    from harness.target import Target
+
+#: Features a case can turn on (see ``Case.features``).
+FEATURES = ("causal", "window", "softcap", "alibi", "dropout", "gqa", "scale", "strided", "paged",
+            "seqlen_q>seqlen_k")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend claims to support.
+
+    Attributes:
+        dtypes: element types.
+        head_dim_max: largest head_dim (0 = no limit).
+        head_dim_multiple: head_dim must be a multiple of this.
+        features: supported features from :data:`FEATURES`.
+        entries: entry points it can be called through (dense, varlen, kvcache).
+        backward: whether gradients can be taken.
+        paged_block_multiple: paged kv-cache block sizes must be multiples of this.
+        exclusive: pairs of features that cannot be combined.
+        returns_lse: whether the forward returns the log-sum-exp.
+        deterministic_backward: whether backward promises bitwise repeatability.
+        notes: per feature, why it is unsupported (replaces the generic reason).
+    """
+
+    dtypes: frozenset[str] = frozenset(DTYPES)
+    head_dim_max: int = 0
+    head_dim_multiple: int = 1
+    features: frozenset[str] = frozenset(FEATURES)
+    entries: frozenset[str] = frozenset({"dense"})
+    backward: bool = True
+    paged_block_multiple: int = 1
+    exclusive: tuple[tuple[str, str], ...] = ()
+    returns_lse: bool = False
+    deterministic_backward: bool = True
+    notes: Mapping[str, str] = field(default_factory=dict)
+
+    def reasons(self, case: Case, who: str) -> list[str]:
+        """Why ``who`` does not support ``case``; empty when supported."""
+        out = []
+        if case.entry not in self.entries:
+            out.append(f"{who} has no {case.entry} entry point")
+        if case.dtype not in self.dtypes:
+            out.append(f"dtype={case.dtype} is not supported by {who} ({', '.join(sorted(self.dtypes))})")
+        if self.head_dim_max and case.head_dim > self.head_dim_max:
+            out.append(f"head_dim={case.head_dim} > {self.head_dim_max}")
+        if case.head_dim % self.head_dim_multiple:
+            out.append(f"head_dim={case.head_dim} is not a multiple of {self.head_dim_multiple}")
+        for feature in sorted(case.features - self.features):
+            out.append(self.notes.get(feature, f"{feature} is not supported by {who}"))
+        if case.paged_block_size and case.paged_block_size % self.paged_block_multiple:
+            out.append(f"paged_block_size={case.paged_block_size} is not a multiple of "
+                       f"{self.paged_block_multiple} ({who})")
+        for a, b in self.exclusive:
+            if a in case.features and b in case.features:
+                out.append(f"{a} cannot be combined with {b} in {who}")
+        return out
+
+    def check_reasons(self, check: str, case: Case, who: str) -> list[str]:
+        """Why a particular check cannot run for this case (beyond the case being unsupported)."""
+        if check == "bwd":
+            if case.entry == "kvcache":
+                return ["the kvcache entry point is forward-only"]
+            if not self.backward:
+                return [f"{who} has no backward"]
+        return []
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], where: str) -> Capabilities:
+        """Build from a user's ``capabilities`` dict, validating every key and value."""
+        known = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in known:
+                raise UsageError(f"{where}: unknown capability {key!r} (known: {', '.join(sorted(known))})")
+            if key in ("dtypes", "features", "entries"):
+                allowed = {"dtypes": DTYPES, "features": FEATURES, "entries": ENTRIES}[key]
+                values = frozenset(value)
+                bad = sorted(values - set(allowed))
+                if bad:
+                    raise UsageError(f"{where}: capabilities[{key!r}] has unknown values {bad} "
+                                     f"(allowed: {', '.join(allowed)})")
+                kwargs[key] = values
+            elif key == "exclusive":
+                kwargs[key] = tuple(tuple(pair) for pair in value)
+            else:
+                kwargs[key] = value
+        return replace(cls(), **kwargs)
+
+
+class Backend:
+    """A kernel under test.
+
+    Subclasses set the class attributes and implement :meth:`forward`; they may refine
+    :meth:`availability`, :meth:`unsupported_reasons` and :meth:`call_reasons`.
+    """
+
+    name: str = ""
+    family: str = ""
+    flavor: str = ""
+    version: str = ""
+    capabilities: Capabilities = Capabilities()
+    #: torch device types it can run on ("cpu", "cuda"; ROCm reports "cuda").
+    device_types: tuple[str, ...] = ("cpu", "cuda")
+
+    def availability(self) -> str | None:
+        """None when the backend can run here, else why not."""
+        return None
+
+    def describe(self) -> dict[str, str]:
+        """The identity written into every record."""
+        return {"name": self.name, "family": self.family, "flavor": self.flavor,
+                "version": self.version}
+
+    def unsupported_reasons(self, case: Case, target: Target) -> list[str]:
+        """Every reason the backend does not claim to support ``case`` on ``target``."""
+        reasons = self.call_reasons(case, target) + self.capabilities.reasons(case, self.name)
+        return list(dict.fromkeys(reasons))
+
+    def call_reasons(self, case: Case, target: Target) -> list[str]:
+        """Reasons the harness cannot even call the kernel (never overridden by ``--audit``)."""
+        if target.device_type not in self.device_types:
+            return [f"{self.name} does not run on {target.device_type} "
+                    f"(runs on {', '.join(self.device_types)})"]
+        if case.entry not in self.capabilities.entries:
+            return [f"{self.name} has no {case.entry} entry point"]
+        return []
+
+    def forward(self, inputs: Inputs, *, deterministic: bool = True) -> Outputs:
+        """Run the kernel on ``inputs``; differentiable when the backend has a backward."""
+        raise NotImplementedError
+
+
+class Unsupported(Exception):
+    """Raised by a forward that finds at run time that it cannot take the case (e.g. torch has
+    no SDPA kernel for it). The message is the reason; the check becomes a skip."""

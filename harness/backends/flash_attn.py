@@ -1,0 +1,188 @@
+"""flash-attn 2.x through its public API, in whichever flavor is installed.
+
+Flavors (detected at run time, see :func:`detect_flavor`):
+
+* ``cuda``: the Dao-AILab build (``flash_attn_2_cuda``), NVIDIA sm80 and newer.
+* ``rocm-ck``: the ROCm fork's Composable Kernel build, MI200/MI300 (gfx90a, gfx942, gfx950).
+* ``rocm-triton``: the ROCm fork's (or upstream's) Triton backend, selected with
+  ``FLASH_ATTENTION_TRITON_AMD_ENABLE=TRUE``; pure Python, runs wherever Triton does.
+
+Capabilities per flavor are data (:data:`FLAVOR_CAPABILITIES`), each limit with its source.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from harness.backends.base import FEATURES, Backend, Capabilities
+from harness.case import Case
+
+ALL = frozenset(FEATURES)
+ENTRIES = frozenset({"dense", "varlen", "kvcache"})
+FP16 = frozenset({"float16", "bfloat16"})
+
+#: What each flavor claims, with the public source of every restriction.
+FLAVOR_CAPABILITIES: dict[str, Capabilities] = {
+    # flash_attn/flash_attn_interface.py and csrc/flash_attn/flash_api.cpp (Dao-AILab 2.8):
+    # fp16/bf16, head_dim <= 256, softcap excludes dropout, paged blocks divisible by 256.
+    "cuda": Capabilities(
+        dtypes=FP16, head_dim_max=256, features=ALL, entries=ENTRIES, paged_block_multiple=256,
+        exclusive=(("softcap", "dropout"),), returns_lse=True, deterministic_backward=False,
+    ),
+    # ROCm/flash-attention, csrc/flash_attn_ck/mha_fwd.cpp: the softcap argument is commented
+    # out, so it is accepted and ignored; paged KV needs blocks divisible by 128.
+    "rocm-ck": Capabilities(
+        dtypes=FP16, head_dim_max=256, features=ALL - {"softcap"}, entries=ENTRIES,
+        paged_block_multiple=128, returns_lse=True, deterministic_backward=False,
+        notes={"softcap": "softcap is accepted and silently ignored by rocm-ck "
+                          "(csrc/flash_attn_ck/mha_fwd.cpp)"},
+    ),
+    # ROCm/flash-attention, flash_attn/flash_attn_triton_amd (2.7/2.8 era): window_size, softcap,
+    # deterministic and block_table are accepted but not passed to the kernels.
+    "rocm-triton": Capabilities(
+        dtypes=frozenset({"float16", "bfloat16", "float32"}), head_dim_max=256,
+        features=ALL - {"window", "softcap", "paged"}, entries=ENTRIES, returns_lse=True,
+        deterministic_backward=False,
+        notes={
+            "window": "window_size is accepted but not passed to the kernels by rocm-triton "
+                      "(flash_attn_triton_amd, 2.7/2.8)",
+            "softcap": "softcap is accepted but not passed to the kernels by rocm-triton "
+                       "(flash_attn_triton_amd, 2.7/2.8)",
+            "paged": "block_table is accepted but not passed to the kernels by rocm-triton "
+                     "(flash_attn_triton_amd, 2.7/2.8)",
+        },
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ArchRule:
+    """Which architectures and runtimes a flavor runs on."""
+
+    archs: tuple[str, ...] = ()  # exact names; empty = any of the vendor's
+    min_sm: int = 0  # NVIDIA compute capability * 10
+    min_rocm: tuple[int, int] = (0, 0)
+    vendors: tuple[str, ...] = ("nvidia", "amd")
+    what: str = ""
+
+
+ARCH_RULES = {
+    "cuda": ArchRule(min_sm=80, vendors=("nvidia",), what="Ampere (sm_80) or newer"),
+    "rocm-ck": ArchRule(archs=("gfx90a", "gfx942", "gfx950"), min_rocm=(6, 0), vendors=("amd",),
+                        what="a CK target (gfx90a, gfx942, gfx950)"),
+    "rocm-triton": ArchRule(vendors=("amd", "nvidia"), min_rocm=(6, 0),
+                            what="a GPU that Triton supports"),
+}
+
+
+def detect_flavor(hip: str, environ: Any = os.environ) -> str:
+    if str(environ.get("FLASH_ATTENTION_TRITON_AMD_ENABLE", "")).upper() == "TRUE":
+        return "rocm-triton"
+    return "rocm-ck" if hip else "cuda"
+
+
+def arch_reasons(flavor: str, target) -> list[str]:
+    """Why this flavor cannot run on ``target``'s device (empty when it can)."""
+    rule = ARCH_RULES[flavor]
+    if target.vendor not in rule.vendors:
+        return [f"flash-attn {flavor} does not run on {target.vendor} devices"]
+    if target.vendor == "nvidia" and rule.min_sm:
+        match = re.match(r"sm_(\d+)", target.arch)
+        if match and int(match.group(1)) < rule.min_sm:
+            return [f"{target.arch} is older than flash-attn {flavor} supports ({rule.what})"]
+    if target.vendor == "amd":
+        if rule.archs and target.arch not in rule.archs:
+            return [f"{target.arch} is not {rule.what}"]
+        version = tuple(int(x) for x in re.findall(r"\d+", target.runtime_version)[:2])
+        if version and version < rule.min_rocm:
+            need = ".".join(map(str, rule.min_rocm))
+            return [f"ROCm {target.runtime_version} is older than flash-attn's minimum ROCm {need}"]
+    return []
+
+
+class FlashAttnBackend(Backend):
+    """flash_attn_func / flash_attn_varlen_func / flash_attn_with_kvcache."""
+
+    name = "flash-attn"
+    family = "flash-attn"
+    device_types = ("cuda",)
+
+    def __init__(self, module: Any = None, flavor: str | None = None) -> None:
+        import torch
+
+        self._module = module
+        self._error = ""
+        self.flavor = flavor or detect_flavor(getattr(torch.version, "hip", None) or "")
+        self.capabilities = FLAVOR_CAPABILITIES[self.flavor]
+        self.version = ""
+        if module is None:
+            try:
+                import flash_attn
+                import flash_attn.flash_attn_interface as iface
+
+                self._module = iface
+                self.version = getattr(flash_attn, "__version__", "")
+            except Exception as exc:  # noqa: BLE001 - any import failure makes it unavailable
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                self._error = f"{type(exc).__name__}: {first}"[:300]
+                self.flavor = flavor or ""
+        else:
+            self.version = getattr(module, "__version__", "")
+
+    def availability(self) -> str | None:
+        import torch
+
+        if self._module is None:
+            if "No module named 'flash_attn'" in self._error:
+                return "flash-attn is not installed (pip install 'attn-harness[flash-attn]')"
+            return f"import flash_attn failed: {self._error}"
+        if not torch.cuda.is_available():
+            return "no GPU here: flash-attn runs on CUDA and ROCm devices only"
+        return None
+
+    def unsupported_reasons(self, case: Case, target) -> list[str]:
+        reasons = super().unsupported_reasons(case, target)
+        if target.vendor != "cpu":
+            reasons = arch_reasons(self.flavor, target) + reasons
+        return list(dict.fromkeys(reasons))
+
+    def forward(self, inputs, *, deterministic: bool = True):
+        from harness.outputs import Outputs
+
+        fa = self._module
+        case = inputs.case
+        common: dict[str, Any] = {
+            "softmax_scale": case.scale,
+            "causal": case.causal,
+            "window_size": case.window,
+            "softcap": case.softcap,
+            "alibi_slopes": inputs.alibi_slopes,
+        }
+        if case.entry == "kvcache":
+            out, lse = fa.flash_attn_with_kvcache(
+                inputs.q,
+                inputs.k_pages if case.paged_block_size else inputs.k,
+                inputs.v_pages if case.paged_block_size else inputs.v,
+                cache_seqlens=inputs.cache_seqlens,
+                block_table=inputs.block_table,
+                return_softmax_lse=True,
+                **common,
+            )
+            return Outputs(out=out, lse=lse)
+        # return_attn_probs=True returns (out, lse, S); S is only materialised with dropout,
+        # so lse is requested only without dropout to keep memory at the kernel's own.
+        want_lse = case.dropout_p == 0
+        kwargs = {**common, "dropout_p": case.dropout_p, "deterministic": deterministic,
+                  "return_attn_probs": want_lse}
+        if case.entry == "varlen":
+            result = fa.flash_attn_varlen_func(
+                inputs.q, inputs.k, inputs.v, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
+                case.seqlen_q, case.seqlen_k, **kwargs)
+        else:
+            result = fa.flash_attn_func(inputs.q, inputs.k, inputs.v, **kwargs)
+        if want_lse:
+            return Outputs(out=result[0], lse=result[1])
+        return Outputs(out=result)

@@ -1,0 +1,195 @@
+"""PyTorch's ``scaled_dot_product_attention`` pinned to one kernel with ``sdpa_kernel``.
+
+flash-attn semantics are translated, never passed through: SDPA's ``is_causal`` is top-left
+aligned, so it is used only when ``seqlen_q == seqlen_k`` (where both alignments agree); every
+other causal or local mask, and ALiBi, goes in as an explicit bottom-right ``attn_mask``. Where
+the pinned kernel refuses the call, torch's own explanation (emitted as warnings) becomes the
+skip reason.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import warnings
+from dataclasses import replace
+
+from harness.backends.base import FEATURES, Backend, Capabilities, Unsupported
+from harness.case import Case
+
+KERNELS = {
+    "sdpa-math": "MATH",
+    "sdpa-flash": "FLASH_ATTENTION",
+    "sdpa-efficient": "EFFICIENT_ATTENTION",
+    "sdpa-cudnn": "CUDNN_ATTENTION",
+}
+
+_NO_SOFTCAP = "softcap is not a parameter of SDPA"
+_NO_PAGED = "SDPA has no paged kv-cache"
+_NO_MASK_CUDA = "{name} takes no attn_mask on GPUs, so {feature} cannot be expressed"
+
+
+def _base_caps(**changes) -> Capabilities:
+    features = frozenset(FEATURES) - {"softcap", "paged"}
+    caps = Capabilities(features=features, entries=frozenset({"dense"}),
+                        notes={"softcap": _NO_SOFTCAP, "paged": _NO_PAGED})
+    return replace(caps, **changes)
+
+
+def _has_enable_gqa() -> bool:
+    import torch.nn.functional as F
+
+    try:
+        return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
+    except (TypeError, ValueError):  # builtins without a signature: parse the docstring
+        return "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+class SdpaBackend(Backend):
+    """One SDPA kernel. Capabilities depend on the device (CPU or GPU) and on torch's version."""
+
+    family = "sdpa"
+
+    def __init__(self, name: str) -> None:
+        import torch
+
+        if name not in KERNELS:
+            raise ValueError(name)
+        self.name = name
+        self.version = torch.__version__
+        self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        self.rocm = bool(getattr(torch.version, "hip", None))
+        self.flavor = self._flavor()
+        self.capabilities = self._capabilities()
+
+    def _flavor(self) -> str:
+        if self.device_type == "cpu":
+            return "cpu"
+        if self.rocm and self.name in ("sdpa-flash", "sdpa-efficient"):
+            import torch
+
+            pref = getattr(torch.backends.cuda, "preferred_rocm_fa_library", None)
+            try:
+                return "rocm-" + str(pref()).split(".")[-1].lower() if pref else "rocm-aotriton"
+            except Exception:  # noqa: BLE001 - older torch: AOTriton is the only library
+                return "rocm-aotriton"
+        return "rocm" if self.rocm else "cuda"
+
+    def _capabilities(self) -> Capabilities:
+        gqa = _has_enable_gqa()
+        caps = _base_caps()
+        if not gqa:
+            caps = replace(caps, features=caps.features - {"gqa"},
+                           notes={**caps.notes, "gqa": "this torch has no enable_gqa (torch >= 2.5)"})
+        if self.name == "sdpa-math":
+            return caps
+        if self.device_type == "cpu":
+            if self.name == "sdpa-flash":
+                return replace(caps, features=caps.features - {"dropout"},
+                               notes={**caps.notes, "dropout": "sdpa-flash on the CPU has no dropout"})
+            return caps
+        fp16 = frozenset({"float16", "bfloat16"})
+        if self.name == "sdpa-flash":
+            notes = {**caps.notes, **{f: _NO_MASK_CUDA.format(name=self.name, feature=f)
+                                      for f in ("window", "alibi")}}
+            return replace(caps, dtypes=fp16, head_dim_max=256, notes=notes,
+                           features=caps.features - {"window", "alibi"})
+        if self.name == "sdpa-efficient":
+            return replace(caps, features=caps.features - {"gqa"},
+                           notes={**caps.notes, "gqa": "sdpa-efficient has no GQA (enable_gqa)"})
+        return replace(caps, dtypes=fp16)  # cudnn: the rest is decided by torch at call time
+
+    def availability(self) -> str | None:
+        import torch
+
+        if self.device_type == "cpu":
+            if self.name in ("sdpa-efficient", "sdpa-cudnn"):
+                return f"no GPU here: torch {torch.__version__} has no CPU kernel for {self.name}"
+            return None
+        if self.name == "sdpa-cudnn" and self.rocm:
+            return "cuDNN does not exist on ROCm"
+        if self.name == "sdpa-cudnn" and not torch.backends.cudnn.is_available():
+            return "this torch build has no cuDNN"
+        check = {"sdpa-flash": "is_flash_attention_available"}.get(self.name)
+        fn = getattr(torch.backends.cuda, check, None) if check else None
+        if fn is not None and not fn():
+            return f"this torch build has no {self.name} kernel"
+        return None
+
+    def unsupported_reasons(self, case: Case, target) -> list[str]:
+        reasons = super().unsupported_reasons(case, target)
+        if (self.device_type == "cuda" and self.name == "sdpa-flash" and case.causal
+                and case.seqlen_q != case.seqlen_k):
+            reasons.append("sdpa-flash takes no attn_mask on GPUs and its is_causal is top-left "
+                           "aligned, so bottom-right causal with seqlen_q != seqlen_k cannot be "
+                           "expressed")
+        return reasons
+
+    # ------------------------------------------------------------------------------ calling
+
+    def forward(self, inputs, *, deterministic: bool = True):
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        from harness.outputs import Outputs
+
+        case = inputs.case
+        q = inputs.q.transpose(1, 2)
+        k = inputs.k.transpose(1, 2)
+        v = inputs.v.transpose(1, 2)
+        kwargs: dict = {"dropout_p": case.dropout_p, "scale": case.scale}
+        if case.heads_kv != case.heads_q:
+            kwargs["enable_gqa"] = True
+        mask = None
+        simple_causal = case.mask_window == (-1, 0) and case.seqlen_q == case.seqlen_k
+        if case.alibi or (case.has_mask and not simple_causal):
+            mask = attn_mask(case, inputs.alibi_slopes, q.dtype, q.device)
+        elif simple_causal:
+            kwargs["is_causal"] = True
+        kernel = getattr(SDPBackend, KERNELS[self.name])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with sdpa_kernel([kernel]):
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
+            except RuntimeError as exc:
+                if "No available kernel" in str(exc) or "No viable backend" in str(exc):
+                    raise Unsupported(self._refusal(caught, mask is not None)) from None
+                raise
+        return Outputs(out=out.transpose(1, 2))
+
+    def _refusal(self, caught, with_mask: bool) -> str:
+        said = []
+        for w in caught:
+            text = re.sub(r"\s*\(Triggered internally at [^)]*\)\.?", "", str(w.message)).strip()
+            if text and not text.endswith("because:") and text not in said:
+                said.append(text)
+        how = " (given an explicit bottom-right attn_mask)" if with_mask else ""
+        return f"torch refused {self.name}{how}: " + ("; ".join(said) or "no reason given")
+
+
+def attn_mask(case: Case, slopes, dtype, device):
+    """The bottom-right aligned mask as SDPA wants it.
+
+    Boolean ``(seqlen_q, seqlen_k)`` (True = attend) without ALiBi; with ALiBi an additive
+    ``(1, heads_q, seqlen_q, seqlen_k)`` bias holding ``-slope * |i + sk - sq - j|`` where visible
+    and ``-inf`` elsewhere.
+    """
+    import torch
+
+    sq, sk = case.seqlen_q, case.seqlen_k
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    rel = i + (sk - sq) - j
+    visible = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    left, right = case.mask_window
+    if left >= 0:
+        visible &= rel <= left
+    if right >= 0:
+        visible &= -rel <= right
+    if not case.alibi:
+        return visible
+    bias = -slopes.view(1, -1, 1, 1).float() * rel.abs().float()
+    bias = bias.masked_fill(~visible, -math.inf)
+    return bias.to(dtype)

@@ -1,0 +1,148 @@
+"""User kernels: any function with ``flash_attn_func``'s signature and layout.
+
+Given as ``--backend path/to/file.py:func`` or registered by a package under the
+``attn_harness.backends`` entry-point group. The function is called as::
+
+    func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+         softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False)
+
+with ``q`` of shape ``(batch, seqlen_q, heads_q, head_dim)`` and ``k``/``v`` of shape
+``(batch, seqlen_k, heads_kv, head_dim)``, and must return the output (or, with
+``return_attn_probs=True``, a tuple whose first two items are the output and the log-sum-exp).
+Keyword arguments the function does not accept are not passed; a case that needs one of them
+is skipped with that reason. A ``capabilities`` attribute (a dict with the fields of
+:class:`~harness.backends.base.Capabilities`) narrows what it is asked to do; an ``out``
+parameter, if present, receives a NaN-poisoned buffer so unwritten elements cannot pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from harness.backends.base import Backend, Capabilities
+from harness.case import Case
+from harness.errors import UsageError
+
+#: flash_attn_func keyword -> the case feature that needs it.
+PARAMETER_FEATURES = {
+    "dropout_p": "dropout",
+    "softmax_scale": "scale",
+    "causal": "causal",
+    "window_size": "window",
+    "softcap": "softcap",
+    "alibi_slopes": "alibi",
+}
+
+
+def is_file_spec(spec: str) -> bool:
+    path, sep, func = spec.rpartition(":")
+    return bool(sep) and path.endswith(".py") and bool(func)
+
+
+def load_function(spec: str) -> Callable[..., Any]:
+    """Import ``FILE.py:FUNC``; every failure is a one-line UsageError."""
+    path_text, _, func_name = spec.rpartition(":")
+    path = Path(path_text)
+    if not path.is_file():
+        raise UsageError(f"--backend {spec}: no such file {path_text} (give FILE.py:FUNC)")
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]
+    module_name = f"attn_harness_user_{path.stem}_{digest}"
+    module = sys.modules.get(module_name)
+    if module is None:
+        loader_spec = importlib.util.spec_from_file_location(module_name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise UsageError(f"--backend {spec}: cannot import {path_text} as a Python module")
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[module_name] = module
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as exc:  # noqa: BLE001 - user code can raise anything
+            del sys.modules[module_name]
+            raise UsageError(f"--backend {spec}: importing {path_text} failed: "
+                             f"{type(exc).__name__}: {exc}") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                       and getattr(v, "__module__", None) == module_name)
+        raise UsageError(f"--backend {spec}: {path_text} has no function {func_name!r} "
+                         f"(it defines: {', '.join(names) or 'none'})")
+    return func
+
+
+class FunctionBackend(Backend):
+    """A function with flash_attn_func's signature, wrapped as a backend."""
+
+    family = "user"
+
+    def __init__(self, name: str, func: Callable[..., Any], version: str = "") -> None:
+        self.name = name
+        self.func = func
+        self.version = version
+        self.flavor = getattr(func, "flavor", "") or ""
+        declared = getattr(func, "capabilities", None)
+        if isinstance(declared, Capabilities):
+            self.capabilities = declared
+        elif isinstance(declared, Mapping):
+            self.capabilities = Capabilities.from_mapping(declared, f"{name}.capabilities")
+        elif declared is None:
+            self.capabilities = Capabilities()
+        else:
+            raise UsageError(f"{name}.capabilities must be a dict of capability fields, "
+                             f"got {type(declared).__name__}")
+        try:
+            self.params = set(inspect.signature(func).parameters)
+            self.var_kw = any(p.kind is p.VAR_KEYWORD
+                              for p in inspect.signature(func).parameters.values())
+        except (TypeError, ValueError):
+            self.params, self.var_kw = set(PARAMETER_FEATURES) | {"deterministic"}, True
+
+    def _accepts(self, keyword: str) -> bool:
+        return self.var_kw or keyword in self.params
+
+    def call_reasons(self, case: Case, target) -> list[str]:
+        reasons = super().call_reasons(case, target)
+        for keyword, feature in PARAMETER_FEATURES.items():
+            if feature in case.features and not self._accepts(keyword):
+                reasons.append(f"{self.name} takes no {keyword} argument, which {feature} needs")
+        return reasons
+
+    def forward(self, inputs, *, deterministic: bool = True):
+        import torch
+
+        from harness.outputs import Outputs
+
+        case = inputs.case
+        kwargs: dict[str, Any] = {}
+        wanted = {
+            "dropout_p": case.dropout_p,
+            "softmax_scale": case.scale,
+            "causal": case.causal,
+            "window_size": case.window,
+            "softcap": case.softcap,
+            "alibi_slopes": inputs.alibi_slopes,
+            "deterministic": deterministic,
+        }
+        for keyword, value in wanted.items():
+            if self._accepts(keyword):
+                kwargs[keyword] = value
+        lse_wanted = self.capabilities.returns_lse and self._accepts("return_attn_probs")
+        if lse_wanted:
+            kwargs["return_attn_probs"] = True
+        if "out" in self.params:
+            kwargs["out"] = torch.full(inputs.q.shape, float("nan"), dtype=inputs.q.dtype,
+                                       device=inputs.q.device)
+        result = self.func(inputs.q, inputs.k, inputs.v, **kwargs)
+        if isinstance(result, (tuple, list)):
+            out = result[0]
+            lse = result[1] if lse_wanted and len(result) > 1 else None
+        else:
+            out, lse = result, None
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"{self.name} returned {type(out).__name__}, not a tensor")
+        return Outputs(out=out, lse=lse)

@@ -1,0 +1,327 @@
+"""Running the checks of one case on one backend, in this process.
+
+This is the glue between the pure stages: it draws the inputs, calls the kernel, computes the
+reference and the baseline once per case (lazily, only for the checks that need them) and hands
+tensors to the judge. Processes, files and timeouts are the runner's business.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from harness import judge, reference
+from harness.backends.base import Backend, Unsupported
+from harness.case import Case
+from harness.dispatch import Plan
+from harness.inputs import Inputs, derive_seed, make_inputs
+from harness.outputs import Outputs
+from harness.profile import Profile
+from harness.target import Target
+from harness.timing import BWD_FACTOR, time_function, tflops
+
+CHECK_ORDER = ("fwd", "bwd", "determinism", "throughput")
+
+
+class KernelError(Exception):
+    """The kernel raised on a case it claims to support."""
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    if isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+
+
+class CaseRun:
+    """The checks of one case on one backend, sharing inputs and reference results."""
+
+    def __init__(self, case: Case, backend: Backend, target: Target, *, seed: int,
+                 profile: Profile, device: torch.device | str | None = None) -> None:
+        self.case = case
+        self.backend = backend
+        self.target = target
+        self.seed = seed
+        self.profile = profile
+        self.device = torch.device(device or ("cuda" if target.vendor != "cpu" else "cpu"))
+        self._inputs: Inputs | None = None
+        self._cache: dict[str, Any] = {}
+
+    # --------------------------------------------------------------------------- shared state
+
+    @property
+    def inputs(self) -> Inputs:
+        if self._inputs is None:
+            self._inputs = make_inputs(self.case, self.device, self.seed)
+        return self._inputs
+
+    def _cached(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def ref(self, grads: bool = False) -> Outputs:
+        if grads:
+            return self._cached("ref+grads", lambda: reference.reference(self.inputs, grads=True))
+        if "ref+grads" in self._cache:
+            return self._cache["ref+grads"]
+        return self._cached("ref", lambda: reference.reference(self.inputs))
+
+    def base(self, grads: bool = False) -> Outputs:
+        if grads:
+            return self._cached("base+grads", lambda: reference.baseline(self.inputs, grads=True))
+        if "base+grads" in self._cache:
+            return self._cache["base+grads"]
+        return self._cached("base", lambda: reference.baseline(self.inputs))
+
+    def _rng_seed(self, salt: str) -> int:
+        return derive_seed(self.seed, self.case.case_id, salt)
+
+    def call(self, inputs: Inputs, *, rng: str = "kernel") -> Outputs:
+        """One forward call with the global RNG seeded (dropout draws from it)."""
+        torch.manual_seed(self._rng_seed(rng))
+        try:
+            return self.backend.forward(inputs, deterministic=True)
+        except Unsupported:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every kernel failure becomes a record
+            if _is_oom(exc):
+                raise
+            raise KernelError(_describe(exc)) from exc
+
+    def call_backward(self, *, rng: str = "kernel") -> Outputs:
+        """Forward and backward on fresh differentiable inputs; grads filled in."""
+        inputs = self.inputs.with_grad()
+        result = self.call(inputs, rng=rng)
+        try:
+            dq, dk, dv = torch.autograd.grad(result.out, (inputs.q, inputs.k, inputs.v),
+                                             self.inputs.dout)
+        except Exception as exc:  # noqa: BLE001
+            if _is_oom(exc):
+                raise
+            raise KernelError("backward: " + _describe(exc)) from exc
+        return Outputs(out=result.out.detach(), lse=result.lse, dq=dq, dk=dk, dv=dv)
+
+    # ------------------------------------------------------------------------------- checks
+
+    def run(self, check: str) -> judge.Verdict:
+        """Run one check; every outcome, including kernel errors and OOM, is a verdict."""
+        method = getattr(self, f"check_{check}")
+        try:
+            return method()
+        except Unsupported as exc:
+            return judge.Verdict(check, "skip", {"refused_at_call": True}, str(exc))
+        except KernelError as exc:
+            return judge.Verdict(check, "error", {}, f"the kernel raised {exc}")
+        except Exception as exc:  # noqa: BLE001
+            if _is_oom(exc):
+                _free(self.device)
+                return judge.Verdict(check, "skip", {"oom": True},
+                                     f"out of memory on {self.target.device_name}: {_describe(exc)}")
+            return judge.Verdict(check, "error", {"traceback": traceback.format_exc()[-2000:]},
+                                 f"the harness failed: {_describe(exc)}")
+
+    def check_fwd(self) -> judge.Verdict:
+        if self.case.dropout_p:
+            return self._dropout("fwd")
+        result = self.call(self.inputs)
+        ref, base = self.ref(), self.base()
+        atol = judge.ATOL[self.inputs.q.dtype]
+        comparisons = [judge.compare("out", result.out, base.out, ref.out, k=judge.K_OUT, atol=atol)]
+        if result.lse is not None:
+            lse = _lse_layout(result.lse, ref.lse)
+            comparisons.append(judge.compare("lse", lse, base.lse, ref.lse, k=judge.K_OUT,
+                                             atol=atol, valid=torch.isfinite(ref.lse)))
+        allowed = comparisons[0].allowed
+        effects = self.feature_effects()
+        note = judge.inert_note(effects, allowed)
+        verdict = judge.parity_verdict("fwd", comparisons, [note] if note else [])
+        verdict.metrics["feature_effect"] = effects
+        verdict.metrics["inert_features"] = judge.inert_features(effects, allowed)
+        return verdict
+
+    def check_bwd(self) -> judge.Verdict:
+        if self.case.dropout_p:
+            return self._dropout("bwd")
+        result = self.call_backward()
+        ref, base = self.ref(grads=True), self.base(grads=True)
+        atol = judge.ATOL[self.inputs.q.dtype]
+        comparisons = [
+            judge.compare(name, getattr(result, name), getattr(base, name), getattr(ref, name),
+                          k=judge.K_GRAD, atol=atol)
+            for name in ("dq", "dk", "dv")
+        ]
+        if self.case.entry == "kvcache":  # pragma: no cover - dispatch never asks
+            raise AssertionError("kvcache has no backward")
+        return judge.parity_verdict("bwd", comparisons)
+
+    def check_determinism(self) -> judge.Verdict:
+        backward = self.backend.capabilities.backward and self.case.entry != "kvcache"
+        runs = []
+        for _ in range(2):
+            if backward:
+                r = self.call_backward(rng="determinism")
+                tensors = {"out": r.out, **r.grads()}
+            else:
+                with torch.no_grad():
+                    r = self.call(self.inputs, rng="determinism")
+                tensors = {"out": r.out}
+            if r.lse is not None:
+                tensors["lse"] = r.lse
+            runs.append({k: v.detach().clone() for k, v in tensors.items()})
+        verdict = judge.determinism_verdict(*runs)
+        verdict.metrics["backward"] = backward
+        return verdict
+
+    def check_throughput(self) -> judge.Verdict:
+        p = self.profile
+        budget = {"warmup_s": p.warmup_s, "budget_s": p.budget_s, "min_reps": p.min_reps}
+        flops = self.case.flops_fwd()
+        metrics: dict[str, Any] = {"flops_fwd": flops}
+        torch.manual_seed(self._rng_seed("throughput"))
+        with torch.no_grad():
+            fwd = time_function(lambda: self.backend.forward(self.inputs), self.device, **budget)
+        metrics.update(_rate(fwd, flops, self.target))
+        backward = self.backend.capabilities.backward and self.case.entry != "kvcache"
+        if backward:
+            inputs = self.inputs.with_grad()
+            out = self.backend.forward(inputs).out
+            leaves = (inputs.q, inputs.k, inputs.v)
+            bwd = time_function(
+                lambda: torch.autograd.grad(out, leaves, self.inputs.dout, retain_graph=True),
+                self.device, **budget)
+            metrics["bwd"] = _rate(bwd, BWD_FACTOR * flops, self.target)
+
+            def fwd_bwd():
+                fresh = self.inputs.with_grad()
+                o = self.backend.forward(fresh).out
+                torch.autograd.grad(o, (fresh.q, fresh.k, fresh.v), self.inputs.dout)
+
+            both = time_function(fwd_bwd, self.device, **budget)
+            metrics["fwd_bwd"] = _rate(both, (1 + BWD_FACTOR) * flops, self.target)
+        return judge.Verdict("throughput", "pass", metrics, "")
+
+    # ------------------------------------------------------------------------ feature effects
+
+    def feature_effects(self) -> dict[str, float]:
+        """For each feature the case turns on, how much removing it changes the reference."""
+        case = self.case
+        p = reference.Params.of(case)
+        variants: dict[str, tuple[reference.Params, bool]] = {}
+        if case.causal:
+            variants["causal"] = (reference.Params(p.scale, p.left, -1, p.softcap), case.alibi)
+        if "window" in case.features:
+            right = 0 if case.causal else -1
+            variants["window"] = (reference.Params(p.scale, -1, right, p.softcap), case.alibi)
+        if case.softcap:
+            variants["softcap"] = (reference.Params(p.scale, p.left, p.right, 0.0), case.alibi)
+        if case.alibi:
+            variants["alibi"] = (p, False)
+        if case.scale is not None:
+            default = 1.0 / math.sqrt(case.head_dim)
+            variants["scale"] = (reference.Params(default, p.left, p.right, p.softcap), case.alibi)
+        ref = self.ref().out
+        effects = {}
+        for name, (params, alibi) in variants.items():
+            other = reference.reference(self.inputs, params=params, alibi=alibi).out
+            effects[name] = float((other - ref).abs().max())
+        return effects
+
+    # -------------------------------------------------------------------------------- dropout
+
+    def _dropout(self, check: str) -> judge.Verdict:
+        n = self.profile.dropout_samples
+        samples: dict[str, list[torch.Tensor]] = {}
+        for i in range(n):
+            if check == "fwd":
+                with torch.no_grad():
+                    r = self.call(self.inputs, rng=f"dropout-{i}")
+                tensors = {"out": r.out}
+            else:
+                r = self.call_backward(rng=f"dropout-{i}")
+                tensors = r.grads()
+            for name, t in tensors.items():
+                samples.setdefault(name, []).append(t.detach().to("cpu", torch.float64))
+        if check == "fwd":
+            expected = {"out": self.ref().out.cpu()}
+            variance = {"out": reference.dropout_variance(self.inputs).cpu()}
+        else:
+            ref = self.ref(grads=True)
+            expected = {k: v.cpu() for k, v in ref.grads().items()}
+            variance = {k: None for k in expected}
+        verdict = judge.dropout_verdict(check, samples, expected, variance)
+        verdict.metrics["dropout_p"] = self.case.dropout_p
+        return verdict
+
+
+def _rate(timing, flops: float, target: Target) -> dict[str, Any]:
+    rate = tflops(flops, timing.median_ms)
+    out = {"time_ms": timing.median_ms, "tflops": rate, **{f"timing_{k}": v
+                                                           for k, v in timing.to_dict().items()
+                                                           if k != "median_ms"}}
+    out["pct_peak"] = 100 * rate / target.peak_tflops if target.peak_tflops else None
+    return out
+
+
+def _lse_layout(lse: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Kernels may pad lse's query dimension (flash-attn rounds it up); cut to the reference."""
+    if lse.shape == like.shape:
+        return lse
+    if lse.dim() == like.dim() and all(a >= b for a, b in zip(lse.shape, like.shape)):
+        return lse[tuple(slice(0, n) for n in like.shape)]
+    return lse.reshape(like.shape)
+
+
+def _free(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_plan(plan: Plan, backend: Backend, target: Target, *, seed: int, profile: Profile,
+             device: torch.device | str | None = None) -> Iterator[judge.Verdict]:
+    """Verdicts for every check of a plan, in CHECK_ORDER: skips first-class, runs as they end."""
+    run = CaseRun(plan.case, backend, target, seed=seed, profile=profile, device=device)
+    for check in CHECK_ORDER:
+        if check in plan.skips:
+            yield judge.Verdict(check, "skip", {}, plan.skips[check])
+        elif check in plan.run:
+            verdict = run.run(check)
+            if plan.audit:
+                verdict = audit_verdict(verdict, plan)
+            yield verdict
+
+
+def audit_verdict(verdict: judge.Verdict, plan: Plan) -> judge.Verdict:
+    """Classify how a kernel treated a case it does not claim to support."""
+    claim = "; ".join(plan.unsupported)
+    metrics = dict(verdict.metrics)
+    if verdict.status in ("error", "skip") and "out of memory" not in verdict.reason:
+        metrics["audit"] = "rejected"
+        return judge.Verdict(verdict.check, "skip", metrics,
+                             f"audit: rejected loudly (good): {verdict.reason} [unsupported: {claim}]")
+    if verdict.status == "fail":
+        metrics["audit"] = "silent"
+        return judge.Verdict(verdict.check, "fail", metrics,
+                             f"audit: SILENT — accepted a case it does not support ({claim}) and "
+                             f"computed something else: {verdict.reason}")
+    if verdict.status == "pass" and verdict.check in ("fwd", "bwd"):
+        metrics["audit"] = "accepted"
+        return judge.Verdict(verdict.check, "pass", metrics,
+                             f"audit: accepted and computed correctly although it does not claim "
+                             f"to support it ({claim})")
+    return verdict

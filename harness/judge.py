@@ -1,0 +1,278 @@
+"""Judging a kernel's numbers: flash-attn's parity rule, determinism, feature effects, dropout.
+
+All functions are pure: tensors in, :class:`Comparison`/:class:`Verdict` out.
+
+The parity rule (flash-attn's tests since 2.0)::
+
+    max|kernel - reference| <= k * max|baseline - reference| + atol
+
+with ``k = 2`` for outputs and ``k = 3`` for gradients, where *reference* is exact (float64) and
+*baseline* is the same math in the kernel's dtype. The ratio ``err / baseline_err`` is recorded
+for every check, pass or fail, because it is what moves when a port regresses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+K_OUT = 2.0
+K_GRAD = 3.0
+#: Absolute slack added to the rule, per dtype: flash-attn's 1e-5 for 16-bit types; for float32
+#: a few ulps of an O(1) output, since a float32 baseline's error is itself only a few ulps.
+ATOL = {torch.float16: 1e-5, torch.bfloat16: 1e-5, torch.float32: 1e-6}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One tensor judged against the reference with the baseline-relative rule."""
+
+    name: str
+    err: float
+    baseline_err: float
+    allowed: float
+    mismatched: int
+    nonfinite: int
+    total: int
+    worst_index: tuple[int, ...] = ()
+    kernel_value: float = 0.0
+    reference_value: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.mismatched == 0 and self.nonfinite == 0
+
+    @property
+    def ratio(self) -> float | None:
+        """``err / baseline_err``; None when the baseline was exact."""
+        return self.err / self.baseline_err if self.baseline_err > 0 else None
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "err": _finite(self.err),
+            "baseline_err": self.baseline_err,
+            "allowed": self.allowed,
+            "ratio": _finite(self.ratio),
+            "mismatched": self.mismatched,
+            "nonfinite": self.nonfinite,
+            "total": self.total,
+        }
+
+    def message(self) -> str:
+        """An ``assert_close``-style account: how many, how bad, where, what was allowed."""
+        where = f"at {self.worst_index}" if self.worst_index else ""
+        if self.nonfinite:
+            head = f"{self.name}: {self.nonfinite} of {self.total} elements are NaN/Inf where the reference is finite"
+            if self.mismatched > self.nonfinite:
+                head += f", {self.mismatched - self.nonfinite} more exceed the tolerance"
+            return head + (f" (first {where})" if where else "")
+        ratio = f"{self.ratio:.3g}x" if self.ratio is not None else "n/a (exact baseline)"
+        return (f"{self.name}: {self.mismatched} of {self.total} elements exceed the tolerance; "
+                f"worst |diff| {self.err:.3g} {where} (kernel {self.kernel_value:.6g}, reference "
+                f"{self.reference_value:.6g}); allowed {self.allowed:.3g} = k x baseline error "
+                f"{self.baseline_err:.3g} + atol; ratio to baseline {ratio}")
+
+
+def _finite(x: float | None) -> float | None:
+    if x is None or not math.isfinite(x):
+        return None
+    return x
+
+
+def compare(name: str, kernel: torch.Tensor, baseline: torch.Tensor, reference: torch.Tensor,
+            *, k: float, atol: float, valid: torch.Tensor | None = None) -> Comparison:
+    """Judge ``kernel`` against ``reference`` with the baseline-relative rule.
+
+    Args:
+        name: what the tensor is (``out``, ``dq`` ...), for messages.
+        kernel, baseline, reference: same shape; compared in float64.
+        k: multiple of the baseline's error allowed.
+        atol: absolute slack.
+        valid: optional boolean mask of elements to judge (e.g. lse rows that see a key).
+    """
+    if kernel.shape != reference.shape:
+        raise ValueError(f"{name}: kernel shape {tuple(kernel.shape)} != reference "
+                         f"{tuple(reference.shape)}")
+    ref = reference.detach().to(torch.float64)
+    ker = kernel.detach().to(ref.device, torch.float64)
+    base = baseline.detach().to(ref.device, torch.float64)
+    if valid is None:
+        valid = torch.isfinite(ref)
+    else:
+        valid = valid & torch.isfinite(ref)
+    total = int(valid.sum())
+    if total == 0:
+        return Comparison(name, 0.0, 0.0, atol, 0, 0, 0)
+    diff = torch.where(valid, (ker - ref).abs(), torch.zeros_like(ref))
+    base_diff = torch.where(valid, (base - ref).abs(), torch.zeros_like(ref))
+    base_diff = torch.nan_to_num(base_diff, nan=0.0, posinf=0.0)
+    baseline_err = float(base_diff.max())
+    allowed = k * baseline_err + atol
+    nonfinite_mask = valid & ~torch.isfinite(ker)
+    nonfinite = int(nonfinite_mask.sum())
+    bad = nonfinite_mask | (diff > allowed)
+    mismatched = int(bad.sum())
+    if nonfinite:
+        flat = int(torch.nonzero(nonfinite_mask.flatten())[0])
+        err = math.inf
+    else:
+        flat = int(diff.flatten().argmax())
+        err = float(diff.flatten()[flat])
+    index = tuple(int(i) for i in _unravel(flat, ref.shape))
+    return Comparison(name, err, baseline_err, allowed, mismatched, nonfinite, total, index,
+                      float(ker.flatten()[flat]), float(ref.flatten()[flat]))
+
+
+def _unravel(flat: int, shape) -> list[int]:
+    out = []
+    for dim in reversed(shape):
+        out.append(flat % dim)
+        flat //= dim
+    return list(reversed(out))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The judgement of one check of one case on one backend.
+
+    Attributes:
+        check: fwd, bwd, determinism, throughput.
+        status: pass, fail, skip, xfail, xpass, crash, timeout or error.
+        metrics: numbers behind the status (JSON-ready).
+        reason: one line for people; empty for a plain pass.
+    """
+
+    check: str
+    status: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+
+
+def parity_verdict(check: str, comparisons: list[Comparison], notes: list[str] = ()) -> Verdict:
+    """Fold tensor comparisons into one verdict; headline ``ratio``/``err`` are the worst."""
+    metrics: dict[str, Any] = {c.name: c.metrics() for c in comparisons}
+    ratios = [c.ratio for c in comparisons if c.ratio is not None]
+    metrics["ratio"] = _finite(max(ratios)) if ratios else None
+    metrics["err"] = _finite(max((c.err for c in comparisons), default=0.0))
+    failed = [c for c in comparisons if not c.ok]
+    reason = "; ".join([c.message() for c in failed] + list(notes))
+    return Verdict(check, "fail" if failed else "pass", metrics, reason)
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def bitwise_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[int, float]:
+    """``(elements that differ bitwise, max |a - b| over them)``; NaN payloads compare too."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return a.numel(), math.inf
+    ia = _as_bits(a)
+    ib = _as_bits(b)
+    differ = ia != ib
+    n = int(differ.sum())
+    if n == 0:
+        return 0, 0.0
+    d = (a.detach().double() - b.detach().double()).abs()[differ]
+    return n, float(torch.nan_to_num(d, nan=math.inf).max())
+
+
+def _as_bits(t: torch.Tensor) -> torch.Tensor:
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.detach().contiguous().view(bits)
+
+
+def determinism_verdict(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> Verdict:
+    """Two runs on identical inputs (and RNG seed) must agree bit for bit."""
+    metrics: dict[str, Any] = {}
+    problems = []
+    for name, a in first.items():
+        n, worst = bitwise_diff(a, second[name])
+        metrics[name] = {"differing": n, "max_diff": _finite(worst), "total": a.numel()}
+        if n:
+            problems.append(f"{name}: {n} of {a.numel()} elements differ between two identical "
+                            f"runs (max |diff| {worst:.3g})")
+    return Verdict("determinism", "fail" if problems else "pass", metrics, "; ".join(problems))
+
+
+# ------------------------------------------------------------------------- feature effects
+
+
+def inert_features(effects: dict[str, float], allowed: float) -> list[str]:
+    """Features whose removal changes the reference by no more than the tolerance.
+
+    A kernel that ignored such a feature would still pass, so the case does not test it.
+    """
+    return [name for name, effect in effects.items() if not effect > allowed]
+
+
+def inert_note(effects: dict[str, float], allowed: float) -> str:
+    names = inert_features(effects, allowed)
+    if not names:
+        return ""
+    parts = [f"{n} (changes the output by {effects[n]:.3g})" for n in names]
+    return (f"this case does not test {', '.join(parts)}: no more than the tolerance "
+            f"{allowed:.3g}, so a kernel ignoring it would pass; choose stronger parameters")
+
+
+# ---------------------------------------------------------------------- dropout (statistics)
+
+#: Accept when the RMS of the per-element z-scores of the mean is below this (1 expected).
+DROPOUT_Z_RMS = 1.5
+#: Accept an empirical/theoretical variance ratio within this band.
+DROPOUT_VAR_BAND = (0.8, 1.25)
+
+
+def dropout_verdict(check: str, samples: dict[str, list[torch.Tensor]],
+                    expected: dict[str, torch.Tensor],
+                    variance: dict[str, torch.Tensor | None]) -> Verdict:
+    """A statistical check of dropout, for kernels that do not expose their dropout mask.
+
+    Over N runs with different RNG seeds, the mean of each element must converge to the
+    dropout-free reference (unbiased inverted dropout makes this exact, gradients included), and,
+    where the theoretical variance ``p/(1-p) * sum_j P_ij**2 * v_jd**2`` is known (the forward
+    output), the observed variance must match it. A kernel that ignores dropout (zero variance),
+    forgets the ``1/(1-p)`` rescaling (biased mean) or drops with the wrong probability (wrong
+    variance) fails. This is evidence, not proof: N and the bands are stated in the metrics.
+    """
+    metrics: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, runs in samples.items():
+        x = torch.stack([r.detach().double() for r in runs])
+        n = x.shape[0]
+        mean = x.mean(0)
+        var = x.var(0, unbiased=True)
+        ref = expected[name].double().to(x.device)
+        theory = variance.get(name)
+        scale = (theory.double() if theory is not None else var).clamp_min(1e-30)
+        live = scale > 1e-12
+        entry: dict[str, Any] = {"samples": n}
+        if int(live.sum()) == 0:
+            metrics[name] = entry
+            continue
+        if not torch.isfinite(x).all():
+            problems.append(f"{name}: NaN/Inf in dropout runs")
+            metrics[name] = entry
+            continue
+        varied = float((var[live] > 0).double().mean())
+        z = (mean - ref)[live] / (scale[live] / n).sqrt()
+        z_rms = float(z.pow(2).mean().sqrt())
+        entry.update({"varied_fraction": varied, "z_rms": z_rms, "z_rms_max": DROPOUT_Z_RMS})
+        if varied < 0.5:
+            problems.append(f"{name}: only {varied:.0%} of elements vary across {n} dropout seeds: "
+                            "dropout has no effect")
+        elif z_rms > DROPOUT_Z_RMS:
+            problems.append(f"{name}: mean over {n} dropout runs is biased against the dropout-free "
+                            f"reference (RMS z-score {z_rms:.2f} > {DROPOUT_Z_RMS})")
+        if theory is not None:
+            ratio = float(var[live].mean() / theory.double()[live].mean())
+            entry.update({"variance_ratio": ratio, "variance_band": list(DROPOUT_VAR_BAND)})
+            lo, hi = DROPOUT_VAR_BAND
+            if not lo <= ratio <= hi and varied >= 0.5:
+                problems.append(f"{name}: observed dropout variance is {ratio:.2f}x the theory for "
+                                "this dropout_p (wrong drop probability or scaling)")
+        metrics[name] = entry
+    return Verdict(check, "fail" if problems else "pass", {"dropout": metrics, "statistical": True},
+                   "; ".join(problems))

@@ -1,0 +1,422 @@
+"""Exact softmax attention with flash-attn 2.x semantics, and the same-precision baseline.
+
+The *reference* runs in float64 (or float32 for 16-bit cases on a GPU, see
+:func:`reference_dtype`) and is chunked over queries and keys with exact online-softmax merging,
+so its memory is proportional to one block of ``block_elems`` scores, never to
+``seqlen_q * seqlen_k``. Its backward is the textbook recomputation (FlashAttention's algorithm
+in high precision), also chunked.
+
+The *baseline* is the same math written the plain PyTorch way at the kernel's own dtype (scores,
+softmax, ``P @ V`` all in float16/bfloat16), chunked over query rows only, which changes nothing
+numerically because softmax rows are independent. Its error against the reference is the yardstick
+of flash-attn's parity rule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from harness.case import Case
+from harness.inputs import Inputs
+from harness.outputs import Outputs
+
+#: Scores held at once by the reference (per block) and the baseline (per query-row chunk).
+BLOCK_ELEMS = 1 << 22
+
+
+@dataclass(frozen=True)
+class Params:
+    """Scalar attention parameters, with causal folded into the window.
+
+    Attributes:
+        scale: softmax scale.
+        left, right: bottom-right aligned window; -1 = unbounded.
+        softcap: tanh cap of the scaled scores; 0 = off.
+    """
+
+    scale: float
+    left: int = -1
+    right: int = -1
+    softcap: float = 0.0
+
+    @classmethod
+    def of(cls, case: Case) -> Params:
+        left, right = case.mask_window
+        scale = case.scale if case.scale is not None else 1.0 / math.sqrt(case.head_dim)
+        return cls(scale=scale, left=left, right=right, softcap=case.softcap)
+
+    @property
+    def masked(self) -> bool:
+        return self.left >= 0 or self.right >= 0
+
+
+def reference_dtype(case_dtype: str, device: torch.device | str) -> torch.dtype:
+    """float64 on the CPU and for float32 cases; float32 for 16-bit cases on a GPU.
+
+    A float32 reference is ~1e-7 relative, four orders below a 16-bit baseline's error, and
+    runs at full GPU speed; float32 kernels need float64 to be judged at all.
+    """
+    if torch.device(device).type == "cpu" or case_dtype == "float32":
+        return torch.float64
+    return torch.float32
+
+
+# ----------------------------------------------------------------------------- the pieces
+
+
+def _row_index(n: int, device) -> torch.Tensor:
+    return torch.arange(n, device=device)
+
+
+def _chunk_sizes(groups: int, rows: int, keys: int, block_elems: int) -> tuple[int, int]:
+    """Query and key chunk lengths so that ``groups * cq * ck <= block_elems``."""
+    cq = max(1, min(rows, 256))
+    while cq > 1 and groups * cq * min(keys, 64) > block_elems:
+        cq //= 2
+    ck = max(1, min(keys, block_elems // max(1, groups * cq)))
+    return cq, ck
+
+
+def _block_visibility(p: Params, r0: int, r1: int, j0: int, j1: int, off: int) -> str:
+    """'none', 'all' or 'some' keys of block rows [r0..r1] x cols [j0, j1) are visible."""
+    min_rel = r0 + off - (j1 - 1)  # rel = i + off - j
+    max_rel = r1 + off - j0
+    if (p.left >= 0 and min_rel > p.left) or (p.right >= 0 and -max_rel > p.right):
+        return "none"
+    if (p.left < 0 or max_rel <= p.left) and (p.right < 0 or -min_rel <= p.right):
+        return "all"
+    return "some"
+
+
+def _scores(qb, kb, rows, j0, off, p: Params, slopes, need_mask: bool):
+    """Scores of one block, ``(B, Hkv, G, cq, ck)``, with softcap, ALiBi and mask applied.
+
+    Returns the scores, ``tanh(raw / softcap)`` (for the backward; None without softcap) and
+    the visibility mask (None when every entry is visible).
+    """
+    s = torch.einsum("bihgd,bjhd->bhgij", qb, kb) * p.scale
+    t = None
+    if p.softcap:
+        t = torch.tanh(s / p.softcap)
+        s = t * p.softcap
+    rel = None
+    if slopes is not None or need_mask:
+        cols = torch.arange(j0, j0 + kb.shape[1], device=s.device)
+        rel = rows[:, None] + off - cols[None, :]
+    if slopes is not None:
+        s = s - slopes.view(1, s.shape[1], s.shape[2], 1, 1) * rel.abs().to(s.dtype)
+    visible = None
+    if need_mask:
+        visible = torch.ones_like(rel, dtype=torch.bool)
+        if p.left >= 0:
+            visible &= rel <= p.left
+        if p.right >= 0:
+            visible &= -rel <= p.right
+        s = s.masked_fill(~visible, -math.inf)
+    return s, t, visible
+
+
+def _blocks(p, rows_chunk: torch.Tensor, sk: int, ck: int, off: int) -> Iterator[tuple[int, int, bool]]:
+    """Key blocks worth visiting for these query rows, and whether each needs a mask."""
+    r0, r1 = int(rows_chunk[0]), int(rows_chunk[-1])
+    for j0 in range(0, sk, ck):
+        j1 = min(sk, j0 + ck)
+        vis = _block_visibility(p, r0, r1, j0, j1, off) if p.masked else "all"
+        if vis != "none":
+            yield j0, j1, vis == "some"
+
+
+# ---------------------------------------------------------------------------- reference
+
+
+def attention_forward(q, k, v, p: Params, slopes=None, *, rows=None, seqlen_q=None,
+                      block_elems: int = BLOCK_ELEMS):
+    """Exact attention of one uniform batch, chunked.
+
+    Args:
+        q: ``(B, n, Hq, d)``, the query rows to compute (all rows unless ``rows`` is given).
+        k, v: ``(B, sk, Hkv, d)``.
+        p: scale, window and softcap.
+        slopes: ALiBi slopes ``(Hq,)`` or None.
+        rows: sorted int64 positions of q's rows among ``seqlen_q`` queries (row sampling).
+        seqlen_q: the full query length the positions refer to (default ``n``).
+        block_elems: scores held at once.
+
+    Returns:
+        ``(out (B, n, Hq, d), lse (B, Hq, n))`` in q's dtype; rows that see no key are 0 / -inf.
+    """
+    B, n, Hq, d = q.shape
+    sk, Hkv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    seqlen_q = n if seqlen_q is None else seqlen_q
+    rows = _row_index(n, q.device) if rows is None else rows
+    off = sk - seqlen_q
+    qg = q.reshape(B, n, Hkv, G, d)
+    sl = None if slopes is None else slopes.to(q.dtype)
+    out = q.new_zeros(B, Hkv, G, n, d)
+    lse = q.new_full((B, Hkv, G, n), -math.inf)
+    cq, ck = _chunk_sizes(B * Hq, n, sk, block_elems)
+    for i0 in range(0, n, cq):
+        i1 = min(n, i0 + cq)
+        qb, rb = qg[:, i0:i1], rows[i0:i1]
+        m = q.new_full((B, Hkv, G, i1 - i0), -math.inf)
+        l_sum = q.new_zeros(B, Hkv, G, i1 - i0)
+        acc = q.new_zeros(B, Hkv, G, i1 - i0, d)
+        for j0, j1, need_mask in _blocks(p, rb, sk, ck, off):
+            s, _, _ = _scores(qb, k[:, j0:j1], rb, j0, off, p, sl, need_mask)
+            m_new = torch.maximum(m, s.amax(-1))
+            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            e = torch.exp(s - m_safe[..., None])
+            alpha = torch.exp(m - m_safe)
+            l_sum = l_sum * alpha + e.sum(-1)
+            acc = acc * alpha[..., None] + torch.einsum("bhgij,bjhd->bhgid", e, v[:, j0:j1])
+            m = m_new
+        seen = l_sum > 0
+        out[:, :, :, i0:i1] = torch.where(seen[..., None], acc / l_sum.clamp_min(1e-300)[..., None], 0.0)
+        lse[:, :, :, i0:i1] = torch.where(seen, m + torch.log(l_sum.clamp_min(1e-300)), -math.inf)
+    return out.permute(0, 3, 1, 2, 4).reshape(B, n, Hq, d), lse.reshape(B, Hq, n)
+
+
+def attention_backward(q, k, v, out, lse, dout, p: Params, slopes=None, *,
+                       block_elems: int = BLOCK_ELEMS):
+    """Exact gradients of one uniform batch: ``(dq, dk, dv)`` shaped like ``(q, k, v)``.
+
+    ``out`` and ``lse`` are the reference forward's results for the same inputs.
+    """
+    B, sq, Hq, d = q.shape
+    sk, Hkv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    off = sk - sq
+    rows = _row_index(sq, q.device)
+    qg = q.reshape(B, sq, Hkv, G, d)
+    dog = dout.reshape(B, sq, Hkv, G, d)
+    delta = (dout * out).sum(-1).reshape(B, sq, Hkv, G).permute(0, 2, 3, 1)  # (B, Hkv, G, sq)
+    lse = lse.reshape(B, Hkv, G, sq)
+    lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse)
+    sl = None if slopes is None else slopes.to(q.dtype)
+    dq = torch.zeros_like(qg)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    cq, ck = _chunk_sizes(B * Hq, sq, sk, block_elems)
+    for i0 in range(0, sq, cq):
+        i1 = min(sq, i0 + cq)
+        qb, dob, rb = qg[:, i0:i1], dog[:, i0:i1], rows[i0:i1]
+        lse_b, delta_b = lse_safe[..., i0:i1, None], delta[..., i0:i1, None]
+        for j0, j1, need_mask in _blocks(p, rb, sk, ck, off):
+            kb, vb = k[:, j0:j1], v[:, j0:j1]
+            s, t, _ = _scores(qb, kb, rb, j0, off, p, sl, need_mask)
+            prob = torch.exp(s - lse_b)
+            dv[:, j0:j1] += torch.einsum("bhgij,bihgd->bjhd", prob, dob)
+            dp = torch.einsum("bihgd,bjhd->bhgij", dob, vb)
+            ds = prob * (dp - delta_b)
+            if t is not None:
+                ds = ds * (1 - t * t)
+            dq[:, i0:i1] += torch.einsum("bhgij,bjhd->bihgd", ds, kb) * p.scale
+            dk[:, j0:j1] += torch.einsum("bhgij,bihgd->bjhd", ds, qb) * p.scale
+    return dq.reshape(B, sq, Hq, d), dk, dv
+
+
+def dropout_variance_forward(q, k, v, lse, p: Params, slopes=None, *,
+                             block_elems: int = BLOCK_ELEMS):
+    """``sum_j P_ij**2 * v_jd**2`` per output element: with inverted dropout of probability
+    ``dp`` each kept term is scaled by ``1/(1-dp)``, so the output's variance is
+    ``dp / (1 - dp)`` times this. ``lse`` comes from :func:`attention_forward`."""
+    B, sq, Hq, d = q.shape
+    sk, Hkv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    off = sk - sq
+    rows = _row_index(sq, q.device)
+    qg = q.reshape(B, sq, Hkv, G, d)
+    lse = lse.reshape(B, Hkv, G, sq)
+    lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse)
+    sl = None if slopes is None else slopes.to(q.dtype)
+    acc = q.new_zeros(B, Hkv, G, sq, d)
+    v2 = v * v
+    cq, ck = _chunk_sizes(B * Hq, sq, sk, block_elems)
+    for i0 in range(0, sq, cq):
+        i1 = min(sq, i0 + cq)
+        for j0, j1, need_mask in _blocks(p, rows[i0:i1], sk, ck, off):
+            s, _, _ = _scores(qg[:, i0:i1], k[:, j0:j1], rows[i0:i1], j0, off, p, sl, need_mask)
+            prob = torch.exp(s - lse_safe[..., i0:i1, None])
+            acc[:, :, :, i0:i1] += torch.einsum("bhgij,bjhd->bhgid", prob * prob, v2[:, j0:j1])
+    return acc.permute(0, 3, 1, 2, 4).reshape(B, sq, Hq, d)
+
+
+# ----------------------------------------------------------------------------- baseline
+
+
+def _baseline_chunk(qc, k, v, rows, off, p: Params, slopes):
+    """Plain attention of query rows ``rows`` in the inputs' own dtype; differentiable."""
+    B, n, Hq, d = qc.shape
+    Hkv = k.shape[2]
+    qg = (qc * p.scale).reshape(B, n, Hkv, Hq // Hkv, d)
+    s = torch.einsum("bihgd,bjhd->bhgij", qg, k)
+    if p.softcap:
+        s = torch.tanh(s / p.softcap) * p.softcap
+    rel = None
+    if slopes is not None or p.masked:
+        cols = torch.arange(k.shape[1], device=s.device)
+        rel = rows[:, None] + off - cols[None, :]
+    if slopes is not None:
+        bias = -slopes.view(1, Hkv, Hq // Hkv, 1, 1) * rel.abs().to(slopes.dtype)
+        s = s + bias.to(s.dtype)
+    if p.masked:
+        visible = torch.ones_like(rel, dtype=torch.bool)
+        if p.left >= 0:
+            visible &= rel <= p.left
+        if p.right >= 0:
+            visible &= -rel <= p.right
+        s = s.masked_fill(~visible, -math.inf)
+        lse = torch.logsumexp(s.float(), -1)
+        prob = torch.softmax(s, dim=-1).masked_fill(~visible.any(-1)[:, None], 0.0)
+    else:
+        lse = torch.logsumexp(s.float(), -1)
+        prob = torch.softmax(s, dim=-1)
+    o = torch.einsum("bhgij,bjhd->bihgd", prob, v).reshape(B, n, Hq, d)
+    return o, lse.reshape(B, Hq, n)
+
+
+def _baseline_rows(B: int, Hq: int, sk: int, block_elems: int) -> int:
+    return max(1, block_elems // max(1, B * Hq * sk))
+
+
+def baseline_forward(q, k, v, p: Params, slopes=None, *, block_elems: int = BLOCK_ELEMS):
+    """The same math as the reference in the inputs' dtype: ``(out, lse float32)``."""
+    B, sq, Hq, _ = q.shape
+    off = k.shape[1] - sq
+    rows = _row_index(sq, q.device)
+    step = _baseline_rows(B, Hq, k.shape[1], block_elems)
+    outs, lses = [], []
+    with torch.no_grad():
+        for i0 in range(0, sq, step):
+            o, lse = _baseline_chunk(q[:, i0:i0 + step], k, v, rows[i0:i0 + step], off, p, slopes)
+            outs.append(o)
+            lses.append(lse)
+    return torch.cat(outs, 1), torch.cat(lses, -1)
+
+
+def baseline_backward(q, k, v, dout, p: Params, slopes=None, *, block_elems: int = BLOCK_ELEMS):
+    """Gradients of the baseline by autograd, one query chunk at a time (float32 sums)."""
+    B, sq, Hq, _ = q.shape
+    off = k.shape[1] - sq
+    rows = _row_index(sq, q.device)
+    step = _baseline_rows(B, Hq, k.shape[1], block_elems // 4)
+    kk = k.detach().requires_grad_(True)
+    vv = v.detach().requires_grad_(True)
+    dq_parts = []
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    for i0 in range(0, sq, step):
+        qc = q[:, i0:i0 + step].detach().requires_grad_(True)
+        with torch.enable_grad():
+            o, _ = _baseline_chunk(qc, kk, vv, rows[i0:i0 + step], off, p, slopes)
+            gq, gk, gv = torch.autograd.grad(o, (qc, kk, vv), dout[:, i0:i0 + step])
+        dq_parts.append(gq)
+        dk += gk.float()
+        dv += gv.float()
+    return torch.cat(dq_parts, 1), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# --------------------------------------------------------------- whole cases (any entry point)
+
+
+def empty_lse(case: Case, device, dtype) -> torch.Tensor:
+    """An lse tensor of the case's layout filled with -inf (rows that see no key)."""
+    if case.entry == "varlen":
+        return torch.full((case.heads_q, case.total_q), -math.inf, dtype=dtype, device=device)
+    return torch.full((case.batch, case.heads_q, case.seqlen_q), -math.inf, dtype=dtype,
+                      device=device)
+
+
+def _empty_result(inputs: Inputs, dtype, lse_dtype, grads: bool) -> Outputs:
+    dev = inputs.device
+    result = Outputs(out=torch.zeros(inputs.q.shape, dtype=dtype, device=dev),
+                     lse=empty_lse(inputs.case, dev, lse_dtype))
+    if grads:
+        result.dq = torch.zeros(inputs.q.shape, dtype=dtype, device=dev)
+        result.dk = torch.zeros(inputs.k.shape, dtype=dtype, device=dev)
+        result.dv = torch.zeros(inputs.v.shape, dtype=dtype, device=dev)
+    return result
+
+
+def reference(inputs: Inputs, *, dtype: torch.dtype | None = None, params: Params | None = None,
+              alibi: bool | None = None, grads: bool = False,
+              block_elems: int = BLOCK_ELEMS) -> Outputs:
+    """The exact result of a case, in the layout of its entry point.
+
+    Args:
+        inputs: the case's tensors.
+        dtype: computation dtype (default :func:`reference_dtype`).
+        params: override the case's scale/window/softcap (feature-effect checks use this).
+        alibi: override whether ALiBi applies.
+        grads: also compute dq, dk, dv for ``inputs.dout``.
+        block_elems: scores held at once (bounds memory).
+
+    Rows that see no key (and sequences with no keys) have zero output, -inf lse and zero
+    gradients; cache slots past a kv-cache row's length get zero gradients.
+    """
+    case = inputs.case
+    dtype = dtype or reference_dtype(case.dtype, inputs.device)
+    p = params or Params.of(case)
+    use_alibi = case.alibi if alibi is None else alibi
+    slopes = inputs.alibi_slopes.to(dtype) if use_alibi and inputs.alibi_slopes is not None else None
+    result = _empty_result(inputs, dtype, dtype, grads)
+    for piece in inputs.sequences():
+        q, k, v = piece.q_like(inputs.q), piece.kv_like(inputs.k), piece.kv_like(inputs.v)
+        if q.shape[1] == 0 or k.shape[1] == 0:
+            continue
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        o, lse = attention_forward(q, k, v, p, slopes, block_elems=block_elems)
+        piece.put_q(result.out, o)
+        piece.put_lse(result.lse, lse)
+        if grads:
+            do = piece.q_like(inputs.dout).to(dtype)
+            dq, dk, dv = attention_backward(q, k, v, o, lse, do, p, slopes, block_elems=block_elems)
+            piece.put_q(result.dq, dq)
+            piece.put_kv(result.dk, dk)
+            piece.put_kv(result.dv, dv)
+    return result
+
+
+def baseline(inputs: Inputs, *, grads: bool = False, block_elems: int = BLOCK_ELEMS) -> Outputs:
+    """The same-precision baseline of a case (see the module docstring); lse in float32."""
+    case = inputs.case
+    p = Params.of(case)
+    slopes = inputs.alibi_slopes if case.alibi else None
+    result = _empty_result(inputs, inputs.q.dtype, torch.float32, grads)
+    for piece in inputs.sequences():
+        q, k, v = piece.q_like(inputs.q), piece.kv_like(inputs.k), piece.kv_like(inputs.v)
+        if q.shape[1] == 0 or k.shape[1] == 0:
+            continue
+        o, lse = baseline_forward(q, k, v, p, slopes, block_elems=block_elems)
+        piece.put_q(result.out, o)
+        piece.put_lse(result.lse, lse)
+        if grads:
+            do = piece.q_like(inputs.dout)
+            dq, dk, dv = baseline_backward(q, k, v, do, p, slopes, block_elems=block_elems)
+            piece.put_q(result.dq, dq)
+            piece.put_kv(result.dk, dk)
+            piece.put_kv(result.dv, dv)
+    return result
+
+
+def dropout_variance(inputs: Inputs, *, dtype: torch.dtype | None = None,
+                     block_elems: int = BLOCK_ELEMS) -> torch.Tensor:
+    """The theoretical variance of each output element under the case's dropout."""
+    case = inputs.case
+    dtype = dtype or reference_dtype(case.dtype, inputs.device)
+    p = Params.of(case)
+    slopes = inputs.alibi_slopes.to(dtype) if case.alibi and inputs.alibi_slopes is not None else None
+    var = torch.zeros(inputs.q.shape, dtype=dtype, device=inputs.device)
+    for piece in inputs.sequences():
+        q, k, v = piece.q_like(inputs.q), piece.kv_like(inputs.k), piece.kv_like(inputs.v)
+        if q.shape[1] == 0 or k.shape[1] == 0:
+            continue
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        _, lse = attention_forward(q, k, v, p, slopes, block_elems=block_elems)
+        piece.put_q(var, dropout_variance_forward(q, k, v, lse, p, slopes, block_elems=block_elems))
+    return var * (case.dropout_p / (1.0 - case.dropout_p))

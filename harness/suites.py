@@ -1,0 +1,243 @@
+"""Case files: TOML suites under ``cases/``.
+
+A suite file holds any of::
+
+    [suite]                      # optional: description = "...", plus free-form notes
+    description = "small cases that touch every feature"
+
+    [defaults]                   # optional: field values every case and grid starts from
+    dtype = "bfloat16"
+
+    [[case]]                     # one case; keys are exactly the fields of harness.case.Case
+    seqlen_q = 113
+    seqlen_k = 203
+    heads_q = 8
+    heads_kv = 2
+    causal = true
+
+    [[grid]]                     # the cartesian product of its axes
+    head_dim = [64, 96, 128]     # a list: one axis
+    causal = [false, true]
+    window = [[-1, -1], [32, 0]] # list-valued fields take a list of lists in a grid
+    "seqlen_q,seqlen_k" = [[113, 203], [1, 147]]   # a comma key zips fields into one axis
+    dtype = "float16"            # a scalar: the same value for every case of the grid
+
+Every case is validated when the file is read; an error names the file, the table and the field.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.case import FIELD_NAMES, Case, unknown_field_message
+from harness.errors import InvalidCase
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+#: Fields whose value is a list, so a grid axis over them is a list of lists.
+LIST_FIELDS = ("window", "seqlens_q", "seqlens_k", "checks")
+TOP_LEVEL_KEYS = ("suite", "defaults", "case", "grid")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A named list of cases read from one file (or given inline)."""
+
+    name: str
+    path: str
+    description: str
+    cases: tuple[Case, ...]
+
+
+def cases_dirs() -> list[Path]:
+    """Where suite names are looked up: ``./cases`` first, then the repository's ``cases``."""
+    dirs = [Path.cwd() / "cases", REPO_ROOT / "cases"]
+    seen: list[Path] = []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in [s.resolve() for s in seen]:
+            seen.append(d)
+    return seen
+
+
+def available_suites() -> list[str]:
+    names: set[str] = set()
+    for d in cases_dirs():
+        names.update(p.stem for p in d.glob("*.toml") if p.stem != "known_issues")
+        if (d / "regressions").is_dir():
+            names.add("regressions")
+    return sorted(names)
+
+
+def resolve_suite(spec: str) -> list[Path]:
+    """Turn ``smoke``, ``cases/edge.toml`` or a directory into the files it names."""
+    path = Path(spec)
+    if path.suffix == ".toml" or path.is_dir() or "/" in spec:
+        if path.is_dir():
+            return sorted(path.glob("*.toml"))
+        if not path.is_file():
+            raise InvalidCase(f"{spec}: no such case file (give a path to a .toml file or a suite "
+                              f"name: {', '.join(available_suites())})")
+        return [path]
+    for d in cases_dirs():
+        if (d / f"{spec}.toml").is_file():
+            return [d / f"{spec}.toml"]
+        if (d / spec).is_dir():
+            return sorted((d / spec).glob("*.toml"))
+    raise InvalidCase(f"--suite {spec}: no such suite (known: {', '.join(available_suites())}; "
+                      "or give a path to a .toml file)")
+
+
+def load_suite(spec: str) -> list[Suite]:
+    """Load every file that ``spec`` names."""
+    return [load_file(p) for p in resolve_suite(spec)]
+
+
+def load_file(path: Path | str) -> Suite:
+    path = Path(path)
+    where = _display(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InvalidCase(f"{where}: cannot read it ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidCase(f"{where}: not valid TOML ({exc}); fix the syntax") from None
+    return parse_suite(data, where, name=path.stem)
+
+
+def parse_suite(data: Mapping[str, Any], where: str, name: str) -> Suite:
+    for key in data:
+        if key not in TOP_LEVEL_KEYS:
+            raise InvalidCase(f"{where}: unknown top-level key {key!r} (allowed: "
+                              f"{', '.join(TOP_LEVEL_KEYS)}; cases go in [[case]] tables)")
+    meta = data.get("suite", {})
+    if not isinstance(meta, dict):
+        raise InvalidCase(f"{where}: 'suite' must be a table ([suite])")
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise InvalidCase(f"{where}: 'defaults' must be a table ([defaults])")
+    for key in defaults:
+        if key not in FIELD_NAMES:
+            raise InvalidCase(f"{where}, [defaults]: {unknown_field_message(key)}")
+    cases: list[Case] = []
+    origin: dict[str, str] = {}
+    for kind in ("case", "grid"):
+        tables = data.get(kind, [])
+        if not isinstance(tables, list):
+            raise InvalidCase(f"{where}: '{kind}' must be an array of tables ([[{kind}]])")
+        for index, table in enumerate(tables, 1):
+            label = f"{where}, {kind} {index}"
+            if not isinstance(table, dict):
+                raise InvalidCase(f"{label}: must be a table")
+            built = [_build({**defaults, **table}, label)] if kind == "case" else \
+                _expand_grid(defaults, table, label)
+            for case in built:
+                if case.case_id in origin:
+                    raise InvalidCase(f"{label}: {case.label} repeats {origin[case.case_id]} "
+                                      f"(same case_id {case.case_id}); remove one of them")
+                origin[case.case_id] = label
+                cases.append(case)
+    if not cases:
+        raise InvalidCase(f"{where}: holds no cases (add [[case]] or [[grid]] tables)")
+    return Suite(name=name, path=where, description=str(meta.get("description", "")),
+                 cases=tuple(cases))
+
+
+def parse_inline_case(text: str) -> Case:
+    """Parse ``--case '{batch = 2, seqlen_q = 113, ...}'`` (a TOML inline table)."""
+    try:
+        data = tomllib.loads(f"case = {text.strip()}")
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidCase(f"--case {text!r}: not a TOML inline table ({exc}); write it as "
+                          "'{seqlen_q = 128, heads_q = 4, dtype = \"float16\"}'") from None
+    if not isinstance(data.get("case"), dict):
+        raise InvalidCase(f"--case {text!r}: must be a TOML inline table in braces")
+    return _build(data["case"], "--case")
+
+
+def _build(values: Mapping[str, Any], label: str) -> Case:
+    for key in values:
+        if key not in FIELD_NAMES:
+            raise InvalidCase(f"{label}: {unknown_field_message(key)}")
+    try:
+        return Case(**values)
+    except InvalidCase as exc:
+        raise InvalidCase(f"{label}: {exc}") from None
+
+
+def _expand_grid(defaults: Mapping[str, Any], table: Mapping[str, Any], label: str) -> list[Case]:
+    axes: list[tuple[list[str], list[Any]]] = []
+    for key, value in table.items():
+        names = [n.strip() for n in key.split(",")]
+        for n in names:
+            if n not in FIELD_NAMES:
+                raise InvalidCase(f"{label}: {unknown_field_message(n)}")
+        values = _axis_values(names, value, label)
+        axes.append((names, values))
+    out = []
+    for combo in itertools.product(*(values for _, values in axes)):
+        fields = dict(defaults)
+        for (names, _), chosen in zip(axes, combo):
+            if len(names) == 1:
+                fields[names[0]] = chosen
+            else:
+                fields.update(zip(names, chosen))
+        out.append(_build(fields, f"{label} ({_describe(fields)})"))
+    return out
+
+
+def _axis_values(names: list[str], value: Any, label: str) -> list[Any]:
+    key = ",".join(names)
+    if len(names) > 1:
+        if not isinstance(value, list) or not all(
+            isinstance(v, list) and len(v) == len(names) for v in value
+        ):
+            raise InvalidCase(f"{label}: {key!r} zips {len(names)} fields, so its value must be a "
+                              f"list of {len(names)}-element lists, e.g. [[113, 203], [1, 147]]")
+        return value
+    name = names[0]
+    if name in LIST_FIELDS:
+        if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+            return value
+        if value is None or (isinstance(value, list) and not value):
+            raise InvalidCase(f"{label}: grid axis {name!r} is empty")
+        raise InvalidCase(f"{label}: in a grid, {name!r} takes a list of lists (one list per "
+                          f"value), e.g. {name} = [{_example(name)}]; got {value!r}")
+    if isinstance(value, list):
+        if not value:
+            raise InvalidCase(f"{label}: grid axis {name!r} is empty")
+        return value
+    return [value]
+
+
+def _example(name: str) -> str:
+    return {"window": "[-1, -1], [64, 0]", "checks": '["fwd"], ["fwd", "bwd"]'}.get(
+        name, "[3, 0, 7], [5, 5, 5]")
+
+
+def _describe(fields: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in fields.items())
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def iter_cases(specs: Iterable[str]) -> list[tuple[str, Case]]:
+    """``(suite name, case)`` for every case of every spec, in order."""
+    out = []
+    for spec in specs:
+        for suite in load_suite(spec):
+            out.extend((suite.name, case) for case in suite.cases)
+    return out

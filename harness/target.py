@@ -1,0 +1,343 @@
+"""The machine fingerprint: what ran the kernels, in enough detail to compare machines.
+
+Detection is split in two so it can be tested without the hardware: :func:`probe` reads the
+raw platform facts (torch's version strings, device properties, files) into a plain dict, and
+:func:`from_facts` turns such a dict into a :class:`Target`. Tests feed :func:`from_facts` facts
+recorded on real ROCm and CUDA machines (``tests/fixtures/platforms``).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness import __version__
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Peak:
+    """Dense fp16/bf16 tensor throughput of one device, with where the number comes from."""
+
+    tflops: float
+    source: str
+
+
+#: Dense (no sparsity) fp16/bf16 peak per device, matched against the lower-cased device name in
+#: order (first match wins, so specific names come first). AMD multi-die packages (MI250X,
+#: MI250) appear to torch as one device per GCD, so the per-GCD half of the package figure is used.
+PEAKS: tuple[tuple[str, Peak], ...] = (
+    ("h100 pcie", Peak(756.0, "NVIDIA H100 datasheet (PCIe): 1,513 TFLOPS FP16 with sparsity, half dense")),
+    ("h100 nvl", Peak(835.5, "NVIDIA H100 datasheet (NVL): 1,671 TFLOPS FP16 with sparsity, half dense")),
+    ("h100", Peak(989.4, "NVIDIA H100 datasheet (SXM): 1,979 TFLOPS FP16 with sparsity, half dense")),
+    ("h200", Peak(989.4, "NVIDIA H200 datasheet (SXM): 1,979 TFLOPS FP16 with sparsity, half dense")),
+    ("h800", Peak(989.4, "NVIDIA H800 SXM: same tensor cores as H100 SXM, 989 TFLOPS dense FP16")),
+    ("gh200", Peak(989.4, "NVIDIA GH200 datasheet: 1,979 TFLOPS FP16 with sparsity, half dense")),
+    ("a100", Peak(312.0, "NVIDIA A100 datasheet: 312 TFLOPS FP16/BF16 tensor, dense")),
+    ("a800", Peak(312.0, "NVIDIA A800: same tensor cores as A100, 312 TFLOPS dense")),
+    ("l40s", Peak(362.05, "NVIDIA L40S datasheet: 733 TFLOPS FP16 with sparsity, half dense")),
+    ("a10", Peak(125.0, "NVIDIA A10 datasheet: 125 TFLOPS FP16 tensor, dense")),
+    ("l4", Peak(121.0, "NVIDIA L4 datasheet: 242 TFLOPS FP16 with sparsity, half dense")),
+    ("mi325x", Peak(1307.4, "AMD Instinct MI325X datasheet: 1,307.4 TFLOPS FP16/BF16 dense")),
+    ("mi300x", Peak(1307.4, "AMD Instinct MI300X datasheet: 1,307.4 TFLOPS FP16/BF16 dense")),
+    ("mi300a", Peak(980.6, "AMD Instinct MI300A datasheet: 980.6 TFLOPS FP16/BF16 dense")),
+    ("mi250x", Peak(191.5, "AMD Instinct MI250X datasheet: 383 TFLOPS FP16 per package of two GCDs")),
+    ("mi250", Peak(181.0, "AMD Instinct MI250 datasheet: 362.1 TFLOPS FP16 per package of two GCDs")),
+    ("mi210", Peak(181.0, "AMD Instinct MI210 datasheet: 181 TFLOPS FP16/BF16 dense")),
+    ("7900 xtx", Peak(122.8, "AMD Radeon RX 7900 XTX specifications: 122.8 TFLOPS FP16 (WMMA)")),
+    ("w7900", Peak(122.6, "AMD Radeon PRO W7900 datasheet: 122.6 TFLOPS FP16 (WMMA)")),
+)
+
+#: Short device names for target ids, matched like PEAKS.
+SHORT_NAMES: tuple[tuple[str, str], ...] = (
+    ("h100 pcie", "h100-pcie"), ("h100 nvl", "h100-nvl"), ("gh200", "gh200"), ("h100", "h100"),
+    ("h200", "h200"), ("h800", "h800"), ("a100", "a100"), ("a800", "a800"), ("l40s", "l40s"),
+    ("a10g", "a10g"), ("a10", "a10"), ("l4", "l4"), ("mi325x", "mi325x"), ("mi300x", "mi300x"),
+    ("mi300a", "mi300a"), ("mi250x", "mi250x"), ("mi250", "mi250"), ("mi210", "mi210"),
+    ("7900 xtx", "rx7900xtx"), ("w7900", "w7900"),
+)
+
+#: AMD architectures by the marketing name torch reports when gcnArchName is missing (old torch).
+GFX_BY_NAME = (("mi300", "gfx942"), ("mi325", "gfx942"), ("mi250", "gfx90a"), ("mi210", "gfx90a"),
+               ("7900", "gfx1100"))
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a result was measured.
+
+    Attributes:
+        vendor: nvidia, amd or cpu.
+        device_name: as torch reports it (``AMD Instinct MI300X``); the CPU model on the CPU.
+        arch: ``sm_90``, ``gfx942`` (without feature flags) or the CPU architecture.
+        arch_raw: the unabridged architecture string (``gfx942:sramecc+:xnack-``).
+        runtime: ``CUDA 12.4``, ``ROCm 6.2.1`` or ``CPU``.
+        runtime_version: ``12.4`` / ``6.2.1``; empty on the CPU.
+        driver: GPU driver version where known.
+        device_count: visible devices of this vendor.
+        memory_bytes: memory of one device (system memory on the CPU).
+        torch, triton, flash_attn: package versions (empty when absent).
+        flash_attn_flavor: cuda, rocm-ck or rocm-triton (empty when flash-attn is absent).
+        sdpa_rocm_library: on ROCm, the library serving SDPA flash/efficient (aotriton or ck).
+        harness, git_revision, python: the harness build and interpreter.
+        cpu_threads: torch's intra-op threads (timings on the CPU depend on it).
+        peak_tflops: the device's dense fp16/bf16 peak, None when unknown.
+        peak_source: the citation for ``peak_tflops``.
+    """
+
+    vendor: str
+    device_name: str
+    arch: str
+    arch_raw: str = ""
+    runtime: str = "CPU"
+    runtime_version: str = ""
+    driver: str = ""
+    device_count: int = 0
+    memory_bytes: int = 0
+    torch: str = ""
+    triton: str = ""
+    flash_attn: str = ""
+    flash_attn_flavor: str = ""
+    sdpa_rocm_library: str = ""
+    harness: str = __version__
+    git_revision: str = ""
+    python: str = ""
+    cpu_threads: int = 0
+    peak_tflops: float | None = None
+    peak_source: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def target_id(self) -> str:
+        """Short, readable, stable: ``rocm6.2-gfx942-mi300x``, ``cuda12.4-sm90-h100``, ``cpu-x86_64``."""
+        if self.vendor == "cpu":
+            return "cpu-" + (re.sub(r"[^a-z0-9_]+", "-", self.arch.lower()).strip("-") or "unknown")
+        major_minor = ".".join(self.runtime_version.split(".")[:2])
+        runtime = ("rocm" if self.vendor == "amd" else "cuda") + major_minor
+        arch = self.arch.replace("_", "")
+        return f"{runtime}-{arch}-{short_name(self.device_name)}"
+
+    @property
+    def device_type(self) -> str:
+        """torch's device type for this target (ROCm uses ``cuda`` too)."""
+        return "cpu" if self.vendor == "cpu" else "cuda"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["target_id"] = self.target_id
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Target:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def short_name(device_name: str) -> str:
+    lowered = device_name.lower()
+    for needle, short in SHORT_NAMES:
+        if needle in lowered:
+            return short
+    return _slug(re.sub(r"^(nvidia|amd|amd instinct|geforce)\s+", "", lowered)) or "gpu"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def peak_for(device_name: str) -> Peak | None:
+    lowered = device_name.lower()
+    for needle, peak in PEAKS:
+        if needle in lowered:
+            return peak
+    return None
+
+
+def normalize_arch(vendor: str, raw: str, device_name: str = "") -> str:
+    """``gfx942:sramecc+:xnack-`` -> ``gfx942``; ``(9, 0)`` -> ``sm_90``."""
+    if vendor == "amd":
+        if raw:
+            return raw.split(":")[0]
+        lowered = device_name.lower()
+        for needle, gfx in GFX_BY_NAME:
+            if needle in lowered:
+                return gfx
+        return "gfx-unknown"
+    return raw
+
+
+def rocm_version(hip: str, version_file_text: str = "") -> str:
+    """The ROCm release: from the install's ``.info/version`` when present, else from
+    ``torch.version.hip`` (``6.2.41133-dd7f95766`` -> ``6.2``; the third field is a build)."""
+    if version_file_text.strip():
+        match = re.match(r"(\d+\.\d+(?:\.\d+)?)", version_file_text.strip())
+        if match:
+            return match.group(1)
+    match = re.match(r"(\d+)\.(\d+)", hip or "")
+    return f"{match.group(1)}.{match.group(2)}" if match else ""
+
+
+def from_facts(facts: dict[str, Any]) -> Target:
+    """Build a Target from raw platform facts (see :func:`probe` for the keys)."""
+    hip = facts.get("torch_version_hip") or ""
+    cuda = facts.get("torch_version_cuda") or ""
+    has_gpu = bool(facts.get("device_count"))
+    common = dict(
+        torch=facts.get("torch", ""), triton=facts.get("triton", ""),
+        flash_attn=facts.get("flash_attn", ""), flash_attn_flavor=facts.get("flash_attn_flavor", ""),
+        git_revision=facts.get("git_revision", ""), python=facts.get("python", ""),
+        cpu_threads=int(facts.get("cpu_threads", 0) or 0),
+    )
+    if not has_gpu:
+        return Target(vendor="cpu", device_name=facts.get("cpu_name", "") or "CPU",
+                      arch=facts.get("machine", "") or "unknown", arch_raw=facts.get("machine", ""),
+                      memory_bytes=int(facts.get("system_memory_bytes", 0) or 0), **common)
+    name = facts.get("device_name", "")
+    peak = peak_for(name)
+    if hip:
+        raw = facts.get("gcn_arch_name", "") or ""
+        version = rocm_version(hip, facts.get("rocm_version_file", ""))
+        return Target(vendor="amd", device_name=name, arch=normalize_arch("amd", raw, name),
+                      arch_raw=raw, runtime=f"ROCm {version}", runtime_version=version,
+                      driver=facts.get("driver", ""), device_count=int(facts["device_count"]),
+                      memory_bytes=int(facts.get("device_memory_bytes", 0) or 0),
+                      sdpa_rocm_library=facts.get("sdpa_rocm_library", ""),
+                      peak_tflops=peak.tflops if peak else None,
+                      peak_source=peak.source if peak else "", **common)
+    major, minor = facts.get("capability", (0, 0))
+    return Target(vendor="nvidia", device_name=name, arch=f"sm_{major}{minor}",
+                  arch_raw=f"{major}.{minor}", runtime=f"CUDA {cuda}", runtime_version=cuda,
+                  driver=facts.get("driver", ""), device_count=int(facts["device_count"]),
+                  memory_bytes=int(facts.get("device_memory_bytes", 0) or 0),
+                  peak_tflops=peak.tflops if peak else None,
+                  peak_source=peak.source if peak else "", **common)
+
+
+# ------------------------------------------------------------------------------ probing
+
+
+def probe(device_index: int = 0) -> dict[str, Any]:
+    """Read this machine's raw platform facts. Optional helpers only enrich them."""
+    import torch
+
+    facts: dict[str, Any] = {
+        "torch": torch.__version__,
+        "torch_version_cuda": torch.version.cuda or "",
+        "torch_version_hip": getattr(torch.version, "hip", None) or "",
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_name": _cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "system_memory_bytes": _system_memory(),
+        "git_revision": git_revision(),
+        "triton": _package_version("triton") or _package_version("pytorch-triton-rocm"),
+        "flash_attn": _package_version("flash-attn") or _package_version("flash_attn"),
+        "device_count": 0,
+    }
+    if facts["flash_attn"]:
+        facts["flash_attn_flavor"] = flash_attn_flavor(facts["torch_version_hip"], os.environ)
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device_index)
+        facts.update(
+            device_count=torch.cuda.device_count(),
+            device_name=props.name,
+            device_memory_bytes=props.total_memory,
+            capability=(props.major, props.minor),
+            gcn_arch_name=getattr(props, "gcnArchName", "") or "",
+            driver=_driver_version(bool(facts["torch_version_hip"])),
+        )
+        if facts["torch_version_hip"]:
+            facts["rocm_version_file"] = _read("/opt/rocm/.info/version")
+            pref = getattr(torch.backends.cuda, "preferred_rocm_fa_library", None)
+            if pref is not None:
+                try:
+                    facts["sdpa_rocm_library"] = str(pref()).split(".")[-1].lower()
+                except Exception:  # noqa: BLE001 - an older torch may not implement it fully
+                    facts["sdpa_rocm_library"] = ""
+    return facts
+
+
+def detect(device_index: int = 0) -> Target:
+    """This machine's fingerprint."""
+    return from_facts(probe(device_index))
+
+
+def flash_attn_flavor(hip: str, environ: Any) -> str:
+    """cuda, rocm-ck or rocm-triton, from how flash-attn will load here."""
+    if str(environ.get("FLASH_ATTENTION_TRITON_AMD_ENABLE", "")).upper() == "TRUE":
+        return "rocm-triton"
+    return "rocm-ck" if hip else "cuda"
+
+
+def git_revision() -> str:
+    if not (REPO_ROOT / ".git").exists():
+        return ""
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=5, check=False)
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True, timeout=5,
+                               check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    rev = out.stdout.strip()
+    return rev + ("-dirty" if rev and dirty.stdout.strip() else "")
+
+
+def _package_version(name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def _cpu_name() -> str:
+    text = _read("/proc/cpuinfo")
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _system_memory() -> int:
+    for line in _read("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _driver_version(rocm: bool) -> str:
+    """The kernel driver version from sysfs/procfs; optional libraries only when installed."""
+    if rocm:
+        text = _read("/sys/module/amdgpu/version").strip()
+        if text:
+            return text
+    else:
+        text = _read("/proc/driver/nvidia/version")
+        match = re.search(r"Kernel Module\s+(\S+)", text)
+        if match:
+            return match.group(1)
+        try:
+            import pynvml  # nvidia-ml-py, optional
+
+            pynvml.nvmlInit()
+            version = pynvml.nvmlSystemGetDriverVersion()
+            return version.decode() if isinstance(version, bytes) else str(version)
+        except Exception:  # noqa: BLE001 - absent or failing helper only means less detail
+            return ""
+    return ""

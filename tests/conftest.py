@@ -1,0 +1,14 @@
+"""Shared fixtures for the harness's self-tests (CPU, fast)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO
