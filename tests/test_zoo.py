@@ -1,0 +1,50 @@
+"""The bug zoo (tests/zoo/kernels.py): every classic porting bug is caught on the smoke suite,
+and the correct kernel passes. Runs in-process for speed; the CLI path is tested elsewhere."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+
+from harness.runner import Task, execute
+from harness.suites import load_suite
+from harness.target import detect
+from tests.zoo.kernels import ZOO
+
+CHECKS = ("fwd", "bwd", "determinism")
+
+
+@pytest.fixture(scope="module")
+def target():
+    return detect()
+
+
+def run_smoke(kernel: str, target) -> dict[str, list]:
+    """Records of the smoke suite for a zoo kernel, grouped by status."""
+    (suite,) = load_suite("smoke")
+    by_status: dict[str, list] = defaultdict(list)
+    backends: dict = {}
+    for case in suite.cases:
+        task = Task("smoke", case, f"tests/zoo/kernels.py:{kernel}", CHECKS, seed=0)
+        for kind, record in execute(task, target, backends):
+            if kind == "record":
+                by_status[record.status].append(record)
+    return by_status
+
+
+def test_the_correct_kernel_passes_everything_it_is_asked(target):
+    result = run_smoke("correct", target)
+    assert set(result) == {"pass", "skip"}, [r.reason for r in result.get("fail", [])]
+    # the only skips are the entry points a flash_attn_func-shaped kernel cannot be called through
+    assert {r.case["entry"] for r in result["skip"]} == {"varlen", "kvcache"}
+
+
+@pytest.mark.parametrize("kernel", sorted(ZOO))
+def test_every_zoo_kernel_is_caught_by_the_expected_checks(kernel, target):
+    result = run_smoke(kernel, target)
+    assert not result.get("error") and not result.get("crash"), result
+    caught = {r.check for r in result.get("fail", [])}
+    assert set(ZOO[kernel]) <= caught, f"{kernel} caught by {sorted(caught)}"
+    for record in result["fail"]:
+        assert record.reason  # every failure says what and where
