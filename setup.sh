@@ -23,9 +23,9 @@ PIN="$(mktemp)"
 trap 'rm -f "$PIN"' EXIT
 echo "torch==$TORCH_VERSION" > "$PIN"
 
-if ! "$VPY" -c "import harness, pytest_timeout, xdist, jsonschema, tabulate, hypothesis" >/dev/null 2>&1 \
+if ! "$VPY" -c "import harness, pytest_timeout, xdist, jsonschema, tabulate, hypothesis, matplotlib, yaml" >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.attn-harness-installed ]; then
-    "$VPY" -m pip install --disable-pip-version-check -q -c "$PIN" -e ".[test]"
+    "$VPY" -m pip install --disable-pip-version-check -q -c "$PIN" -e ".[test,plot]"
     touch .venv/.attn-harness-installed
 fi
 echo "setup.sh: ready (torch $TORCH_VERSION; run .venv/bin/attn-harness or .venv/bin/python -m pytest)" >&2

@@ -149,7 +149,7 @@ class Case:
         """``(seqlen_q, seqlen_k)`` of every sequence in the batch."""
         if self.entry == "varlen":
             assert self.seqlens_q is not None and self.seqlens_k is not None
-            return list(zip(self.seqlens_q, self.seqlens_k))
+            return list(zip(self.seqlens_q, self.seqlens_k, strict=True))
         if self.seqlens_k is not None:
             return [(self.seqlen_q, sk) for sk in self.seqlens_k]
         return [(self.seqlen_q, self.seqlen_k)] * self.batch
@@ -208,10 +208,14 @@ class Case:
     def label(self) -> str:
         """A short human description, e.g. ``b2 q113 k203 h8/2 d64 f16 causal``."""
         dt = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}[self.dtype]
-        heads = f"h{self.heads_q}" if self.heads_kv == self.heads_q else f"h{self.heads_q}/{self.heads_kv}"
-        parts = [f"b{self.batch}", f"q{self.seqlen_q}", f"k{self.seqlen_k}", heads, f"d{self.head_dim}", dt]
+        heads = f"h{self.heads_q}"
+        if self.heads_kv != self.heads_q:
+            heads += f"/{self.heads_kv}"
+        parts = [f"b{self.batch}", f"q{self.seqlen_q}", f"k{self.seqlen_k}", heads,
+                 f"d{self.head_dim}", dt]
         if self.entry != "dense":
-            parts.append(self.entry + (f"/page{self.paged_block_size}" if self.paged_block_size else ""))
+            page = f"/page{self.paged_block_size}" if self.paged_block_size else ""
+            parts.append(self.entry + page)
         if self.causal:
             parts.append("causal")
         if self.window != (-1, -1):
@@ -373,11 +377,12 @@ def _problems(case: Case) -> list[str]:  # noqa: C901 - one flat list of rules r
     if case.scale is not None and (
         not isinstance(case.scale, float) or not math.isfinite(case.scale) or case.scale <= 0
     ):
-        p.append(f"scale={case.scale!r} must be a finite number > 0 (or omitted for 1/sqrt(head_dim))")
+        p.append(f"scale={case.scale!r} must be a finite number > 0 "
+                 "(or omitted for 1/sqrt(head_dim))")
     p.extend(_entry_problems(case))
-    if case.checks is not None:
-        if not isinstance(case.checks, tuple) or not all(c in CHECKS for c in case.checks):
-            p.append(f"checks={case.checks!r} must be a list drawn from {', '.join(CHECKS)}")
+    if case.checks is not None and (
+            not isinstance(case.checks, tuple) or not all(c in CHECKS for c in case.checks)):
+        p.append(f"checks={case.checks!r} must be a list drawn from {', '.join(CHECKS)}")
     for name in ("name", "source"):
         if not isinstance(getattr(case, name), str):
             p.append(f"{name}={getattr(case, name)!r} must be a string")
@@ -399,7 +404,8 @@ def _entry_problems(case: Case) -> list[str]:
             return p
         if case.seqlen_q != max(case.seqlens_q) or case.seqlen_k != max(case.seqlens_k):
             p.append(f"for varlen, seqlen_q and seqlen_k are the maxima of seqlens_q and seqlens_k "
-                     f"({max(case.seqlens_q)}, {max(case.seqlens_k)}): omit them or make them equal")
+                     f"({max(case.seqlens_q)}, {max(case.seqlens_k)}): omit them or make them "
+                     "equal")
         if sum(case.seqlens_q) == 0 or sum(case.seqlens_k) == 0:
             p.append("varlen needs at least one query and one key token in the batch")
     else:
@@ -420,7 +426,8 @@ def _entry_problems(case: Case) -> list[str]:
         if case.dropout_p:
             p.append("the kvcache entry point has no dropout: set dropout_p = 0")
     elif case.paged_block_size:
-        p.append(f"paged_block_size={case.paged_block_size} needs entry='kvcache' (entry={case.entry!r})")
+        p.append(f"paged_block_size={case.paged_block_size} needs entry='kvcache' "
+                 f"(entry={case.entry!r})")
     return p
 
 
@@ -440,9 +447,10 @@ def attended_pairs(seqlen_q: int, seqlen_k: int, left: int, right: int) -> int:
     hi_off = off + right if right >= 0 else inf  # hi(i) = min(sk - 1, i + hi_off)
     lo_off = off - left if left >= 0 else -inf  # lo(i) = max(0, i + lo_off)
     # Breakpoints where the min/max switch branch; between them the count is linear in i.
-    cuts = sorted({0, seqlen_q, *(x for x in (seqlen_k - 1 - hi_off, 1 - lo_off) if 0 < x < seqlen_q)})
+    switches = (seqlen_k - 1 - hi_off, 1 - lo_off)
+    cuts = sorted({0, seqlen_q, *(x for x in switches if 0 < x < seqlen_q)})
     total = 0
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in zip(cuts, cuts[1:], strict=False):
         # In [a, b) each branch is fixed; evaluate its form at a representative point.
         hi_is_cap = a + hi_off >= seqlen_k - 1
         lo_is_zero = a + lo_off <= 0
@@ -477,4 +485,5 @@ def grid(**axes: Iterable[Any]) -> list[Case]:
     import itertools
 
     names = list(axes)
-    return [Case(**dict(zip(names, combo))) for combo in itertools.product(*axes.values())]
+    combos = itertools.product(*axes.values())
+    return [Case(**dict(zip(names, combo, strict=True))) for combo in combos]

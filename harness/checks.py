@@ -22,9 +22,16 @@ from harness.inputs import Inputs, derive_seed, make_inputs
 from harness.outputs import Outputs
 from harness.profile import Profile
 from harness.target import Target
-from harness.timing import BWD_FACTOR, time_function, tflops
+from harness.timing import BWD_FACTOR, tflops, time_function
 
 CHECK_ORDER = ("fwd", "bwd", "determinism", "throughput")
+#: Above this much forward work (GFLOP) the reference is computed for a seeded sample of query
+#: rows only: minutes of float64 on a CPU, of float32 on a GPU.
+EXACT_REFERENCE_GFLOP = {"cpu": 50.0, "cuda": 20000.0}
+#: Query rows per sequence a sampled verdict judges (first, last and seeded others).
+SAMPLED_ROWS = 256
+#: Query rows per sequence kept for the jury (comparing backends with each other).
+JURY_ROWS = 64
 
 
 class KernelError(Exception):
@@ -49,7 +56,9 @@ class CaseRun:
     """The checks of one case on one backend, sharing inputs and reference results."""
 
     def __init__(self, case: Case, backend: Backend, target: Target, *, seed: int,
-                 profile: Profile, device: torch.device | str | None = None) -> None:
+                 profile: Profile, device: torch.device | str | None = None,
+                 jury_dir: str = "") -> None:
+        self.jury_dir = jury_dir
         self.case = case
         self.backend = backend
         self.target = target
@@ -119,8 +128,12 @@ class CaseRun:
     def run(self, check: str) -> judge.Verdict:
         """Run one check; every outcome, including kernel errors and OOM, is a verdict."""
         method = getattr(self, f"check_{check}")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         try:
-            return method()
+            verdict = method()
+            verdict.metrics.update(self._memory())
+            return verdict
         except Unsupported as exc:
             return judge.Verdict(check, "skip", {"refused_at_call": True}, str(exc))
         except KernelError as exc:
@@ -129,27 +142,74 @@ class CaseRun:
             if _is_oom(exc):
                 _free(self.device)
                 return judge.Verdict(check, "skip", {"oom": True},
-                                     f"out of memory on {self.target.device_name}: {_describe(exc)}")
+                                     f"out of memory on {self.target.device_name}: "
+                                     f"{_describe(exc)}")
             return judge.Verdict(check, "error", {"traceback": traceback.format_exc()[-2000:]},
                                  f"the harness failed: {_describe(exc)}")
+
+    def _memory(self) -> dict[str, int]:
+        """Peak memory: device bytes of this check on GPUs; the worker's peak RSS on CPUs (a
+        running maximum over the process, so an upper bound for this check)."""
+        if self.device.type == "cuda":
+            return {"peak_device_bytes": int(torch.cuda.max_memory_allocated(self.device))}
+        import resource
+
+        return {"process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the forward reference is too expensive here to compute for every row."""
+        limit = EXACT_REFERENCE_GFLOP[self.device.type]
+        return self.case.flops_fwd() / 1e9 > limit
 
     def check_fwd(self) -> judge.Verdict:
         if self.case.dropout_p:
             return self._dropout("fwd")
         result = self.call(self.inputs)
-        ref, base = self.ref(), self.base()
+        rows = None
+        if self.sampled:
+            rows = reference.sample_rows(self.inputs, SAMPLED_ROWS,
+                                         self._rng_seed("sampled-rows"))
+            ref = self._cached("ref-rows", lambda: reference.reference(self.inputs, rows=rows))
+            base = self._cached("base-rows", lambda: reference.baseline(self.inputs, rows=rows))
+        else:
+            ref, base = self.ref(), self.base()
         atol = judge.ATOL[self.inputs.q.dtype]
-        comparisons = [judge.compare("out", result.out, base.out, ref.out, k=judge.K_OUT, atol=atol)]
+        comparisons = [judge.compare("out", result.out, base.out, ref.out, k=judge.K_OUT,
+                                     atol=atol, valid=ref.row_mask(ref.out))]
         if result.lse is not None:
             lse = _lse_layout(result.lse, ref.lse)
             comparisons.append(judge.compare("lse", lse, base.lse, ref.lse, k=judge.K_OUT,
                                              atol=atol, valid=torch.isfinite(ref.lse)))
         allowed = comparisons[0].allowed
-        effects = self.feature_effects()
-        note = judge.inert_note(effects, allowed)
-        verdict = judge.parity_verdict("fwd", comparisons, [note] if note else [])
+        notes = []
+        if rows is None:
+            effects = self.feature_effects()
+            inert = judge.inert_features(effects, allowed)
+            note = judge.inert_note(effects, allowed)
+            notes = [note] if note else []
+        else:
+            effects, inert = {}, []
+        verdict = judge.parity_verdict("fwd", comparisons, notes)
         verdict.metrics["feature_effect"] = effects
-        verdict.metrics["inert_features"] = judge.inert_features(effects, allowed)
+        verdict.metrics["inert_features"] = inert
+        verdict.metrics["verdict_kind"] = "exact" if rows is None else "sampled-rows"
+        if rows is not None:
+            judged = int(ref.rows.sum())
+            verdict.metrics["rows_judged"] = judged
+            verdict.metrics["rows_total"] = int(ref.rows.numel())
+            prefix = (f"judged on {judged} of {ref.rows.numel()} query rows (the exact "
+                      f"reference of all rows is over {EXACT_REFERENCE_GFLOP[self.device.type]:g}"
+                      " GFLOP here; see the jury for the kernels' agreement)")
+            verdict = judge.Verdict(verdict.check, verdict.status, verdict.metrics,
+                                    "; ".join(x for x in (verdict.reason, prefix) if x))
+        if self.jury_dir:
+            from harness.jury import save_rows
+
+            chosen = rows or reference.sample_rows(self.inputs, JURY_ROWS,
+                                                   self._rng_seed("jury-rows"))
+            save_rows(self.jury_dir, self.case, self.backend.name, self.inputs, chosen,
+                      result.out, ref, allowed, verdict.metrics["verdict_kind"])
         return verdict
 
     def check_bwd(self) -> judge.Verdict:
@@ -187,30 +247,33 @@ class CaseRun:
 
     def check_throughput(self) -> judge.Verdict:
         p = self.profile
-        budget = {"warmup_s": p.warmup_s, "budget_s": p.budget_s, "min_reps": p.min_reps}
+        budget = {"warmup_s": p.warmup_s, "budget_s": p.budget_s, "min_reps": p.min_reps,
+                  "graph": getattr(p, "graph_replay", False)}
         flops = self.case.flops_fwd()
         metrics: dict[str, Any] = {"flops_fwd": flops}
         torch.manual_seed(self._rng_seed("throughput"))
         with torch.no_grad():
             fwd = time_function(lambda: self.backend.forward(self.inputs), self.device, **budget)
-        metrics.update(_rate(fwd, flops, self.target))
+        metrics.update(_rate(fwd, flops, self.target, self.case.dtype))
         backward = self.backend.capabilities.backward and self.case.entry != "kvcache"
         if backward:
+            # One set of leaves for both timings: copying fresh inputs inside the timed call
+            # would add a copy of q, k and v to every forward+backward.
             inputs = self.inputs.with_grad()
             out = self.backend.forward(inputs).out
             leaves = (inputs.q, inputs.k, inputs.v)
             bwd = time_function(
                 lambda: torch.autograd.grad(out, leaves, self.inputs.dout, retain_graph=True),
                 self.device, **budget)
-            metrics["bwd"] = _rate(bwd, BWD_FACTOR * flops, self.target)
+            metrics["bwd"] = _rate(bwd, BWD_FACTOR * flops, self.target, self.case.dtype)
 
             def fwd_bwd():
-                fresh = self.inputs.with_grad()
-                o = self.backend.forward(fresh).out
-                torch.autograd.grad(o, (fresh.q, fresh.k, fresh.v), self.inputs.dout)
+                o = self.backend.forward(inputs).out
+                torch.autograd.grad(o, leaves, self.inputs.dout)
 
             both = time_function(fwd_bwd, self.device, **budget)
-            metrics["fwd_bwd"] = _rate(both, (1 + BWD_FACTOR) * flops, self.target)
+            metrics["fwd_bwd"] = _rate(both, (1 + BWD_FACTOR) * flops, self.target,
+                                       self.case.dtype)
         return judge.Verdict("throughput", "pass", metrics, "")
 
     # ------------------------------------------------------------------------ feature effects
@@ -254,24 +317,35 @@ class CaseRun:
                 tensors = r.grads()
             for name, t in tensors.items():
                 samples.setdefault(name, []).append(t.detach().to("cpu", torch.float64))
+        atol = judge.ATOL[self.inputs.q.dtype]
         if check == "fwd":
             expected = {"out": self.ref().out.cpu()}
             variance = {"out": reference.dropout_variance(self.inputs).cpu()}
+            baselines = {"out": self.base().out.cpu()}
+            k = judge.K_OUT
         else:
             ref = self.ref(grads=True)
             expected = {k: v.cpu() for k, v in ref.grads().items()}
             variance = {k: None for k in expected}
-        verdict = judge.dropout_verdict(check, samples, expected, variance)
+            baselines = {k: v.cpu() for k, v in self.base(grads=True).grads().items()}
+            k = judge.K_GRAD
+        verdict = judge.dropout_verdict(check, samples, expected, variance, baselines, k=k,
+                                        atol=atol)
         verdict.metrics["dropout_p"] = self.case.dropout_p
         return verdict
 
 
-def _rate(timing, flops: float, target: Target) -> dict[str, Any]:
+#: Dtypes the device peak table (dense fp16/bf16 tensor throughput) is a fair yardstick for.
+PEAK_DTYPES = ("float16", "bfloat16")
+
+
+def _rate(timing, flops: float, target: Target, dtype: str) -> dict[str, Any]:
     rate = tflops(flops, timing.median_ms)
     out = {"time_ms": timing.median_ms, "tflops": rate, **{f"timing_{k}": v
                                                            for k, v in timing.to_dict().items()
                                                            if k != "median_ms"}}
-    out["pct_peak"] = 100 * rate / target.peak_tflops if target.peak_tflops else None
+    fair = target.peak_tflops and dtype in PEAK_DTYPES
+    out["pct_peak"] = 100 * rate / target.peak_tflops if fair else None
     return out
 
 
@@ -279,7 +353,7 @@ def _lse_layout(lse: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Kernels may pad lse's query dimension (flash-attn rounds it up); cut to the reference."""
     if lse.shape == like.shape:
         return lse
-    if lse.dim() == like.dim() and all(a >= b for a, b in zip(lse.shape, like.shape)):
+    if lse.dim() == like.dim() and all(a >= b for a, b in zip(lse.shape, like.shape, strict=True)):
         return lse[tuple(slice(0, n) for n in like.shape)]
     return lse.reshape(like.shape)
 
@@ -293,9 +367,11 @@ def _free(device: torch.device) -> None:
 
 
 def run_plan(plan: Plan, backend: Backend, target: Target, *, seed: int, profile: Profile,
-             device: torch.device | str | None = None) -> Iterator[judge.Verdict]:
+             device: torch.device | str | None = None,
+             jury_dir: str = "") -> Iterator[judge.Verdict]:
     """Verdicts for every check of a plan, in CHECK_ORDER: skips first-class, runs as they end."""
-    run = CaseRun(plan.case, backend, target, seed=seed, profile=profile, device=device)
+    run = CaseRun(plan.case, backend, target, seed=seed, profile=profile, device=device,
+                  jury_dir=jury_dir)
     for check in CHECK_ORDER:
         if check in plan.skips:
             yield judge.Verdict(check, "skip", {}, plan.skips[check])
@@ -313,7 +389,8 @@ def audit_verdict(verdict: judge.Verdict, plan: Plan) -> judge.Verdict:
     if verdict.status in ("error", "skip") and "out of memory" not in verdict.reason:
         metrics["audit"] = "rejected"
         return judge.Verdict(verdict.check, "skip", metrics,
-                             f"audit: rejected loudly (good): {verdict.reason} [unsupported: {claim}]")
+                             f"audit: rejected loudly (good): {verdict.reason} "
+                             f"[unsupported: {claim}]")
     if verdict.status == "fail":
         metrics["audit"] = "silent"
         return judge.Verdict(verdict.check, "fail", metrics,

@@ -16,6 +16,15 @@ from harness.target import Target
 #: Fraction of a device's memory a case may plan to use.
 MEMORY_HEADROOM = 0.8
 
+#: Default work limit on a CPU, GFLOP per pass (flash-attn's count; a backward pass counts
+#: 1 + BWD_FACTOR times the forward). Measured on a 2-core x86 machine with torch 2.13: the
+#: float64 reference runs prefill at about 2 GFLOP/s, but decode (one query row against a long
+#: cache) at about 0.2 GFLOP/s, bound by memory, and SDPA's CPU kernels are as slow there; a
+#: judged check computes the kernel, the reference, the baseline and one more reference per
+#: feature. 2 GFLOP keeps every check of a case within seconds for prefill and about a minute
+#: for decode. GPUs have no default limit; ``--max-gflop`` sets one anywhere (0 = none).
+CPU_MAX_GFLOP = 2.0
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -41,15 +50,69 @@ def estimated_bytes(case: Case, checks: tuple[str, ...]) -> int:
     float64 reference copies (with gradients when ``bwd`` runs) and one block of scores."""
     scale = 8 / DTYPE_BYTES[case.dtype]
     base = case.input_bytes()
-    ref = int(base * scale)
-    grads = 2 * (base + ref) if "bwd" in checks else 0
-    blocks = 6 * BLOCK_ELEMS * 8
+    judged = {"fwd", "bwd"} & set(checks)  # only these compute the reference and baseline
+    ref = int(base * scale) if judged else 0
+    grads = 2 * (base + ref) if "bwd" in checks and case.entry != "kvcache" else 0
+    blocks = 6 * BLOCK_ELEMS * 8 if judged else 0
     return base * 2 + ref + grads + blocks
 
 
+def usable_memory(target: Target) -> int:
+    """Bytes a case may plan on: the device's memory on a GPU; on a CPU the memory available
+    now (``MemAvailable``), since other processes share it."""
+    if target.vendor != "cpu":
+        return target.memory_bytes
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return target.memory_bytes
+
+
+def work_flops(case: Case, check: str) -> int:
+    """FLOPs of one pass of ``check``: the forward, or forward + backward for ``bwd``."""
+    from harness.timing import BWD_FACTOR
+
+    flops = case.flops_fwd()
+    return int(flops * (1 + BWD_FACTOR)) if check == "bwd" else flops
+
+
+def work_limit_gflop(target: Target, max_gflop: float | None) -> float:
+    """The work limit in force: ``max_gflop`` when given (0 = none), else the CPU default on a
+    CPU and none on a GPU."""
+    if max_gflop is not None:
+        return max_gflop
+    return CPU_MAX_GFLOP if target.vendor == "cpu" else 0.0
+
+
+def work_reasons(case: Case, target: Target, checks: tuple[str, ...],
+                 max_gflop: float | None) -> dict[str, str]:
+    """check -> why it is too much work for this machine, for the checks over the limit."""
+    limit = work_limit_gflop(target, max_gflop)
+    if not limit:
+        return {}
+    where = "on this CPU" if target.vendor == "cpu" else "here"
+    out = {}
+    for check in checks:
+        gflop = work_flops(case, check) / 1e9
+        if gflop > limit:
+            what = "forward + backward" if check == "bwd" else "forward"
+            amount = f"{gflop:,.0f}" if gflop >= 10 else f"{gflop:.2g}"
+            out[check] = (f"needs about {amount} GFLOP per {what} pass, more than the "
+                          f"{limit:g} GFLOP limit {where} (--max-gflop N raises it, 0 removes it)")
+    return out
+
+
 def plan(case: Case, backend: Backend, target: Target, checks: tuple[str, ...], *,
-         audit: bool = False) -> Plan:
-    """Decide which of ``checks`` run for ``case`` on ``backend`` here, and why not the rest."""
+         audit: bool = False, max_gflop: float | None = None) -> Plan:
+    """Decide which of ``checks`` run for ``case`` on ``backend`` here, and why not the rest.
+
+    ``max_gflop`` bounds the work of one pass (see :func:`work_limit_gflop`); checks over it
+    are skipped with the estimate in the reason, like cases too large for the memory.
+    """
     name = backend.name
     wanted = [c for c in checks if case.checks is None or c in case.checks]
     skips = {c: f"the case asks only for {', '.join(case.checks)}" for c in checks
@@ -64,17 +127,25 @@ def plan(case: Case, backend: Backend, target: Target, checks: tuple[str, ...], 
     call = backend.call_reasons(case, target)
     if call:
         return skip_all("; ".join(call))
-    need = estimated_bytes(case, tuple(wanted))
-    if target.memory_bytes and need > MEMORY_HEADROOM * target.memory_bytes:
-        return skip_all(f"needs about {need / 2**30:.1f} GiB, more than "
-                        f"{MEMORY_HEADROOM:.0%} of this device's {target.memory_bytes / 2**30:.1f} GiB")
     reasons = backend.unsupported_reasons(case, target)
-    if reasons and not audit:
+    if reasons and not audit:  # every reason the backend does not take it, before sizes
         return skip_all("; ".join(reasons))
+    need = estimated_bytes(case, tuple(wanted))
+    memory = usable_memory(target)
+    if memory and need > MEMORY_HEADROOM * memory:
+        where = (f"the {memory / 2**30:.1f} GiB available on this machine"
+                 if target.vendor == "cpu" else f"this device's {memory / 2**30:.1f} GiB")
+        return skip_all(f"needs about {need / 2**30:.1f} GiB, more than "
+                        f"{MEMORY_HEADROOM:.0%} of {where}")
+    too_much = work_reasons(case, target, tuple(wanted), max_gflop)
+    if too_much and all(c in too_much for c in wanted):
+        return Plan(case, name, (), {**too_much, **skips})
     run = []
     for check in wanted:
         why = backend.capabilities.check_reasons(check, case, name)
-        if why:
+        if check in too_much:
+            skips[check] = too_much[check]
+        elif why:
             skips[check] = "; ".join(why)
         else:
             run.append(check)

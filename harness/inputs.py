@@ -131,6 +131,35 @@ class Piece:
     def put_q(self, full: torch.Tensor, value: torch.Tensor) -> None:
         full[self.rows] = value[0] if self.packed else value
 
+    @property
+    def n_rows(self) -> int:
+        """Queries per sequence of this piece."""
+        if self.packed:
+            return self.rows.stop - self.rows.start
+        return self.inputs.q.shape[1]
+
+    def put_q_rows(self, full: torch.Tensor, rows: torch.Tensor, value: torch.Tensor) -> None:
+        """Write ``value`` ``(B, len(rows), h, d)`` at query positions ``rows`` of the piece."""
+        if self.packed:
+            full[self.rows.start + rows] = value[0]
+        else:
+            full[self.rows][:, rows] = value
+
+    def put_lse_rows(self, full: torch.Tensor, rows: torch.Tensor, value: torch.Tensor) -> None:
+        if self.packed:
+            full[:, self.rows.start + rows] = value[0]
+        else:
+            full[self.rows][:, :, rows] = value
+
+    def mark_rows(self, mask: torch.Tensor, rows: torch.Tensor | None) -> None:
+        """Set ``mask`` (the row dims of q: ``(batch, seqlen_q)`` or ``(total_q,)``) at rows."""
+        if rows is None:
+            mask[self.rows] = True
+        elif self.packed:
+            mask[self.rows.start + rows] = True
+        else:
+            mask[self.rows][:, rows] = True
+
     def put_kv(self, full: torch.Tensor, value: torch.Tensor) -> None:
         if self.packed:
             full[self.keys] = value[0]

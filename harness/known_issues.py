@@ -160,7 +160,8 @@ def _cached(path: str) -> tuple[KnownIssue, ...]:
     return tuple(load(path))
 
 
-def match(case: Case, backend: dict[str, str], target, path: Path | str = DEFAULT_PATH) -> KnownIssue | None:
+def match(case: Case, backend: dict[str, str], target,
+          path: Path | str = DEFAULT_PATH) -> KnownIssue | None:
     """The first known issue that applies, or None."""
     for issue in _cached(str(path)):
         if issue.applies(case, backend, target):

@@ -18,6 +18,8 @@ class Outputs:
             seqlen_q)`` for dense and kvcache, ``(heads_q, total_q)`` for varlen; ``-inf`` for
             rows that see no key. ``None`` when the kernel does not return it.
         dq, dk, dv: gradients with respect to q, k, v (``None`` before a backward pass).
+        rows: for row-sampled results, a boolean mask over q's row dims (``(batch, seqlen_q)``
+            or ``(total_q,)``) of the query rows computed; ``None`` when all were.
     """
 
     out: torch.Tensor
@@ -25,6 +27,15 @@ class Outputs:
     dq: torch.Tensor | None = None
     dk: torch.Tensor | None = None
     dv: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+
+    def row_mask(self, like: torch.Tensor) -> torch.Tensor | None:
+        """``rows`` (a boolean mask over q's row dims: which query rows were computed, None for
+        all) broadcast to the shape of ``like``, a q-shaped tensor."""
+        if self.rows is None:
+            return None
+        extra = like.dim() - self.rows.dim()
+        return self.rows.view(*self.rows.shape, *([1] * extra)).expand_as(like)
 
     def grads(self) -> dict[str, torch.Tensor]:
         return {name: t for name, t in (("dq", self.dq), ("dk", self.dk), ("dv", self.dv))

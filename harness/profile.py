@@ -19,6 +19,9 @@ class Profile:
         min_reps: fewest timed repetitions, whatever the budget.
         dropout_samples: kernel runs (seeds) behind a statistical dropout verdict.
         timeout_s: default per-check time limit in the worker, seconds.
+        graph_replay: time CUDA/HIP graph replays instead of plain calls (for tiny problems,
+            where launch overhead dominates; ``attn-harness run --graph-replay``). Timing falls
+            back to plain calls, and says so in the record, where capture is impossible.
     """
 
     name: str
@@ -28,6 +31,7 @@ class Profile:
     min_reps: int
     dropout_samples: int
     timeout_s: float
+    graph_replay: bool = False
 
 
 PROFILES = {
@@ -44,4 +48,5 @@ def get_profile(name: str) -> Profile:
     try:
         return PROFILES[name]
     except KeyError:
-        raise UsageError(f"--profile {name}: unknown profile (choose {', '.join(PROFILES)})") from None
+        raise UsageError(f"--profile {name}: unknown profile "
+                         f"(choose {', '.join(PROFILES)})") from None

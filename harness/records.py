@@ -1,24 +1,31 @@
 """``results.jsonl``: one JSON record per line, the source of truth for every report.
 
 Each line has the keys ``schema, case_id, case, backend, target, check, status, metrics,
-reason`` (plus ``suite``, ``seed`` and ``time``). The JSON Schema lives in
-``harness/schema/records.schema.json``; :func:`read_records` checks each line against the same
-rules and names the file, the line and the field of the first problem.
+reason`` (plus ``suite``, ``seed`` and ``time``). The versioned JSON Schema is
+``harness/schema/records.schema.json``; :func:`record_from_dict` enforces that very file with a
+small validator of its own (the keywords the schema uses, nothing more), so any JSON Schema
+validator and the harness accept exactly the same records, while the harness's errors stay one
+line naming the file, the line and the field. :func:`read_records` then checks the case itself
+(``harness.case.case_from_dict``: cross-field rules no schema can state).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-from harness.errors import RecordsError
+from harness.errors import HarnessError, RecordsError
 
 SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).resolve().parent / "schema" / "records.schema.json"
 STATUSES = ("pass", "fail", "skip", "xfail", "xpass", "crash", "timeout", "error")
 #: Statuses that make a run exit 1.
 FAILING = ("fail", "xpass", "crash", "timeout", "error")
@@ -47,13 +54,18 @@ class Record:
         return self.backend.get("name", "")
 
     @property
+    def backend_flavor(self) -> str:
+        return self.backend.get("flavor", "") or ""
+
+    @property
     def target_id(self) -> str:
         return self.target.get("target_id", "")
 
     @property
-    def key(self) -> tuple[str, str, str, str]:
-        """What identifies a result across files: (target, backend, case, check)."""
-        return (self.target_id, self.backend_name, self.case_id, self.check)
+    def key(self) -> tuple[str, str, str, str, str]:
+        """What identifies a result within one machine's files: (target, backend, flavor, case,
+        check). The flavor matters: flash-attn's CK and Triton builds run on the same target."""
+        return (self.target_id, self.backend_name, self.backend_flavor, self.case_id, self.check)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=False, allow_nan=False, default=_jsonable)
@@ -69,72 +81,183 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-_REQUIRED: dict[str, type | tuple[type, ...]] = {
-    "schema": int, "case_id": str, "case": dict, "backend": dict, "target": dict, "check": str,
-    "status": str, "metrics": dict, "reason": str,
-}
-_OPTIONAL: dict[str, type | tuple[type, ...]] = {"suite": str, "seed": int, "time": str}
+# ---------------------------------------------------------------------------------- schema
+
+
+@functools.lru_cache(maxsize=1)
+def load_schema() -> dict[str, Any]:
+    """The records JSON Schema (``harness/schema/records.schema.json``)."""
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+#: JSON Schema keywords :func:`schema_errors` enforces; annotations it ignores. The schema file
+#: must use no other keyword (tests/test_records.py checks), or the two validators could differ.
+ENFORCED_KEYWORDS = frozenset({
+    "type", "enum", "const", "required", "properties", "additionalProperties", "minimum",
+    "exclusiveMinimum", "minLength", "pattern", "$ref", "allOf", "if", "then",
+})
+ANNOTATION_KEYWORDS = frozenset({"$schema", "$id", "$defs", "title", "description", "x-remedy"})
+
+_KIND_NAMES = {"integer": "an integer", "number": "a number", "string": "a string",
+               "object": "an object", "array": "an array", "boolean": "true or false",
+               "null": "null"}
+
+
+def _is_type(value: Any, kind: str) -> bool:
+    """JSON Schema's type test (booleans are not numbers; 1.0 is an integer)."""
+    if kind == "null":
+        return value is None
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind == "integer":
+        return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if kind == "number":
+        return isinstance(value, (int, float))
+    if kind == "string":
+        return isinstance(value, str)
+    if kind == "object":
+        return isinstance(value, dict)
+    if kind == "array":
+        return isinstance(value, list)
+    raise ValueError(f"unknown JSON Schema type {kind!r}")
+
+
+def _json_type(value: Any) -> str:
+    for kind in ("null", "boolean", "integer", "number", "string", "object", "array"):
+        if _is_type(value, kind):
+            return kind
+    return type(value).__name__
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality: true is not 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    return a == b
+
+
+def _field(path: tuple[str, ...]) -> str:
+    return ".".join(path)
+
+
+def _resolve(ref: str, root: dict[str, Any]) -> dict[str, Any]:
+    if not ref.startswith("#/"):
+        raise ValueError(f"only local $ref is supported, not {ref!r}")
+    node: Any = root
+    for part in ref[2:].split("/"):
+        node = node[part]
+    return node
+
+
+def schema_errors(value: Any, schema: dict[str, Any], root: dict[str, Any] | None = None,
+                  path: tuple[str, ...] = ()) -> Iterator[str]:
+    """One-line messages for every way ``value`` breaks ``schema`` (first the most basic)."""
+    root = schema if root is None else root
+    if "$ref" in schema:
+        yield from schema_errors(value, _resolve(schema["$ref"], root), root, path)
+    name = _field(path)
+    if "type" in schema:
+        kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(_is_type(value, k) for k in kinds):
+            if not path:
+                yield "a record must be a JSON object"
+            else:
+                wanted = " or ".join(_KIND_NAMES[k] for k in kinds)
+                yield f"field {name!r} must be {wanted}, got {_json_type(value)}"
+            return
+    if "const" in schema and not _same(value, schema["const"]):
+        remedy = f": {schema['x-remedy']}" if "x-remedy" in schema else ""
+        yield f"field {name!r} is {value!r}, not {schema['const']!r}{remedy}"
+    if "enum" in schema and not any(_same(value, v) for v in schema["enum"]):
+        yield f"field {name!r} is {value!r}, not one of {', '.join(map(str, schema['enum']))}"
+    if isinstance(value, str):
+        if len(value) < schema.get("minLength", 0):
+            yield f"field {name!r} must not be empty"
+        if "pattern" in schema and not re.search(schema["pattern"], value):
+            yield f"field {name!r} is {value!r}, which does not match {schema['pattern']}"
+    if _is_type(value, "number"):
+        if "minimum" in schema and not value >= schema["minimum"]:
+            yield f"field {name!r} is {value!r}, must be >= {schema['minimum']}"
+        if "exclusiveMinimum" in schema and not value > schema["exclusiveMinimum"]:
+            yield f"field {name!r} is {value!r}, must be > {schema['exclusiveMinimum']}"
+    if isinstance(value, dict):
+        yield from _object_errors(value, schema, root, path)
+    for sub in schema.get("allOf", ()):
+        yield from schema_errors(value, sub, root, path)
+    if "if" in schema and not any(True for _ in schema_errors(value, schema["if"], root, path)):
+        yield from schema_errors(value, schema.get("then", {}), root, path)
+
+
+def _object_errors(value: dict, schema: dict, root: dict, path: tuple[str, ...]) -> Iterator[str]:
+    for key in schema.get("required", ()):
+        if key not in value:
+            if path:
+                yield f"field {_field(path)!r} has no {key!r}"
+            else:
+                yield f"missing field {key!r} (is this an attn-harness results.jsonl?)"
+    properties = schema.get("properties", {})
+    for key, sub in properties.items():
+        if key in value:
+            yield from schema_errors(value[key], sub, root, (*path, key))
+    if schema.get("additionalProperties", True) is False:
+        for key in value:
+            if key not in properties:
+                yield f"unknown field {_field((*path, key))!r}"
 
 
 def record_from_dict(data: Any, where: str) -> Record:
-    """Validate one parsed line; RecordsError names ``where`` (file:line) and the field."""
-    if not isinstance(data, dict):
-        raise RecordsError(f"{where}: a record must be a JSON object")
-    for key, kind in _REQUIRED.items():
-        if key not in data:
-            raise RecordsError(f"{where}: missing field {key!r} (is this an attn-harness "
-                               "results.jsonl?)")
-        if not isinstance(data[key], kind) or isinstance(data[key], bool):
-            raise RecordsError(f"{where}: field {key!r} must be {_kind_name(kind)}, "
-                               f"got {type(data[key]).__name__}")
-    for key, kind in _OPTIONAL.items():
-        if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
-            raise RecordsError(f"{where}: field {key!r} must be {_kind_name(kind)}")
-    if data["schema"] != SCHEMA_VERSION:
-        raise RecordsError(f"{where}: schema version {data['schema']} is not {SCHEMA_VERSION}; "
-                           "re-run with this harness version or use a matching one")
-    if data["status"] not in STATUSES:
-        raise RecordsError(f"{where}: field 'status' is {data['status']!r}, not one of "
-                           f"{', '.join(STATUSES)}")
-    if data["check"] not in CHECKS:
-        raise RecordsError(f"{where}: field 'check' is {data['check']!r}, not one of "
-                           f"{', '.join(CHECKS)}")
-    if "name" not in data["backend"]:
-        raise RecordsError(f"{where}: field 'backend' has no 'name'")
-    if "target_id" not in data["target"]:
-        raise RecordsError(f"{where}: field 'target' has no 'target_id'")
-    unknown = set(data) - set(_REQUIRED) - set(_OPTIONAL)
-    if unknown:
-        raise RecordsError(f"{where}: unknown field {sorted(unknown)[0]!r}")
-    return Record(**data)
+    """Validate one parsed line against the schema; RecordsError names ``where`` and the field."""
+    for problem in schema_errors(data, load_schema()):
+        raise RecordsError(f"{where}: {problem}")
+    known = set(Record.__dataclass_fields__)
+    return Record(**{k: v for k, v in data.items() if k in known})
 
 
-def _kind_name(kind) -> str:
-    names = {int: "an integer", str: "a string", dict: "an object"}
-    return names.get(kind, str(kind))
+def check_case(record: Record, where: str) -> None:
+    """The case must be a valid :class:`harness.case.Case` (rules beyond the schema's reach)."""
+    from harness.case import case_from_dict
+
+    try:
+        case_from_dict(record.case)
+    except HarnessError as exc:
+        raise RecordsError(f"{where}: field 'case': {exc}") from None
 
 
 def read_records(path: str | Path) -> list[Record]:
-    """Every record of a results file, validated."""
+    """Every record of a results file, validated (schema, then the case)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RecordsError(f"{path}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise RecordsError(f"{path}: not UTF-8 text; is this an attn-harness results.jsonl?") \
+            from None
     out = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{path}:{number}"
         try:
-            data = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise RecordsError(f"{path}:{number}: not JSON ({exc.msg}); each line must be one "
-                               "record") from None
-        out.append(record_from_dict(data, f"{path}:{number}"))
+            data = json.loads(line, parse_constant=_reject_constant)
+        except (json.JSONDecodeError, ValueError) as exc:
+            msg = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+            raise RecordsError(f"{where}: not JSON ({msg}); each line must be one record") \
+                from None
+        record = record_from_dict(data, where)
+        check_case(record, where)
+        out.append(record)
     return out
 
 
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
 def read_many(paths: Iterable[str | Path]) -> list[Record]:
+    """The records of several files, in order."""
     out: list[Record] = []
     for p in paths:
         out.extend(read_records(p))
@@ -166,3 +289,69 @@ class RecordWriter:
 
 def iter_status(records: Iterable[Record], *statuses: str) -> Iterator[Record]:
     return (r for r in records if r.status in statuses)
+
+
+def finite_or_none(x: Any) -> float | None:
+    """A metric as a finite float, or None (missing, null or not a number)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x) if math.isfinite(x) else None
+
+
+# --------------------------------------------------------------------------------- merging
+
+#: Target fields that tell two setups of one machine apart (flash-attn's CK and Triton builds on
+#: one MI300X share a target_id), with the short name a label uses.
+SETUP_FIELDS = (("flash_attn_flavor", "flash-attn"), ("flash_attn", "flash-attn"),
+                ("torch", "torch"), ("triton", "triton"), ("runtime", "runtime"),
+                ("driver", "driver"), ("sdpa_rocm_library", "sdpa"), ("device_name", "device"),
+                ("cpu_threads", "threads"), ("python", "python"), ("extra", "extra"))
+
+
+def setup_fingerprint(target: dict[str, Any]) -> tuple[str, ...]:
+    """What makes results comparable: the target id and the software it ran."""
+    return (target.get("target_id", ""),
+            *(json.dumps(target.get(f, ""), sort_keys=True) for f, _ in SETUP_FIELDS))
+
+
+def setup_labels(targets: Iterable[dict[str, Any]]) -> dict[tuple[str, ...], str]:
+    """A readable, unique label per setup: the target id, plus what differs where one target id
+    ran several setups (``rocm6.2-gfx942-mi300x (flash-attn rocm-ck)``)."""
+    by_id: dict[str, dict[tuple[str, ...], dict[str, Any]]] = {}
+    for t in targets:
+        by_id.setdefault(t.get("target_id", ""), {}).setdefault(setup_fingerprint(t), t)
+    labels: dict[tuple[str, ...], str] = {}
+    for tid, setups in by_id.items():
+        if len(setups) == 1:
+            labels[next(iter(setups))] = tid
+            continue
+        differing = [(f, name) for f, name in SETUP_FIELDS
+                     if len({json.dumps(t.get(f, ""), sort_keys=True)
+                             for t in setups.values()}) > 1]
+        seen: dict[str, int] = {}
+        for fp, t in setups.items():
+            parts = [f"{name} {_short(t.get(f))}" for f, name in differing if f != "extra"]
+            label = f"{tid} ({', '.join(parts)})" if parts else tid
+            seen[label] = seen.get(label, 0) + 1
+            labels[fp] = label if seen[label] == 1 else f"{label} #{seen[label]}"
+    return labels
+
+
+def _short(value: Any) -> str:
+    if value in ("", None, {}):
+        return "none"
+    return str(value)
+
+
+def merge_records(records: Iterable[Record]) -> tuple[list[Record], int]:
+    """Records of many files as one set: where two records are the same check of the same case
+    on the same backend and setup, the later one wins. Returns the kept records (in order of
+    first appearance) and how many were superseded."""
+    kept: dict[tuple, Record] = {}
+    superseded = 0
+    for r in records:
+        key = (setup_fingerprint(r.target), r.backend_name, r.backend_flavor, r.case_id, r.check)
+        if key in kept:
+            superseded += 1
+        kept[key] = r
+    return list(kept.values()), superseded

@@ -120,7 +120,8 @@ def _scores(qb, kb, rows, j0, off, p: Params, slopes, need_mask: bool):
     return s, t, visible
 
 
-def _blocks(p, rows_chunk: torch.Tensor, sk: int, ck: int, off: int) -> Iterator[tuple[int, int, bool]]:
+def _blocks(p, rows_chunk: torch.Tensor, sk: int, ck: int,
+            off: int) -> Iterator[tuple[int, int, bool]]:
     """Key blocks worth visiting for these query rows, and whether each needs a mask."""
     r0, r1 = int(rows_chunk[0]), int(rows_chunk[-1])
     for j0 in range(0, sk, ck):
@@ -176,7 +177,8 @@ def attention_forward(q, k, v, p: Params, slopes=None, *, rows=None, seqlen_q=No
             acc = acc * alpha[..., None] + torch.einsum("bhgij,bjhd->bhgid", e, v[:, j0:j1])
             m = m_new
         seen = l_sum > 0
-        out[:, :, :, i0:i1] = torch.where(seen[..., None], acc / l_sum.clamp_min(1e-300)[..., None], 0.0)
+        normalised = acc / l_sum.clamp_min(1e-300)[..., None]
+        out[:, :, :, i0:i1] = torch.where(seen[..., None], normalised, 0.0)
         lse[:, :, :, i0:i1] = torch.where(seen, m + torch.log(l_sum.clamp_min(1e-300)), -math.inf)
     return out.permute(0, 3, 1, 2, 4).reshape(B, n, Hq, d), lse.reshape(B, Hq, n)
 
@@ -285,40 +287,72 @@ def _baseline_rows(B: int, Hq: int, sk: int, block_elems: int) -> int:
 
 
 def baseline_forward(q, k, v, p: Params, slopes=None, *, block_elems: int = BLOCK_ELEMS):
-    """The same math as the reference in the inputs' dtype: ``(out, lse float32)``."""
-    B, sq, Hq, _ = q.shape
+    """The same math as the reference in the inputs' dtype: ``(out, lse float32)``.
+
+    Results go straight into preallocated tensors: keeping small per-chunk results alive
+    between large temporaries fragments the CPU heap and grows the process by the size of
+    the whole problem.
+    """
+    B, sq, Hq, d = q.shape
     off = k.shape[1] - sq
     rows = _row_index(sq, q.device)
     step = _baseline_rows(B, Hq, k.shape[1], block_elems)
-    outs, lses = [], []
+    out = torch.empty(B, sq, Hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, sq, dtype=torch.float32, device=q.device)
     with torch.no_grad():
         for i0 in range(0, sq, step):
-            o, lse = _baseline_chunk(q[:, i0:i0 + step], k, v, rows[i0:i0 + step], off, p, slopes)
-            outs.append(o)
-            lses.append(lse)
-    return torch.cat(outs, 1), torch.cat(lses, -1)
+            o, l_ = _baseline_chunk(q[:, i0:i0 + step], k, v, rows[i0:i0 + step], off, p, slopes)
+            out[:, i0:i0 + step] = o
+            lse[:, :, i0:i0 + step] = l_
+            del o, l_
+    return out, lse
+
+
+def baseline_rows(q, k, v, rows: torch.Tensor, p: Params, slopes=None, *,
+                  block_elems: int = BLOCK_ELEMS):
+    """The baseline of the query rows ``rows`` only: ``(out (B, len(rows), Hq, d), lse)``."""
+    B, sq, Hq, d = q.shape
+    off = k.shape[1] - sq
+    step = _baseline_rows(B, Hq, k.shape[1], block_elems)
+    out = torch.empty(B, len(rows), Hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, len(rows), dtype=torch.float32, device=q.device)
+    with torch.no_grad():
+        for i0 in range(0, len(rows), step):
+            chosen = rows[i0:i0 + step]
+            o, l_ = _baseline_chunk(q[:, chosen], k, v, chosen, off, p, slopes)
+            out[:, i0:i0 + step] = o
+            lse[:, :, i0:i0 + step] = l_
+    return out, lse
 
 
 def baseline_backward(q, k, v, dout, p: Params, slopes=None, *, block_elems: int = BLOCK_ELEMS):
-    """Gradients of the baseline by autograd, one query chunk at a time (float32 sums)."""
+    """Gradients of the baseline by autograd, one query chunk at a time; the chunks' dk and dv
+    are summed in float32 (one plain backward over all rows would accumulate them in one
+    matmul)."""
     B, sq, Hq, _ = q.shape
     off = k.shape[1] - sq
     rows = _row_index(sq, q.device)
     step = _baseline_rows(B, Hq, k.shape[1], block_elems // 4)
     kk = k.detach().requires_grad_(True)
     vv = v.detach().requires_grad_(True)
-    dq_parts = []
+    group = Hq // k.shape[2]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     for i0 in range(0, sq, step):
         qc = q[:, i0:i0 + step].detach().requires_grad_(True)
         with torch.enable_grad():
-            o, _ = _baseline_chunk(qc, kk, vv, rows[i0:i0 + step], off, p, slopes)
+            # As flash-attn's tests do: kv heads repeated for the query heads, so the gradient
+            # sum over each group happens in the low dtype too.
+            ke = kk.repeat_interleave(group, dim=2) if group > 1 else kk
+            ve = vv.repeat_interleave(group, dim=2) if group > 1 else vv
+            o, _ = _baseline_chunk(qc, ke, ve, rows[i0:i0 + step], off, p, slopes)
             gq, gk, gv = torch.autograd.grad(o, (qc, kk, vv), dout[:, i0:i0 + step])
-        dq_parts.append(gq)
+        dq[:, i0:i0 + step] = gq
         dk += gk.float()
         dv += gv.float()
-    return torch.cat(dq_parts, 1), dk.to(k.dtype), dv.to(v.dtype)
+        del o, gq, gk, gv
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 # --------------------------------------------------------------- whole cases (any entry point)
@@ -343,8 +377,35 @@ def _empty_result(inputs: Inputs, dtype, lse_dtype, grads: bool) -> Outputs:
     return result
 
 
+def sample_rows(inputs: Inputs, count: int, seed: int) -> list[torch.Tensor | None]:
+    """Per piece of the batch, the query rows a row-sampled verdict judges: the first and last
+    row and ``count - 2`` more drawn with ``seed``; None where the piece has ``count`` rows or
+    fewer (all are judged)."""
+    gen = torch.Generator().manual_seed(seed)
+    chosen: list[torch.Tensor | None] = []
+    for piece in inputs.sequences():
+        n = piece.n_rows
+        if n <= count:
+            chosen.append(None)
+            continue
+        picks = torch.randperm(n - 2, generator=gen)[: count - 2] + 1
+        rows = torch.cat([torch.tensor([0, n - 1]), picks]).unique(sorted=True)
+        chosen.append(rows.to(inputs.device))
+    return chosen
+
+
+def _row_mask(inputs: Inputs, rows: list[torch.Tensor | None] | None) -> torch.Tensor | None:
+    if rows is None or all(r is None for r in rows):
+        return None
+    mask = torch.zeros(inputs.q.shape[:-2], dtype=torch.bool, device=inputs.device)
+    for piece, chosen in zip(inputs.sequences(), rows, strict=True):
+        piece.mark_rows(mask, chosen)
+    return mask
+
+
 def reference(inputs: Inputs, *, dtype: torch.dtype | None = None, params: Params | None = None,
               alibi: bool | None = None, grads: bool = False,
+              rows: list[torch.Tensor | None] | None = None,
               block_elems: int = BLOCK_ELEMS) -> Outputs:
     """The exact result of a case, in the layout of its entry point.
 
@@ -354,6 +415,8 @@ def reference(inputs: Inputs, *, dtype: torch.dtype | None = None, params: Param
         params: override the case's scale/window/softcap (feature-effect checks use this).
         alibi: override whether ALiBi applies.
         grads: also compute dq, dk, dv for ``inputs.dout``.
+        rows: per piece, the query rows to compute (:func:`sample_rows`); the others stay zero
+            and ``Outputs.rows`` marks the computed ones. Forward only.
         block_elems: scores held at once (bounds memory).
 
     Rows that see no key (and sequences with no keys) have zero output, -inf lse and zero
@@ -363,13 +426,25 @@ def reference(inputs: Inputs, *, dtype: torch.dtype | None = None, params: Param
     dtype = dtype or reference_dtype(case.dtype, inputs.device)
     p = params or Params.of(case)
     use_alibi = case.alibi if alibi is None else alibi
-    slopes = inputs.alibi_slopes.to(dtype) if use_alibi and inputs.alibi_slopes is not None else None
+    slopes = None
+    if use_alibi and inputs.alibi_slopes is not None:
+        slopes = inputs.alibi_slopes.to(dtype)
+    if rows is not None and grads:
+        raise ValueError("row sampling is for the forward only")
     result = _empty_result(inputs, dtype, dtype, grads)
-    for piece in inputs.sequences():
+    result.rows = _row_mask(inputs, rows)
+    for index, piece in enumerate(inputs.sequences()):
         q, k, v = piece.q_like(inputs.q), piece.kv_like(inputs.k), piece.kv_like(inputs.v)
         if q.shape[1] == 0 or k.shape[1] == 0:
             continue
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        chosen = rows[index] if rows is not None else None
+        if chosen is not None:
+            o, lse = attention_forward(q[:, chosen], k, v, p, slopes, rows=chosen,
+                                       seqlen_q=q.shape[1], block_elems=block_elems)
+            piece.put_q_rows(result.out, chosen, o)
+            piece.put_lse_rows(result.lse, chosen, lse)
+            continue
         o, lse = attention_forward(q, k, v, p, slopes, block_elems=block_elems)
         piece.put_q(result.out, o)
         piece.put_lse(result.lse, lse)
@@ -382,15 +457,25 @@ def reference(inputs: Inputs, *, dtype: torch.dtype | None = None, params: Param
     return result
 
 
-def baseline(inputs: Inputs, *, grads: bool = False, block_elems: int = BLOCK_ELEMS) -> Outputs:
-    """The same-precision baseline of a case (see the module docstring); lse in float32."""
+def baseline(inputs: Inputs, *, grads: bool = False,
+             rows: list[torch.Tensor | None] | None = None,
+             block_elems: int = BLOCK_ELEMS) -> Outputs:
+    """The same-precision baseline of a case (see the module docstring); lse in float32.
+    ``rows`` samples query rows as in :func:`reference`."""
     case = inputs.case
     p = Params.of(case)
     slopes = inputs.alibi_slopes if case.alibi else None
     result = _empty_result(inputs, inputs.q.dtype, torch.float32, grads)
-    for piece in inputs.sequences():
+    result.rows = _row_mask(inputs, rows)
+    for index, piece in enumerate(inputs.sequences()):
         q, k, v = piece.q_like(inputs.q), piece.kv_like(inputs.k), piece.kv_like(inputs.v)
         if q.shape[1] == 0 or k.shape[1] == 0:
+            continue
+        chosen = rows[index] if rows is not None else None
+        if chosen is not None:
+            o, lse = baseline_rows(q, k, v, chosen, p, slopes, block_elems=block_elems)
+            piece.put_q_rows(result.out, chosen, o)
+            piece.put_lse_rows(result.lse, chosen, lse)
             continue
         o, lse = baseline_forward(q, k, v, p, slopes, block_elems=block_elems)
         piece.put_q(result.out, o)
@@ -410,7 +495,9 @@ def dropout_variance(inputs: Inputs, *, dtype: torch.dtype | None = None,
     case = inputs.case
     dtype = dtype or reference_dtype(case.dtype, inputs.device)
     p = Params.of(case)
-    slopes = inputs.alibi_slopes.to(dtype) if case.alibi and inputs.alibi_slopes is not None else None
+    slopes = None
+    if case.alibi and inputs.alibi_slopes is not None:
+        slopes = inputs.alibi_slopes.to(dtype)
     var = torch.zeros(inputs.q.shape, dtype=dtype, device=inputs.device)
     for piece in inputs.sequences():
         q, k, v = piece.q_like(inputs.q), piece.kv_like(inputs.k), piece.kv_like(inputs.v)

@@ -1,21 +1,50 @@
-"""Rendering records as a markdown report (GitHub tables via tabulate).
+"""Rendering records as one markdown report (GitHub tables via tabulate), across machines.
 
-Pure functions of records: the same records always render the same report, and every count in
-it is a count of records.
+Pure functions of records: the same records always render the same report, and every count in it
+is a count of records. Records from any number of files and machines are merged first
+(:func:`harness.records.merge_records`: a later record of the same check, case, backend and
+setup replaces an earlier one, and the report says how many were replaced). A *setup* is a
+machine with its software (:func:`harness.records.setup_labels`): flash-attn's CK and Triton
+builds on one MI300X are two setups of one target.
+
+Sections: machines; verdicts per setup and backend; checks; the portability matrix (case x
+setup and backend); failures with their case and replay command; coverage (features exercised,
+skips and why); throughput side by side with the AMD/NVIDIA ratio; plots; changes against a
+baseline; cases that test less than they claim.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
 from harness.case import Case, case_from_dict
-from harness.records import FAILING, STATUSES, Record
+from harness.records import (
+    FAILING,
+    STATUSES,
+    Record,
+    finite_or_none,
+    merge_records,
+    setup_fingerprint,
+    setup_labels,
+)
+
+if TYPE_CHECKING:
+    from harness.plot import PlotOutcome
 
 CHECK_ORDER = ("fwd", "bwd", "determinism", "throughput")
+#: Checks that judge numbers (the portability matrix); throughput only times.
+JUDGED = ("fwd", "bwd", "determinism")
+#: Worst first: the status a matrix cell shows when a case's checks disagree.
+SEVERITY = ("crash", "timeout", "error", "fail", "xpass", "xfail", "pass", "skip")
 
 
 def replay_command(record: Record) -> str:
@@ -31,7 +60,13 @@ def replay_command(record: Record) -> str:
 
 
 def case_of(record: Record) -> Case:
-    return case_from_dict(record.case)
+    """The record's case (parsed once per distinct case)."""
+    return _case(json.dumps(record.case, sort_keys=True))
+
+
+@lru_cache(maxsize=4096)
+def _case(canonical: str) -> Case:
+    return case_from_dict(json.loads(canonical))
 
 
 def _table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
@@ -44,58 +79,193 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
-def machines_section(records: Sequence[Record]) -> str:
-    targets: dict[str, dict] = {}
-    for r in records:
-        targets.setdefault(r.target_id, r.target)
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+# ------------------------------------------------------------------------------ the view
+
+
+@dataclass(frozen=True)
+class View:
+    """Merged records and the names the report uses for setups and backends."""
+
+    records: tuple[Record, ...]
+    superseded: int
+    labels: dict[tuple[str, ...], str]
+
+    @classmethod
+    def of(cls, records: Iterable[Record]) -> View:
+        kept, superseded = merge_records(records)
+        return cls(tuple(kept), superseded, setup_labels(r.target for r in kept))
+
+    def setup(self, r: Record) -> str:
+        return self.labels[setup_fingerprint(r.target)]
+
+    def column(self, r: Record) -> tuple[str, str]:
+        """(setup, backend) where backend carries its flavor: ``flash-attn [rocm-ck]``."""
+        return self.setup(r), backend_label(r)
+
+    def setups(self) -> list[tuple[str, dict[str, Any]]]:
+        seen: dict[str, dict[str, Any]] = {}
+        for r in self.records:
+            seen.setdefault(self.setup(r), r.target)
+        return sorted(seen.items())
+
+
+def backend_label(r: Record) -> str:
+    return f"{r.backend_name} [{r.backend_flavor}]" if r.backend_flavor else r.backend_name
+
+
+def _col(column: tuple[str, str]) -> str:
+    return f"`{column[0]}` `{column[1]}`"
+
+
+# -------------------------------------------------------------------------------- sections
+
+
+def header_section(view: View, title: str) -> str:
+    rs = view.records
+    text = (f"# {title}\n\n{len(rs)} records from {len({r.target_id for r in rs})} machine(s) "
+            f"({len(view.setups())} setup(s)), {len({r.backend_name for r in rs})} backend(s), "
+            f"{len({r.case_id for r in rs})} case(s).")
+    if view.superseded:
+        text += (f" {view.superseded} earlier record(s) of the same check, case, backend and "
+                 "setup were replaced by later ones and are not counted.")
+    synthetic = [label for label, t in view.setups() if _synthetic(t)]
+    if synthetic:
+        text += ("\n\n**Synthetic data**: the results of "
+                 + ", ".join(f"`{s}`" for s in synthetic)
+                 + " are made-up fixtures, not measurements.")
+    return text
+
+
+def _synthetic(target: dict[str, Any]) -> bool:
+    extra = target.get("extra") or {}
+    return str(extra.get("synthetic", "")).lower() in ("true", "1", "yes")
+
+
+def machines_section(view: View) -> str:
     rows = []
-    for tid, t in sorted(targets.items()):
+    for label, t in view.setups():
         flash = t.get("flash_attn") and f"{t.get('flash_attn')} ({t.get('flash_attn_flavor')})"
-        rows.append([f"`{tid}`", t.get("device_name", ""), t.get("arch", ""), t.get("runtime", ""),
-                     t.get("driver", "") or "–", t.get("torch", ""), t.get("triton", "") or "–",
-                     flash or "–", _fmt(t.get("peak_tflops"), 4),
-                     f"{t.get('harness', '')} {t.get('git_revision', '')}".strip()])
-    return "## Machines\n\n" + _table(rows, ["target", "device", "arch", "runtime", "driver",
+        note = "SYNTHETIC" if _synthetic(t) else ""
+        rows.append([f"`{label}`", t.get("device_name", ""), t.get("arch", ""),
+                     t.get("runtime", ""), t.get("driver", "") or "–", t.get("torch", ""),
+                     t.get("triton", "") or "–", flash or "–", _fmt(t.get("peak_tflops"), 4),
+                     f"{t.get('harness', '')} {t.get('git_revision', '')}".strip(), note])
+    return "## Machines\n\n" + _table(rows, ["setup", "device", "arch", "runtime", "driver",
                                               "torch", "triton", "flash-attn", "peak TFLOP/s",
-                                              "harness"])
+                                              "harness", "note"])
 
 
-def summary_section(records: Sequence[Record]) -> str:
+def summary_section(view: View) -> str:
     groups: dict[tuple[str, str], Counter] = defaultdict(Counter)
-    for r in records:
-        groups[(r.target_id, r.backend_name)][r.status] += 1
+    for r in view.records:
+        groups[view.column(r)][r.status] += 1
     used = [s for s in STATUSES if any(c[s] for c in groups.values())]
     rows = []
-    for (tid, backend), counts in sorted(groups.items()):
+    for column, counts in sorted(groups.items()):
         verdict = "FAIL" if any(counts[s] for s in FAILING) else "ok"
-        rows.append([f"`{tid}`", f"`{backend}`", verdict, *[counts[s] or "" for s in used],
-                     sum(counts.values())])
-    total = Counter(r.status for r in records)
+        rows.append([f"`{column[0]}`", f"`{column[1]}`", verdict,
+                     *[counts[s] or "" for s in used], sum(counts.values())])
+    total = Counter(r.status for r in view.records)
     rows.append(["**all**", "", "", *[f"**{total[s]}**" if total[s] else "" for s in used],
-                 f"**{len(records)}**"])
-    return "## Verdicts\n\n" + _table(rows, ["target", "backend", "verdict", *used, "records"])
+                 f"**{len(view.records)}**"])
+    return "## Verdicts\n\n" + _table(rows, ["setup", "backend", "verdict", *used, "records"])
 
 
-def checks_section(records: Sequence[Record]) -> str:
-    """Per backend and check: statuses and the worst error ratio to the baseline."""
+def checks_section(view: View) -> str:
+    """Per setup, backend and check: statuses and the worst error ratio to the baseline."""
     groups: dict[tuple[str, str, str], list[Record]] = defaultdict(list)
-    for r in records:
-        groups[(r.target_id, r.backend_name, r.check)].append(r)
+    for r in view.records:
+        groups[(*view.column(r), r.check)].append(r)
     rows = []
-    for (tid, backend, check), rs in sorted(groups.items(), key=lambda kv: (
+    for (setup, backend, check), rs in sorted(groups.items(), key=lambda kv: (
             kv[0][0], kv[0][1], CHECK_ORDER.index(kv[0][2]))):
         counts = Counter(r.status for r in rs)
-        ratios = [r.metrics.get("ratio") for r in rs if r.metrics.get("ratio") is not None]
-        status = ", ".join(f"{n} {s}" for s, n in counts.most_common())
-        rows.append([f"`{tid}`", f"`{backend}`", check, status,
+        ratios = [x for x in (finite_or_none(r.metrics.get("ratio")) for r in rs) if x is not None]
+        status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(),
+                                                         key=lambda kv: (-kv[1], kv[0])))
+        rows.append([f"`{setup}`", f"`{backend}`", check, status,
                      _fmt(max(ratios)) if ratios else "–"])
     return ("## Checks\n\nThe ratio is `max|kernel - reference| / max|baseline - reference|` "
-            "(worst case); the rule allows 2 for outputs and 3 for gradients, plus a small atol.\n\n"
-            + _table(rows, ["target", "backend", "check", "records", "worst ratio"]))
+            "(worst case); the rule allows 2 for outputs and 3 for gradients, plus a small "
+            "atol.\n\n"
+            + _table(rows, ["setup", "backend", "check", "records", "worst ratio"]))
 
 
-def failures_section(records: Sequence[Record]) -> str:
-    failing = [r for r in records if r.status in FAILING]
+@dataclass(frozen=True)
+class Cell:
+    """One case on one setup and backend in the portability matrix."""
+
+    status: str
+    checks: tuple[str, ...]
+    ratio: float | None
+
+    def text(self) -> str:
+        if self.status == "skip":
+            return "skip"
+        ratio = f" {_fmt(self.ratio, 2)}" if self.ratio is not None else ""
+        if self.status in FAILING:
+            return f"**{self.status.upper()}** {'+'.join(self.checks)}{ratio}"
+        return f"{self.status}{ratio}"
+
+
+def matrix_cells(view: View) -> dict[str, dict[tuple[str, str], Cell]]:
+    """``{case_id: {(setup, backend): Cell}}`` over the judged checks (fwd, bwd, determinism)."""
+    grouped: dict[str, dict[tuple[str, str], list[Record]]] = defaultdict(lambda: defaultdict(list))
+    for r in view.records:
+        if r.check in JUDGED:
+            grouped[r.case_id][view.column(r)].append(r)
+    cells: dict[str, dict[tuple[str, str], Cell]] = {}
+    for case_id, columns in grouped.items():
+        for column, rs in columns.items():
+            worst = min((r.status for r in rs), key=SEVERITY.index)
+            failing = tuple(r.check for r in rs if r.status == worst) if worst in FAILING else ()
+            ratios = [x for x in (finite_or_none(r.metrics.get("ratio")) for r in rs
+                                  if r.status != "skip") if x is not None]
+            cells.setdefault(case_id, {})[column] = Cell(worst, failing,
+                                                         max(ratios) if ratios else None)
+    return cells
+
+
+def matrix_section(view: View) -> str:
+    cells = matrix_cells(view)
+    if not cells:
+        return "## Portability matrix\n\nNo parity check (fwd, bwd, determinism) was recorded."
+    columns = sorted({c for per_case in cells.values() for c in per_case})
+    first = {}
+    for r in view.records:
+        first.setdefault(r.case_id, r)
+    order = sorted(cells, key=lambda cid: (first[cid].suite, natural_key(case_of(first[cid]).label),
+                                           cid))
+    rows = []
+    for cid in order:
+        case = case_of(first[cid])
+        name = f" *{_cell(case.name)}*" if case.name else ""
+        rows.append([f"`{cid}` {_cell(case.label)}{name}",
+                     *[cells[cid][c].text() if c in cells[cid] else "–" for c in columns]])
+    totals = []
+    for c in columns:
+        counts = Counter(cells[cid][c].status for cid in cells if c in cells[cid])
+        totals.append(", ".join(f"{n} {s}" for s, n in sorted(counts.items(),
+                                                             key=lambda kv: SEVERITY.index(kv[0]))))
+    rows.append(["**cases**", *[f"**{t}**" for t in totals]])
+    only_timed = len({r.case_id for r in view.records} - set(cells))
+    note = (f" {only_timed} case(s) were only timed (throughput) and are not in the matrix."
+            if only_timed else "")
+    return ("## Portability matrix\n\nOne row per case, one column per setup and backend. A cell "
+            "is the worst status of the case's parity checks there (fwd, bwd, determinism; skips "
+            "count only when everything was skipped), the failing checks when it failed, and the "
+            "worst error ratio `err / baseline_err` over fwd and bwd (the rule allows 2 and 3). "
+            f"`–`: not run there.{note}\n\n"
+            + _table(rows, ["case", *[_col(c) for c in columns]]))
+
+
+def failures_section(view: View) -> str:
+    failing = [r for r in view.records if r.status in FAILING]
     if not failing:
         return "## Failures\n\nNone."
     parts = [f"## Failures\n\n{len(failing)} record(s) failed, crashed, timed out or passed "
@@ -103,7 +273,7 @@ def failures_section(records: Sequence[Record]) -> str:
     for i, r in enumerate(failing, 1):
         case = case_of(r)
         parts.append(
-            f"### {i}. `{r.backend_name}` {r.check} {r.status.upper()} on `{r.target_id}`: "
+            f"### {i}. `{backend_label(r)}` {r.check} {r.status.upper()} on `{view.setup(r)}`: "
             f"{case.label}\n\n"
             f"{r.reason or 'no reason recorded'}\n\n"
             f"```toml\n# case_id {r.case_id}, suite {r.suite or '–'}, seed {r.seed}\n"
@@ -112,45 +282,173 @@ def failures_section(records: Sequence[Record]) -> str:
     return "\n\n".join(parts)
 
 
-def throughput_section(records: Sequence[Record]) -> str:
+def coverage_rows(view: View) -> dict[str, dict[tuple[str, str], tuple[int, int]]]:
+    """``{dimension: {(setup, backend): (cases exercised, cases)}}``: a case is exercised when
+    at least one of its checks there was not skipped."""
+    ran: dict[tuple[str, str], dict[str, bool]] = defaultdict(dict)
+    for r in view.records:
+        column = view.column(r)
+        ran[column][r.case_id] = ran[column].get(r.case_id, False) or r.status != "skip"
+    first = {}
+    for r in view.records:
+        first.setdefault(r.case_id, r)
+    out: dict[str, dict[tuple[str, str], tuple[int, int]]] = defaultdict(dict)
+    for column, cases in ran.items():
+        counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for cid, exercised in cases.items():
+            for dim in dimensions(case_of(first[cid])):
+                counts[dim][0] += exercised
+                counts[dim][1] += 1
+        for dim, (n_ran, n_all) in counts.items():
+            out[dim][column] = (n_ran, n_all)
+    return out
+
+
+def dimensions(case: Case) -> list[str]:
+    """What a case covers: its features, entry point and dtype."""
+    return [*(f"feature: {f}" for f in sorted(case.features)), f"entry: {case.entry}",
+            f"dtype: {case.dtype}"]
+
+
+def coverage_section(view: View) -> str:
+    rows_by_dim = coverage_rows(view)
+    columns = sorted({c for per_dim in rows_by_dim.values() for c in per_dim})
+    order = sorted(rows_by_dim, key=lambda d: (not d.startswith("feature"), d))
+    rows = [[dim, *[("{}/{}".format(*rows_by_dim[dim][c]) if c in rows_by_dim[dim] else "–")
+                    for c in columns]] for dim in order]
+    text = ("## Coverage\n\nCases exercised / cases with the feature, per setup and backend (a "
+            "case is exercised when at least one of its checks ran there).\n\n"
+            + _table(rows, ["covers", *[_col(c) for c in columns]]))
+    reasons: Counter = Counter()
+    for r in view.records:
+        if r.status == "skip":
+            reasons[(view.setup(r), backend_label(r), r.reason)] += 1
+    if not reasons:
+        return text + "\n\nNothing was skipped."
+    rows = [[f"`{s}`", f"`{b}`", n, _cell(reason)]
+            for (s, b, reason), n in sorted(reasons.items(), key=lambda kv: (kv[0][0], kv[0][1],
+                                                                             -kv[1], kv[0][2]))]
+    return (text + "\n\n### Skipped, and why\n\nEvery skip carries its reason; counts are "
+            "records.\n\n" + _table(rows, ["setup", "backend", "records", "reason"]))
+
+
+def _rate(r: Record, timed: str) -> float | None:
+    metrics = r.metrics if timed == "fwd" else (r.metrics.get(timed) or {})
+    return finite_or_none(metrics.get("tflops"))
+
+
+def throughput_section(view: View) -> str:
+    timed = [r for r in view.records if r.check == "throughput" and r.status == "pass"]
+    if not timed:
+        return "## Throughput\n\nNo throughput was measured."
+    setups = sorted({view.setup(r) for r in timed})
+    vendor = {label: t.get("vendor", "") for label, t in view.setups()}
+    table: dict[tuple[str, str], dict[str, Record]] = defaultdict(dict)
+    for r in timed:
+        table[(r.case_id, r.backend_name)][view.setup(r)] = r
     rows = []
-    for r in records:
-        if r.check != "throughput" or r.status != "pass":
-            continue
+    for (_, backend), by_setup in sorted(table.items(), key=lambda kv: (
+            kv[0][1], _shape_key(next(iter(kv[1].values()))))):
+        case = case_of(next(iter(by_setup.values())))
+        cells = []
+        for s in setups:
+            r = by_setup.get(s)
+            if r is None:
+                cells.append("–")
+            else:
+                bwd = _rate(r, "bwd")
+                cells.append(_fmt(_rate(r, "fwd")) + (f" / {_fmt(bwd)}" if bwd else ""))
+        rows.append([_cell(case.label), f"`{backend}`", *cells, vendor_ratio(by_setup, vendor)])
+    text = ("## Throughput\n\nTFLOP/s, forward / backward, at the median of repeated timed calls "
+            "(device events and a 256 MB L2 flush per call on GPUs, `perf_counter` on CPUs). FLOPs "
+            "as in flash-attn's benchmark: 4·batch·heads·head_dim·(visible query-key pairs), "
+            "backward 2.5x. The last column divides AMD by NVIDIA where both timed the same case "
+            "on the same backend.\n\n"
+            + _table(rows, ["case", "backend", *[f"`{s}`" for s in setups], "AMD/NVIDIA"]))
+    return text + "\n\n" + throughput_details(view, timed)
+
+
+def vendor_ratio(by_setup: dict[str, Record], vendor: dict[str, str]) -> str:
+    """``AMD / NVIDIA`` forward (and backward) TFLOP/s for every AMD and NVIDIA setup pair,
+    each tagged, when there are several, with its backend flavor (or its setup)."""
+    amd = sorted(s for s in by_setup if vendor.get(s) == "amd")
+    nvidia = sorted(s for s in by_setup if vendor.get(s) == "nvidia")
+    parts = []
+    for a in amd:
+        for n in nvidia:
+            fwd = _ratio(_rate(by_setup[a], "fwd"), _rate(by_setup[n], "fwd"))
+            bwd = _ratio(_rate(by_setup[a], "bwd"), _rate(by_setup[n], "bwd"))
+            text = f"{fwd:.2f}" if fwd is not None else "–"
+            if bwd is not None:
+                text += f" / {bwd:.2f}"
+            tags = [_tag(a, amd, by_setup)] if len(amd) > 1 else []
+            tags += [_tag(n, nvidia, by_setup)] if len(nvidia) > 1 else []
+            parts.append(" ".join([text, *tags]))
+    return "; ".join(parts) or "–"
+
+
+def _tag(setup: str, group: list[str], by_setup: dict[str, Record]) -> str:
+    flavors = [by_setup[s].backend_flavor for s in group]
+    flavor = by_setup[setup].backend_flavor
+    if flavor and flavors.count(flavor) == 1:
+        return flavor
+    match = re.search(r"\(([^()]*)\)$", setup)  # what setup_labels added to tell setups apart
+    return f"({match.group(1)})" if match else setup
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key that orders numbers by value: ``b2 q113`` before ``b16 q1024``."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text))
+
+
+def _shape_key(r: Record) -> tuple:
+    """Rows of one shape together, by sequence length: the label without batch and lengths."""
+    label = case_of(r).label
+    shape = " ".join(p for p in label.split(" ") if not re.fullmatch(r"[bqk]\d+", p))
+    return (shape, r.case.get("seqlen_k", 0), r.case.get("seqlen_q", 0), natural_key(label))
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def throughput_details(view: View, timed: Sequence[Record]) -> str:
+    rows = []
+    for r in sorted(timed, key=lambda r: (view.setup(r), r.backend_name, _shape_key(r))):
         m = r.metrics
         bwd = m.get("bwd") or {}
-        rows.append([f"`{r.target_id}`", f"`{r.backend_name}`", case_of(r).label,
-                     _fmt(m.get("time_ms")), _fmt(m.get("timing_iqr_ms"), 2), _fmt(m.get("tflops")),
-                     _fmt(m.get("pct_peak"), 3), _fmt(bwd.get("time_ms")), _fmt(bwd.get("tflops"))])
-    if not rows:
-        return "## Throughput\n\nNo throughput was measured."
-    return ("## Throughput\n\nMedian of repeated timed calls after a warm-up (device events and an "
-            "L2 flush on GPUs, `perf_counter` on CPUs); IQR is the interquartile range. FLOPs as in "
-            "flash-attn's benchmark: 4·batch·heads·head_dim·(visible query-key pairs), "
-            "backward 2.5x.\n\n"
-            + _table(rows, ["target", "backend", "case", "fwd ms", "IQR ms", "fwd TFLOP/s",
-                            "% peak", "bwd ms", "bwd TFLOP/s"]))
+        both = m.get("fwd_bwd") or {}
+        rows.append([f"`{view.setup(r)}`", f"`{backend_label(r)}`", _cell(case_of(r).label),
+                     _fmt(m.get("time_ms")), _fmt(m.get("timing_iqr_ms"), 2),
+                     m.get("timing_reps", "–"), _fmt(m.get("tflops")), _fmt(m.get("pct_peak")),
+                     _fmt(bwd.get("time_ms")), _fmt(bwd.get("tflops")),
+                     _fmt(both.get("time_ms")), _fmt(both.get("tflops")),
+                     _cell(str(m.get("timing_method", "")) + (
+                         f" ({m['timing_note']})" if m.get("timing_note") else ""))])
+    return ("<details><summary>Every timing: medians, spread, repetitions</summary>\n\n"
+            + _table(rows, ["setup", "backend", "case", "fwd ms", "IQR ms", "reps", "fwd TFLOP/s",
+                            "% peak", "bwd ms", "bwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s",
+                            "method"])
+            + "\n\n</details>")
 
 
-def skips_section(records: Sequence[Record]) -> str:
-    reasons: Counter = Counter()
-    for r in records:
-        if r.status == "skip":
-            reasons[(r.backend_name, r.reason)] += 1
-    if not reasons:
-        return "## Skipped\n\nNothing was skipped."
-    rows = [[f"`{b}`", n, reason] for (b, reason), n in sorted(reasons.items(),
-                                                               key=lambda kv: (kv[0][0], -kv[1]))]
-    return "## Skipped\n\nEvery skip carries its reason.\n\n" + _table(rows, ["backend", "records",
-                                                                             "reason"])
+def plots_section(plots: PlotOutcome | None) -> str:
+    if plots is None:
+        return ""
+    if not plots.files:
+        return f"## Plots\n\nNo plot: {plots.skipped}."
+    images = "\n\n".join(f"![TFLOP/s against sequence length: {title}]({name})"
+                         for title, name in plots.files)
+    return ("## Plots\n\nTFLOP/s against sequence length, one plot per shape; solid lines are the "
+            "forward, dashed the backward; bands span the interquartile range.\n\n" + images)
 
 
-def inert_section(records: Sequence[Record]) -> str:
+def inert_section(view: View) -> str:
     rows = []
-    for r in records:
+    for r in view.records:
         inert = r.metrics.get("inert_features") if r.check == "fwd" else None
         if inert:
-            rows.append([r.case_id, case_of(r).label, ", ".join(inert)])
+            rows.append([r.case_id, _cell(case_of(r).label), ", ".join(inert)])
     if not rows:
         return ""
     unique = [list(x) for x in dict.fromkeys(tuple(row) for row in rows)]
@@ -160,23 +458,37 @@ def inert_section(records: Sequence[Record]) -> str:
 
 
 def render(records: Iterable[Record], *, title: str = "attn-harness report",
+           baseline: Iterable[Record] | None = None, plots: PlotOutcome | None = None,
            extra_sections: Sequence[str] = ()) -> str:
-    """The whole report as markdown."""
-    records = list(records)
-    if not records:
+    """The whole report as markdown.
+
+    Args:
+        records: the records of any number of result files, from any number of machines.
+        title: the report's heading.
+        baseline: records to compare against (a "Changes against the baseline" section).
+        plots: what :func:`harness.plot.write_plots` wrote next to the report, if it ran.
+        extra_sections: markdown appended after the plots.
+    """
+    view = View.of(records)
+    if not view.records:
         return f"# {title}\n\nNo records.\n"
+    changes = ""
+    if baseline is not None:
+        from harness.compare import compare, render_markdown
+
+        changes = render_markdown(compare(view.records, list(baseline)), level=2)
     sections = [
-        f"# {title}",
-        f"{len(records)} records from {len({r.target_id for r in records})} machine(s), "
-        f"{len({r.backend_name for r in records})} backend(s), {len({r.case_id for r in records})} "
-        f"case(s).",
-        machines_section(records),
-        summary_section(records),
-        checks_section(records),
-        failures_section(records),
-        throughput_section(records),
+        header_section(view, title),
+        machines_section(view),
+        summary_section(view),
+        matrix_section(view),
+        failures_section(view),
+        changes,
+        coverage_section(view),
+        checks_section(view),
+        throughput_section(view),
+        plots_section(plots),
         *extra_sections,
-        inert_section(records),
-        skips_section(records),
+        inert_section(view),
     ]
     return "\n\n".join(s for s in sections if s) + "\n"

@@ -11,6 +11,7 @@ by one, so an interrupted run loses nothing and ``--resume`` picks up where it s
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -36,6 +37,12 @@ class Task:
     seed: int = 0
     audit: bool = False
     profile: str = "quick"
+    #: Work limit per pass in GFLOP; None = the machine's default (see dispatch.work_limit_gflop).
+    max_gflop: float | None = None
+    #: Time CUDA/HIP graph replays in the throughput check (see Profile.graph_replay).
+    graph_replay: bool = False
+    #: Where the forward check leaves sampled output rows for the jury ("" = nowhere).
+    jury_dir: str = ""
 
 
 @dataclass
@@ -98,7 +105,8 @@ def resolve(specs: Iterable[str], backends: dict[str, Any]) -> dict[str, dict[st
             out[spec] = {"error": str(exc)}
             continue
         backends[spec] = backend
-        out[spec] = {"describe": backend.describe(), "availability": backend.availability()}
+        out[spec] = {"describe": backend.describe(), "availability": backend.availability(),
+                     "capabilities": backend.capabilities}
     return out
 
 
@@ -114,10 +122,17 @@ def execute(task: Task, target, backends: dict[str, Any]):
     if backend is None:
         backend = backends[task.backend] = load_backend(task.backend)
     yield ("backend", backend.describe())
-    the_plan = plan(task.case, backend, target, task.checks, audit=task.audit)
+    the_plan = plan(task.case, backend, target, task.checks, audit=task.audit,
+                    max_gflop=task.max_gflop)
     known = match(task.case, backend.describe(), target)
     order = [c for c in CHECK_ORDER if c in task.checks]
-    verdicts = run_plan(the_plan, backend, target, seed=task.seed, profile=get_profile(task.profile))
+    profile = get_profile(task.profile)
+    if task.graph_replay:
+        from dataclasses import replace
+
+        profile = replace(profile, graph_replay=True)
+    verdicts = run_plan(the_plan, backend, target, seed=task.seed, profile=profile,
+                        jury_dir=task.jury_dir)
     for check in order:
         yield ("begin", check)
         verdict = next(verdicts)
@@ -168,6 +183,7 @@ class Worker:
     """A worker process and its pipe."""
 
     def __init__(self, device_index: int | None = None, env: dict[str, str] | None = None) -> None:
+        self.device_index, self.env = device_index, env
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_worker_main, args=(child, device_index, env or {}),
@@ -228,10 +244,8 @@ class Worker:
         self.conn.close()
 
     def stop(self) -> None:
-        try:
+        with contextlib.suppress(OSError, BrokenPipeError):
             self.send(None)
-        except (OSError, BrokenPipeError):
-            pass
         self.process.join(10)
         if self.process.is_alive():
             self.process.kill()
@@ -279,7 +293,16 @@ def _run_one(worker: Worker, task: Task, timeout_s: float, sink, outcome: Outcom
             pending.remove(record.check)
 
     worker.backend = {"name": task.backend, "family": "", "flavor": "", "version": ""}
-    worker.send(task)
+    try:
+        worker.send(task)
+    except (BrokenPipeError, ConnectionResetError, OSError):
+        # The worker died between tasks (after its last record): nothing of this task ran yet,
+        # so a fresh worker takes it.
+        worker.kill()
+        worker = Worker(worker.device_index, worker.env)
+        outcome.target = worker.start()
+        worker.backend = {"name": task.backend, "family": "", "flavor": "", "version": ""}
+        worker.send(task)
     while True:
         try:
             message = worker.receive(timeout_s)
@@ -314,6 +337,133 @@ def _abandon(task: Task, worker: Worker, current, pending, status, reason, emit)
         emit(Record(case_id=task.case.case_id, case=task.case.to_dict(), backend=worker.backend,
                     target=worker.target, check=check, status=rec_status, reason=rec_reason,
                     suite=task.suite, seed=task.seed, time=now()))
+
+
+def run_tasks_on_devices(tasks: Iterable[Task], sink: Callable[[Record], None], *,
+                         devices: list[int], timeout_s: float,
+                         progress: Callable[[Task, list[Record]], None] | None = None,
+                         env: dict[str, str] | None = None,
+                         first_worker: Worker | None = None) -> Outcome:
+    """Run tasks on several devices at once: one worker process (and one thread feeding it) per
+    device index, all drawing from one queue. ``sink`` and ``progress`` are called under one
+    lock, so records reach the writer one at a time, in order of arrival.
+
+    ``first_worker`` (started without a device index, so on device 0) serves device 0 when
+    ``devices`` starts with 0 and is stopped otherwise. A lost worker is replaced on its device.
+    """
+    import queue
+    import threading
+
+    if not devices:
+        raise ValueError("run_tasks_on_devices needs at least one device index")
+    pending: queue.SimpleQueue[Task] = queue.SimpleQueue()
+    for task in tasks:
+        pending.put(task)
+    lock = threading.Lock()
+    outcomes = [Outcome() for _ in devices]
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def locked_sink(record: Record) -> None:
+        with lock:
+            sink(record)
+
+    def feed(slot: int, device: int, worker: Worker | None) -> None:
+        outcome = outcomes[slot]
+        try:
+            while not stop.is_set():
+                try:
+                    task = pending.get_nowait()
+                except queue.Empty:
+                    return
+                if worker is None:
+                    worker = Worker(device, env)
+                    outcome.target = worker.start()
+                records, worker = _run_one(worker, task, timeout_s, locked_sink, outcome)
+                if progress:
+                    with lock:
+                        progress(task, records)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            errors.append(exc)
+            stop.set()
+        finally:
+            if worker is not None:
+                worker.stop()
+
+    reuse = first_worker if first_worker is not None and devices[0] == 0 else None
+    if first_worker is not None and reuse is None:
+        first_worker.stop()
+    if reuse is not None:
+        outcomes[0].target = reuse.target
+    threads = [threading.Thread(target=feed, args=(slot, device, reuse if slot == 0 else None),
+                                name=f"attn-harness-device-{device}", daemon=True)
+               for slot, device in enumerate(devices)]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.5)
+    except BaseException:
+        stop.set()
+        raise
+    if errors:
+        raise errors[0]
+    merged = Outcome(target=next((o.target for o in outcomes if o.target), {}))
+    for outcome in outcomes:
+        for record in outcome.records:
+            merged.add(record)
+    return merged
+
+
+class ExplorationWorker:
+    """Runs one case at a time for exploration, replacing the worker when a case kills it.
+
+    ``run`` skips checks already recorded (``done`` keys of ``(backend, case_id, check)``, from a
+    resumed run) or already run in this session (hypothesis replays the minimal example), and
+    returns the case's records from this session.
+    """
+
+    def __init__(self, timeout_s: float, env: dict[str, str] | None = None) -> None:
+        self.timeout_s = timeout_s
+        self.env = env
+        self.worker: Worker | None = None
+        self.outcome = Outcome()
+        self.kept: dict[tuple[str, str, str], Record] = {}
+
+    def _ensure(self) -> Worker:
+        if self.worker is None:
+            self.worker = Worker(None, self.env)
+            self.outcome.target = self.worker.start()
+        return self.worker
+
+    def resolve(self, specs: list[str]) -> dict[str, Any]:
+        return self._ensure().resolve(specs)
+
+    def run(self, task: Task, sink: Callable[[Record], None],
+            done: set[tuple[str, str, str]] | None = None) -> list[Record]:
+        done = done or set()
+        keys = {c: (task.backend, task.case.case_id, c) for c in task.checks}
+        remaining = tuple(c for c in task.checks
+                          if keys[c] not in done and keys[c] not in self.kept)
+        old = [self.kept[keys[c]] for c in task.checks if keys[c] in self.kept]
+        if not remaining:
+            return old
+        from dataclasses import replace
+
+        records, self.worker = _run_one(self._ensure(), replace(task, checks=remaining),
+                                        self.timeout_s, sink, self.outcome)
+        for record in records:
+            self.kept[(task.backend, record.case_id, record.check)] = record
+        return old + records
+
+    def __enter__(self) -> ExplorationWorker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
 
 
 def run_in_process(tasks: Iterable[Task], sink: Callable[[Record], None]) -> Outcome:

@@ -185,11 +185,11 @@ def _expand_grid(defaults: Mapping[str, Any], table: Mapping[str, Any], label: s
     out = []
     for combo in itertools.product(*(values for _, values in axes)):
         fields = dict(defaults)
-        for (names, _), chosen in zip(axes, combo):
+        for (names, _), chosen in zip(axes, combo, strict=True):
             if len(names) == 1:
                 fields[names[0]] = chosen
             else:
-                fields.update(zip(names, chosen))
+                fields.update(zip(names, chosen, strict=True))
         out.append(_build(fields, f"{label} ({_describe(fields)})"))
     return out
 

@@ -23,32 +23,56 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class Peak:
-    """Dense fp16/bf16 tensor throughput of one device, with where the number comes from."""
+    """Dense fp16/bf16 tensor throughput of one device, with where the number comes from.
 
-    tflops: float
+    ``tflops`` is None for a device that is recognised but has no public dense figure we trust
+    (so it is not mistaken for a sibling with a different clock or die).
+    """
+
+    tflops: float | None
     source: str
 
 
-#: Dense (no sparsity) fp16/bf16 peak per device, matched against the lower-cased device name in
-#: order (first match wins, so specific names come first). AMD multi-die packages (MI250X,
-#: MI250) appear to torch as one device per GCD, so the per-GCD half of the package figure is used.
+#: Dense (no sparsity) fp16/bf16 tensor-core peak per device, with fp32 accumulation where the
+#: vendor distinguishes (attention kernels accumulate in fp32). Matched against the lower-cased
+#: device name as whole words, in order (first match wins, so specific names come first:
+#: ``h100 nvl`` before ``h100``). NVIDIA datasheets quote 2:4-sparse figures with an asterisk;
+#: the dense figure is half of it. AMD multi-die packages (MI250X, MI250) appear to torch as one
+#: device per GCD, so the per-GCD half of the package figure is used.
 PEAKS: tuple[tuple[str, Peak], ...] = (
-    ("h100 pcie", Peak(756.0, "NVIDIA H100 datasheet (PCIe): 1,513 TFLOPS FP16 with sparsity, half dense")),
-    ("h100 nvl", Peak(835.5, "NVIDIA H100 datasheet (NVL): 1,671 TFLOPS FP16 with sparsity, half dense")),
-    ("h100", Peak(989.4, "NVIDIA H100 datasheet (SXM): 1,979 TFLOPS FP16 with sparsity, half dense")),
-    ("h200", Peak(989.4, "NVIDIA H200 datasheet (SXM): 1,979 TFLOPS FP16 with sparsity, half dense")),
-    ("h800", Peak(989.4, "NVIDIA H800 SXM: same tensor cores as H100 SXM, 989 TFLOPS dense FP16")),
+    ("h100 pcie", Peak(756.5, "NVIDIA H100 datasheet (PCIe): 1,513 TFLOPS FP16 with sparsity, "
+                              "756.5 dense")),
+    ("h100 nvl", Peak(835.5, "NVIDIA H100 NVL datasheet: 1,671 TFLOPS FP16 per GPU with sparsity, "
+                             "half dense")),
+    ("h100", Peak(989.4, "NVIDIA H100 datasheet (SXM): 1,979 TFLOPS FP16 with sparsity, half "
+                         "dense")),
+    ("h200 nvl", Peak(None, "H200 NVL runs at a lower power limit than H200 SXM; no dense figure "
+                            "recorded here")),
+    ("h200", Peak(989.4, "NVIDIA H200 datasheet (SXM): 1,979 TFLOPS FP16 with sparsity, half "
+                         "dense")),
+    ("h800", Peak(989.4, "NVIDIA H800 SXM: same tensor cores and clocks as H100 SXM, 989.4 TFLOPS "
+                         "dense FP16")),
     ("gh200", Peak(989.4, "NVIDIA GH200 datasheet: 1,979 TFLOPS FP16 with sparsity, half dense")),
-    ("a100", Peak(312.0, "NVIDIA A100 datasheet: 312 TFLOPS FP16/BF16 tensor, dense")),
+    ("a100", Peak(312.0, "NVIDIA A100 datasheet: 312 TFLOPS FP16/BF16 tensor, dense (624 with "
+                         "sparsity)")),
     ("a800", Peak(312.0, "NVIDIA A800: same tensor cores as A100, 312 TFLOPS dense")),
-    ("l40s", Peak(362.05, "NVIDIA L40S datasheet: 733 TFLOPS FP16 with sparsity, half dense")),
-    ("a10", Peak(125.0, "NVIDIA A10 datasheet: 125 TFLOPS FP16 tensor, dense")),
+    ("l40s", Peak(362.05, "NVIDIA L40S datasheet: 733 TFLOPS FP16 with sparsity, 362.05 dense")),
+    ("l40", Peak(181.05, "NVIDIA L40 datasheet: 362.1 TFLOPS FP16 with sparsity, 181.05 dense")),
+    ("a10g", Peak(None, "A10G is an AWS-specific part without a public NVIDIA datasheet figure")),
+    ("a10", Peak(125.0, "NVIDIA A10 datasheet: 250 TFLOPS FP16 with sparsity, 125 dense")),
     ("l4", Peak(121.0, "NVIDIA L4 datasheet: 242 TFLOPS FP16 with sparsity, half dense")),
+    ("t4", Peak(65.0, "NVIDIA T4 datasheet: 65 TFLOPS mixed precision (FP16/FP32)")),
+    ("rtx 4090", Peak(165.2, "NVIDIA Ada Lovelace whitepaper, RTX 4090: 165.2 TFLOPS FP16 "
+                             "tensor with FP32 accumulate, dense (330.3 with FP16 accumulate)")),
+    ("mi355x", Peak(None, "MI355X (CDNA 4): no dense FP16 figure recorded here yet")),
     ("mi325x", Peak(1307.4, "AMD Instinct MI325X datasheet: 1,307.4 TFLOPS FP16/BF16 dense")),
-    ("mi300x", Peak(1307.4, "AMD Instinct MI300X datasheet: 1,307.4 TFLOPS FP16/BF16 dense")),
+    ("mi300x", Peak(1307.4, "AMD Instinct MI300X datasheet: 1,307.4 TFLOPS FP16/BF16 dense "
+                            "(2,614.9 with sparsity)")),
     ("mi300a", Peak(980.6, "AMD Instinct MI300A datasheet: 980.6 TFLOPS FP16/BF16 dense")),
-    ("mi250x", Peak(191.5, "AMD Instinct MI250X datasheet: 383 TFLOPS FP16 per package of two GCDs")),
-    ("mi250", Peak(181.0, "AMD Instinct MI250 datasheet: 362.1 TFLOPS FP16 per package of two GCDs")),
+    ("mi250x", Peak(191.5, "AMD Instinct MI250X datasheet: 383 TFLOPS FP16 per package of two "
+                           "GCDs, 191.5 per GCD")),
+    ("mi250", Peak(181.05, "AMD Instinct MI250 datasheet: 362.1 TFLOPS FP16 per package of two "
+                           "GCDs, 181.05 per GCD")),
     ("mi210", Peak(181.0, "AMD Instinct MI210 datasheet: 181 TFLOPS FP16/BF16 dense")),
     ("7900 xtx", Peak(122.8, "AMD Radeon RX 7900 XTX specifications: 122.8 TFLOPS FP16 (WMMA)")),
     ("w7900", Peak(122.6, "AMD Radeon PRO W7900 datasheet: 122.6 TFLOPS FP16 (WMMA)")),
@@ -57,15 +81,30 @@ PEAKS: tuple[tuple[str, Peak], ...] = (
 #: Short device names for target ids, matched like PEAKS.
 SHORT_NAMES: tuple[tuple[str, str], ...] = (
     ("h100 pcie", "h100-pcie"), ("h100 nvl", "h100-nvl"), ("gh200", "gh200"), ("h100", "h100"),
-    ("h200", "h200"), ("h800", "h800"), ("a100", "a100"), ("a800", "a800"), ("l40s", "l40s"),
-    ("a10g", "a10g"), ("a10", "a10"), ("l4", "l4"), ("mi325x", "mi325x"), ("mi300x", "mi300x"),
-    ("mi300a", "mi300a"), ("mi250x", "mi250x"), ("mi250", "mi250"), ("mi210", "mi210"),
-    ("7900 xtx", "rx7900xtx"), ("w7900", "w7900"),
+    ("h200 nvl", "h200-nvl"), ("h200", "h200"), ("h800", "h800"), ("h20", "h20"), ("a100", "a100"),
+    ("a800", "a800"), ("l40s", "l40s"), ("l40", "l40"), ("a10g", "a10g"), ("a10", "a10"),
+    ("l4", "l4"), ("t4", "t4"), ("rtx 4090", "rtx4090"), ("mi355x", "mi355x"),
+    ("mi350x", "mi350x"), ("mi325x", "mi325x"), ("mi300x", "mi300x"), ("mi300a", "mi300a"),
+    ("mi250x", "mi250x"), ("mi250", "mi250"), ("mi210", "mi210"), ("7900 xtx", "rx7900xtx"),
+    ("w7900", "w7900"),
 )
 
 #: AMD architectures by the marketing name torch reports when gcnArchName is missing (old torch).
-GFX_BY_NAME = (("mi300", "gfx942"), ("mi325", "gfx942"), ("mi250", "gfx90a"), ("mi210", "gfx90a"),
-               ("7900", "gfx1100"))
+GFX_BY_NAME = (("mi355", "gfx950"), ("mi350", "gfx950"), ("mi300", "gfx942"), ("mi325", "gfx942"),
+               ("mi250", "gfx90a"), ("mi210", "gfx90a"), ("7900", "gfx1100"))
+
+
+def _lookup(table: tuple[tuple[str, Any], ...], device_name: str) -> Any:
+    """The value of the first ``needle`` found in ``device_name`` as whole words, or None.
+
+    Whole words: ``l4`` matches ``NVIDIA L4`` but not ``NVIDIA L40S``; ``a100`` matches
+    ``NVIDIA A100-SXM4-80GB``; ``h200`` does not match ``GH200``.
+    """
+    lowered = " ".join(device_name.lower().split())
+    for needle, value in table:
+        if re.search(rf"(?<![a-z0-9]){re.escape(needle)}(?![a-z0-9])", lowered):
+            return value
+    return None
 
 
 @dataclass(frozen=True)
@@ -115,7 +154,10 @@ class Target:
 
     @property
     def target_id(self) -> str:
-        """Short, readable, stable: ``rocm6.2-gfx942-mi300x``, ``cuda12.4-sm90-h100``, ``cpu-x86_64``."""
+        """Short, readable, stable.
+
+        For example ``rocm6.2-gfx942-mi300x``, ``cuda12.4-sm90-h100``, ``cpu-x86_64``.
+        """
         if self.vendor == "cpu":
             return "cpu-" + (re.sub(r"[^a-z0-9_]+", "-", self.arch.lower()).strip("-") or "unknown")
         major_minor = ".".join(self.runtime_version.split(".")[:2])
@@ -140,11 +182,11 @@ class Target:
 
 
 def short_name(device_name: str) -> str:
-    lowered = device_name.lower()
-    for needle, short in SHORT_NAMES:
-        if needle in lowered:
-            return short
-    return _slug(re.sub(r"^(nvidia|amd|amd instinct|geforce)\s+", "", lowered)) or "gpu"
+    """``NVIDIA H100 80GB HBM3`` -> ``h100``; unknown names become a slug of the name."""
+    short = _lookup(SHORT_NAMES, device_name)
+    if short:
+        return short
+    return _slug(re.sub(r"^(nvidia|amd instinct|amd|geforce)\s+", "", device_name.lower())) or "gpu"
 
 
 def _slug(text: str) -> str:
@@ -152,45 +194,63 @@ def _slug(text: str) -> str:
 
 
 def peak_for(device_name: str) -> Peak | None:
-    lowered = device_name.lower()
-    for needle, peak in PEAKS:
-        if needle in lowered:
-            return peak
-    return None
+    """The PEAKS entry for a device name, None when the device is not in the table."""
+    return _lookup(PEAKS, device_name)
 
 
-def normalize_arch(vendor: str, raw: str, device_name: str = "") -> str:
-    """``gfx942:sramecc+:xnack-`` -> ``gfx942``; ``(9, 0)`` -> ``sm_90``."""
+def normalize_arch(vendor: str, raw: Any, device_name: str = "") -> str:
+    """The architecture without decorations.
+
+    AMD: ``gfx942:sramecc+:xnack-`` (torch's ``gcnArchName``) or ``amdgcn-amd-amdhsa--gfx90a:
+    sramecc+:xnack-`` (rocminfo's ISA name) -> ``gfx942`` / ``gfx90a``; without a raw string, from
+    the marketing name. NVIDIA: ``(9, 0)``, ``[9, 0]`` or ``"9.0"`` -> ``sm_90``.
+    """
     if vendor == "amd":
-        if raw:
-            return raw.split(":")[0]
+        text = str(raw or "").strip()
+        if text:
+            return text.rsplit("--", 1)[-1].split(":")[0].strip()
         lowered = device_name.lower()
         for needle, gfx in GFX_BY_NAME:
             if needle in lowered:
                 return gfx
         return "gfx-unknown"
-    return raw
+    if vendor == "nvidia":
+        parts = (list(raw) if isinstance(raw, (tuple, list))
+                 else re.findall(r"\d+", str(raw or "")))
+        if len(parts) >= 2:
+            return f"sm_{int(parts[0])}{int(parts[1])}"
+        return "sm_unknown"
+    return str(raw or "")
 
 
 def rocm_version(hip: str, version_file_text: str = "") -> str:
-    """The ROCm release: from the install's ``.info/version`` when present, else from
-    ``torch.version.hip`` (``6.2.41133-dd7f95766`` -> ``6.2``; the third field is a build)."""
-    if version_file_text.strip():
-        match = re.match(r"(\d+\.\d+(?:\.\d+)?)", version_file_text.strip())
-        if match:
-            return match.group(1)
-    match = re.match(r"(\d+)\.(\d+)", hip or "")
+    """The ROCm release.
+
+    Preferred: the install's own ``$ROCM_PATH/.info/version`` (``6.2.4-120`` -> ``6.2.4``).
+    Otherwise ``torch.version.hip``, whose third field is a HIP build number, not a patch
+    release (``6.2.41133-dd7f95766`` -> ``6.2``). Empty when neither says.
+    """
+    match = re.match(r"\s*(\d+\.\d+(?:\.\d+)?)", version_file_text or "")
+    if match:
+        return match.group(1)
+    match = re.match(r"\s*(\d+)\.(\d+)", hip or "")
     return f"{match.group(1)}.{match.group(2)}" if match else ""
 
 
 def from_facts(facts: dict[str, Any]) -> Target:
-    """Build a Target from raw platform facts (see :func:`probe` for the keys)."""
+    """Build a Target from raw platform facts (see :func:`probe` for the keys).
+
+    ``extra`` keeps the raw strings the summary fields were derived from
+    (``torch_version_hip``, ``rocm_version_file``, AMD ``capability``), so a report can show
+    exactly what the machine said.
+    """
     hip = facts.get("torch_version_hip") or ""
     cuda = facts.get("torch_version_cuda") or ""
     has_gpu = bool(facts.get("device_count"))
     common = dict(
         torch=facts.get("torch", ""), triton=facts.get("triton", ""),
-        flash_attn=facts.get("flash_attn", ""), flash_attn_flavor=facts.get("flash_attn_flavor", ""),
+        flash_attn=facts.get("flash_attn", ""),
+        flash_attn_flavor=facts.get("flash_attn_flavor", ""),
         git_revision=facts.get("git_revision", ""), python=facts.get("python", ""),
         cpu_threads=int(facts.get("cpu_threads", 0) or 0),
     )
@@ -200,23 +260,27 @@ def from_facts(facts: dict[str, Any]) -> Target:
                       memory_bytes=int(facts.get("system_memory_bytes", 0) or 0), **common)
     name = facts.get("device_name", "")
     peak = peak_for(name)
+    device = dict(
+        device_name=name, driver=facts.get("driver", ""), device_count=int(facts["device_count"]),
+        memory_bytes=int(facts.get("device_memory_bytes", 0) or 0),
+        peak_tflops=peak.tflops if peak else None, peak_source=peak.source if peak else "",
+    )
     if hip:
         raw = facts.get("gcn_arch_name", "") or ""
         version = rocm_version(hip, facts.get("rocm_version_file", ""))
-        return Target(vendor="amd", device_name=name, arch=normalize_arch("amd", raw, name),
-                      arch_raw=raw, runtime=f"ROCm {version}", runtime_version=version,
-                      driver=facts.get("driver", ""), device_count=int(facts["device_count"]),
-                      memory_bytes=int(facts.get("device_memory_bytes", 0) or 0),
-                      sdpa_rocm_library=facts.get("sdpa_rocm_library", ""),
-                      peak_tflops=peak.tflops if peak else None,
-                      peak_source=peak.source if peak else "", **common)
-    major, minor = facts.get("capability", (0, 0))
-    return Target(vendor="nvidia", device_name=name, arch=f"sm_{major}{minor}",
-                  arch_raw=f"{major}.{minor}", runtime=f"CUDA {cuda}", runtime_version=cuda,
-                  driver=facts.get("driver", ""), device_count=int(facts["device_count"]),
-                  memory_bytes=int(facts.get("device_memory_bytes", 0) or 0),
-                  peak_tflops=peak.tflops if peak else None,
-                  peak_source=peak.source if peak else "", **common)
+        extra = {"torch_version_hip": hip}
+        if (facts.get("rocm_version_file") or "").strip():
+            extra["rocm_version_file"] = facts["rocm_version_file"].strip()
+        if facts.get("capability"):
+            extra["capability"] = ".".join(str(x) for x in facts["capability"])
+        return Target(vendor="amd", arch=normalize_arch("amd", raw, name), arch_raw=raw,
+                      runtime=f"ROCm {version}".strip(), runtime_version=version,
+                      sdpa_rocm_library=facts.get("sdpa_rocm_library", ""), extra=extra,
+                      **device, **common)
+    capability = facts.get("capability") or (0, 0)
+    return Target(vendor="nvidia", arch=normalize_arch("nvidia", capability),
+                  arch_raw=".".join(str(x) for x in capability), runtime=f"CUDA {cuda}".strip(),
+                  runtime_version=cuda, **device, **common)
 
 
 # ------------------------------------------------------------------------------ probing
@@ -236,7 +300,8 @@ def probe(device_index: int = 0) -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "system_memory_bytes": _system_memory(),
         "git_revision": git_revision(),
-        "triton": _package_version("triton") or _package_version("pytorch-triton-rocm"),
+        "triton": (_package_version("triton") or _package_version("pytorch-triton-rocm")
+                   or _package_version("pytorch-triton")),
         "flash_attn": _package_version("flash-attn") or _package_version("flash_attn"),
         "device_count": 0,
     }
@@ -253,13 +318,11 @@ def probe(device_index: int = 0) -> dict[str, Any]:
             driver=_driver_version(bool(facts["torch_version_hip"])),
         )
         if facts["torch_version_hip"]:
-            facts["rocm_version_file"] = _read("/opt/rocm/.info/version")
-            pref = getattr(torch.backends.cuda, "preferred_rocm_fa_library", None)
-            if pref is not None:
-                try:
-                    facts["sdpa_rocm_library"] = str(pref()).split(".")[-1].lower()
-                except Exception:  # noqa: BLE001 - an older torch may not implement it fully
-                    facts["sdpa_rocm_library"] = ""
+            rocm_path = os.environ.get("ROCM_PATH") or "/opt/rocm"
+            facts["rocm_version_file"] = _read(f"{rocm_path}/.info/version")
+            from harness.backends.sdpa import rocm_fa_library
+
+            facts["sdpa_rocm_library"] = rocm_fa_library()
     return facts
 
 
@@ -269,10 +332,11 @@ def detect(device_index: int = 0) -> Target:
 
 
 def flash_attn_flavor(hip: str, environ: Any) -> str:
-    """cuda, rocm-ck or rocm-triton, from how flash-attn will load here."""
-    if str(environ.get("FLASH_ATTENTION_TRITON_AMD_ENABLE", "")).upper() == "TRUE":
-        return "rocm-triton"
-    return "rocm-ck" if hip else "cuda"
+    """cuda, rocm-ck or rocm-triton: how flash-attn will load here (see
+    :func:`harness.backends.flash_attn.detect_flavor`, the one place this rule lives)."""
+    from harness.backends.flash_attn import detect_flavor
+
+    return detect_flavor(hip, environ)
 
 
 def git_revision() -> str:
@@ -322,22 +386,36 @@ def _read(path: str) -> str:
 
 
 def _driver_version(rocm: bool) -> str:
-    """The kernel driver version from sysfs/procfs; optional libraries only when installed."""
+    """The kernel driver version from sysfs/procfs, else from an optional helper library
+    (amdsmi on ROCm, nvidia-ml-py on CUDA) when one is installed; empty when nothing says."""
     if rocm:
         text = _read("/sys/module/amdgpu/version").strip()
-        if text:
-            return text
-    else:
-        text = _read("/proc/driver/nvidia/version")
-        match = re.search(r"Kernel Module\s+(\S+)", text)
-        if match:
-            return match.group(1)
-        try:
-            import pynvml  # nvidia-ml-py, optional
+        return text or _optional_driver_version("amdsmi")
+    match = re.search(r"Kernel Module\s+(\S+)", _read("/proc/driver/nvidia/version"))
+    return match.group(1) if match else _optional_driver_version("pynvml")
+
+
+def _optional_driver_version(module: str) -> str:
+    """The driver version through ``amdsmi`` or ``pynvml``; any failure (not installed, no
+    device, an API that changed) only means less detail, never an error."""
+    try:
+        if module == "pynvml":
+            import pynvml
 
             pynvml.nvmlInit()
-            version = pynvml.nvmlSystemGetDriverVersion()
-            return version.decode() if isinstance(version, bytes) else str(version)
-        except Exception:  # noqa: BLE001 - absent or failing helper only means less detail
-            return ""
-    return ""
+            try:
+                version = pynvml.nvmlSystemGetDriverVersion()
+            finally:
+                pynvml.nvmlShutdown()
+        else:
+            import amdsmi
+
+            amdsmi.amdsmi_init()
+            try:
+                handle = amdsmi.amdsmi_get_processor_handles()[0]
+                version = amdsmi.amdsmi_get_gpu_driver_info(handle)["driver_version"]
+            finally:
+                amdsmi.amdsmi_shut_down()
+    except Exception:  # noqa: BLE001 - an absent or failing helper only means less detail
+        return ""
+    return version.decode() if isinstance(version, bytes) else str(version)

@@ -1,32 +1,65 @@
 """Timing kernels the way the field does, and turning times into TFLOP/s.
 
-GPU: device events around each call after a warm-up, a 256 MB write before every timed call to
-flush the L2 cache, repetitions until a time budget is spent; this is the method of
-``triton.testing.do_bench``. CPU: ``time.perf_counter`` with the same warm-up/budget protocol and
-no cache flush (a 256 MB write costs more than most CPU problems take, and
-``torch.utils.benchmark``, the CPU yardstick, does not flush either). We report the median and the
-interquartile range.
+The protocol is ``triton.testing.do_bench``'s (triton 3.x), step by step:
+
+1. one untimed call, then a device synchronisation (compilation, autotuning, allocator warm-up);
+2. an *estimate*: a few calls, each preceded by the cache flush, timed together; the per-call
+   estimate therefore includes the flush, so the repetition count honours the time budget even
+   when the flush costs more than the kernel (do_bench uses 5 calls; we use fewer when one call
+   alone outlasts the warm-up budget, which only happens for multi-second CPU calls);
+3. warm-up calls, their number derived from the warm-up budget and the estimate (the estimate's
+   calls count towards it);
+4. timed calls, their number derived from the measurement budget and the estimate: before each,
+   the cache flush (a 256 MB write); around each, a pair of markers (device events on GPUs, NVIDIA
+   and ROCm alike; ``time.perf_counter`` on the CPU). One synchronisation at the end, so no host
+   round trip sits between device calls.
+
+What differs from do_bench, on purpose: we report the median, the quartiles (linear
+interpolation, as ``torch.quantile`` and do_bench's ``quantiles``) and the repetition count, where
+do_bench returns the mean by default (compare with ``return_mode="median"``); we demand at least
+``min_reps`` timed calls so that quartiles mean something; and on the CPU nothing is flushed
+(a 256 MB write costs more than most CPU problems take, and ``torch.utils.benchmark``, the CPU
+yardstick, does not flush either).
+
+Graph replay (``graph=True``): for tiny problems, where launching the kernels costs as much as
+running them, the call is captured once into a CUDA/HIP graph and every warm-up and timed call
+replays it (do_bench_cudagraph's idea, but keeping the flush and per-call events). Where capture
+is impossible (a CPU, or a call that synchronises or allocates in ways capture forbids), the
+timing falls back to plain calls and says so in :attr:`Timing.note`; it never pretends.
 
 FLOPs follow flash-attn's benchmark: ``4 * batch * heads * head_dim * (visible query-key pairs)``
-for the forward, 2.5x that for the backward, 3.5x for both.
+for the forward (``Case.flops_fwd``), 2.5x that for the backward, 3.5x for both.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-
-import torch
+from typing import Any, Protocol
 
 FLUSH_BYTES = 256 * 1024 * 1024
 BWD_FACTOR = 2.5
+#: Calls timed together for the estimate (do_bench's number).
+ESTIMATE_CALLS = 5
+#: A graph capture: ``(fn, device) -> replay``.
+Capture = Callable[[Callable[[], object], Any], Callable[[], object]]
 
 
 @dataclass(frozen=True)
 class Timing:
-    """Summary of repeated timings, in milliseconds."""
+    """Summary of repeated timings, in milliseconds.
+
+    Attributes:
+        median_ms: median of the timed calls.
+        q1_ms, q3_ms: first and third quartiles.
+        min_ms: fastest call.
+        reps: number of timed calls.
+        method: how calls were timed, e.g. ``cuda-events+l2-flush+graph``, ``perf-counter``.
+        note: why a requested method was not used (e.g. graph replay unavailable); empty otherwise.
+    """
 
     median_ms: float
     q1_ms: float
@@ -34,25 +67,36 @@ class Timing:
     min_ms: float
     reps: int
     method: str
+    note: str = ""
 
     @property
     def iqr_ms(self) -> float:
+        """Interquartile range, milliseconds."""
         return self.q3_ms - self.q1_ms
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["iqr_ms"] = self.iqr_ms
+        if not self.note:
+            del out["note"]
         return out
 
 
-def summarize(times_ms: list[float], method: str) -> Timing:
-    """Median, quartiles and minimum of a list of times."""
+def quantile(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile of sorted values by linear interpolation (``torch.quantile``'s rule)."""
+    pos = q * (len(ordered) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summarize(times_ms: list[float], method: str, note: str = "") -> Timing:
+    """Median, quartiles and minimum of a list of times (milliseconds)."""
+    if not times_ms:
+        raise ValueError("summarize needs at least one time")
     ordered = sorted(times_ms)
-    if len(ordered) >= 2:
-        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
-    else:
-        q1 = q3 = ordered[0]
-    return Timing(statistics.median(ordered), q1, q3, ordered[0], len(ordered), method)
+    return Timing(statistics.median(ordered), quantile(ordered, 0.25), quantile(ordered, 0.75),
+                  ordered[0], len(ordered), method, note)
 
 
 def tflops(flops: float, time_ms: float) -> float:
@@ -60,59 +104,194 @@ def tflops(flops: float, time_ms: float) -> float:
     return flops / (time_ms * 1e-3) / 1e12
 
 
-def time_function(fn: Callable[[], object], device: torch.device | str, *, warmup_s: float = 0.05,
+def repetitions(estimate_ms: float, estimate_calls: int, *, warmup_s: float, budget_s: float,
+                min_reps: int, max_reps: int) -> tuple[int, int]:
+    """``(warm-up calls, timed calls)`` for a call estimated at ``estimate_ms`` (flush included).
+
+    Warm-up: enough calls to fill ``warmup_s`` less the ``estimate_calls`` already made (at
+    least none); timed: enough to fill ``budget_s``, clamped to ``[min_reps, max_reps]``.
+    """
+    per_call = max(estimate_ms, 1e-6)
+    warmup = max(0, int(warmup_s * 1e3 / per_call) - estimate_calls)
+    reps = min(max_reps, max(min_reps, int(budget_s * 1e3 / per_call)))
+    return warmup, reps
+
+
+# ---------------------------------------------------------------------------------- clocks
+
+
+class Clock(Protocol):
+    """Where markers come from and what a flush and a synchronisation are."""
+
+    method: str
+
+    def sync(self) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def mark(self) -> Any: ...
+
+    def elapsed_ms(self, start: Any, end: Any) -> float: ...
+
+
+class HostClock:
+    """``time.perf_counter`` markers; optionally a 256 MB write as the flush."""
+
+    def __init__(self, flush: bool = False) -> None:
+        import torch
+
+        self._cache = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32) if flush else None
+        self.method = "perf-counter" + ("+flush" if flush else "")
+
+    def sync(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        if self._cache is not None:
+            self._cache.zero_()
+
+    def mark(self) -> float:
+        return time.perf_counter()
+
+    def elapsed_ms(self, start: float, end: float) -> float:
+        return (end - start) * 1e3
+
+
+class DeviceClock:
+    """Device events (``torch.cuda.Event``, NVIDIA and ROCm) and a 256 MB L2 flush."""
+
+    def __init__(self, device, flush: bool = True) -> None:
+        import torch
+
+        self._torch = torch
+        self.device = device
+        self._cache = (torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+                       if flush else None)
+        self.method = "cuda-events" + ("+l2-flush" if flush else "")
+
+    def sync(self) -> None:
+        self._torch.cuda.synchronize(self.device)
+
+    def flush(self) -> None:
+        if self._cache is not None:
+            self._cache.zero_()
+
+    def mark(self):
+        event = self._torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def elapsed_ms(self, start, end) -> float:
+        return start.elapsed_time(end)
+
+
+# -------------------------------------------------------------------------------- protocol
+
+
+def measure(fn: Callable[[], object], clock: Clock, *, warmup_s: float = 0.05,
+            budget_s: float = 0.25, min_reps: int = 5, max_reps: int = 100_000,
+            method: str | None = None, note: str = "") -> Timing:
+    """Time ``fn()`` with ``clock`` by the protocol of the module docstring.
+
+    Args:
+        fn: the call to time; its result is discarded.
+        clock: markers, flush and synchronisation (:class:`HostClock`, :class:`DeviceClock`).
+        warmup_s: warm-up budget, seconds (estimate calls included).
+        budget_s: measurement budget, seconds.
+        min_reps, max_reps: bounds on the number of timed calls.
+        method: recorded in :attr:`Timing.method`; default ``clock.method``.
+        note: carried into :attr:`Timing.note`.
+    """
+    start = clock.mark()
+    fn()
+    end = clock.mark()
+    clock.sync()
+    first_ms = clock.elapsed_ms(start, end)
+    n_estimate = max(1, min(ESTIMATE_CALLS, int(warmup_s * 1e3 / max(first_ms, 1e-6))))
+    start = clock.mark()
+    for _ in range(n_estimate):
+        clock.flush()
+        fn()
+    end = clock.mark()
+    clock.sync()
+    estimate_ms = clock.elapsed_ms(start, end) / n_estimate
+    n_warmup, n_reps = repetitions(estimate_ms, n_estimate, warmup_s=warmup_s,
+                                   budget_s=budget_s, min_reps=min_reps, max_reps=max_reps)
+    for _ in range(n_warmup):
+        fn()
+    marks = []
+    for _ in range(n_reps):
+        clock.flush()
+        before = clock.mark()
+        fn()
+        marks.append((before, clock.mark()))
+    clock.sync()
+    return summarize([clock.elapsed_ms(a, b) for a, b in marks], method or clock.method, note)
+
+
+def capture_graph(fn: Callable[[], object], device) -> Callable[[], object]:
+    """``fn`` captured into a CUDA/HIP graph; returns the graph's replay.
+
+    Warms up on a side stream first (capture requires it for autograd and library handles).
+    Raises whatever capture raises; :func:`time_function` turns that into an honest fallback.
+    """
+    import torch
+
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize(device)
+    return graph.replay
+
+
+def time_function(fn: Callable[[], object], device, *, warmup_s: float = 0.05,
                   budget_s: float = 0.25, min_reps: int = 5, max_reps: int = 100_000,
-                  flush: bool | None = None) -> Timing:
+                  flush: bool | None = None, graph: bool = False, clock: Clock | None = None,
+                  capture: Capture | None = None) -> Timing:
     """Time ``fn()`` on ``device`` (see the module docstring for the method).
 
     Args:
         fn: the call to time; its result is discarded.
         device: where it runs; ``cuda`` devices (NVIDIA or ROCm) are timed with events.
-        warmup_s: untimed calls for at least this long (and at least one call).
-        budget_s: timed calls until this much time is spent (and at least ``min_reps``).
+        warmup_s: warm-up budget, seconds.
+        budget_s: measurement budget, seconds.
+        min_reps, max_reps: bounds on the number of timed calls.
         flush: write 256 MB before each timed call; default: on GPUs only.
+        graph: capture ``fn`` into a CUDA/HIP graph and time its replays (for tiny problems);
+            when capture is impossible, plain calls are timed and :attr:`Timing.note` says why.
+        clock: markers to use instead of the device's own (tests pass a fake).
+        capture: graph capture to use instead of :func:`capture_graph` (tests pass a fake).
     """
+    import torch
+
     device = torch.device(device)
     gpu = device.type == "cuda"
     flush = gpu if flush is None else flush
-    cache = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device) if flush else None
-    # Warm-up, also measuring one call so the repetition count can follow the budget.
-    start = time.perf_counter()
-    calls = 0
-    while True:
-        fn()
-        calls += 1
-        if gpu:
-            torch.cuda.synchronize(device)
-        if time.perf_counter() - start >= warmup_s:
-            break
-    estimate_s = (time.perf_counter() - start) / calls
-    reps = int(min(max_reps, max(min_reps, budget_s / max(estimate_s, 1e-7))))
-    if gpu:
-        return _time_gpu(fn, device, reps, cache)
-    return _time_cpu(fn, reps, cache)
+    if clock is None:
+        clock = DeviceClock(device, flush) if gpu else HostClock(flush)
+    note = ""
+    method = clock.method
+    if graph:
+        fn, note = _graph_or_reason(fn, device, gpu, capture)
+        method += "" if note else "+graph"
+    return measure(fn, clock, warmup_s=warmup_s, budget_s=budget_s, min_reps=min_reps,
+                   max_reps=max_reps, method=method, note=note)
 
 
-def _time_gpu(fn, device, reps: int, cache) -> Timing:
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        if cache is not None:
-            cache.zero_()
-        starts[i].record()
-        fn()
-        ends[i].record()
-    torch.cuda.synchronize(device)
-    times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
-    return summarize(times, "cuda-events" + ("+l2-flush" if cache is not None else ""))
-
-
-def _time_cpu(fn, reps: int, cache) -> Timing:
-    times = []
-    for _ in range(reps):
-        if cache is not None:
-            cache.zero_()
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return summarize(times, "perf-counter" + ("+flush" if cache is not None else ""))
+def _graph_or_reason(fn, device, gpu: bool, capture) -> tuple[Callable[[], object], str]:
+    if capture is None:
+        if not gpu:
+            return fn, f"graph replay unavailable: {device.type} is not a CUDA/HIP device"
+        capture = capture_graph
+    try:
+        return capture(fn, device), ""
+    except Exception as exc:  # noqa: BLE001 - any capture failure means: time plain calls
+        text = str(exc).strip().splitlines()
+        return fn, (f"graph replay unavailable: capture failed with {type(exc).__name__}: "
+                    f"{text[0] if text else ''}")[:300]

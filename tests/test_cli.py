@@ -27,13 +27,19 @@ def records(out_dir: Path) -> list[dict]:
 def test_default_run_passes_the_cpu_backends_on_the_smoke_suite(tmp_path):
     from harness.suites import load_suite
 
-    result = harness("run", "--out", str(tmp_path))
+    result = harness("run", "--out", str(tmp_path), "--regressions", str(tmp_path / "regr"))
     assert result.returncode == 0, result.stderr[-3000:]
     recs = records(tmp_path)
     (suite,) = load_suite("smoke")
     backends = {r["backend"]["name"] for r in recs}
     assert backends == {"sdpa-math", "sdpa-flash"}
-    assert len(recs) == len(suite.cases) * len(backends) * 4  # every check of every case
+    smoke = [r for r in recs if r["suite"] == "smoke"]
+    assert len(smoke) == len(suite.cases) * len(backends) * 4  # every check of every case
+    explored = [(r["backend"]["name"], r["case_id"], r["check"]) for r in recs
+                if r["suite"] == "explore"]
+    assert len(explored) == len(set(explored)) > 2 * 10 * 3  # drawn cases, each recorded once
+    assert result.stderr.count("explored 20 generated case(s)") == 2  # the quick profile's
+    assert "no failure" in result.stderr
     keys = {"schema", "case_id", "case", "backend", "target", "check", "status", "metrics",
             "reason"}
     assert all(keys <= set(r) for r in recs)
@@ -51,7 +57,7 @@ def test_a_topleft_causal_kernel_fails_with_a_replay_command_that_reproduces_it(
                             "causal = true\n[[case]]\nseqlen_q = 64\nheads_q = 2\ncausal = true\n")
     out = tmp_path / "out"
     result = harness("run", "--backend", f"{ZOO}:topleft_causal", "--suite", str(smoke_causal),
-                     "--checks", "fwd", "--out", str(out))
+                     "--checks", "fwd", "--out", str(out), "--explore", "0")
     assert result.returncode == 1, result.stderr[-2000:]
     recs = records(out)
     assert [r["status"] for r in recs] == ["fail", "pass"]  # square causal: both alignments agree
@@ -76,7 +82,7 @@ def test_a_crashing_and_a_hanging_kernel_lose_no_other_result(tmp_path):
     out = tmp_path / "out"
     result = harness("run", "--backend", f"{ZOO}:aborts_on_head_dim_96", "--backend",
                      f"{ZOO}:hangs_on_head_dim_40", "--suite", str(suite), "--checks", "fwd,bwd",
-                     "--timeout", "8", "--out", str(out))
+                     "--timeout", "8", "--out", str(out), "--explore", "0")
     assert result.returncode == 1
     by = {(r["backend"]["name"].split(":")[1], r["case"]["head_dim"], r["check"]): r
           for r in records(out)}
@@ -98,12 +104,12 @@ def test_resume_runs_only_what_is_missing(tmp_path):
     suite.write_text("[[case]]\nseqlen_q = 16\nheads_q = 2\n[[case]]\nseqlen_q = 8\nheads_q = 1\n")
     out = tmp_path / "out"
     first = harness("run", "--backend", "sdpa-math", "--suite", str(suite), "--checks", "fwd",
-                    "--out", str(out))
+                    "--out", str(out), "--explore", "0")
     assert first.returncode == 0
     lines = (out / "results.jsonl").read_text().splitlines()
     (out / "results.jsonl").write_text(lines[0] + "\n")  # as if interrupted after one record
     again = harness("run", "--backend", "sdpa-math", "--suite", str(suite), "--checks", "fwd",
-                    "--out", str(out), "--resume")
+                    "--out", str(out), "--resume", "--explore", "0")
     assert again.returncode == 0 and "1 task(s) to go" in again.stderr
     assert [json.loads(x)["case_id"] for x in (out / "results.jsonl").read_text().splitlines()] \
         == [json.loads(x)["case_id"] for x in lines]
@@ -148,3 +154,22 @@ def test_a_broken_results_file_names_the_line_and_field(tmp_path):
     result = harness("report", str(path))
     assert result.returncode == 2
     assert "r.jsonl:1: field 'status' is 'maybe'" in result.stderr
+
+
+def test_exploration_shrinks_a_failure_and_writes_a_replayable_regression(tmp_path):
+    tiny = tmp_path / "tiny.toml"
+    tiny.write_text("[[case]]\nseqlen_q = 8\nheads_q = 1\n")
+    regressions = tmp_path / "regressions"
+    result = harness("run", "--backend", f"{ZOO}:window_off_by_one", "--suite", str(tiny),
+                     "--checks", "fwd", "--explore", "20", "--regressions", str(regressions),
+                     "--out", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "shrunk in" in result.stderr and "written to" in result.stderr
+    (written,) = regressions.glob("*.toml")
+    from harness.suites import load_file
+
+    (case,) = load_file(written).cases
+    assert "window" in case.features and case.seqlen_q <= 2 and case.heads_q == 1
+    again = harness("run", "--backend", f"{ZOO}:window_off_by_one", "--suite", str(written),
+                    "--checks", "fwd", "--explore", "0", "--out", str(tmp_path / "again"))
+    assert again.returncode == 1  # the regression suite reproduces the failure

@@ -95,3 +95,17 @@ def test_dropout_statistics_accept_right_and_reject_the_classic_mistakes():
         runs, expected, variance = _dropout_runs(kind)
         v = judge.dropout_verdict("fwd", {"out": runs}, {"out": expected}, {"out": variance})
         assert v.status == "fail" and words in v.reason, (kind, v.reason)
+
+
+def test_gradient_dropout_statistics_use_one_projection_per_run():
+    gen = torch.Generator().manual_seed(1)
+    ref = torch.randn(50, 8, dtype=torch.float64, generator=gen)
+    shared = [torch.randn((), generator=gen, dtype=torch.float64) for _ in range(48)]
+    # Every element of a run moves together (like dk rows sharing rowsum(dO*O)): elementwise
+    # z-scores would be fooled; the projection test is not.
+    right = [ref * (1 + 0.1 * s) for s in shared]
+    v = judge.dropout_verdict("bwd", {"dk": right}, {"dk": ref}, {"dk": None})
+    assert v.status == "pass", v.reason
+    unscaled = [r * (1 - 0.17) for r in right]
+    v = judge.dropout_verdict("bwd", {"dk": unscaled}, {"dk": ref}, {"dk": None})
+    assert v.status == "fail" and "biased dropout scaling" in v.reason

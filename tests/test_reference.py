@@ -117,7 +117,7 @@ def _dense_equivalent(case: Case, inputs, b: int):
 def test_varlen_and_kvcache_are_per_sequence_dense_attention(case):
     inputs = make_inputs(case, "cpu", seed=3)
     ref = reference(inputs, grads=case.entry == "varlen")
-    for b, (sq, sk) in enumerate(case.sequence_lengths()):
+    for b, (_, sk) in enumerate(case.sequence_lengths()):
         expected = _dense_equivalent(case, inputs, b)
         if case.entry == "varlen":
             cq = inputs.cu_seqlens_q.tolist()

@@ -2,7 +2,8 @@
 
 A backend spec on the command line is one of
 
-* a built-in name: ``flash-attn``, ``sdpa-flash``, ``sdpa-efficient``, ``sdpa-cudnn``, ``sdpa-math``;
+* a built-in name: ``flash-attn``, ``sdpa-flash``, ``sdpa-efficient``, ``sdpa-cudnn``,
+  ``sdpa-math``;
 * ``FILE.py:FUNC``, a function with ``flash_attn_func``'s signature;
 * the name of an ``attn_harness.backends`` entry point, whose object is a :class:`Backend`
   instance or subclass, or a function with ``flash_attn_func``'s signature.

@@ -61,7 +61,8 @@ class Capabilities:
         if case.entry not in self.entries:
             out.append(f"{who} has no {case.entry} entry point")
         if case.dtype not in self.dtypes:
-            out.append(f"dtype={case.dtype} is not supported by {who} ({', '.join(sorted(self.dtypes))})")
+            supported = ", ".join(sorted(self.dtypes))
+            out.append(f"dtype={case.dtype} is not supported by {who} ({supported})")
         if self.head_dim_max and case.head_dim > self.head_dim_max:
             out.append(f"head_dim={case.head_dim} > {self.head_dim_max}")
         if case.head_dim % self.head_dim_multiple:
@@ -92,7 +93,8 @@ class Capabilities:
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             if key not in known:
-                raise UsageError(f"{where}: unknown capability {key!r} (known: {', '.join(sorted(known))})")
+                raise UsageError(f"{where}: unknown capability {key!r} "
+                                 f"(known: {', '.join(sorted(known))})")
             if key in ("dtypes", "features", "entries"):
                 allowed = {"dtypes": DTYPES, "features": FEATURES, "entries": ENTRIES}[key]
                 values = frozenset(value)

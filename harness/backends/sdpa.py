@@ -37,6 +37,38 @@ def _base_caps(**changes) -> Capabilities:
     return replace(caps, **changes)
 
 
+#: ``torch.backends.cuda.preferred_rocm_fa_library()`` names -> the library that serves SDPA
+#: flash/efficient on ROCm. ``Default`` is AOTriton (torch's docstring: "Currently AOTriton").
+_ROCM_FA_LIBRARIES = {"default": "aotriton", "aotriton": "aotriton", "ck": "ck"}
+
+
+def rocm_fa_library(torch_module=None) -> str:
+    """Which library serves SDPA flash/efficient on ROCm: ``aotriton`` or ``ck``.
+
+    torch 2.3-2.5 have only AOTriton and no ``preferred_rocm_fa_library``. A CK preference on a
+    build without CK kernels (``is_ck_sdpa_available() == False``) still runs AOTriton.
+    """
+    if torch_module is None:
+        import torch as torch_module
+    cuda = torch_module.backends.cuda
+    pref = getattr(cuda, "preferred_rocm_fa_library", None)
+    if pref is None:
+        return "aotriton"
+    try:
+        name = str(pref()).rsplit(".", 1)[-1].lower()
+    except Exception:  # noqa: BLE001 - a build without the ROCm bits may refuse the query
+        return "aotriton"
+    library = _ROCM_FA_LIBRARIES.get(name, name)
+    ck_available = getattr(cuda, "is_ck_sdpa_available", None)
+    if library == "ck" and ck_available is not None:
+        try:
+            if not ck_available():
+                return "aotriton"
+        except Exception:  # noqa: BLE001
+            return "aotriton"
+    return library
+
+
 def _has_enable_gqa() -> bool:
     import torch.nn.functional as F
 
@@ -51,15 +83,23 @@ class SdpaBackend(Backend):
 
     family = "sdpa"
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, device_type: str | None = None, rocm: bool | None = None,
+                 enable_gqa: bool | None = None) -> None:
+        """Pin ``name`` (a key of :data:`KERNELS`).
+
+        The keywords describe another machine instead of this one (tests use them to check the
+        GPU rules on a CPU): ``device_type`` ``cpu`` or ``cuda``, ``rocm`` for a ROCm build,
+        ``enable_gqa`` whether this torch's SDPA has ``enable_gqa`` (torch >= 2.5).
+        """
         import torch
 
         if name not in KERNELS:
             raise ValueError(name)
         self.name = name
         self.version = torch.__version__
-        self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        self.rocm = bool(getattr(torch.version, "hip", None))
+        self.device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.rocm = bool(getattr(torch.version, "hip", None)) if rocm is None else rocm
+        self.enable_gqa = _has_enable_gqa() if enable_gqa is None else enable_gqa
         self.flavor = self._flavor()
         self.capabilities = self._capabilities()
 
@@ -67,27 +107,22 @@ class SdpaBackend(Backend):
         if self.device_type == "cpu":
             return "cpu"
         if self.rocm and self.name in ("sdpa-flash", "sdpa-efficient"):
-            import torch
-
-            pref = getattr(torch.backends.cuda, "preferred_rocm_fa_library", None)
-            try:
-                return "rocm-" + str(pref()).split(".")[-1].lower() if pref else "rocm-aotriton"
-            except Exception:  # noqa: BLE001 - older torch: AOTriton is the only library
-                return "rocm-aotriton"
+            return "rocm-" + rocm_fa_library()
         return "rocm" if self.rocm else "cuda"
 
     def _capabilities(self) -> Capabilities:
-        gqa = _has_enable_gqa()
         caps = _base_caps()
-        if not gqa:
+        if not self.enable_gqa:
             caps = replace(caps, features=caps.features - {"gqa"},
-                           notes={**caps.notes, "gqa": "this torch has no enable_gqa (torch >= 2.5)"})
+                           notes={**caps.notes,
+                                  "gqa": "this torch has no enable_gqa (torch >= 2.5)"})
         if self.name == "sdpa-math":
             return caps
         if self.device_type == "cpu":
             if self.name == "sdpa-flash":
                 return replace(caps, features=caps.features - {"dropout"},
-                               notes={**caps.notes, "dropout": "sdpa-flash on the CPU has no dropout"})
+                               notes={**caps.notes,
+                                      "dropout": "sdpa-flash on the CPU has no dropout"})
             return caps
         fp16 = frozenset({"float16", "bfloat16"})
         if self.name == "sdpa-flash":
@@ -102,7 +137,10 @@ class SdpaBackend(Backend):
 
     def availability(self) -> str | None:
         import torch
+        from torch.nn.attention import SDPBackend
 
+        if getattr(SDPBackend, KERNELS[self.name], None) is None:
+            return f"torch {torch.__version__} has no SDPBackend.{KERNELS[self.name]}"
         if self.device_type == "cpu":
             if self.name in ("sdpa-efficient", "sdpa-cudnn"):
                 return f"no GPU here: torch {torch.__version__} has no CPU kernel for {self.name}"

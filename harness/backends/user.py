@@ -101,6 +101,23 @@ class FunctionBackend(Backend):
                               for p in inspect.signature(func).parameters.values())
         except (TypeError, ValueError):
             self.params, self.var_kw = set(PARAMETER_FEATURES) | {"deterministic"}, True
+        self.capabilities = self._narrowed(self.capabilities)
+
+    def _narrowed(self, caps: Capabilities) -> Capabilities:
+        """Features whose keyword the function does not take are not claimed either, so
+        strategies never draw them and skips say why."""
+        from dataclasses import replace
+
+        missing = {feature: self._missing_reason(keyword, feature)
+                   for keyword, feature in PARAMETER_FEATURES.items()
+                   if not self._accepts(keyword) and feature in caps.features}
+        if not missing:
+            return caps
+        return replace(caps, features=caps.features - set(missing),
+                       notes={**caps.notes, **missing})
+
+    def _missing_reason(self, keyword: str, feature: str) -> str:
+        return f"{self.name} takes no {keyword} argument, which {feature} needs"
 
     def _accepts(self, keyword: str) -> bool:
         return self.var_kw or keyword in self.params
@@ -109,7 +126,7 @@ class FunctionBackend(Backend):
         reasons = super().call_reasons(case, target)
         for keyword, feature in PARAMETER_FEATURES.items():
             if feature in case.features and not self._accepts(keyword):
-                reasons.append(f"{self.name} takes no {keyword} argument, which {feature} needs")
+                reasons.append(self._missing_reason(keyword, feature))
         return reasons
 
     def forward(self, inputs, *, deterministic: bool = True):

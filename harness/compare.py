@@ -1,0 +1,274 @@
+"""What changed between a run and a baseline: status flips, error-ratio growth, throughput moves.
+
+Records are matched by setup, backend (with flavor), case and check. Setups are paired by their
+fingerprint (:func:`harness.records.setup_fingerprint`); a setup left unpaired is then paired with
+the baseline setup of the same target id, and failing that with the one of the same vendor,
+architecture and device, when exactly one such baseline setup is left: that is how a ROCm or
+torch upgrade on one machine is compared with the night before.
+
+Rules (the defaults are :class:`Thresholds`'s; every one is documented in the output):
+
+* **Status**: statuses rank ``pass = xpass < xfail < fail = error < timeout = crash``; ``skip`` is
+  not ranked. A check whose rank rises is a *regression* (pass -> fail, fail -> crash, and also
+  pass -> xfail: the kernel fails now even if a known issue names it); one whose rank falls is
+  an *improvement*. Ranked -> skip is *coverage lost* and skip -> ranked *coverage gained*:
+  reported, but not regressions.
+* **Error ratio** (fwd and bwd, ``err / baseline_err``): a regression when it grows by more than
+  ``ratio_growth`` relative **and** more than ``ratio_growth_abs`` absolute. On the same inputs
+  (the seed is in the record) a deterministic kernel reproduces its ratio exactly, so any growth
+  is a change in the kernel or its libraries; the absolute floor ignores moves among tiny ratios.
+* **Throughput** (median times of fwd, bwd and fwd+bwd): a move counts only when it is *beyond
+  the measured spread*, meaning both (1) the relative change of the median exceeds ``slowdown``
+  and (2) the two runs' interquartile ranges do not overlap (for a slowdown: the current first
+  quartile is above the baseline's third quartile). (1) keeps day-to-day clock and thermal
+  variation of a few percent from paging anyone; (2) keeps a noisy measurement, whose quartiles
+  overlap, from counting however far its median wandered. Slower is a regression, faster an
+  improvement.
+
+``attn-harness compare`` prints :func:`render_markdown` and exits 1 when anything regressed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from harness.records import Record, finite_or_none, setup_fingerprint, setup_labels
+
+#: Rank of each status; higher is worse. ``skip`` is absent: it is not a result.
+RANK = {"pass": 0, "xpass": 0, "xfail": 1, "fail": 2, "error": 2, "timeout": 3, "crash": 3}
+#: The throughput passes compared, and where their metrics live in a record.
+PASSES = (("fwd", None), ("bwd", "bwd"), ("fwd+bwd", "fwd_bwd"))
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a change counts.
+
+    Attributes:
+        slowdown: relative change of a median time that may count as a move (0.10 = 10%).
+        ratio_growth: relative growth of the error ratio that counts (0.25 = 25%).
+        ratio_growth_abs: absolute growth of the error ratio that counts, too.
+    """
+
+    slowdown: float = 0.10
+    ratio_growth: float = 0.25
+    ratio_growth_abs: float = 0.1
+
+
+@dataclass(frozen=True)
+class Change:
+    """One difference between the run and the baseline.
+
+    Attributes:
+        kind: regression, improvement, or notice (reported, never a regression).
+        what: status, ratio, throughput or coverage.
+        setup: the current setup's label.
+        backend: backend name with its flavor.
+        case_id, case: the case and its label.
+        check: the check (and for throughput the pass: ``throughput fwd``).
+        before, after: the two values as text.
+        detail: why it counts.
+    """
+
+    kind: str
+    what: str
+    setup: str
+    backend: str
+    case_id: str
+    case: str
+    check: str
+    before: str
+    after: str
+    detail: str
+
+
+@dataclass
+class Comparison:
+    """Everything :func:`compare` found."""
+
+    changes: list[Change] = field(default_factory=list)
+    matched: int = 0
+    new: int = 0
+    missing: int = 0
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    unpaired: list[str] = field(default_factory=list)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+    @property
+    def regressions(self) -> list[Change]:
+        return [c for c in self.changes if c.kind == "regression"]
+
+    @property
+    def regressed(self) -> bool:
+        return bool(self.regressions)
+
+
+def _identity(t: dict) -> tuple[str, str, str]:
+    return (t.get("vendor", ""), t.get("arch", ""), t.get("device_name", ""))
+
+
+def pair_setups(current: Sequence[Record], baseline: Sequence[Record]) -> dict[tuple, tuple]:
+    """``{current fingerprint: baseline fingerprint}`` (see the module docstring)."""
+    cur = {setup_fingerprint(r.target): r.target for r in current}
+    base = {setup_fingerprint(r.target): r.target for r in baseline}
+    pairs = {fp: fp for fp in cur if fp in base}
+    for key in (lambda t: t.get("target_id", ""), _identity):
+        left = [fp for fp in base if fp not in pairs.values()]
+        for fp, t in cur.items():
+            if fp in pairs:
+                continue
+            candidates = [b for b in left if key(base[b]) == key(t)]
+            if len(candidates) == 1:
+                pairs[fp] = candidates[0]
+                left.remove(candidates[0])
+    return pairs
+
+
+def compare(current: Iterable[Record], baseline: Iterable[Record],
+            thresholds: Thresholds | None = None) -> Comparison:
+    """Every change from ``baseline`` to ``current`` (see the module docstring for the rules)."""
+    from harness.records import merge_records
+
+    current, _ = merge_records(current)
+    baseline, _ = merge_records(baseline)
+    th = thresholds or Thresholds()
+    pairs = pair_setups(current, baseline)
+    labels = setup_labels(r.target for r in current)
+    base_labels = setup_labels(r.target for r in baseline)
+    out = Comparison(thresholds=th)
+    out.pairs = sorted({(labels[c], base_labels[b]) for c, b in pairs.items()})
+    out.unpaired = sorted({labels[setup_fingerprint(r.target)] for r in current
+                           if setup_fingerprint(r.target) not in pairs})
+
+    def key(r: Record, fp: tuple) -> tuple:
+        return (fp, r.backend_name, r.backend_flavor, r.case_id, r.check)
+
+    base_by_key = {key(r, setup_fingerprint(r.target)): r for r in baseline}
+    seen = set()
+    for r in current:
+        fp = setup_fingerprint(r.target)
+        b = base_by_key.get(key(r, pairs[fp])) if fp in pairs else None
+        if b is None:
+            out.new += 1
+            continue
+        seen.add(key(b, setup_fingerprint(b.target)))
+        out.matched += 1
+        out.changes.extend(changes_between(r, b, labels[fp], th))
+    out.missing = len(base_by_key) - len(seen)
+    order = {"regression": 0, "improvement": 1, "notice": 2}
+    out.changes.sort(key=lambda c: (order[c.kind], c.what, c.setup, c.backend, c.case, c.check))
+    return out
+
+
+def changes_between(now: Record, before: Record, setup: str, th: Thresholds) -> list[Change]:
+    """The changes of one matched record."""
+    from harness.report import backend_label, case_of
+
+    label = case_of(now).label
+
+    def change(kind: str, what: str, check: str, a: str, b: str, detail: str) -> Change:
+        return Change(kind, what, setup, backend_label(now), now.case_id, label, check, a, b,
+                      detail)
+
+    out = []
+    if now.status != before.status:
+        rank_now, rank_before = RANK.get(now.status), RANK.get(before.status)
+        if rank_now is None or rank_before is None:
+            detail = ("now runs" if rank_now is not None
+                      else f"no longer runs: {now.reason or 'no reason recorded'}")
+            out.append(change("notice", "coverage", now.check, before.status, now.status, detail))
+        elif rank_now != rank_before:
+            kind = "regression" if rank_now > rank_before else "improvement"
+            out.append(change(kind, "status", now.check, before.status, now.status,
+                              now.reason or "–"))
+    if now.check in ("fwd", "bwd") and now.status != "skip" and before.status != "skip":
+        r_now = finite_or_none(now.metrics.get("ratio"))
+        r_before = finite_or_none(before.metrics.get("ratio"))
+        if (r_now is not None and r_before is not None
+                and r_now > r_before * (1 + th.ratio_growth)
+                and r_now - r_before > th.ratio_growth_abs):
+            out.append(change("regression", "ratio", now.check, f"{r_before:.3g}", f"{r_now:.3g}",
+                              f"err / baseline_err grew {r_now / r_before - 1:+.0%} "
+                              f"(threshold +{th.ratio_growth:.0%} and +{th.ratio_growth_abs:g})"
+                              if r_before > 0 else "grew from 0"))
+    if now.check == "throughput" and now.status == "pass" and before.status == "pass":
+        for name, sub in PASSES:
+            moved = throughput_move(_metrics(now, sub), _metrics(before, sub), th.slowdown)
+            if moved is not None:
+                kind, detail, a, b = moved
+                out.append(change(kind, "throughput", f"throughput {name}", a, b, detail))
+    return out
+
+
+def _metrics(r: Record, sub: str | None) -> dict:
+    return r.metrics if sub is None else (r.metrics.get(sub) or {})
+
+
+def _quartiles(m: dict) -> tuple[float, float, float] | None:
+    median = finite_or_none(m.get("time_ms"))
+    if not median:
+        return None
+    q1 = finite_or_none(m.get("timing_q1_ms"))
+    q3 = finite_or_none(m.get("timing_q3_ms"))
+    if q1 is None or q3 is None:  # no spread recorded: a point interval
+        q1 = q3 = median
+    return q1, median, q3
+
+
+def throughput_move(now: dict, before: dict, threshold: float):
+    """``(kind, detail, before, after)`` when the median time moved beyond the spread, else None.
+
+    Beyond the spread = the relative change exceeds ``threshold`` and the interquartile ranges
+    do not overlap.
+    """
+    a, b = _quartiles(before), _quartiles(now)
+    if a is None or b is None:
+        return None
+    (a1, am, a3), (b1, bm, b3) = a, b
+    change = bm / am - 1
+    text = (f"{am:.4g} ms (IQR {a1:.4g}-{a3:.4g})", f"{bm:.4g} ms (IQR {b1:.4g}-{b3:.4g})")
+    if change > threshold and b1 > a3:
+        return ("regression", f"median time {change:+.1%} (slower); interquartile ranges do not "
+                              f"overlap (threshold {threshold:.0%})", *text)
+    if -change > threshold and b3 < a1:
+        return ("improvement", f"median time {change:+.1%} (faster); interquartile ranges do not "
+                               f"overlap (threshold {threshold:.0%})", *text)
+    return None
+
+
+def render_markdown(c: Comparison, *, level: int = 1) -> str:
+    """The comparison as markdown; ``level`` is the heading level of its title."""
+    from tabulate import tabulate
+
+    h = "#" * level
+    regressions = c.regressions
+    verdict = (f"**{len(regressions)} regression(s)**" if regressions else "no regression")
+    counts = {k: sum(1 for x in c.changes if x.kind == k)
+              for k in ("regression", "improvement", "notice")}
+    parts = [f"{h} Changes against the baseline\n\n{verdict}: {counts['regression']} "
+             f"regression(s), {counts['improvement']} improvement(s), {counts['notice']} "
+             f"coverage notice(s) over {c.matched} matched record(s); {c.new} record(s) have no "
+             f"baseline, {c.missing} baseline record(s) were not run."]
+    if c.pairs:
+        parts.append("Setups compared: " + "; ".join(
+            f"`{a}`" if a == b else f"`{a}` against `{b}`" for a, b in c.pairs) + ".")
+    if c.unpaired:
+        parts.append("No baseline for: " + ", ".join(f"`{u}`" for u in c.unpaired) + ".")
+    th = c.thresholds
+    parts.append(f"Rules: a status whose rank rises (pass < xfail < fail/error < crash/timeout) "
+                 f"is a regression; an error ratio that grows by more than "
+                 f"{th.ratio_growth:.0%} and {th.ratio_growth_abs:g} is a regression; a median "
+                 f"time that moves by more than {th.slowdown:.0%} with interquartile ranges that "
+                 f"do not overlap is a regression (slower) or an improvement (faster).")
+    titles = {"regression": "Regressions", "improvement": "Improvements",
+              "notice": "Coverage changes (not regressions)"}
+    for kind, title in titles.items():
+        rows = [[x.what, f"`{x.setup}`", f"`{x.backend}`", f"`{x.case_id}` {x.case}", x.check,
+                 x.before, x.after, x.detail.replace("|", "\\|").replace("\n", " ")[:300]]
+                for x in c.changes if x.kind == kind]
+        if rows:
+            parts.append(f"{h}# {title}\n\n" + tabulate(
+                rows, headers=["what", "setup", "backend", "case", "check", "before", "after",
+                               "detail"], tablefmt="github", disable_numparse=True))
+    return "\n\n".join(parts)

@@ -1,0 +1,218 @@
+"""Exploration: hypothesis draws cases, a worker judges them, shrinking finds the minimal failure.
+
+Both ``attn-harness run --profile X`` and the parity suite under pytest drive the same function,
+:func:`explore`: it draws up to ``examples`` cases from :func:`harness.strategies.cases` for the
+backend's declared capabilities, runs each through ``run_case`` (which isolates the kernel in a
+worker process), and on the first failing record lets hypothesis shrink to the smallest case that
+still fails. The minimal case is written to ``cases/regressions/`` as TOML, with the backend,
+target and error it failed with, and is reported with the command that replays it.
+
+Settings profiles (``attn-quick``, ``attn-nightly``, ``attn-exhaustive``) are registered with
+hypothesis: no deadline (kernels compile on first use), an explicit seed (``--seed``) so a run
+is reproducible, and the example database under the ignored ``.hypothesis/`` directory locally,
+none in CI (``CI`` set), where runs must depend on the seed alone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.backends.base import Capabilities
+from harness.case import Case
+from harness.records import FAILING, Record
+from harness.strategies import BUDGETS, cases
+
+DATABASE_DIR = Path(".hypothesis") / "attn-harness"
+
+
+class CaseFailed(AssertionError):
+    """Raised inside the hypothesis test when a case fails; carries its records."""
+
+    def __init__(self, case: Case, records: list[Record]) -> None:
+        self.case = case
+        self.records = records
+        failing = [r for r in records if r.status in FAILING]
+        super().__init__("; ".join(f"{r.check} {r.status}: {r.reason}" for r in failing)[:2000])
+
+
+@dataclass
+class Exploration:
+    """What an exploration found.
+
+    Attributes:
+        backend: the backend spec explored.
+        examples: cases drawn in the generate phase (before any failure), repeats included.
+        records: records of those cases, and of the minimal failing case.
+        minimal: the smallest failing case found, or None.
+        failing: the minimal case's failing records.
+        seconds_to_first_failure: wall time from the start to the first failing case.
+        shrink_steps: cases run while shrinking.
+        regression: the TOML file the minimal case was written to.
+        seconds: total wall time.
+    """
+
+    backend: str
+    examples: int = 0
+    records: list[Record] = field(default_factory=list)
+    minimal: Case | None = None
+    failing: list[Record] = field(default_factory=list)
+    seconds_to_first_failure: float | None = None
+    shrink_steps: int = 0
+    regression: Path | None = None
+    seconds: float = 0.0
+
+
+def settings_for(profile: str, examples: int | None = None):
+    """The hypothesis settings of a profile (registered as ``attn-<profile>``)."""
+    from hypothesis import HealthCheck, Phase, settings
+    from hypothesis.database import DirectoryBasedExampleDatabase
+
+    from harness.profile import get_profile
+
+    count = get_profile(profile).explore_examples if examples is None else examples
+    database = None if os.environ.get("CI") else DirectoryBasedExampleDatabase(str(DATABASE_DIR))
+    return settings(
+        max_examples=max(1, count), deadline=None, database=database, print_blob=False,
+        report_multiple_bugs=False,
+        phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink),
+        suppress_health_check=list(HealthCheck),
+    )
+
+
+def register_profiles() -> None:
+    from hypothesis import settings
+
+    for name in BUDGETS:
+        settings.register_profile(f"attn-{name}", settings_for(name))
+
+
+def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case], list[Record]], *,
+            profile: str = "quick", examples: int | None = None, seed: int = 0,
+            on_record: Callable[[Record], None] | None = None, backward: bool = True,
+            regressions: Path | None = None) -> Exploration:
+    """Search for a failing case of ``backend`` (see the module docstring).
+
+    Args:
+        backend: backend spec (for messages and regression files).
+        capabilities: what the backend claims; only such cases are drawn.
+        run_case: runs one case through the checks, returns its records.
+        profile: quick, nightly or exhaustive (example count and cost budget).
+        examples: override the profile's example count.
+        seed: hypothesis seed; the same seed draws the same cases.
+        on_record: called with every record of the generate phase and of the minimal case.
+        backward: draw only cases with a backward (no kv-cache) when bwd is among the checks.
+        regressions: where to write the minimal failing case (None: do not write).
+    """
+    from hypothesis import given
+    from hypothesis import seed as hypothesis_seed
+
+    result = Exploration(backend=backend)
+    start = time.perf_counter()
+    state: dict = {"failed": False, "error": None}
+
+    emitted: set[tuple[str, str]] = set()
+
+    def emit(record: Record) -> None:
+        key = (record.case_id, record.check)
+        if key in emitted:  # hypothesis may draw a case twice: record it once
+            return
+        emitted.add(key)
+        result.records.append(record)
+        if on_record:
+            on_record(record)
+
+    @hypothesis_seed(seed)
+    @settings_for(profile, examples)
+    @given(cases(capabilities, BUDGETS[profile], backward=False))
+    def body(case: Case) -> None:
+        if state.get("error") is not None:
+            return  # the harness itself broke: stop judging, re-raised below
+        try:
+            records = run_case(case)
+        except Exception as exc:  # noqa: BLE001 - not a kernel failure: must not be shrunk
+            state["error"] = exc
+            return
+        if state["failed"]:
+            result.shrink_steps += 1
+        else:
+            result.examples += 1
+            for record in records:
+                emit(record)
+        if any(r.status in FAILING for r in records):
+            if not state["failed"]:
+                state["failed"] = True
+                result.seconds_to_first_failure = time.perf_counter() - start
+            raise CaseFailed(case, records)
+
+    try:
+        body()
+    except CaseFailed as exc:
+        result.minimal = exc.case
+        result.failing = [r for r in exc.records if r.status in FAILING]
+        for record in exc.records:
+            emit(record)
+        if regressions is not None:
+            result.regression = write_regression(regressions, backend, exc.case, result.failing)
+    result.seconds = time.perf_counter() - start
+    if state.get("error") is not None:
+        raise state["error"]
+    return result
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:60] or "backend"
+
+
+def _describe_backend(backend: dict[str, str]) -> str:
+    return (f" ({backend.get('family')}, {backend.get('flavor') or 'no flavor'}, version "
+            f"{backend.get('version') or 'unknown'})")
+
+
+def write_regression(directory: Path, backend: str, case: Case, failing: list[Record]) -> Path:
+    """Write a minimal failing case as a suite file; returns its path."""
+    from harness.report import replay_command
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{_slug(backend)}-{case.case_id}.toml"
+    first = failing[0] if failing else None
+    target = first.target if first else {}
+    lines = [
+        "# Minimal failing case found by attn-harness exploration (hypothesis shrinking).",
+        f"# backend: {backend}" + (_describe_backend(first.backend) if first else ""),
+        f"# target: {target.get('target_id', '?')} ({target.get('device_name', '?')}, torch "
+        f"{target.get('torch', '?')})",
+    ]
+    for record in failing:
+        reason = " ".join(record.reason.split())
+        lines.append(f"# failed: {record.check} {record.status}: {reason[:400]}")
+    if first:
+        lines.append(f"# replay: {replay_command(first)}")
+    named = case.replace(name=case.name or f"regression {backend}")
+    text = "\n".join(lines) + "\n\n" + named.to_toml()
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def summary(result: Exploration) -> str:
+    """One paragraph for the terminal."""
+    distinct = len({r.case_id for r in result.records})
+    if result.minimal is None:
+        return (f"explored {result.examples} generated case(s) ({distinct} distinct) on "
+                f"{result.backend} in {result.seconds:.1f}s: no failure")
+    from harness.report import replay_command
+
+    lines = [f"explored {result.backend}: case {result.examples} failed after "
+             f"{result.seconds_to_first_failure:.1f}s; shrunk in {result.shrink_steps} step(s) to",
+             f"  {result.minimal.label}  (case_id {result.minimal.case_id})"]
+    for record in result.failing:
+        lines.append(f"  {record.check} {record.status}: {record.reason[:300]}")
+    if result.failing:
+        lines.append(f"  replay: {replay_command(result.failing[0])}")
+    if result.regression:
+        lines.append(f"  written to {result.regression}")
+    return "\n".join(lines)

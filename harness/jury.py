@@ -1,0 +1,159 @@
+"""The jury: when several backends run the same case, how far each is from the others and from
+the reference, and which one is the outlier.
+
+Each backend's forward check leaves the output on a seeded sample of query rows (the same rows
+for every backend: the sample depends on the case and the seed only) together with the
+reference on those rows and the tolerance of the parity rule. After the run, :func:`deliberate`
+compares them. This matters most where the exact reference of every row is too expensive
+(row-sampled verdicts): there, agreement of independent kernels is the second witness.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import median
+
+import torch
+from tabulate import tabulate
+
+from harness.case import Case
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:80] or "backend"
+
+
+def save_rows(directory: str | Path, case: Case, backend: str, inputs, rows, kernel_out,
+              ref, allowed: float, kind: str) -> Path:
+    """Keep a backend's output (and the reference) on the sampled rows of ``case``."""
+    from harness.reference import _row_mask
+
+    mask = _row_mask(inputs, rows)
+    if mask is None:
+        mask = torch.ones(inputs.q.shape[:-2], dtype=torch.bool, device=inputs.device)
+    path = Path(directory) / case.case_id / f"{_slug(backend)}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"backend": backend, "label": case.label, "kind": kind, "allowed": allowed,
+                "out": kernel_out.detach()[mask].to("cpu", torch.float64),
+                "ref": ref.out.detach()[mask].to("cpu", torch.float64)}, path)
+    return path
+
+
+@dataclass
+class JuryVerdict:
+    """How the backends that ran one case compare.
+
+    Attributes:
+        case_id, label: the case.
+        kind: exact or sampled-rows (how the reference was computed).
+        allowed: the parity rule's tolerance for the output.
+        to_reference: backend -> max |out - reference| on the rows.
+        pairwise: backend -> backend -> max |difference| on the rows.
+        outlier: the backend that stands apart, or None.
+        finding: one line for people.
+    """
+
+    case_id: str
+    label: str
+    kind: str
+    allowed: float
+    to_reference: dict[str, float] = field(default_factory=dict)
+    pairwise: dict[str, dict[str, float]] = field(default_factory=dict)
+    outlier: str | None = None
+    finding: str = ""
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    d = (a - b).abs()
+    if not torch.isfinite(d).all():
+        return float("inf")
+    return float(d.max()) if d.numel() else 0.0
+
+
+def judge_case(case_id: str, entries: list[dict]) -> JuryVerdict:
+    """Compare the backends of one case (entries as saved by :func:`save_rows`)."""
+    first = entries[0]
+    allowed = max(e["allowed"] for e in entries)
+    verdict = JuryVerdict(case_id, first["label"], first["kind"], allowed)
+    names = [e["backend"] for e in entries]
+    for e in entries:
+        verdict.to_reference[e["backend"]] = _distance(e["out"], e["ref"])
+        verdict.pairwise[e["backend"]] = {o["backend"]: _distance(e["out"], o["out"])
+                                          for o in entries if o is not e}
+    off = [n for n in names if not verdict.to_reference[n] <= allowed]
+    spread = {n: median(verdict.pairwise[n].values()) for n in names}
+    if not off:
+        verdict.finding = "all agree with the reference and with each other"
+    elif len(off) == len(names):
+        agree = all(d <= allowed for n in names for d in verdict.pairwise[n].values())
+        verdict.finding = ("every backend disagrees with the reference, but they agree with each "
+                           "other: suspect the case's semantics" if agree else
+                           "every backend disagrees with the reference and with each other")
+    else:
+        verdict.outlier = max(off, key=lambda n: (verdict.to_reference[n], spread[n]))
+        verdict.finding = (f"{', '.join(off)} disagree(s) with the reference while "
+                           f"{', '.join(n for n in names if n not in off)} agree(s)")
+    return verdict
+
+
+def deliberate(directory: str | Path, *, keep: bool = False) -> list[JuryVerdict]:
+    """Judge every case that more than one backend left rows for; remove the tensors unless
+    ``keep``."""
+    root = Path(directory)
+    verdicts = []
+    if not root.is_dir():
+        return verdicts
+    for case_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        entries = [torch.load(p, weights_only=True) for p in sorted(case_dir.glob("*.pt"))]
+        if len(entries) >= 2:
+            verdicts.append(judge_case(case_dir.name, entries))
+    if not keep:
+        shutil.rmtree(root)
+    return verdicts
+
+
+def write(verdicts: list[JuryVerdict], path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as out:
+        for v in verdicts:
+            out.write(json.dumps(_jsonable(asdict(v))) + "\n")
+
+
+def read(path: str | Path) -> list[JuryVerdict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [JuryVerdict(**json.loads(line)) for line in path.read_text().splitlines() if line]
+
+
+def _jsonable(value):
+    if isinstance(value, float) and value == float("inf"):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def section(verdicts: list[JuryVerdict]) -> str:
+    """The report's jury section (empty when no case ran on more than one backend)."""
+    if not verdicts:
+        return ""
+    rows = []
+    for v in verdicts:
+        distances = ", ".join(f"`{b}` {_fmt(d)}" for b, d in v.to_reference.items())
+        rows.append([v.label, v.kind, _fmt(v.allowed), distances, f"`{v.outlier}`" if v.outlier
+                     else "–", v.finding])
+    flagged = sum(1 for v in verdicts if v.outlier or "disagrees" in v.finding)
+    return ("## Jury\n\nBackends that ran the same case, compared on the same seeded query rows: "
+            "max |output - reference| per backend, against the parity rule's tolerance. "
+            f"{len(verdicts)} case(s), {flagged} with a disagreement.\n\n"
+            + tabulate(rows, headers=["case", "reference", "allowed", "distance to reference",
+                                      "outlier", "finding"], tablefmt="github",
+                       disable_numparse=True))
+
+
+def _fmt(x: float | None) -> str:
+    return "inf" if x is None or x == float("inf") else f"{x:.3g}"

@@ -1,0 +1,203 @@
+"""attn-harness compare: status flips, error-ratio growth and throughput moves beyond the spread.
+
+Runs are the SYNTHETIC fixtures of tests/fixtures/results with changes injected into copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.compare import Thresholds, compare, render_markdown, throughput_move
+from harness.records import Record, RecordWriter, read_many
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "results"
+THREE = [FIXTURES / f for f in ("synthetic-rocm6.2-gfx942-mi300x-ck.jsonl",
+                                "synthetic-rocm6.2-gfx942-mi300x-triton.jsonl",
+                                "synthetic-cuda12.4-sm90-h100.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def baseline() -> list[Record]:
+    return read_many(THREE)
+
+
+def pick(records, *, check, status="pass", flavor="cuda", seqlen=None) -> int:
+    for i, r in enumerate(records):
+        if (r.check == check and r.status == status and r.backend_flavor == flavor
+                and (seqlen is None or r.case.get("seqlen_q") == seqlen)):
+            return i
+    raise LookupError(check)
+
+
+def scaled(metrics: dict, factor: float) -> dict:
+    out = dict(metrics)
+    for key in ("time_ms", "timing_q1_ms", "timing_q3_ms", "timing_min_ms"):
+        out[key] = metrics[key] * factor
+    out["tflops"] = metrics["tflops"] / factor
+    return out
+
+
+def write(tmp_path: Path, name: str, records: list[Record]) -> Path:
+    path = tmp_path / name
+    with RecordWriter(path) as w:
+        for r in records:
+            w.write(r)
+    return path
+
+
+def test_a_run_compared_with_itself_changes_nothing(baseline, capsys):
+    result = compare(baseline, baseline)
+    assert result.changes == [] and not result.regressed
+    assert result.matched == len(baseline) and result.new == result.missing == 0
+    assert main(["compare", *map(str, THREE), "--baseline", *map(str, THREE)]) == 0
+    assert "no regression: 0 regression(s)" in capsys.readouterr().out
+
+
+def test_an_injected_pass_to_fail_flip_is_a_regression_naming_the_case(baseline, tmp_path,
+                                                                        capsys):
+    current = list(baseline)
+    i = pick(current, check="fwd")
+    current[i] = replace(current[i], status="fail", reason="out: 3 of 65536 elements exceed")
+    result = compare(current, baseline)
+    [change] = result.regressions
+    assert (change.what, change.check, change.before, change.after) == ("status", "fwd", "pass",
+                                                                          "fail")
+    assert change.case_id == current[i].case_id
+    path = write(tmp_path, "now.jsonl", current)
+    assert main(["compare", str(path), "--baseline", *map(str, THREE)]) == 1
+    out = capsys.readouterr().out
+    assert "**1 regression(s)**" in out and current[i].case_id in out
+    assert "## Regressions" in out and "out: 3 of 65536 elements exceed" in out
+
+
+def test_a_25_percent_slowdown_is_a_regression_naming_the_case(baseline, tmp_path, capsys):
+    current = list(baseline)
+    i = pick(current, check="throughput", seqlen=4096)
+    current[i] = replace(current[i], metrics=scaled(current[i].metrics, 1.25))
+    result = compare(current, baseline)
+    [change] = result.regressions
+    assert change.what == "throughput" and change.check == "throughput fwd"
+    assert change.case == "b4 q4096 k4096 h32/8 d128 bf16 causal"
+    assert "median time +25.0% (slower)" in change.detail
+    path = write(tmp_path, "now.jsonl", current)
+    assert main(["compare", str(path), "--baseline", *map(str, THREE), "-o",
+                 str(tmp_path / "changes.md")]) == 1
+    out = capsys.readouterr().out
+    assert "b4 q4096 k4096 h32/8 d128 bf16 causal" in out and current[i].case_id in out
+    assert (tmp_path / "changes.md").read_text() == out
+
+
+def test_a_move_inside_the_spread_or_under_the_threshold_is_not_flagged():
+    before = {"time_ms": 10.0, "timing_q1_ms": 9.9, "timing_q3_ms": 10.1}
+    noisy = {"time_ms": 12.5, "timing_q1_ms": 9.0, "timing_q3_ms": 16.0}  # quartiles overlap
+    assert throughput_move(noisy, before, 0.10) is None
+    small = {"time_ms": 10.5, "timing_q1_ms": 10.45, "timing_q3_ms": 10.55}  # 5% < 10%
+    assert throughput_move(small, before, 0.10) is None
+    slow = {"time_ms": 12.5, "timing_q1_ms": 12.4, "timing_q3_ms": 12.6}
+    assert throughput_move(slow, before, 0.10)[0] == "regression"
+    fast = {"time_ms": 8.0, "timing_q1_ms": 7.9, "timing_q3_ms": 8.1}
+    assert throughput_move(fast, before, 0.10)[0] == "improvement"
+    assert throughput_move({}, before, 0.10) is None
+
+
+def test_bwd_and_fwd_bwd_moves_are_compared_too(baseline):
+    current = list(baseline)
+    i = pick(current, check="throughput", seqlen=2048)
+    m = dict(current[i].metrics)
+    m["bwd"] = scaled(m["bwd"], 1.5)
+    current[i] = replace(current[i], metrics=m)
+    [change] = compare(current, baseline).regressions
+    assert change.check == "throughput bwd"
+
+
+def test_improvements_and_coverage_changes_do_not_fail_the_run(baseline, tmp_path):
+    current = list(baseline)
+    failing = pick(current, check="bwd", status="fail", flavor="rocm-ck")
+    current[failing] = replace(current[failing], status="pass", metrics={"ratio": 1.9},
+                               reason="")
+    faster = pick(current, check="throughput", seqlen=1024)
+    current[faster] = replace(current[faster], metrics=scaled(current[faster].metrics, 0.7))
+    skipped = pick(current, check="determinism")
+    current[skipped] = replace(current[skipped], status="skip", reason="flash-attn missing")
+    result = compare(current, baseline)
+    kinds = sorted((c.kind, c.what) for c in result.changes)
+    assert kinds == [("improvement", "status"), ("improvement", "throughput"),
+                     ("notice", "coverage")]
+    assert not result.regressed
+    path = write(tmp_path, "now.jsonl", current)
+    assert main(["compare", str(path), "--baseline", *map(str, THREE)]) == 0
+    text = render_markdown(result)
+    assert "## Improvements" in text and "## Coverage changes (not regressions)" in text
+    assert "median time -30.0% (faster)" in text
+    assert "no longer runs: flash-attn missing" in text
+
+
+@pytest.mark.parametrize(("before", "after", "flagged"), [
+    (0.6, 0.9, True),     # +50% and +0.3
+    (0.6, 0.68, False),   # +13%
+    (0.02, 0.05, False),  # +150% but only +0.03
+])
+def test_error_ratio_growth(baseline, before, after, flagged):
+    i = pick(baseline, check="fwd")
+    old = list(baseline)
+    old[i] = replace(old[i], metrics={**old[i].metrics, "ratio": before})
+    new = list(baseline)
+    new[i] = replace(new[i], metrics={**new[i].metrics, "ratio": after})
+    result = compare(new, old)
+    assert result.regressed is flagged
+    if flagged:
+        assert result.regressions[0].what == "ratio" and "+50%" in result.regressions[0].detail
+
+
+def test_status_ranks(baseline):
+    i = pick(baseline, check="fwd")
+    for before, after, kind in [("pass", "xfail", "regression"), ("fail", "crash", "regression"),
+                                ("crash", "fail", "improvement"), ("xpass", "pass", None),
+                                ("skip", "pass", "notice")]:
+        old = list(baseline)
+        old[i] = replace(old[i], status=before)
+        new = list(baseline)
+        new[i] = replace(new[i], status=after)
+        changes = [c for c in compare(new, old).changes if c.what in ("status", "coverage")]
+        assert [c.kind for c in changes] == ([kind] if kind else []), (before, after)
+
+
+def test_an_upgraded_machine_is_paired_with_its_previous_setup(baseline):
+    h100 = [r for r in baseline if r.target_id == "cuda12.4-sm90-h100"]
+    upgraded = [replace(r, target={**r.target, "target_id": "cuda12.6-sm90-h100",
+                                   "runtime": "CUDA 12.6", "runtime_version": "12.6"})
+                for r in h100]
+    result = compare(upgraded, h100)
+    assert result.pairs == [("cuda12.6-sm90-h100", "cuda12.4-sm90-h100")]
+    assert result.matched == len(h100) and not result.changes
+    assert "`cuda12.6-sm90-h100` against `cuda12.4-sm90-h100`" in render_markdown(result)
+
+
+def test_new_and_missing_records_are_counted(baseline):
+    h100 = [r for r in baseline if r.target_id == "cuda12.4-sm90-h100"]
+    result = compare(h100, baseline)
+    assert result.new == 0 and result.missing == len(baseline) - len(h100)
+    result = compare(baseline, h100)
+    assert result.new == len(baseline) - len(h100) and result.missing == 0
+    assert sorted(result.unpaired) == ["rocm6.2-gfx942-mi300x (flash-attn rocm-ck)",
+                                       "rocm6.2-gfx942-mi300x (flash-attn rocm-triton)"]
+
+
+def test_thresholds_come_from_the_command_line(baseline, tmp_path):
+    current = list(baseline)
+    i = pick(current, check="throughput", seqlen=4096)
+    current[i] = replace(current[i], metrics=scaled(current[i].metrics, 1.25))
+    path = write(tmp_path, "now.jsonl", current)
+    assert main(["compare", str(path), "--baseline", *map(str, THREE), "--slowdown", "0.3"]) == 0
+    assert compare(current, baseline, Thresholds(slowdown=0.3)).changes == []
+
+
+def test_compare_needs_a_baseline(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["compare", str(THREE[0])])
+    assert info.value.code == 2
+    assert "the following arguments are required: --baseline" in capsys.readouterr().err

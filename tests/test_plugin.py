@@ -1,0 +1,109 @@
+"""The pytest plugin, through pytester: options, outcomes, isolation, records."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+ZOO = str(REPO / "tests" / "zoo" / "kernels.py")
+
+
+@pytest.fixture
+def parity(pytester):
+    """A pytester directory holding the parity suites, as users run them."""
+    for name in ("test_cases.py", "test_explore.py"):
+        shutil.copy(REPO / "tests" / "parity" / name, pytester.path / name)
+    return pytester
+
+
+def run(pytester, *args):
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=600)
+
+
+def suite(pytester, text: str) -> str:
+    path = pytester.path / "cases.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_plugin_import_does_not_import_torch():
+    code = "import sys, harness.plugin; print('torch' in sys.modules)"
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_help_lists_every_option_in_one_group(pytester):
+    result = pytester.runpytest("--help")
+    text = result.stdout.str()
+    assert "attention kernel parity (attn-harness):" in text
+    for option in ("--attn-backend=NAME|FILE.py:FUNC", "--attn-suite=NAME|FILE.toml",
+                   "--attn-profile=quick|nightly|exhaustive", "--attn-checks=LIST",
+                   "--attn-seed=N", "--attn-examples=N", "--attn-timeout=S",
+                   "--attn-max-gflop=N", "--attn-audit", "--attn-records=DIR",
+                   "--attn-regressions=DIR"):
+        assert option in text, option
+    assert text.count("(default:") >= 11
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--attn-checks", "fwd,speed"], "could not parse 'fwd,speed'"),
+    (["--attn-profile", "fast"], "could not parse 'fast'"),
+    (["--attn-examples", "-1"], "could not parse '-1': must be >= 0"),
+    (["--attn-backend", "nope"], "--attn-backend nope: unknown backend"),
+    (["--attn-backend", "missing.py:f"], "no such file missing.py"),
+    (["--attn-suite", "no-such-suite"], "--attn-suite: --suite no-such-suite: no such suite"),
+])
+def test_bad_options_are_usage_errors(parity, args, message):
+    result = run(parity, *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert message in result.stderr.str()
+    assert "Traceback" not in result.stderr.str()
+
+
+def test_a_correct_kernel_passes_cases_and_exploration(parity):
+    path = suite(parity, "[[case]]\nseqlen_q = 33\nseqlen_k = 65\nheads_q = 4\nheads_kv = 2\n"
+                         "causal = true\n[[case]]\nseqlen_q = 16\nheads_q = 2\nalibi = true\n"
+                         "softcap = 2.0\n[[case]]\nentry = 'varlen'\nseqlens_q = [3]\n"
+                         "seqlens_k = [5]\n")
+    records = parity.path / "records"
+    result = run(parity, f"--attn-backend={ZOO}:correct", f"--attn-suite={path}",
+                 "--attn-examples=8", f"--attn-records={records}")
+    result.assert_outcomes(passed=3, skipped=1)
+    lines = (records / "results.jsonl").read_text().splitlines()
+    assert len(lines) >= 3 * 3 + 8 * 3
+    assert "## Verdicts" in (records / "report.md").read_text()
+    assert "report: " in result.stdout.str()
+
+
+def test_a_buggy_kernel_fails_with_the_minimal_case_and_its_replay_command(parity):
+    regressions = parity.path / "regressions"
+    result = run(parity, "test_explore.py", f"--attn-backend={ZOO}:gqa_mapping",
+                 "--attn-examples=20", f"--attn-regressions={regressions}")
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "shrunk in" in out and "replay: attn-harness run --backend" in out
+    (written,) = regressions.glob("*.toml")
+    text = written.read_text()
+    assert "[[case]]" in text and "# failed: fwd fail" in text
+    assert "heads_kv = 1" in text or "heads_kv = 2" in text  # GQA survives shrinking
+
+
+def test_a_kernel_that_kills_its_process_loses_no_other_result(parity):
+    path = suite(parity, "[defaults]\nseqlen_q = 16\nheads_q = 2\n"
+                         "[[case]]\nhead_dim = 32\n[[case]]\nhead_dim = 96\n"
+                         "[[case]]\nhead_dim = 64\n")
+    records = parity.path / "records"
+    result = run(parity, "test_cases.py", f"--attn-backend={ZOO}:aborts_on_head_dim_96",
+                 f"--attn-suite={path}", "--attn-checks=fwd", f"--attn-records={records}")
+    result.assert_outcomes(passed=2, failed=1)
+    assert "crash" in result.stdout.str() and "SIGABRT" in result.stdout.str()
+    statuses = sorted(json.loads(x)["status"] for x in
+                      (records / "results.jsonl").read_text().splitlines())
+    assert statuses == ["crash", "pass", "pass"]

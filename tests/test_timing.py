@@ -1,0 +1,221 @@
+"""The timing method, checked with a fake clock: what is flushed, marked, synchronised and counted.
+
+No assertion here depends on how fast anything runs: the fake clock's time advances only when the
+fake kernel or flush says so.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+from harness import timing
+from harness.case import Case
+from harness.timing import Timing, measure, quantile, repetitions, summarize, tflops, time_function
+
+
+class FakeClock:
+    """Virtual milliseconds; logs every flush, mark and sync."""
+
+    method = "fake"
+
+    def __init__(self, flush_ms: float = 0.0) -> None:
+        self.now_ms = 0.0
+        self.flush_ms = flush_ms
+        self.log: list[str] = []
+
+    def sync(self) -> None:
+        self.log.append("sync")
+
+    def flush(self) -> None:
+        self.now_ms += self.flush_ms
+        self.log.append("flush")
+
+    def mark(self) -> float:
+        self.log.append("mark")
+        return self.now_ms
+
+    def elapsed_ms(self, start: float, end: float) -> float:
+        return end - start
+
+
+class FakeKernel:
+    """A call that takes ``durations_ms[i % n]`` of the clock's time on its i-th call."""
+
+    def __init__(self, clock: FakeClock, *durations_ms: float) -> None:
+        self.clock = clock
+        self.durations = durations_ms
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.clock.now_ms += self.durations[self.calls % len(self.durations)]
+        self.calls += 1
+        self.clock.log.append("call")
+
+
+def timed_phase(log: list[str]) -> list[str]:
+    """The log after the estimate's closing sync (the second sync)."""
+    syncs = [i for i, e in enumerate(log) if e == "sync"]
+    return log[syncs[1] + 1:]
+
+
+def test_every_timed_call_is_flushed_and_marked_with_one_sync_at_the_end():
+    clock = FakeClock(flush_ms=0.5)
+    kernel = FakeKernel(clock, 1.0)
+    t = measure(kernel, clock, warmup_s=0.0, budget_s=0.01, min_reps=3)
+    tail = timed_phase(clock.log)
+    assert tail[-1] == "sync" and tail.count("sync") == 1
+    body = tail[:-1]
+    assert body == ["flush", "mark", "call", "mark"] * t.reps
+    assert clock.log.count("sync") == 3  # first call, estimate, end: no host round trips between
+
+
+def test_estimate_includes_the_flush_so_the_budget_is_honoured():
+    clock = FakeClock(flush_ms=1.0)
+    kernel = FakeKernel(clock, 0.01)
+    t = measure(kernel, clock, warmup_s=0.0, budget_s=0.1, min_reps=1)
+    # 100 ms budget / (0.01 ms call + 1 ms flush) -> 99 reps, not 10,000.
+    assert t.reps == 99
+    assert t.median_ms == pytest.approx(0.01)  # the flush is outside the markers
+
+
+@pytest.mark.parametrize(("first_ms", "estimate_calls"), [(1.0, 5), (20.0, 2), (400.0, 1)])
+def test_estimate_uses_five_calls_like_do_bench_and_fewer_for_slow_first_calls(first_ms,
+                                                                              estimate_calls):
+    clock = FakeClock()
+    measure(FakeKernel(clock, first_ms, 1.0, 1.0, 1.0, 1.0, 1.0), clock, warmup_s=0.05,
+            budget_s=0.0, min_reps=1)
+    first_sync, second_sync = [i for i, e in enumerate(clock.log) if e == "sync"][:2]
+    assert clock.log[first_sync + 1:second_sync].count("call") == estimate_calls
+    assert timing.ESTIMATE_CALLS == 5
+
+
+def test_warmup_and_repetitions_follow_the_budgets():
+    budgets = {"warmup_s": 0.05, "budget_s": 0.25, "min_reps": 5, "max_reps": 10**5}
+    assert repetitions(1.0, 5, **budgets) == (45, 250)
+    assert repetitions(1000.0, 1, **budgets) == (0, 5)
+    assert repetitions(1e-9, 5, warmup_s=0.0, budget_s=1.0, min_reps=5, max_reps=1000) == (0, 1000)
+
+
+def test_summary_is_the_median_and_linear_quartiles_of_the_timed_calls():
+    clock = FakeClock()
+    durations = (1.0, 2.0, 3.0, 4.0, 10.0)
+    kernel = FakeKernel(clock, *durations)
+    t = measure(kernel, clock, warmup_s=0.0, budget_s=0.0, min_reps=5)
+    assert t.reps == 5
+    # After the first call and 5 estimate calls the timed ones take 2, 3, 4, 10, 1 ms.
+    assert (t.min_ms, t.q1_ms, t.median_ms, t.q3_ms) == (1.0, 2.0, 3.0, 4.0)
+    assert t.iqr_ms == 2.0
+    assert t.method == "fake"
+
+
+def test_quantile_matches_torch():
+    values = sorted([0.3, 1.7, 2.2, 9.0, 4.4, 4.5, 0.1])
+    for q in (0.0, 0.2, 0.25, 0.5, 0.75, 0.8, 1.0):
+        expected = torch.quantile(torch.tensor(values, dtype=torch.float64), q).item()
+        assert quantile(values, q) == pytest.approx(expected)
+    s = summarize([5.0, 1.0, 3.0], "m")
+    assert (s.median_ms, s.q1_ms, s.q3_ms, s.min_ms, s.reps) == (3.0, 2.0, 4.0, 1.0, 3)
+    assert s.median_ms == statistics.median([5.0, 1.0, 3.0])
+
+
+def test_summarize_refuses_no_times():
+    with pytest.raises(ValueError, match="at least one"):
+        summarize([], "m")
+
+
+def test_tflops_units():
+    assert tflops(1e12, 1000.0) == pytest.approx(1.0)
+    assert tflops(2e12, 1.0) == pytest.approx(2000.0)
+
+
+def test_graph_replay_on_a_cpu_falls_back_and_says_so():
+    calls = []
+    t = time_function(lambda: calls.append(1), "cpu", warmup_s=0.0, budget_s=0.0, min_reps=2,
+                      graph=True, clock=FakeClock())
+    assert "graph replay unavailable" in t.note and "cpu is not a CUDA/HIP device" in t.note
+    assert "graph" not in t.method
+    assert calls  # the plain call was timed
+    assert t.to_dict()["note"] == t.note
+
+
+def test_graph_replay_times_the_replay_not_the_call():
+    clock = FakeClock()
+    plain = FakeKernel(clock, 5.0)
+    replay = FakeKernel(clock, 1.0)
+    captured = []
+
+    def capture(fn, device):
+        captured.append((fn, device))
+        return replay
+
+    t = time_function(plain, "cpu", warmup_s=0.0, budget_s=0.0, min_reps=3, graph=True,
+                      clock=clock, capture=capture)
+    assert captured and captured[0][0] is plain
+    assert plain.calls == 0 and replay.calls > 0
+    assert t.method == "fake+graph" and t.note == "" and "note" not in t.to_dict()
+    assert t.median_ms == 1.0
+
+
+def test_failed_capture_falls_back_to_plain_calls_and_names_the_error():
+    clock = FakeClock()
+    plain = FakeKernel(clock, 2.0)
+
+    def capture(fn, device):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    t = time_function(plain, "cpu", warmup_s=0.0, budget_s=0.0, min_reps=3, graph=True,
+                      clock=clock, capture=capture)
+    assert t.note == ("graph replay unavailable: capture failed with RuntimeError: operation not "
+                      "permitted when stream is capturing")
+    assert plain.calls > 0 and t.method == "fake" and t.median_ms == 2.0
+
+
+def test_cpu_default_clock_is_perf_counter_without_flush():
+    t = time_function(lambda: None, "cpu", warmup_s=0.0, budget_s=0.0, min_reps=3)
+    assert t.method == "perf-counter" and t.reps == 3 and isinstance(t, Timing)
+
+
+def test_forward_flops_count_visible_pairs():
+    full = Case(batch=2, seqlen_q=1024, heads_q=8, head_dim=64)
+    causal = full.replace(causal=True)
+    local = full.replace(window=(127, 0))
+    assert full.flops_fwd() == 4 * 2 * 8 * 64 * 1024 * 1024
+    assert causal.flops_fwd() == 4 * 2 * 8 * 64 * (1024 * 1025 // 2)
+    assert local.flops_fwd() == 4 * 2 * 8 * 64 * (128 * 1024 - 127 * 128 // 2)
+
+
+def test_throughput_check_rates_fwd_bwd_and_both_with_flash_attn_factors(monkeypatch):
+    """check_throughput's arithmetic, with time_function replaced by a fixed 2 ms."""
+    from harness import checks
+    from harness.backends import load_backend
+    from harness.profile import get_profile
+    from harness.target import Target
+
+    seen = []
+
+    def fake_time_function(fn, device, **kwargs):
+        fn()  # the closures must be callable as built
+        seen.append(kwargs)
+        return Timing(2.0, 1.5, 2.5, 1.0, 7, "fake")
+
+    monkeypatch.setattr(checks, "time_function", fake_time_function)
+    case = Case(batch=1, seqlen_q=16, heads_q=2, head_dim=8, dtype="float32", causal=True)
+    target = Target(vendor="cpu", device_name="cpu", arch="x86_64", peak_tflops=100.0)
+    run = checks.CaseRun(case, load_backend("sdpa-math"), target, seed=0,
+                         profile=get_profile("quick"), device="cpu")
+    verdict = run.check_throughput()
+    m = verdict.metrics
+    flops = case.flops_fwd()
+    assert m["flops_fwd"] == flops
+    assert m["time_ms"] == 2.0 and m["tflops"] == pytest.approx(flops / 2e-3 / 1e12)
+    assert m["bwd"]["tflops"] == pytest.approx(2.5 * flops / 2e-3 / 1e12)
+    assert m["fwd_bwd"]["tflops"] == pytest.approx(3.5 * flops / 2e-3 / 1e12)
+    assert m["timing_iqr_ms"] == 1.0 and m["timing_reps"] == 7
+    assert m["pct_peak"] is None  # float32 is not what the fp16/bf16 peak measures
+    assert len(seen) == 3 and all(k["graph"] is False for k in seen)
+    half = checks.CaseRun(case.replace(dtype="bfloat16"), load_backend("sdpa-math"), target,
+                          seed=0, profile=get_profile("quick"), device="cpu").check_throughput()
+    assert half.metrics["pct_peak"] == pytest.approx(100 * half.metrics["tflops"] / 100.0)

