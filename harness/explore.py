@@ -46,7 +46,7 @@ class Exploration:
 
     Attributes:
         backend: the backend spec explored.
-        examples: cases drawn in the generate phase (before any failure), repeats included.
+        examples: distinct cases run in the generate phase (before any failure).
         records: records of those cases, and of the minimal failing case.
         minimal: the smallest failing case found, or None.
         failing: the minimal case's failing records.
@@ -126,12 +126,20 @@ def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case],
         if on_record:
             on_record(record)
 
+    seen: set[str] = set()
+
     @hypothesis_seed(seed)
     @settings_for(profile, examples)
     @given(cases(capabilities, BUDGETS[profile], backward=False))
     def body(case: Case) -> None:
         if state.get("error") is not None:
             return  # the harness itself broke: stop judging, re-raised below
+        if not state["failed"]:
+            if case.case_id in seen:  # a repeat teaches nothing: ask hypothesis for another
+                from hypothesis import reject
+
+                reject()
+            seen.add(case.case_id)
         try:
             records = run_case(case)
         except Exception as exc:  # noqa: BLE001 - not a kernel failure: must not be shrunk

@@ -49,6 +49,9 @@ def pytest_addoption(parser) -> None:
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "attn_parity: a parity test driven by the --attn- options")
+    from harness.explore import register_profiles
+
+    register_profiles()  # attn-quick, attn-nightly, attn-exhaustive: --hypothesis-profile
     specs = config.getoption("--attn-backend") or []
     problems = [msg for msg in map(_static_backend_problem, specs) if msg]
     if problems:

@@ -31,16 +31,14 @@ def _blockwise(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_
         q, k, v = (torch.as_strided(t, t.shape, torch.empty(t.shape).stride(), t.storage_offset())
                    for t in (q, k, v))
     b, sq, hq, d = q.shape
-    sk, hkv = k.shape[1], k.shape[2]
+    sk = k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     if bug == "wrong_scale":  # the scale of the head_dim the kernel was tuned for
         scale = 0.125
-    heads = torch.arange(hq, device=q.device)
-    kv_head = heads % hkv if bug == "gqa_mapping" else heads // (hq // hkv)
     acc_dtype = torch.float16 if bug == "fp16_accumulate" else torch.float32
     qf = q.float().transpose(1, 2)  # (b, hq, sq, d)
-    kf = k.float()[:, :, kv_head].transpose(1, 2)
-    vf = v.float()[:, :, kv_head].transpose(1, 2)
+    kf = _heads(k.float(), hq, bug).transpose(1, 2)
+    vf = _heads(v.float(), hq, bug).transpose(1, 2)
     left, right = window_size
     if causal:
         right = 0
@@ -88,6 +86,17 @@ def _blockwise(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_
     return out.to(out_dtype)
 
 
+def _heads(t: torch.Tensor, hq: int, bug: str) -> torch.Tensor:
+    """kv heads repeated for the query heads: head h reads kv head h // group (or, with the
+    gqa_mapping bug, h % heads_kv). expand + reshape, so the backward is a deterministic sum
+    (fancy indexing would backprop through a parallel scatter-add, nondeterministic on CPUs)."""
+    b, s, hkv, d = t.shape
+    group = hq // hkv
+    if bug == "gqa_mapping":
+        return t[:, :, None].expand(b, s, group, hkv, d).reshape(b, s, hq, d)
+    return t[:, :, :, None].expand(b, s, hkv, group, d).reshape(b, s, hq, d)
+
+
 def _signature(bug: str):
     def kernel(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
@@ -132,9 +141,9 @@ class _WrongBackward(torch.autograd.Function):
         b, sq, hq, d = q.shape
         sk, hkv = k.shape[1], k.shape[2]
         scale = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(d)
-        idx = torch.arange(hq) // (hq // hkv)
         qf, do = q.float().transpose(1, 2), dout.float().transpose(1, 2)
-        kf, vf = k.float()[:, :, idx].transpose(1, 2), v.float()[:, :, idx].transpose(1, 2)
+        kf = _heads(k.float(), hq, "").transpose(1, 2)
+        vf = _heads(v.float(), hq, "").transpose(1, 2)
         s = qf @ kf.transpose(-1, -2) * scale
         if ctx.causal:
             rel = torch.arange(sq)[:, None] + sk - sq - torch.arange(sk)[None, :]
