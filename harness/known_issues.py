@@ -3,7 +3,9 @@
 Each ``[[issue]]`` names a backend (and optionally flavors, a version range, architectures) and a
 case predicate. A matching case runs as a strict expected failure: a failure is recorded as
 ``xfail``; a pass as ``xpass``, which fails the run until the entry is updated, so a fix shows up
-instead of hiding. Example::
+instead of hiding. ``checks`` narrows an entry to some checks. ``strict = false`` is for
+precision issues that show on some shapes only: a failure is still ``xfail``, a pass stays a
+plain ``pass`` (it would otherwise be an xpass on most cases). Example::
 
     [[issue]]
     id = "ck-softcap-ignored"
@@ -42,7 +44,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PATH = REPO_ROOT / "cases" / "known_issues.toml"
 _OPS = {">=": operator.ge, "<=": operator.le, "!=": operator.ne, "==": operator.eq,
         ">": operator.gt, "<": operator.lt}
-_KEYS = ("id", "backend", "flavors", "versions", "archs", "targets", "when", "link", "description")
+_KEYS = ("id", "backend", "flavors", "versions", "archs", "targets", "checks", "strict", "when",
+         "link", "description")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class KnownIssue:
     versions: str = ""
     archs: tuple[str, ...] = ()
     targets: tuple[str, ...] = ()
+    checks: tuple[str, ...] = ()
+    strict: bool = True
     when: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -134,13 +139,19 @@ def parse(data: dict[str, Any], where: str) -> list[KnownIssue]:
         for key in when:
             if key != "features" and key not in FIELD_NAMES:
                 raise InvalidCase(f"{label}: 'when' has unknown case field {key!r}")
+        if not isinstance(entry.get("strict", True), bool):
+            raise InvalidCase(f"{label}: 'strict' must be true or false")
+        bad = [c for c in entry.get("checks", ()) if c not in ("fwd", "bwd", "determinism")]
+        if bad:
+            raise InvalidCase(f"{label}: 'checks' has {bad[0]!r}; use fwd, bwd or determinism")
         if entry.get("versions"):
             version_in("0", entry["versions"])  # validates the syntax
         out.append(KnownIssue(
             id=entry["id"], backend=entry["backend"], link=entry["link"],
             description=entry.get("description", ""), flavors=tuple(entry.get("flavors", ())),
             versions=entry.get("versions", ""), archs=tuple(entry.get("archs", ())),
-            targets=tuple(entry.get("targets", ())), when=dict(when)))
+            targets=tuple(entry.get("targets", ())), checks=tuple(entry.get("checks", ())),
+            strict=bool(entry.get("strict", True)), when=dict(when)))
     return out
 
 

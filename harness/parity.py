@@ -37,6 +37,7 @@ class ParitySession:
     regressions: Path | None = None
     backends: list[str] = field(default_factory=list)
     capabilities: dict[str, Any] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
     findings: list[str] = field(default_factory=list)
     _runner: Any = None
     _writer: RecordWriter | None = None
@@ -80,6 +81,7 @@ class ParitySession:
             if requested or not info["availability"]:
                 self.backends.append(spec)
                 self.capabilities[spec] = info["capabilities"]
+                self.unavailable[spec] = info["availability"] or ""
         if not self.backends:
             raise pytest.UsageError("no backend is available here; attn-harness info says why")
         if self.records_dir is not None:
@@ -120,6 +122,8 @@ class ParitySession:
         """Explore a backend; fail with the minimal case when something fails."""
         from harness.explore import explore, summary
 
+        if self.unavailable.get(spec):
+            pytest.skip(f"{spec} is unavailable: {self.unavailable[spec]}")
         checks = tuple(c for c in self.checks if c != "throughput")
         if not checks:
             pytest.skip("exploration needs fwd, bwd or determinism among --attn-checks")

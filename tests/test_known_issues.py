@@ -65,3 +65,17 @@ def test_matching_cases_are_strict_expected_failures():
     assert expected_failure(_record("skip"), "k").status == "skip"
     assert replace(_record("crash")).status == "crash"
     assert expected_failure(_record("crash"), "k").status == "crash"  # a crash is never expected
+
+
+def test_non_strict_entries_expect_failures_without_demanding_them():
+    assert expected_failure(_record("fail"), "k", strict=False).status == "xfail"
+    assert expected_failure(_record("pass"), "k", strict=False).status == "pass"
+
+
+def test_checks_and_strict_keys_are_validated():
+    (issue,) = known_issues.parse({"issue": [{"id": "x", "backend": "b", "link": "l",
+                                              "checks": ["bwd"], "strict": False}]}, "k.toml")
+    assert issue.checks == ("bwd",) and issue.strict is False
+    with pytest.raises(InvalidCase, match="'checks' has 'speed'"):
+        known_issues.parse({"issue": [{"id": "x", "backend": "b", "link": "l",
+                                       "checks": ["speed"]}]}, "k.toml")
