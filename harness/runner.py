@@ -141,9 +141,8 @@ def execute(task: Task, target, backends: dict[str, Any]):
             target=target.to_dict(), check=verdict.check, status=verdict.status,
             metrics=_clean(verdict.metrics), reason=verdict.reason, suite=task.suite,
             seed=task.seed, time=now())
-        if known is not None:
-            if not known.checks or record.check in known.checks:
-                record = expected_failure(record, known.label, strict=known.strict)
+        if known is not None and (not known.checks or record.check in known.checks):
+            record = expected_failure(record, known.label, strict=known.strict)
         yield ("record", record)
 
 
