@@ -95,6 +95,33 @@ class CaseRun:
             return self._cache["base+grads"]
         return self._cached("base", lambda: reference.baseline(self.inputs))
 
+    def yardstick(self, ref: Outputs, plain: Outputs, key: str, grads: bool = False,
+                  rows=None) -> Outputs:
+        """The baseline the judge measures against.
+
+        For 16-bit cases it is flash-attn's: the plain PyTorch math at the kernel's dtype. For
+        float32, rounding-order noise rather than 16-bit rounding dominates, and one plain
+        implementation understates how far correct float32 kernels land (a blockwise, online-
+        softmax float32 computation errs several times more on ill-conditioned cases). There,
+        per tensor, the larger error of the two correct float32 algorithms is the yardstick.
+        """
+        if self.inputs.q.dtype != torch.float32:
+            return plain
+        blockwise = self._cached(key, lambda: reference.reference(
+            self.inputs, dtype=torch.float32, grads=grads, rows=rows))
+        chosen = Outputs(out=plain.out, lse=plain.lse, dq=plain.dq, dk=plain.dk, dv=plain.dv,
+                         rows=plain.rows)
+        for name in ("out", "lse", "dq", "dk", "dv"):
+            a, b, r = getattr(plain, name), getattr(blockwise, name), getattr(ref, name)
+            if a is None or b is None or r is None:
+                continue
+            finite = torch.isfinite(r)
+            err_a = float(torch.where(finite, (a.double() - r).abs(), 0).nan_to_num(0).max())
+            err_b = float(torch.where(finite, (b.double() - r).abs(), 0).nan_to_num(0).max())
+            if err_b > err_a:
+                setattr(chosen, name, b)
+        return chosen
+
     def _rng_seed(self, salt: str) -> int:
         return derive_seed(self.seed, self.case.case_id, salt)
 
@@ -172,8 +199,10 @@ class CaseRun:
                                          self._rng_seed("sampled-rows"))
             ref = self._cached("ref-rows", lambda: reference.reference(self.inputs, rows=rows))
             base = self._cached("base-rows", lambda: reference.baseline(self.inputs, rows=rows))
+            base = self.yardstick(ref, base, "blockwise-rows", rows=rows)
         else:
-            ref, base = self.ref(), self.base()
+            ref = self.ref()
+            base = self.yardstick(ref, self.base(), "blockwise")
         atol = judge.ATOL[self.inputs.q.dtype]
         comparisons = [judge.compare("out", result.out, base.out, ref.out, k=judge.K_OUT,
                                      atol=atol, valid=ref.row_mask(ref.out))]
@@ -216,7 +245,8 @@ class CaseRun:
         if self.case.dropout_p:
             return self._dropout("bwd")
         result = self.call_backward()
-        ref, base = self.ref(grads=True), self.base(grads=True)
+        ref = self.ref(grads=True)
+        base = self.yardstick(ref, self.base(grads=True), "blockwise+grads", grads=True)
         atol = judge.ATOL[self.inputs.q.dtype]
         comparisons = [
             judge.compare(name, getattr(result, name), getattr(base, name), getattr(ref, name),
