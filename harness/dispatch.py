@@ -46,13 +46,20 @@ class Plan:
 
 
 def estimated_bytes(case: Case, checks: tuple[str, ...]) -> int:
-    """Peak memory the harness needs for the case: inputs and outputs at the case's dtype, the
-    float64 reference copies (with gradients when ``bwd`` runs) and one block of scores."""
-    scale = 8 / DTYPE_BYTES[case.dtype]
+    """Peak memory the harness needs for the case: inputs and outputs at the case's dtype (and
+    the kernel's own copy), the reference's float64 queries and output (everything, with the
+    gradients, when ``bwd`` runs) and a few blocks of scores."""
+    es = DTYPE_BYTES[case.dtype]
     base = case.input_bytes()
+    q_elems = case.total_q * case.heads_q * case.head_dim
+    kv_elems = (base - 2 * q_elems * es) // es  # k and v, at the cache capacity
     judged = {"fwd", "bwd"} & set(checks)  # only these compute the reference and baseline
-    ref = int(base * scale) if judged else 0
-    grads = 2 * (base + ref) if "bwd" in checks and case.entry != "kvcache" else 0
+    # The forward reference widens q and its output to float64; keys go one block at a time.
+    ref = 8 * 2 * q_elems if judged else 0
+    # The backward reference widens everything and keeps dq, dk, dv (and the baseline's).
+    grads = 0
+    if "bwd" in checks and case.entry != "kvcache":
+        grads = 8 * 2 * (q_elems + kv_elems) + 2 * base
     blocks = 6 * BLOCK_ELEMS * 8 if judged else 0
     return base * 2 + ref + grads + blocks
 

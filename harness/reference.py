@@ -168,13 +168,14 @@ def attention_forward(q, k, v, p: Params, slopes=None, *, rows=None, seqlen_q=No
         l_sum = q.new_zeros(B, Hkv, G, i1 - i0)
         acc = q.new_zeros(B, Hkv, G, i1 - i0, d)
         for j0, j1, need_mask in _blocks(p, rb, sk, ck, off):
-            s, _, _ = _scores(qb, k[:, j0:j1], rb, j0, off, p, sl, need_mask)
+            s, _, _ = _scores(qb, k[:, j0:j1].to(q.dtype), rb, j0, off, p, sl, need_mask)
             m_new = torch.maximum(m, s.amax(-1))
             m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
             e = torch.exp(s - m_safe[..., None])
             alpha = torch.exp(m - m_safe)
             l_sum = l_sum * alpha + e.sum(-1)
-            acc = acc * alpha[..., None] + torch.einsum("bhgij,bjhd->bhgid", e, v[:, j0:j1])
+            vb = v[:, j0:j1].to(q.dtype)
+            acc = acc * alpha[..., None] + torch.einsum("bhgij,bjhd->bhgid", e, vb)
             m = m_new
         seen = l_sum > 0
         normalised = acc / l_sum.clamp_min(1e-300)[..., None]
@@ -209,7 +210,7 @@ def attention_backward(q, k, v, out, lse, dout, p: Params, slopes=None, *,
         qb, dob, rb = qg[:, i0:i1], dog[:, i0:i1], rows[i0:i1]
         lse_b, delta_b = lse_safe[..., i0:i1, None], delta[..., i0:i1, None]
         for j0, j1, need_mask in _blocks(p, rb, sk, ck, off):
-            kb, vb = k[:, j0:j1], v[:, j0:j1]
+            kb, vb = k[:, j0:j1].to(q.dtype), v[:, j0:j1].to(q.dtype)
             s, t, _ = _scores(qb, kb, rb, j0, off, p, sl, need_mask)
             prob = torch.exp(s - lse_b)
             dv[:, j0:j1] += torch.einsum("bhgij,bihgd->bjhd", prob, dob)
@@ -237,14 +238,14 @@ def dropout_variance_forward(q, k, v, lse, p: Params, slopes=None, *,
     lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse)
     sl = None if slopes is None else slopes.to(q.dtype)
     acc = q.new_zeros(B, Hkv, G, sq, d)
-    v2 = v * v
     cq, ck = _chunk_sizes(B * Hq, sq, sk, block_elems)
     for i0 in range(0, sq, cq):
         i1 = min(sq, i0 + cq)
         for j0, j1, need_mask in _blocks(p, rows[i0:i1], sk, ck, off):
-            s, _, _ = _scores(qg[:, i0:i1], k[:, j0:j1], rows[i0:i1], j0, off, p, sl, need_mask)
+            kb, vb = k[:, j0:j1].to(q.dtype), v[:, j0:j1].to(q.dtype)
+            s, _, _ = _scores(qg[:, i0:i1], kb, rows[i0:i1], j0, off, p, sl, need_mask)
             prob = torch.exp(s - lse_safe[..., i0:i1, None])
-            acc[:, :, :, i0:i1] += torch.einsum("bhgij,bjhd->bhgid", prob * prob, v2[:, j0:j1])
+            acc[:, :, :, i0:i1] += torch.einsum("bhgij,bjhd->bhgid", prob * prob, vb * vb)
     return acc.permute(0, 3, 1, 2, 4).reshape(B, sq, Hq, d)
 
 
@@ -437,7 +438,9 @@ def reference(inputs: Inputs, *, dtype: torch.dtype | None = None, params: Param
         q, k, v = piece.q_like(inputs.q), piece.kv_like(inputs.k), piece.kv_like(inputs.v)
         if q.shape[1] == 0 or k.shape[1] == 0:
             continue
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        # Keys and values stay at the input dtype and are widened one block at a time, so the
+        # reference's memory follows the block, not the key length (a 1M-token cache).
+        q = q.to(dtype)
         chosen = rows[index] if rows is not None else None
         if chosen is not None:
             o, lse = attention_forward(q[:, chosen], k, v, p, slopes, rows=chosen,
@@ -450,7 +453,8 @@ def reference(inputs: Inputs, *, dtype: torch.dtype | None = None, params: Param
         piece.put_lse(result.lse, lse)
         if grads:
             do = piece.q_like(inputs.dout).to(dtype)
-            dq, dk, dv = attention_backward(q, k, v, o, lse, do, p, slopes, block_elems=block_elems)
+            dq, dk, dv = attention_backward(q, k.to(dtype), v.to(dtype), o, lse, do, p, slopes,
+                                            block_elems=block_elems)
             piece.put_q(result.dq, dq)
             piece.put_kv(result.dk, dk)
             piece.put_kv(result.dv, dv)
@@ -503,7 +507,7 @@ def dropout_variance(inputs: Inputs, *, dtype: torch.dtype | None = None,
         q, k, v = piece.q_like(inputs.q), piece.kv_like(inputs.k), piece.kv_like(inputs.v)
         if q.shape[1] == 0 or k.shape[1] == 0:
             continue
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        q = q.to(dtype)  # keys and values are widened one block at a time
         _, lse = attention_forward(q, k, v, p, slopes, block_elems=block_elems)
         piece.put_q(var, dropout_variance_forward(q, k, v, lse, p, slopes, block_elems=block_elems))
     return var * (case.dropout_p / (1.0 - case.dropout_p))
