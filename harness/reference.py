@@ -14,6 +14,7 @@ of flash-attn's parity rule.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,6 +53,28 @@ class Params:
     @property
     def masked(self) -> bool:
         return self.left >= 0 or self.right >= 0
+
+
+def ieee_float32(fn):
+    """Run ``fn`` with float32 matmuls at full precision on NVIDIA GPUs.
+
+    With TF32 allowed (``torch.backends.cuda.matmul.allow_tf32``, or
+    ``torch.set_float32_matmul_precision("high")`` in a user kernel's module), a float32
+    reference errs about 1e-3, as much as the 16-bit kernels it judges, and a float32 baseline
+    grows lenient. The setting is restored afterwards, so kernels run as they were configured.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        matmul = torch.backends.cuda.matmul
+        saved = matmul.allow_tf32
+        matmul.allow_tf32 = False
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            matmul.allow_tf32 = saved
+
+    return wrapper
 
 
 def reference_dtype(case_dtype: str, device: torch.device | str) -> torch.dtype:
@@ -404,6 +427,7 @@ def _row_mask(inputs: Inputs, rows: list[torch.Tensor | None] | None) -> torch.T
     return mask
 
 
+@ieee_float32
 def reference(inputs: Inputs, *, dtype: torch.dtype | None = None, params: Params | None = None,
               alibi: bool | None = None, grads: bool = False,
               rows: list[torch.Tensor | None] | None = None,
@@ -461,6 +485,7 @@ def reference(inputs: Inputs, *, dtype: torch.dtype | None = None, params: Param
     return result
 
 
+@ieee_float32
 def baseline(inputs: Inputs, *, grads: bool = False,
              rows: list[torch.Tensor | None] | None = None,
              block_elems: int = BLOCK_ELEMS) -> Outputs:
@@ -493,6 +518,7 @@ def baseline(inputs: Inputs, *, grads: bool = False,
     return result
 
 
+@ieee_float32
 def dropout_variance(inputs: Inputs, *, dtype: torch.dtype | None = None,
                      block_elems: int = BLOCK_ELEMS) -> torch.Tensor:
     """The theoretical variance of each output element under the case's dropout."""

@@ -339,9 +339,16 @@ def flash_attn_flavor(hip: str, environ: Any) -> str:
     return detect_flavor(hip, environ)
 
 
+#: Set where the sources travel without their git metadata (a copied tree, an unpacked
+#: tarball): the revision they were taken from, recorded as given.
+REVISION_ENV = "ATTN_HARNESS_GIT_REVISION"
+
+
 def git_revision() -> str:
+    """The checkout's short revision (``-dirty`` with uncommitted changes to tracked files);
+    without a ``.git``, :data:`REVISION_ENV`; else empty."""
     if not (REPO_ROOT / ".git").exists():
-        return ""
+        return os.environ.get(REVISION_ENV, "").strip()
     try:
         out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"],
                              capture_output=True, text=True, timeout=5, check=False)

@@ -168,3 +168,19 @@ def test_reference_memory_is_bounded_by_the_chunk_not_the_problem():
     assert result["finite"]
     assert grown_mib < 400, f"reference+baseline grew the process by {grown_mib:.0f} MiB"
     assert grown_mib < full_matrix_mib / 2.5
+
+
+def test_reference_and_baseline_run_without_tf32_and_restore_the_setting(monkeypatch):
+    # TF32 would make a float32 reference as inexact as the 16-bit kernels it judges.
+    import torch
+
+    from harness import reference as ref_module
+
+    seen = []
+    probe = ref_module.ieee_float32(lambda: seen.append(torch.backends.cuda.matmul.allow_tf32))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    probe()
+    assert seen == [False]
+    assert torch.backends.cuda.matmul.allow_tf32 is True
+    for fn in (ref_module.reference, ref_module.baseline, ref_module.dropout_variance):
+        assert getattr(fn, "__wrapped__", None) is not None, fn.__name__

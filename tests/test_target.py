@@ -300,3 +300,19 @@ def test_present_optional_helpers_enrich_the_driver(monkeypatch):
         amdsmi_get_gpu_driver_info=lambda handle: {"driver_version": "6.8.5"})
     monkeypatch.setitem(sys.modules, "amdsmi", fake_amdsmi)
     assert tgt._optional_driver_version("amdsmi") == "6.8.5"
+
+
+def test_git_revision_without_git_metadata_comes_from_the_environment(tmp_path, monkeypatch):
+    # A copied tree (no .git) records the revision it was told, or nothing; never a guess.
+    monkeypatch.setattr(tgt, "REPO_ROOT", tmp_path)
+    monkeypatch.delenv(tgt.REVISION_ENV, raising=False)
+    assert tgt.git_revision() == ""
+    monkeypatch.setenv(tgt.REVISION_ENV, "545764d1e2f3")
+    assert tgt.git_revision() == "545764d1e2f3"
+
+
+def test_git_revision_of_this_checkout_ignores_the_environment(monkeypatch):
+    if not (tgt.REPO_ROOT / ".git").exists():
+        pytest.skip("this copy of the repository has no .git")
+    monkeypatch.setenv(tgt.REVISION_ENV, "not-this")
+    assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?", tgt.git_revision())
