@@ -155,6 +155,15 @@ class Case:
         return [(self.seqlen_q, self.seqlen_k)] * self.batch
 
     @property
+    def rows_without_keys(self) -> bool:
+        """Whether some query row sees no key (its output is zero by flash-attn's semantics):
+        under a bottom-right right bound when ``seqlen_k - seqlen_q + right < 0`` (the leading
+        rows), or in a sequence with no keys at all."""
+        _, right = self.mask_window
+        return any(sq > 0 and (sk == 0 or (right >= 0 and sk - sq + right < 0))
+                   for sq, sk in self.sequence_lengths())
+
+    @property
     def total_q(self) -> int:
         return sum(sq for sq, _ in self.sequence_lengths())
 

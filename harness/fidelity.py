@@ -231,16 +231,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             if reasons:
                 notes.append(f"{backend.name} {case.label}: skipped ({'; '.join(reasons)})")
                 continue
-            for timed, fn in calls(case, backend, device).items():
-                if timed not in passes:
-                    continue
-                row = replace(compare_call(
-                    fn, device, rounds=args.rounds, warmup_ms=warmup_ms, rep_ms=rep_ms,
-                    graph=args.graph, measure_yardstick=measure_yardstick),
-                    case=case.label, backend=backend.name, timed=timed)
-                rows.append(row)
-                print(f"  {backend.name} {case.label} {timed}: {row.harness_ms:.4g} ms vs "
-                      f"{row.yardstick_ms:.4g} ms", file=sys.stderr, flush=True)
+            try:
+                for timed, fn in calls(case, backend, device).items():
+                    if timed not in passes:
+                        continue
+                    row = replace(compare_call(
+                        fn, device, rounds=args.rounds, warmup_ms=warmup_ms, rep_ms=rep_ms,
+                        graph=args.graph, measure_yardstick=measure_yardstick),
+                        case=case.label, backend=backend.name, timed=timed)
+                    rows.append(row)
+                    print(f"  {backend.name} {case.label} {timed}: {row.harness_ms:.4g} ms vs "
+                          f"{row.yardstick_ms:.4g} ms", file=sys.stderr, flush=True)
+            except Exception as exc:  # noqa: BLE001 - a failing kernel is a note, not a crash
+                first = (str(exc).strip().splitlines() or [""])[0]
+                notes.append(f"{backend.name} {case.label}: not timed, the call raised "
+                             f"{type(exc).__name__}: {first}"[:300])
     if rows:
         print(table(rows, tolerance, name))
     for note in notes:

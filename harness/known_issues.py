@@ -17,9 +17,10 @@ plain ``pass`` (it would otherwise be an xpass on most cases). Example::
     link = "https://github.com/ROCm/flash-attention/blob/main/csrc/flash_attn_ck/mha_fwd.cpp"
     description = "softcap is accepted and ignored"
 
-``when`` keys are case fields (``softcap``, ``head_dim``, ``causal`` ...) or ``features`` (a list
-that must all be on). Values are literals (equality), lists (membership) or comparison strings
-(``">0"``, ``">=128"``, ``"!=64"``).
+``when`` keys are case fields (``softcap``, ``head_dim``, ``causal`` ...), ``features`` (a list
+that must all be on) or derived properties of the case (:data:`DERIVED`, such as
+``rows_without_keys = true``: some query row sees no key). Values are literals (equality),
+lists (membership) or comparison strings (``">0"``, ``">=128"``, ``"!=64"``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ else:  # pragma: no cover
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PATH = REPO_ROOT / "cases" / "known_issues.toml"
+#: Case properties a ``when`` may test besides the fields.
+DERIVED = ("rows_without_keys",)
 _OPS = {">=": operator.ge, "<=": operator.le, "!=": operator.ne, "==": operator.eq,
         ">": operator.gt, "<": operator.lt}
 _KEYS = ("id", "backend", "flavors", "versions", "archs", "targets", "checks", "strict", "when",
@@ -137,8 +140,9 @@ def parse(data: dict[str, Any], where: str) -> list[KnownIssue]:
                 raise InvalidCase(f"{label}: {key!r} is required (a string)")
         when = entry.get("when", {})
         for key in when:
-            if key != "features" and key not in FIELD_NAMES:
-                raise InvalidCase(f"{label}: 'when' has unknown case field {key!r}")
+            if key != "features" and key not in FIELD_NAMES and key not in DERIVED:
+                raise InvalidCase(f"{label}: 'when' has unknown case field {key!r} (case "
+                                  f"fields, 'features' or one of {', '.join(DERIVED)})")
         if not isinstance(entry.get("strict", True), bool):
             raise InvalidCase(f"{label}: 'strict' must be true or false")
         bad = [c for c in entry.get("checks", ()) if c not in ("fwd", "bwd", "determinism")]

@@ -351,3 +351,15 @@ def test_info_json_lists_every_family_with_reasons(tmp_path):
     assert by_name["toy-attention"]["available"] and by_name["toy-attention"]["family"] == "plugin"
     assert not by_name["toy-broken"]["available"]
     assert "does_not_exist" in by_name["toy-broken"]["reason"]
+
+
+def test_gpu_sdpa_kernels_do_not_promise_a_deterministic_backward():
+    from harness.backends.sdpa import SdpaBackend
+
+    for name in ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn"):
+        caps = SdpaBackend(name, device_type="cuda", rocm=False).capabilities
+        assert caps.deterministic_backward is False
+        assert "deterministic" in caps.notes["deterministic_backward"]
+    math = SdpaBackend("sdpa-math", device_type="cuda", rocm=False)
+    assert math.capabilities.deterministic_backward
+    assert SdpaBackend("sdpa-flash", device_type="cpu").capabilities.deterministic_backward

@@ -139,3 +139,27 @@ def test_grid_helper():
 
     cases = grid(seqlen_q=[1, 2], causal=[False, True])
     assert [(c.seqlen_q, c.causal) for c in cases] == list(itertools.product([1, 2], [False, True]))
+
+
+def test_rows_without_keys_matches_the_mask_row_by_row():
+    # Brute force: build each sequence's bottom-right mask and look for an all-masked row.
+    import itertools
+
+    import torch
+
+    from harness.backends.sdpa import attn_mask
+
+    checked = 0
+    for sq, sk, causal, window in itertools.product(
+            (1, 3, 8), (1, 3, 8), (False, True), ((-1, -1), (2, 0), (-1, 1), (0, 3), (1, -1))):
+        if causal and window[1] not in (-1, 0):
+            continue  # causal fixes the right edge at 0
+        case = Case(seqlen_q=sq, seqlen_k=sk, causal=causal, window=window)
+        visible = attn_mask(case, None, torch.float32, "cpu")
+        want = bool((~visible.any(-1)).any())
+        assert case.rows_without_keys == want, case.label
+        checked += 1
+    assert checked == 72
+    varlen = Case(entry="varlen", batch=2, seqlen_q=4, seqlen_k=4, seqlens_q=(4, 2),
+                  seqlens_k=(4, 0))
+    assert varlen.rows_without_keys

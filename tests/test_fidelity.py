@@ -41,3 +41,20 @@ def test_a_bad_case_is_one_line_and_exit_2(capsys):
     assert fidelity.main(["--case", "{heads_q = 0}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("python -m harness.fidelity: error: ") and err.count("\n") == 1
+
+
+def test_a_kernel_that_raises_is_a_note_and_the_others_are_still_timed(tmp_path, capsys):
+    # One backend fails at its first call (as flash-attn's Triton AMD kernels do on NVIDIA);
+    # the table still holds the other backend's rows and the failure is named, not a traceback.
+    kernel = tmp_path / "broken.py"
+    kernel.write_text("def attn(q, k, v, **kwargs):\n"
+                      "    raise KeyError('Keyword argument waves_per_eu was specified')\n")
+    code = fidelity.main(["--backend", f"{kernel}:attn", "--backend", "sdpa-math",
+                          "--case", "{batch = 1, seqlen_q = 8, heads_q = 1, head_dim = 8, "
+                                    "dtype = \"float32\"}",
+                          "--rounds", "1", "--warmup-ms", "1", "--rep-ms", "2"])
+    out = capsys.readouterr().out
+    assert code in (0, 1)
+    assert "not timed, the call raised KeyError" in out and "waves_per_eu" in out
+    assert [line.split("|")[2].strip() for line in out.splitlines()
+            if line.startswith("| b1 q8")] == ["`sdpa-math`", "`sdpa-math`"]

@@ -109,3 +109,23 @@ def test_gradient_dropout_statistics_use_one_projection_per_run():
     unscaled = [r * (1 - 0.17) for r in right]
     v = judge.dropout_verdict("bwd", {"dk": unscaled}, {"dk": ref}, {"dk": None})
     assert v.status == "fail" and "biased dropout scaling" in v.reason
+
+
+def test_determinism_exempts_only_what_the_kernel_does_not_promise():
+    out = torch.ones(4)
+    dq = torch.ones(4)
+    other_dq = dq.clone()
+    other_dq[1] += 1e-3
+    first, second = {"out": out, "dq": dq}, {"out": out.clone(), "dq": other_dq}
+    strict = judge.determinism_verdict(first, second)
+    assert strict.status == "fail" and "dq: 1 of 4" in strict.reason
+    lenient = judge.determinism_verdict(first, second, exempt=("dq",), why="no flag")
+    assert lenient.status == "pass"
+    assert "not required to repeat bitwise (no flag): dq: 1 of 4" in lenient.reason
+    assert lenient.metrics["dq"] == {"differing": 1, "max_diff": lenient.metrics["dq"]["max_diff"],
+                                     "total": 4, "required": False}
+    # The forward is never exempt.
+    changed = out.clone()
+    changed[0] = 2
+    forward = judge.determinism_verdict(first, {"out": changed, "dq": dq}, exempt=("dq",))
+    assert forward.status == "fail" and forward.reason.startswith("out: 1 of 4")

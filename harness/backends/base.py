@@ -39,7 +39,9 @@ class Capabilities:
         paged_block_multiple: paged kv-cache block sizes must be multiples of this.
         exclusive: pairs of features that cannot be combined.
         returns_lse: whether the forward returns the log-sum-exp.
-        deterministic_backward: whether backward promises bitwise repeatability.
+        deterministic_backward: whether backward promises bitwise repeatability (when not, the
+            determinism check still measures dq/dk/dv but requires only the forward to repeat;
+            ``notes["deterministic_backward"]`` says why).
         notes: per feature, why it is unsupported (replaces the generic reason).
     """
 

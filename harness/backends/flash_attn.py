@@ -5,7 +5,8 @@ Flavors (detected at run time, see :func:`detect_flavor`):
 * ``cuda``: the Dao-AILab build (``flash_attn_2_cuda``), NVIDIA sm80 and newer.
 * ``rocm-ck``: the ROCm fork's Composable Kernel build, MI200/MI300 (gfx90a, gfx942, gfx950).
 * ``rocm-triton``: the ROCm fork's (or upstream's) Triton backend, selected with
-  ``FLASH_ATTENTION_TRITON_AMD_ENABLE=TRUE``; pure Python, runs wherever Triton does.
+  ``FLASH_ATTENTION_TRITON_AMD_ENABLE=TRUE``; pure Python, AMD GPUs (on NVIDIA its 2.8.3 kernels
+  fail at launch, see :data:`ARCH_RULES`).
 
 Capabilities per flavor are data (:data:`FLAVOR_CAPABILITIES`), each limit with its source.
 """
@@ -31,13 +32,15 @@ FLAVOR_CAPABILITIES: dict[str, Capabilities] = {
     # fp16/bf16, head_dim <= 256, softcap excludes dropout, paged blocks divisible by 256.
     "cuda": Capabilities(
         dtypes=FP16, head_dim_max=256, features=ALL, entries=ENTRIES, paged_block_multiple=256,
-        exclusive=(("softcap", "dropout"),), returns_lse=True, deterministic_backward=False,
+        exclusive=(("softcap", "dropout"),), returns_lse=True,
+        # called with deterministic=True, which flash-attn's own tests hold to bitwise repeats
+        deterministic_backward=True,
     ),
     # ROCm/flash-attention, csrc/flash_attn_ck/mha_fwd.cpp: the softcap argument is commented
     # out, so it is accepted and ignored; paged KV needs blocks divisible by 128.
     "rocm-ck": Capabilities(
         dtypes=FP16, head_dim_max=256, features=ALL - {"softcap"}, entries=ENTRIES,
-        paged_block_multiple=128, returns_lse=True, deterministic_backward=False,
+        paged_block_multiple=128, returns_lse=True, deterministic_backward=True,
         notes={"softcap": "softcap is accepted and silently ignored by rocm-ck "
                           "(csrc/flash_attn_ck/mha_fwd.cpp)"},
     ),
@@ -54,6 +57,8 @@ FLAVOR_CAPABILITIES: dict[str, Capabilities] = {
                        "(flash_attn_triton_amd, 2.7/2.8)",
             "paged": "block_table is accepted but not passed to the kernels by rocm-triton "
                      "(flash_attn_triton_amd, 2.7/2.8)",
+            "deterministic_backward": "rocm-triton accepts deterministic but does not pass it "
+                                      "to the kernels (flash_attn_triton_amd, 2.7/2.8)",
         },
     ),
 }
@@ -68,14 +73,21 @@ class ArchRule:
     min_rocm: tuple[int, int] = (0, 0)
     vendors: tuple[str, ...] = ("nvidia", "amd")
     what: str = ""
+    #: Why the other vendors are excluded, when there is more to say than the rule.
+    why_not_vendor: str = ""
 
 
 ARCH_RULES = {
     "cuda": ArchRule(min_sm=80, vendors=("nvidia",), what="Ampere (sm_80) or newer"),
     "rocm-ck": ArchRule(archs=("gfx90a", "gfx942", "gfx950"), min_rocm=(6, 0), vendors=("amd",),
                         what="a CK target (gfx90a, gfx942, gfx950)"),
-    "rocm-triton": ArchRule(vendors=("amd", "nvidia"), min_rocm=(6, 0),
-                            what="a GPU that Triton supports"),
+    # Seen on an H200 (triton 3.6, flash-attn 2.8.3.post2): every kernel launch fails with
+    # "Keyword argument waves_per_eu was specified but unrecognised", an AMD-only launch option.
+    "rocm-triton": ArchRule(vendors=("amd",), min_rocm=(6, 0),
+                            what="an AMD GPU that Triton supports",
+                            why_not_vendor="its kernels pass the AMD-only launch option "
+                                           "waves_per_eu, which Triton on NVIDIA rejects "
+                                           "(seen with flash-attn 2.8.3, triton 3.6)"),
 }
 
 
@@ -112,7 +124,8 @@ def arch_reasons(flavor: str, target) -> list[str]:
     if rule is None:
         return [f"unknown flash-attn flavor {flavor!r} (known: {', '.join(ARCH_RULES)})"]
     if target.vendor not in rule.vendors:
-        return [f"flash-attn {flavor} does not run on {target.vendor} devices"]
+        why = f": {rule.why_not_vendor}" if rule.why_not_vendor else ""
+        return [f"flash-attn {flavor} does not run on {target.vendor} devices{why}"]
     if target.vendor == "nvidia" and rule.min_sm:
         match = re.match(r"sm_(\d+)", target.arch)
         if match and int(match.group(1)) < rule.min_sm:

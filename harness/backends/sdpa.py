@@ -27,6 +27,8 @@ KERNELS = {
 
 _NO_SOFTCAP = "softcap is not a parameter of SDPA"
 _NO_PAGED = "SDPA has no paged kv-cache"
+_NONDETERMINISTIC_BWD = ("torch's GPU SDPA kernels take no deterministic flag; their dq differed "
+                         "between identical runs on an H200 (torch 2.11)")
 _NO_MASK_CUDA = "{name} takes no attn_mask on GPUs, so {feature} cannot be expressed"
 
 
@@ -125,6 +127,8 @@ class SdpaBackend(Backend):
                                       "dropout": "sdpa-flash on the CPU has no dropout"})
             return caps
         fp16 = frozenset({"float16", "bfloat16"})
+        caps = replace(caps, deterministic_backward=False,
+                       notes={**caps.notes, "deterministic_backward": _NONDETERMINISTIC_BWD})
         if self.name == "sdpa-flash":
             notes = {**caps.notes, **{f: _NO_MASK_CUDA.format(name=self.name, feature=f)
                                       for f in ("window", "alibi")}}
