@@ -287,25 +287,25 @@ class CaseRun:
         metrics: dict[str, Any] = {"flops_fwd": flops}
         torch.manual_seed(self._rng_seed("throughput"))
         with torch.no_grad():
-            fwd = time_function(lambda: self.backend.forward(self.inputs), self.device, **budget)
+            fwd = _kernel_timing(lambda: self.backend.forward(self.inputs), self.device, budget)
         metrics.update(_rate(fwd, flops, self.target, self.case.dtype))
         backward = self.backend.capabilities.backward and self.case.entry != "kvcache"
         if backward:
             # One set of leaves for both timings: copying fresh inputs inside the timed call
             # would add a copy of q, k and v to every forward+backward.
             inputs = self.inputs.with_grad()
-            out = self.backend.forward(inputs).out
+            out = self.call(inputs, rng="throughput").out
             leaves = (inputs.q, inputs.k, inputs.v)
-            bwd = time_function(
+            bwd = _kernel_timing(
                 lambda: torch.autograd.grad(out, leaves, self.inputs.dout, retain_graph=True),
-                self.device, **budget)
+                self.device, budget)
             metrics["bwd"] = _rate(bwd, BWD_FACTOR * flops, self.target, self.case.dtype)
 
             def fwd_bwd():
                 o = self.backend.forward(inputs).out
                 torch.autograd.grad(o, leaves, self.inputs.dout)
 
-            both = time_function(fwd_bwd, self.device, **budget)
+            both = _kernel_timing(fwd_bwd, self.device, budget)
             metrics["fwd_bwd"] = _rate(both, (1 + BWD_FACTOR) * flops, self.target,
                                        self.case.dtype)
         return judge.Verdict("throughput", "pass", metrics, "")
@@ -381,6 +381,19 @@ def _rate(timing, flops: float, target: Target, dtype: str) -> dict[str, Any]:
     fair = target.peak_tflops and dtype in PEAK_DTYPES
     out["pct_peak"] = 100 * rate / target.peak_tflops if fair else None
     return out
+
+
+def _kernel_timing(fn, device, budget):
+    """:func:`time_function` of a kernel call: what the call raises is the kernel's error (an
+    OOM stays an OOM), not the harness's."""
+    try:
+        return time_function(fn, device, **budget)
+    except Unsupported:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        if _is_oom(exc):
+            raise
+        raise KernelError(_describe(exc)) from exc
 
 
 def _lse_layout(lse: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

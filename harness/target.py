@@ -339,16 +339,17 @@ def flash_attn_flavor(hip: str, environ: Any) -> str:
     return detect_flavor(hip, environ)
 
 
-#: Set where the sources travel without their git metadata (a copied tree, an unpacked
-#: tarball): the revision they were taken from, recorded as given.
+#: The revision the sources were taken from, recorded as given and preferred to ``.git``: for
+#: copies without git metadata (an unpacked tarball) or with stale metadata (a synced tree).
 REVISION_ENV = "ATTN_HARNESS_GIT_REVISION"
 
 
 def git_revision() -> str:
-    """The checkout's short revision (``-dirty`` with uncommitted changes to tracked files);
-    without a ``.git``, :data:`REVISION_ENV`; else empty."""
-    if not (REPO_ROOT / ".git").exists():
-        return os.environ.get(REVISION_ENV, "").strip()
+    """:data:`REVISION_ENV` when set; else the checkout's short revision (``-dirty`` with
+    uncommitted changes to tracked files); else empty."""
+    given = os.environ.get(REVISION_ENV, "").strip()
+    if given or not (REPO_ROOT / ".git").exists():
+        return given
     try:
         out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"],
                              capture_output=True, text=True, timeout=5, check=False)
@@ -398,8 +399,15 @@ def _driver_version(rocm: bool) -> str:
     if rocm:
         text = _read("/sys/module/amdgpu/version").strip()
         return text or _optional_driver_version("amdsmi")
-    match = re.search(r"Kernel Module\s+(\S+)", _read("/proc/driver/nvidia/version"))
-    return match.group(1) if match else _optional_driver_version("pynvml")
+    return (nvidia_driver_from_proc(_read("/proc/driver/nvidia/version"))
+            or _optional_driver_version("pynvml"))
+
+
+def nvidia_driver_from_proc(text: str) -> str:
+    """The driver version in ``/proc/driver/nvidia/version``: the first dotted number after
+    "Kernel Module" (the open module writes "Open Kernel Module for x86_64  580.159.03")."""
+    match = re.search(r"Kernel Module\b.*?\s(\d+\.\d+(?:\.\d+)?)\b", text)
+    return match.group(1) if match else ""
 
 
 def _optional_driver_version(module: str) -> str:

@@ -79,3 +79,17 @@ def test_checks_and_strict_keys_are_validated():
     with pytest.raises(InvalidCase, match="'checks' has 'speed'"):
         known_issues.parse({"issue": [{"id": "x", "backend": "b", "link": "l",
                                        "checks": ["speed"]}]}, "k.toml")
+
+
+def test_a_derived_property_selects_cudnn_rows_without_keys():
+    cudnn = {"name": "sdpa-cudnn", "flavor": "cuda", "version": "2.11.0+cu130"}
+    h200 = Target(vendor="nvidia", device_name="NVIDIA H200", arch="sm_90", runtime_version="13.0")
+    # The smoke case where cuDNN failed: 203 queries, 113 keys, causal -> 90 rows see no key.
+    leading = Case(batch=2, seqlen_q=203, seqlen_k=113, heads_q=4, head_dim=64, causal=True)
+    found = known_issues.match(leading, cudnn, h200)
+    assert found is not None and found.id == "cudnn-rows-without-keys"
+    assert known_issues.match(leading.replace(seqlen_q=113), cudnn, h200) is None  # every row sees
+    assert known_issues.match(leading.replace(alibi=True), cudnn, h200) is None  # zeros with ALiBi
+    with pytest.raises(InvalidCase, match="rows_without_key"):
+        known_issues.parse({"issue": [{"id": "x", "backend": "b", "link": "l",
+                                       "when": {"rows_without_key": True}}]}, "f.toml")

@@ -114,7 +114,7 @@ def test_real_records_pass_both_validators(real_records):
 
 
 def committed_files() -> list[Path]:
-    return sorted(FIXTURES.glob("*.jsonl")) + sorted(SAMPLES.glob("*/results.jsonl"))
+    return sorted(FIXTURES.glob("*.jsonl")) + sorted(SAMPLES.glob("**/results.jsonl"))
 
 
 @pytest.mark.parametrize("path", committed_files(), ids=lambda p: str(p.relative_to(REPO)))
@@ -130,7 +130,7 @@ def test_synthetic_fixtures_say_so_and_samples_do_not():
         assert path.name.startswith("synthetic-")
         for r in read_records(path):
             assert r.target["extra"]["synthetic"] == "true"
-    for path in SAMPLES.glob("*/results.jsonl"):
+    for path in SAMPLES.glob("**/results.jsonl"):
         for r in read_records(path):
             assert "synthetic" not in (r.target.get("extra") or {})
 

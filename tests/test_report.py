@@ -269,3 +269,21 @@ def test_report_command_refuses_a_bad_file_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == (f"attn-harness report: error: {bad}:2: missing field 'case_id' (is this an "
                    "attn-harness results.jsonl?)\n")
+
+
+@pytest.mark.parametrize("results", sorted((REPO / "reports" / "samples").glob("**/results.jsonl")),
+                         ids=lambda p: str(p.parent.relative_to(REPO)))
+def test_committed_sample_reports_reconcile_with_their_records(results):
+    # Every committed sample's report.md was rendered from the results.jsonl beside it: its
+    # totals row counts exactly the records there, status by status.
+    records = read_records(results)
+    counts = {s: sum(r.status == s for r in records) for s in {r.status for r in records}}
+    totals = next(line for line in (results.parent / "report.md").read_text().splitlines()
+                  if line.startswith("| **all**"))
+    cells = [c.strip().strip("*") for c in totals.strip("|").split("|")]
+    header = next(line for line in (results.parent / "report.md").read_text().splitlines()
+                  if line.startswith("| setup") and "verdict" in line)
+    names = [c.strip() for c in header.strip("|").split("|")]
+    shown = {n: int(c) for n, c in zip(names, cells, strict=True) if c.isdigit()}
+    assert shown.pop("records") == len(records)
+    assert shown == counts

@@ -252,6 +252,15 @@ def test_ck_refuses_rocm_older_than_6_on_a_ck_architecture():
     assert reasons == ["ROCm 5.7 is older than flash-attn's minimum ROCm 6.0"]
 
 
+def test_triton_amd_on_nvidia_runs_only_its_decode_kernel():
+    # Seen on an H200: prefill kernels fail at launch (waves_per_eu), the kv-cache kernel runs.
+    h100 = tgt.from_facts(RECORDS[IDS.index("h100-cuda12.4")]["facts"])
+    for entry in ("dense", "varlen"):
+        assert "waves_per_eu" in arch_reasons("rocm-triton", h100, entry)[0]
+    assert arch_reasons("rocm-triton", h100, "kvcache") == []
+    assert arch_reasons("rocm-ck", h100, "kvcache") != []
+
+
 def test_unknown_flavor_is_a_reason_not_a_crash():
     t = tgt.from_facts(RECORDS[0]["facts"])
     assert "unknown flash-attn flavor" in arch_reasons("rocm-aiter", t)[0]
@@ -311,8 +320,23 @@ def test_git_revision_without_git_metadata_comes_from_the_environment(tmp_path, 
     assert tgt.git_revision() == "545764d1e2f3"
 
 
-def test_git_revision_of_this_checkout_ignores_the_environment(monkeypatch):
-    if not (tgt.REPO_ROOT / ".git").exists():
-        pytest.skip("this copy of the repository has no .git")
-    monkeypatch.setenv(tgt.REVISION_ENV, "not-this")
-    assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?", tgt.git_revision())
+def test_git_revision_from_the_environment_wins_over_a_stale_checkout(monkeypatch):
+    # A synced copy can carry an old .git (seen on a lent GPU machine): the given revision wins.
+    monkeypatch.setenv(tgt.REVISION_ENV, "074f0168d57c")
+    assert tgt.git_revision() == "074f0168d57c"
+    monkeypatch.delenv(tgt.REVISION_ENV)
+    if (tgt.REPO_ROOT / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?", tgt.git_revision())
+
+
+@pytest.mark.parametrize("text, want", [
+    # The proprietary module's line (format as printed by 535-series drivers).
+    ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.154.05  Thu Dec 28 20:34:44 UTC 2023\n"
+     "GCC version:  gcc version 12.2.0", "535.154.05"),
+    # The open module's line: a plain "Kernel Module\s+(\S+)" read "for" here on an H200.
+    ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.03  Release Build  "
+     "(dvs-builder@U16-I2-C03-12-4)  Thu Oct 30 05:43:01 UTC 2025", "580.159.03"),
+    ("", ""),
+])
+def test_nvidia_driver_version_from_proc(text, want):
+    assert tgt.nvidia_driver_from_proc(text) == want

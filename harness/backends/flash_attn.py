@@ -75,19 +75,23 @@ class ArchRule:
     what: str = ""
     #: Why the other vendors are excluded, when there is more to say than the rule.
     why_not_vendor: str = ""
+    #: Entry points that do run on the other vendors all the same (their kernels differ).
+    other_vendor_entries: tuple[str, ...] = ()
 
 
 ARCH_RULES = {
     "cuda": ArchRule(min_sm=80, vendors=("nvidia",), what="Ampere (sm_80) or newer"),
     "rocm-ck": ArchRule(archs=("gfx90a", "gfx942", "gfx950"), min_rocm=(6, 0), vendors=("amd",),
                         what="a CK target (gfx90a, gfx942, gfx950)"),
-    # Seen on an H200 (triton 3.6, flash-attn 2.8.3.post2): every kernel launch fails with
-    # "Keyword argument waves_per_eu was specified but unrecognised", an AMD-only launch option.
+    # Seen on an H200 (triton 3.6, flash-attn 2.8.3.post2): every dense and varlen kernel launch
+    # fails with "Keyword argument waves_per_eu was specified but unrecognised" (an AMD-only
+    # launch option); the kv-cache decode kernel launched and computed correctly (--audit).
     "rocm-triton": ArchRule(vendors=("amd",), min_rocm=(6, 0),
                             what="an AMD GPU that Triton supports",
-                            why_not_vendor="its kernels pass the AMD-only launch option "
+                            why_not_vendor="its prefill kernels pass the AMD-only launch option "
                                            "waves_per_eu, which Triton on NVIDIA rejects "
-                                           "(seen with flash-attn 2.8.3, triton 3.6)"),
+                                           "(seen with flash-attn 2.8.3, triton 3.6)",
+                            other_vendor_entries=("kvcache",)),
 }
 
 
@@ -118,12 +122,12 @@ def _rocm_release(runtime_version: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", runtime_version)[:2])
 
 
-def arch_reasons(flavor: str, target) -> list[str]:
-    """Why this flavor cannot run on ``target``'s device (empty when it can)."""
+def arch_reasons(flavor: str, target, entry: str = "dense") -> list[str]:
+    """Why this flavor cannot run ``entry`` on ``target``'s device (empty when it can)."""
     rule = ARCH_RULES.get(flavor)
     if rule is None:
         return [f"unknown flash-attn flavor {flavor!r} (known: {', '.join(ARCH_RULES)})"]
-    if target.vendor not in rule.vendors:
+    if target.vendor not in rule.vendors and entry not in rule.other_vendor_entries:
         why = f": {rule.why_not_vendor}" if rule.why_not_vendor else ""
         return [f"flash-attn {flavor} does not run on {target.vendor} devices{why}"]
     if target.vendor == "nvidia" and rule.min_sm:
@@ -191,7 +195,7 @@ class FlashAttnBackend(Backend):
     def unsupported_reasons(self, case: Case, target) -> list[str]:
         reasons = super().unsupported_reasons(case, target)
         if target.vendor != "cpu" and self.flavor:
-            reasons = arch_reasons(self.flavor, target) + reasons
+            reasons = arch_reasons(self.flavor, target, case.entry) + reasons
         return list(dict.fromkeys(reasons))
 
     def forward(self, inputs, *, deterministic: bool = True):
