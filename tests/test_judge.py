@@ -129,3 +129,22 @@ def test_determinism_exempts_only_what_the_kernel_does_not_promise():
     changed[0] = 2
     forward = judge.determinism_verdict(first, {"out": changed, "dq": dq}, exempt=("dq",))
     assert forward.status == "fail" and forward.reason.startswith("out: 1 of 4")
+
+
+def test_a_tiny_tensor_is_allowed_the_rounding_its_dtype_needs():
+    # From a sweep of generated cases: 4 fp16 outputs, the kernel 0.8 ulp off, the plain
+    # baseline luckily 0.38 ulp off. Half an ulp of the largest |reference| is the floor.
+    ref = torch.tensor([0.609764, 0.1, 0.2, 0.3], dtype=torch.float64)
+    base = ref.clone()
+    base[0] += 0.000185
+    kernel = torch.tensor([0.609375, 0.1, 0.2, 0.3], dtype=torch.float16)
+    c = judge.compare("out", kernel, base, ref, k=judge.K_OUT, atol=1e-5)
+    assert c.ok and c.rounding_floor == 2.0 ** -12 and c.baseline_err < c.rounding_floor
+    assert c.metrics()["rounding_floor"] == 2.0 ** -12
+    # Three ulps off is still a failure, and the message names the floor.
+    bad = kernel.clone()
+    bad[0] = 0.609764 - 3 * 2.0 ** -11
+    c = judge.compare("out", bad, base, ref, k=judge.K_OUT, atol=1e-5)
+    assert not c.ok and "the rounding floor 0.000244 (baseline error 0.000185)" in c.message()
+    # float32 floors are negligible next to the atol.
+    assert judge.rounding_floor(1.0, torch.float32) < 1e-7
