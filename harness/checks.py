@@ -7,6 +7,7 @@ tensors to the judge. Processes, files and timeouts are the runner's business.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import traceback
 from collections.abc import Callable, Iterator
@@ -128,26 +129,16 @@ class CaseRun:
     def call(self, inputs: Inputs, *, rng: str = "kernel") -> Outputs:
         """One forward call with the global RNG seeded (dropout draws from it)."""
         torch.manual_seed(self._rng_seed(rng))
-        try:
+        with _kernel_errors():
             return self.backend.forward(inputs, deterministic=True)
-        except Unsupported:
-            raise
-        except Exception as exc:  # noqa: BLE001 - every kernel failure becomes a record
-            if _is_oom(exc):
-                raise
-            raise KernelError(_describe(exc)) from exc
 
     def call_backward(self, *, rng: str = "kernel") -> Outputs:
         """Forward and backward on fresh differentiable inputs; grads filled in."""
         inputs = self.inputs.with_grad()
         result = self.call(inputs, rng=rng)
-        try:
+        with _kernel_errors("backward: "):
             dq, dk, dv = torch.autograd.grad(result.out, (inputs.q, inputs.k, inputs.v),
                                              self.inputs.dout)
-        except Exception as exc:  # noqa: BLE001
-            if _is_oom(exc):
-                raise
-            raise KernelError("backward: " + _describe(exc)) from exc
         return Outputs(out=result.out.detach(), lse=result.lse, dq=dq, dk=dk, dv=dv)
 
     # ------------------------------------------------------------------------------- checks
@@ -383,17 +374,24 @@ def _rate(timing, flops: float, target: Target, dtype: str) -> dict[str, Any]:
     return out
 
 
-def _kernel_timing(fn, device, budget):
-    """:func:`time_function` of a kernel call: what the call raises is the kernel's error (an
-    OOM stays an OOM), not the harness's."""
+@contextlib.contextmanager
+def _kernel_errors(prefix: str = ""):
+    """What a kernel call raises is the kernel's error (:class:`KernelError`), not the
+    harness's; a refusal (:class:`Unsupported`) and an out-of-memory pass through."""
     try:
-        return time_function(fn, device, **budget)
+        yield
     except Unsupported:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - every kernel failure becomes a record
         if _is_oom(exc):
             raise
-        raise KernelError(_describe(exc)) from exc
+        raise KernelError(prefix + _describe(exc)) from exc
+
+
+def _kernel_timing(fn, device, budget):
+    """:func:`time_function` of a kernel call, its failures the kernel's."""
+    with _kernel_errors():
+        return time_function(fn, device, **budget)
 
 
 def _lse_layout(lse: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
