@@ -41,8 +41,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PATH = REPO_ROOT / "cases" / "known_issues.toml"
+DEFAULT_PATH = Path(__file__).resolve().parent / "cases" / "known_issues.toml"
 #: Case properties a ``when`` may test besides the fields.
 DERIVED = ("rows_without_keys",)
 _OPS = {">=": operator.ge, "<=": operator.le, "!=": operator.ne, "==": operator.eq,

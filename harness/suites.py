@@ -45,7 +45,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 #: Fields whose value is a list, so a grid axis over them is a list of lists.
 LIST_FIELDS = ("window", "seqlens_q", "seqlens_k", "checks")
 TOP_LEVEL_KEYS = ("suite", "defaults", "case", "grid")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+BUILTIN_DIR = Path(__file__).resolve().parent / "cases"
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,8 @@ class Suite:
 
 
 def cases_dirs() -> list[Path]:
-    """Where suite names are looked up: ``./cases`` first, then the repository's ``cases``."""
-    dirs = [Path.cwd() / "cases", REPO_ROOT / "cases"]
+    """Where suite names are looked up: ``./cases`` first, then the suites shipped in the package."""
+    dirs = [Path.cwd() / "cases", BUILTIN_DIR]
     seen: list[Path] = []
     for d in dirs:
         if d.is_dir() and d.resolve() not in [s.resolve() for s in seen]:
