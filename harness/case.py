@@ -23,15 +23,58 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.errors import InvalidCase
+from harness.vocab import CHECK_NAMES as CHECKS
 
 DTYPES = ("float16", "bfloat16", "float32")
-DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+#: fp8 element types (issue 14), forward only: OCP e4m3fn (NVIDIA sm_89+, gfx950), e4m3fnuz
+#: (gfx942) and OCP e5m2. Kept out of DTYPES so that no backend claims them by default; the
+#: formats each target takes, the scaling and the rule are in :mod:`harness.fp8`.
+FP8_DTYPES = ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2")
+#: How the quantisation scales are chosen: one per tensor (q, k, v), or one per (batch, kv head)
+#: of each tensor (the shape of FA3's q_descale/k_descale/v_descale).
+FP8_RECIPES = ("per-tensor", "per-head")
+#: What an fp8 kernel returns: bf16 (FA3 on NVIDIA), fp32 (AITER's Triton path), fp16.
+FP8_OUT_DTYPES = ("bfloat16", "float16", "float32")
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1,
+               "float8_e4m3fnuz": 1, "float8_e5m2": 1}
 ENTRIES = ("dense", "varlen", "kvcache")
-LAYOUTS = ("contiguous", "strided")
-CHECKS = ("fwd", "bwd", "determinism", "throughput")
+LAYOUTS = ("contiguous", "strided", "packed-qkv", "packed-kv", "v-transposed", "dout-strided",
+           "lastdim-strided")
+#: Value distributions (issue 12), each with the default of its ``value_scale`` parameter:
+#: scaled: q and k times the factor (flash-attn's test_flash_attn_bwd_overflow uses 3 and 5);
+#: key-bias: the score shift, +- t, of the offset all keys share with queries aligned with or
+#: opposed to it (log-sum-exp near +-t); sink: how far, in score units, the sink keys stand
+#: above the rest; flat: the factor that shrinks q (tiny logits); large: q and k times the
+#: factor (scores near 1e4 and beyond).
+VALUES = ("normal", "scaled", "key-bias", "sink", "flat", "large")
+VALUE_SCALE_DEFAULTS = {"scaled": 5.0, "key-bias": 200.0, "sink": 30.0, "flat": 1e-3,
+                        "large": 60.0}
+#: Largest finite value per dtype (inputs must stay representable).
+DTYPE_MAX = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38,
+             "float32": 3.4028234663852886e38}
+#: Layouts and where they apply; packed-qkv also needs seqlen_q == seqlen_k, heads_q == heads_kv.
+LAYOUT_ENTRIES = {"packed-qkv": ("dense", "varlen"), "packed-kv": ("dense", "varlen"),
+                  "v-transposed": ("dense", "varlen", "kvcache"),
+                  "dout-strided": ("dense", "varlen"),
+                  "lastdim-strided": ("dense", "varlen", "kvcache")}
+#: layout -> the feature it turns on (Case.features, Capabilities.features).
+LAYOUT_FEATURES = {"strided": "strided", "packed-qkv": "packed", "packed-kv": "packed",
+                   "v-transposed": "v-transposed", "dout-strided": "dout-strided",
+                   "lastdim-strided": "lastdim-strided"}
 
 #: Fields that carry meaning for people but do not change the problem (not part of case_id).
 METADATA_FIELDS = ("name", "source", "checks")
+#: With ``cache_batch_idx`` the cache has this many times ``batch`` rows, as in flash-attn's
+#: test_flash_attn_kvcache (``batch_size_cache = batch_size * 2``).
+CACHE_BATCH_FACTOR = 2
+#: ALiBi slope sets (``alibi_slopes``).
+ALIBI_SLOPES = ("standard", "random", "random-per-batch")
+#: The fields of the first case schema. Every later field is left out of ``identity()`` (and so
+#: of ``case_id``) while it holds its default, so existing case ids never change.
+ORIGINAL_FIELDS = frozenset((
+    "batch", "seqlen_q", "seqlen_k", "heads_q", "heads_kv", "head_dim", "dtype", "causal",
+    "window", "softcap", "alibi", "dropout_p", "scale", "entry", "seqlens_q", "seqlens_k",
+    "paged_block_size", "layout"))
 
 
 @dataclass(frozen=True)
@@ -59,7 +102,39 @@ class Case:
         seqlens_k: per-sequence key lengths (``varlen``) or cache lengths (``kvcache``).
         paged_block_size: tokens per page of a paged kv-cache; 0 for a contiguous cache.
         layout: ``contiguous`` tensors, or ``strided`` views into larger buffers (non-standard
-            batch, sequence and head strides; the last dimension stays contiguous).
+            batch, sequence and head strides; the last dimension stays contiguous);
+            ``packed-qkv`` (q, k, v views of one ``(b, s, 3, h, d)`` buffer, ``(t, 3, h, d)`` for
+            varlen, the gradient leaf, as ``flash_attn_qkvpacked_func`` takes them),
+            ``packed-kv`` (k, v views of one ``(b, s, 2, hkv, d)`` buffer), ``v-transposed``
+            (v a view of a heads-major ``(b, hkv, s, d)`` buffer, so its strides differ from
+            k's), ``dout-strided`` (a non-contiguous output gradient) or ``lastdim-strided``
+            (q, k, v with last-dimension stride 2; SDPA takes it, flash-attn kernels do not).
+        values: the value distribution of q and k: normal (N(0, 1)), scaled, key-bias, sink,
+            flat or large (see :data:`VALUE_SCALE_DEFAULTS` and ``harness.inputs``).
+        value_scale: the distribution's parameter (scaled/large: the factor; key-bias: the
+            offset's size; sink: the sink's score lead; flat: q's factor); None = its default.
+        seqlen_new: kvcache only: new keys and values per sequence, appended through ``k=``/``v=``
+            at ``cache_seqlens`` (the cache is updated in place); ``seqlens_k`` are then the
+            lengths before the append (default ``seqlen_k - seqlen_new``).
+        rotary_dim: kvcache with appends only: rotary embedding of q and the new keys over the
+            first ``rotary_dim`` dimensions (even, <= head_dim; flash-attn's CUDA build needs a
+            multiple of 16); 0 = none.
+        rotary_interleaved: rotary pairs dimensions (0, 1), (2, 3), ... (GPT-J) instead of
+            (0, rotary_dim/2), ... (GPT-NeoX, the default here).
+        cache_leftpad: kvcache only: per sequence, the cache position its keys start at
+            (``cache_leftpad``); None = 0.
+        cache_batch_idx: kvcache only: the cache has ``CACHE_BATCH_FACTOR * batch`` rows and
+            sequence ``b`` uses row ``cache_batch_idx[b]`` (a random permutation's first rows).
+        num_splits: split-KV count passed to the kernel (1 = no split); 0 = its heuristic.
+        alibi_slopes: with ``alibi``: ``standard`` (geometric slopes of heads_q), ``random``
+            (``torch.rand(heads_q) * 0.3``) or ``random-per-batch`` (``(batch, heads_q)``, as
+            flash-attn's tests draw them: ``torch.rand(batch_size, nheads) * 0.3``).
+        fp8_recipe: fp8 dtypes only: ``per-tensor`` (one scale per q, k, v) or ``per-head``
+            (one per batch row and kv head, FA3's descale shape).
+        fp8_scales: fp8 dtypes only: fixed ``[q, k, v]`` scales (inputs are divided by them
+            before the cast, the kernel gets them as descales); None = amax scaling, each scale
+            ``amax / max of the format`` over its tensor (or head).
+        fp8_out: fp8 dtypes only: the dtype the kernel returns (bfloat16, float16, float32).
         name: a human label (metadata).
         source: where the shape comes from, e.g. a model card (metadata).
         checks: the checks this case wants (metadata); ``None`` means whatever the run asks for.
@@ -83,6 +158,18 @@ class Case:
     seqlens_k: tuple[int, ...] | None = None
     paged_block_size: int = 0
     layout: str = "contiguous"
+    values: str = "normal"
+    value_scale: float | None = None
+    seqlen_new: int = 0
+    rotary_dim: int = 0
+    rotary_interleaved: bool = False
+    cache_leftpad: tuple[int, ...] | None = None
+    cache_batch_idx: bool = False
+    num_splits: int = 0
+    alibi_slopes: str = "standard"
+    fp8_recipe: str = "per-tensor"
+    fp8_scales: tuple[float, float, float] | None = None
+    fp8_out: str = "bfloat16"
     name: str = field(default="", compare=False)
     source: str = field(default="", compare=False)
     checks: tuple[str, ...] | None = field(default=None, compare=False)
@@ -102,6 +189,8 @@ class Case:
             if f.name in METADATA_FIELDS:
                 continue
             value = getattr(self, f.name)
+            if f.name not in ORIGINAL_FIELDS and value == f.default:
+                continue
             if isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
@@ -136,23 +225,138 @@ class Case:
         return self.heads_q // self.heads_kv
 
     @property
-    def mask_window(self) -> tuple[int, int]:
-        """The effective ``(left, right)`` window, with causal folded in (right = 0)."""
+    def docstring_window(self) -> tuple[int, int]:
+        """The window as flash-attn's docstrings define it: ``window`` with causal folded in
+        (right = 0), taken literally."""
         left, right = self.window
         return (left, 0) if self.causal else (left, right)
+
+    @property
+    def window_seqlen_k(self) -> int:
+        """The ``seqlen_k`` flash-attn's C++ layer normalises the window against: ``k.size(1)``
+        in ``mha_fwd``, ``max_seqlen_k`` in ``mha_varlen_fwd`` and the cache capacity in
+        ``mha_fwd_kvcache`` (``max_num_blocks_per_seq * page_block_size`` when paged)
+        (csrc/flash_attn/flash_api.cpp)."""
+        if self.entry == "kvcache" and self.paged_block_size:
+            return -(-self.seqlen_k // self.paged_block_size) * self.paged_block_size
+        return self.seqlen_k
+
+    @property
+    def kernel_window(self) -> tuple[int, int]:
+        """The window flash-attn's CUDA kernels run with (csrc/flash_attn/flash_api.cpp):
+        ``mha_fwd``, ``mha_varlen_fwd`` and ``mha_fwd_kvcache`` set ``window_size_right = 0``
+        when causal and turn a side ``>= seqlen_k`` into -1 (``if (window_size_left >= seqlen_k)
+        { window_size_left = -1; }``, the same for the right); ``set_params_fprop`` then gives a
+        -1 side whose partner is bounded the value ``seqlen_k`` (``if (window_size_left < 0 &&
+        window_size_right >= 0) { window_size_left = seqlen_k; }`` and the mirror). CK's
+        csrc/flash_attn_ck/mha_fwd.cpp does the same. ``seqlen_k`` is
+        :attr:`window_seqlen_k`."""
+        left, right = self.docstring_window
+        sk = self.window_seqlen_k
+        left = -1 if left >= sk else left
+        right = -1 if right >= sk else right
+        if left < 0 <= right:
+            left = sk
+        elif right < 0 <= left:
+            right = sk
+        return left, right
+
+    @property
+    def mask_window(self) -> tuple[int, int]:
+        """The ``(left, right)`` window the reference masks with: the original's meaning
+        (:attr:`kernel_window`), written with -1 wherever a side bounds nothing, so that
+        ``causal`` stays ``(-1, 0)``. A left side of ``seqlen_k`` never hides a key (its bound
+        ``i + sk_b - sq_b - seqlen_k`` is negative for every row); a right side of ``seqlen_k``
+        hides keys only when ``seqlen_q > seqlen_k + 1``. :attr:`docstring_differs` says when
+        this differs from the docstring's rule."""
+        left, right = self.kernel_window
+        sk = self.window_seqlen_k
+        if left == sk:
+            left = -1
+        if right == sk and self.seqlen_q <= sk + 1:
+            right = -1
+        return left, right
+
+    @property
+    def docstring_differs(self) -> bool:
+        """Whether flash-attn's docstring rule (:attr:`docstring_window` taken literally) masks
+        differently from the original (:attr:`mask_window`) on this case's sequences. The
+        normalisation only widens or only narrows the right side, so the masks are equal
+        exactly when they leave the same number of pairs visible."""
+        if self.docstring_window == self.mask_window:
+            return False
+        old, new = self.docstring_window, self.mask_window
+        return any(attended_pairs(sq, sk, *old) != attended_pairs(sq, sk, *new)
+                   for (sq, sk), _ in self.length_counts())
+
+    @property
+    def alibi_causal_mode(self) -> bool:
+        """Whether flash-attn's kernel runs this case in its causal mode
+        (``params.is_causal = window_size_left < 0 && window_size_right == 0`` in
+        ``set_params_fprop``, after the ``>= seqlen_k`` normalisation): causal, window
+        ``(-1, 0)``, or causal with a left side ``>= seqlen_k``. There ALiBi adds
+        ``+slope * col`` (csrc/flash_attn/src/alibi.h), so the returned lse is larger by
+        ``slope * (row + seqlen_k - seqlen_q)`` than with the docstring's bias."""
+        left, right = self.docstring_window
+        sk = self.window_seqlen_k
+        return (left < 0 or left >= sk) and right == 0
+
+    def cache_lengths(self) -> tuple[int, ...]:
+        """kvcache: ``cache_seqlens`` before the call (cache positions in use, leftpad
+        included): ``seqlens_k``, or ``seqlen_k - seqlen_new`` for every sequence."""
+        if self.seqlens_k is not None:
+            return self.seqlens_k
+        return (self.seqlen_k - self.seqlen_new,) * self.batch
+
+    def leftpads(self) -> tuple[int, ...]:
+        """kvcache: per sequence, the cache position its keys start at (0 without leftpad)."""
+        return self.cache_leftpad if self.cache_leftpad is not None else (0,) * self.batch
+
+    def key_lengths(self) -> tuple[int, ...]:
+        """kvcache: keys each sequence attends after the call: ``cache_seqlens + seqlen_new -
+        cache_leftpad``."""
+        return tuple(n + self.seqlen_new - lp
+                     for n, lp in zip(self.cache_lengths(), self.leftpads(), strict=True))
+
+    @property
+    def cache_rows(self) -> int:
+        """kvcache: rows of the (logical) cache: ``batch``, or ``CACHE_BATCH_FACTOR * batch``
+        with ``cache_batch_idx``."""
+        return self.batch * (CACHE_BATCH_FACTOR if self.cache_batch_idx else 1)
+
+    @property
+    def per_sequence_keys(self) -> bool:
+        """kvcache: whether sequences attend different numbers of keys (per-sequence pieces)."""
+        return self.entry == "kvcache" and (self.seqlens_k is not None
+                                            or self.cache_leftpad is not None)
+
+    @property
+    def value_scale_used(self) -> float:
+        """``value_scale``, or its distribution's default (0 for normal values)."""
+        if self.value_scale is not None:
+            return self.value_scale
+        return VALUE_SCALE_DEFAULTS.get(self.values, 0.0)
 
     @property
     def has_mask(self) -> bool:
         return self.mask_window != (-1, -1)
 
     def sequence_lengths(self) -> list[tuple[int, int]]:
-        """``(seqlen_q, seqlen_k)`` of every sequence in the batch."""
+        """``(seqlen_q, seqlen_k)`` of every sequence in the batch (``batch`` items: prefer
+        :meth:`length_counts`, which is O(1) for dense cases whatever the batch)."""
+        return [pair for pair, n in self.length_counts() for _ in range(n)]
+
+    def length_counts(self) -> list[tuple[tuple[int, int], int]]:
+        """``((seqlen_q, seqlen_k), sequences)`` pairs covering the batch: one pair for a dense
+        case (O(1) in ``batch``), one per sequence for varlen and kvcache (per-sequence lengths)."""
         if self.entry == "varlen":
             assert self.seqlens_q is not None and self.seqlens_k is not None
-            return list(zip(self.seqlens_q, self.seqlens_k, strict=True))
+            return [(pair, 1) for pair in zip(self.seqlens_q, self.seqlens_k, strict=True)]
+        if self.per_sequence_keys:
+            return [((self.seqlen_q, sk), 1) for sk in self.key_lengths()]
         if self.seqlens_k is not None:
-            return [(self.seqlen_q, sk) for sk in self.seqlens_k]
-        return [(self.seqlen_q, self.seqlen_k)] * self.batch
+            return [((self.seqlen_q, sk), 1) for sk in self.seqlens_k]
+        return [((self.seqlen_q, self.seqlen_k), self.batch)]
 
     @property
     def rows_without_keys(self) -> bool:
@@ -161,20 +365,21 @@ class Case:
         rows), or in a sequence with no keys at all."""
         _, right = self.mask_window
         return any(sq > 0 and (sk == 0 or (right >= 0 and sk - sq + right < 0))
-                   for sq, sk in self.sequence_lengths())
+                   for (sq, sk), _ in self.length_counts())
 
     @property
     def total_q(self) -> int:
-        return sum(sq for sq, _ in self.sequence_lengths())
+        return sum(sq * n for (sq, _), n in self.length_counts())
 
     @property
     def total_k(self) -> int:
-        return sum(sk for _, sk in self.sequence_lengths())
+        return sum(sk * n for (_, sk), n in self.length_counts())
 
     def attended_pairs(self) -> int:
         """Query-key pairs the mask leaves visible, summed over the batch (per head)."""
         left, right = self.mask_window
-        return sum(attended_pairs(sq, sk, left, right) for sq, sk in self.sequence_lengths())
+        return sum(n * attended_pairs(sq, sk, left, right)
+                   for (sq, sk), n in self.length_counts())
 
     def flops_fwd(self) -> int:
         """Forward FLOPs as flash-attn's benchmark counts them: 4 * heads * d * visible pairs."""
@@ -183,7 +388,7 @@ class Case:
     def input_bytes(self) -> int:
         """Bytes of q, k, v and the output at the case's dtype (kv-cache at its capacity)."""
         es = DTYPE_BYTES[self.dtype]
-        tokens_k = self.batch * self.seqlen_k if self.entry == "kvcache" else self.total_k
+        tokens_k = self.cache_rows * self.seqlen_k if self.entry == "kvcache" else self.total_k
         q_bytes = self.total_q * self.heads_q * self.head_dim * es
         return 2 * q_bytes + 2 * tokens_k * self.heads_kv * self.head_dim * es
 
@@ -193,7 +398,8 @@ class Case:
         on = set()
         if self.causal:
             on.add("causal")
-        if self.mask_window != (-1, -1) and not (self.causal and self.window[0] == -1):
+        # The window the API is called with, not what the kernel makes of it (mask_window).
+        if self.docstring_window != (-1, -1) and not (self.causal and self.window[0] == -1):
             on.add("window")
         if self.softcap > 0:
             on.add("softcap")
@@ -205,23 +411,39 @@ class Case:
             on.add("gqa")
         if self.scale is not None:
             on.add("scale")
-        if self.layout == "strided":
-            on.add("strided")
+        if self.layout in LAYOUT_FEATURES:
+            on.add(LAYOUT_FEATURES[self.layout])
         if self.paged_block_size:
             on.add("paged")
-        if any(sq > sk for sq, sk in self.sequence_lengths()):
+        if any(sq > sk for (sq, sk), _ in self.length_counts()):
             on.add("seqlen_q>seqlen_k")
+        on.update(name for name, test in _CACHE_FEATURES if test(self))
         return frozenset(on)
+
+    @property
+    def fp8_label(self) -> str:
+        """The scaling of an fp8 case, e.g. ``desc=amax/head``, ``desc=q0.5,k0.25,v2 out=f32``."""
+        if self.fp8_scales is not None:
+            q, k, v = self.fp8_scales
+            text = f"desc=q{q:g},k{k:g},v{v:g}"
+        else:
+            text = "desc=amax/" + ("head" if self.fp8_recipe == "per-head" else "tensor")
+        if self.fp8_out != "bfloat16":
+            text += " out=" + {"float16": "f16", "float32": "f32"}.get(self.fp8_out, self.fp8_out)
+        return text
 
     @property
     def label(self) -> str:
         """A short human description, e.g. ``b2 q113 k203 h8/2 d64 f16 causal``."""
-        dt = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}[self.dtype]
+        dt = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float8_e4m3fn": "e4m3fn",
+              "float8_e4m3fnuz": "e4m3fnuz", "float8_e5m2": "e5m2"}[self.dtype]
         heads = f"h{self.heads_q}"
         if self.heads_kv != self.heads_q:
             heads += f"/{self.heads_kv}"
         parts = [f"b{self.batch}", f"q{self.seqlen_q}", f"k{self.seqlen_k}", heads,
                  f"d{self.head_dim}", dt]
+        if self.dtype in FP8_DTYPES:
+            parts.append(self.fp8_label)
         if self.entry != "dense":
             page = f"/page{self.paged_block_size}" if self.paged_block_size else ""
             parts.append(self.entry + page)
@@ -239,7 +461,26 @@ class Case:
             parts.append(f"scale{self.scale:g}")
         if self.layout != "contiguous":
             parts.append(self.layout)
+        if self.values != "normal":
+            parts.append(f"vals={self.values}{self.value_scale_used:g}")
+        parts.extend(self._cache_label_parts())
         return " ".join(parts)
+
+    def _cache_label_parts(self) -> list[str]:
+        parts = []
+        if self.seqlen_new:
+            parts.append(f"new{self.seqlen_new}")
+        if self.rotary_dim:
+            parts.append(f"rope{self.rotary_dim}{'i' if self.rotary_interleaved else 'n'}")
+        if self.cache_leftpad is not None:
+            parts.append(f"leftpad{max(self.cache_leftpad, default=0)}")
+        if self.cache_batch_idx:
+            parts.append("batch-idx")
+        if self.num_splits:
+            parts.append(f"splits{self.num_splits}")
+        if self.alibi and self.alibi_slopes != "standard":
+            parts.append(f"slopes={self.alibi_slopes}")
+        return parts
 
     def to_toml(self) -> str:
         """The case as one ``[[case]]`` table, with the non-default fields only."""
@@ -261,6 +502,19 @@ class Case:
 
 _MISSING = object()
 
+#: Defaults of the kvcache-only fields (the "off" value each must hold for other entries).
+_FIELD_DEFAULTS = {"seqlen_new": 0, "rotary_dim": 0, "cache_leftpad": None,
+                   "cache_batch_idx": False}
+#: kv-cache features: (name, whether the case turns it on).
+_CACHE_FEATURES = (
+    ("append", lambda c: c.seqlen_new > 0),
+    ("rotary", lambda c: c.rotary_dim > 0),
+    ("leftpad", lambda c: c.cache_leftpad is not None),
+    ("batch-idx", lambda c: c.cache_batch_idx),
+    ("splits", lambda c: c.num_splits != 0),
+    ("alibi-per-batch", lambda c: c.alibi and c.alibi_slopes == "random-per-batch"),
+)
+
 
 def _defaults() -> dict[str, Any]:
     out = {}
@@ -276,7 +530,7 @@ def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return json.dumps(value)
+        return toml_string(value)
     if isinstance(value, float):
         return repr(value)
     if isinstance(value, int):
@@ -284,6 +538,32 @@ def toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
+
+
+#: TOML's short escapes (toml.io v1.0.0, "String"); other non-printable ASCII becomes \uXXXX.
+_TOML_SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                       "\f": "\\f", "\r": "\\r"}
+
+
+def toml_string(text: str) -> str:
+    """A TOML basic string in pure ASCII: non-ASCII characters as ``\\uXXXX`` (BMP) or
+    ``\\UXXXXXXXX`` (beyond it, e.g. emoji), never JSON's surrogate pairs, which TOML refuses.
+    ASCII keeps the text safe in shell commands (``shlex.quote``) and any terminal."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in _TOML_SHORT_ESCAPES:
+            out.append(_TOML_SHORT_ESCAPES[ch])
+        elif 0x20 <= code < 0x7F:
+            out.append(ch)
+        elif code <= 0xFFFF:
+            if 0xD800 <= code <= 0xDFFF:
+                raise InvalidCase(f"text {text!r} holds a lone surrogate (U+{code:04X}), which "
+                                  "no TOML or UTF-8 file can hold; remove it")
+            out.append(f"\\u{code:04X}")
+        else:
+            out.append(f"\\U{code:08X}")
+    return '"' + "".join(out) + '"'
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Case))
@@ -317,14 +597,16 @@ def _set(case: Case, name: str, value: Any) -> None:
 
 def _normalize(case: Case) -> None:
     """Coerce TOML values to canonical types and fill the defaults that depend on other fields."""
-    for name in ("window", "seqlens_q", "seqlens_k", "checks"):
+    for name in ("window", "seqlens_q", "seqlens_k", "checks", "cache_leftpad"):
         value = getattr(case, name)
         if isinstance(value, list):
             _set(case, name, tuple(value))
-    for name in ("softcap", "dropout_p", "scale"):
+    for name in ("softcap", "dropout_p", "scale", "value_scale"):
         value = getattr(case, name)
         if isinstance(value, int) and not isinstance(value, bool):
             _set(case, name, float(value))
+    if isinstance(case.fp8_scales, (list, tuple)):
+        _set(case, "fp8_scales", tuple(float(x) if _is_int(x) else x for x in case.fp8_scales))
     if _is_int(case.heads_q) and case.heads_kv == 0:
         _set(case, "heads_kv", case.heads_q)
     if case.entry == "varlen":
@@ -360,8 +642,9 @@ def _problems(case: Case) -> list[str]:  # noqa: C901 - one flat list of rules r
         return p
     if case.heads_q % case.heads_kv:
         p.append(f"heads_q={case.heads_q} is not a multiple of heads_kv={case.heads_kv}")
-    if case.dtype not in DTYPES:
-        p.append(f"dtype={case.dtype!r} must be one of {', '.join(DTYPES)}")
+    if case.dtype not in DTYPES + FP8_DTYPES:
+        p.append(f"dtype={case.dtype!r} must be one of {', '.join(DTYPES + FP8_DTYPES)}")
+    p.extend(_fp8_problems(case))
     if case.entry not in ENTRIES:
         p.append(f"entry={case.entry!r} must be one of {', '.join(ENTRIES)}")
         return p
@@ -389,12 +672,86 @@ def _problems(case: Case) -> list[str]:  # noqa: C901 - one flat list of rules r
         p.append(f"scale={case.scale!r} must be a finite number > 0 "
                  "(or omitted for 1/sqrt(head_dim))")
     p.extend(_entry_problems(case))
+    if not p:
+        p.extend(_cache_problems(case))
+    p.extend(_value_layout_problems(case))
     if case.checks is not None and (
             not isinstance(case.checks, tuple) or not all(c in CHECKS for c in case.checks)):
         p.append(f"checks={case.checks!r} must be a list drawn from {', '.join(CHECKS)}")
     for name in ("name", "source"):
         if not isinstance(getattr(case, name), str):
             p.append(f"{name}={getattr(case, name)!r} must be a string")
+    return p
+
+
+def _fp8_problems(case: Case) -> list[str]:
+    """The rules of the ``fp8_*`` fields (issue 14)."""
+    p: list[str] = []
+    if case.dtype not in FP8_DTYPES:
+        for name, default in (("fp8_recipe", "per-tensor"), ("fp8_scales", None),
+                              ("fp8_out", "bfloat16")):
+            if getattr(case, name) != default:
+                p.append(f"{name}={getattr(case, name)!r} is for fp8 dtypes only "
+                         f"(dtype={case.dtype!r}): remove it or use one of {', '.join(FP8_DTYPES)}")
+        return p
+    if case.fp8_recipe not in FP8_RECIPES:
+        p.append(f"fp8_recipe={case.fp8_recipe!r} must be one of {', '.join(FP8_RECIPES)}")
+    if case.fp8_out not in FP8_OUT_DTYPES:
+        p.append(f"fp8_out={case.fp8_out!r} must be one of {', '.join(FP8_OUT_DTYPES)}")
+    scales = case.fp8_scales
+    if scales is not None:
+        if not (isinstance(scales, tuple) and len(scales) == 3 and all(
+                isinstance(x, float) and math.isfinite(x) and x > 0 for x in scales)):
+            p.append(f"fp8_scales={list(scales) if isinstance(scales, tuple) else scales!r} must "
+                     "be [q, k, v], three finite numbers > 0 (or omitted for amax scaling)")
+        elif case.fp8_recipe != "per-tensor":
+            p.append(f"fp8_scales fixes one scale per tensor but fp8_recipe="
+                     f"{case.fp8_recipe!r}: omit fp8_scales or use fp8_recipe = 'per-tensor'")
+    if case.dropout_p:
+        p.append(f"dtype={case.dtype!r} is forward-only attention without dropout: "
+                 "set dropout_p = 0")
+    if case.layout not in ("contiguous", "strided"):
+        p.append(f"layout={case.layout!r} is not posed for fp8 dtypes (q, k, v are quantised "
+                 "one tensor at a time): use contiguous or strided")
+    return p
+
+
+def _value_layout_problems(case: Case) -> list[str]:
+    """The rules of ``values``, ``value_scale`` and the per-tensor layouts."""
+    p: list[str] = []
+    if case.values not in VALUES:
+        p.append(f"values={case.values!r} must be one of {', '.join(VALUES)}")
+        return p
+    scale = case.value_scale
+    if scale is not None:
+        if not isinstance(scale, float) or not math.isfinite(scale) or scale <= 0:
+            p.append(f"value_scale={scale!r} must be a finite number > 0 "
+                     "(or omitted for the distribution's default)")
+            return p
+        if case.values == "normal":
+            p.append(f"value_scale={scale!r} needs a values distribution other than 'normal' "
+                     f"(one of {', '.join(VALUES[1:])})")
+    limit = DTYPE_MAX.get(case.dtype)
+    if limit and case.values in ("scaled", "large") and 8 * case.value_scale_used > limit:
+        p.append(f"value_scale={case.value_scale_used:g} makes {case.values} inputs overflow "
+                 f"{case.dtype} (8 sigma must stay below {limit:g}): use at most {limit / 8:g}")
+    layout = case.layout
+    if layout in LAYOUT_ENTRIES and case.entry not in LAYOUT_ENTRIES[layout]:
+        p.append(f"layout={layout!r} needs entry {' or '.join(LAYOUT_ENTRIES[layout])} "
+                 f"(entry={case.entry!r})")
+    if layout == "packed-qkv":
+        if case.heads_q != case.heads_kv:
+            p.append(f"layout='packed-qkv' needs heads_q == heads_kv (got {case.heads_q} and "
+                     f"{case.heads_kv}): use layout='packed-kv' for GQA")
+        same = (case.seqlens_q == case.seqlens_k if case.entry == "varlen"
+                else case.seqlen_q == case.seqlen_k)
+        if not same:
+            p.append("layout='packed-qkv' needs seqlen_q == seqlen_k (seqlens_q == seqlens_k "
+                     "for varlen): use layout='packed-kv'")
+    if layout in ("packed-qkv", "packed-kv", "v-transposed", "lastdim-strided") \
+            and case.paged_block_size:
+        p.append(f"layout={layout!r} cannot be combined with a paged cache "
+                 f"(paged_block_size={case.paged_block_size})")
     return p
 
 
@@ -434,9 +791,70 @@ def _entry_problems(case: Case) -> list[str]:
                 p.append(f"seqlens_k has {len(lens)} cache lengths but batch={case.batch}")
         if case.dropout_p:
             p.append("the kvcache entry point has no dropout: set dropout_p = 0")
-    elif case.paged_block_size:
-        p.append(f"paged_block_size={case.paged_block_size} needs entry='kvcache' "
+    elif case.paged_block_size and case.entry != "varlen":
+        p.append(f"paged_block_size={case.paged_block_size} needs entry='kvcache' or 'varlen' "
                  f"(entry={case.entry!r})")
+    return p
+
+
+def _cache_problems(case: Case) -> list[str]:  # noqa: C901 - one flat list of rules reads best
+    """The rules of the kv-cache fields (appends, rotary, leftpad, batch-idx, splits) and of
+    ``alibi_slopes``. Runs after the shape and entry rules passed."""
+    p: list[str] = []
+    for name in ("seqlen_new", "rotary_dim", "num_splits"):
+        value = getattr(case, name)
+        if not _is_int(value) or value < 0:
+            p.append(f"{name}={value!r} must be an integer >= 0")
+    for name in ("rotary_interleaved", "cache_batch_idx"):
+        if not isinstance(getattr(case, name), bool):
+            p.append(f"{name}={getattr(case, name)!r} must be true or false")
+    if case.alibi_slopes not in ALIBI_SLOPES:
+        p.append(f"alibi_slopes={case.alibi_slopes!r} must be one of {', '.join(ALIBI_SLOPES)}")
+    elif case.alibi_slopes != "standard" and not case.alibi:
+        p.append(f"alibi_slopes={case.alibi_slopes!r} needs alibi = true")
+    lp = case.cache_leftpad
+    if lp is not None and (not _int_tuple(lp) or len(lp) != case.batch):
+        p.append(f"cache_leftpad={lp!r} must be a list of {case.batch} integers (one per "
+                 "sequence)")
+    if p:
+        return p
+    if case.entry != "kvcache":
+        for name in ("seqlen_new", "rotary_dim", "cache_leftpad", "cache_batch_idx"):
+            if getattr(case, name) != _FIELD_DEFAULTS[name]:
+                p.append(f"{name}={toml_value(getattr(case, name))} needs entry='kvcache' "
+                         f"(entry={case.entry!r}): remove it or use the kvcache entry point")
+        return p
+    if case.rotary_interleaved and not case.rotary_dim:
+        p.append("rotary_interleaved = true needs rotary_dim > 0")
+    if case.rotary_dim:
+        if not case.seqlen_new:
+            p.append(f"rotary_dim={case.rotary_dim} needs seqlen_new > 0: flash_attn_with_kvcache "
+                     "rotates only when new keys are appended (k=, v=)")
+        if case.rotary_dim % 2 or case.rotary_dim > case.head_dim:
+            p.append(f"rotary_dim={case.rotary_dim} must be even and <= head_dim="
+                     f"{case.head_dim}")
+    lengths = case.cache_lengths()
+    if case.seqlen_new:
+        worst = max(lengths, default=0) + case.seqlen_new
+        if worst > case.seqlen_k:
+            p.append(f"seqlen_new={case.seqlen_new} does not fit: cache_seqlens + seqlen_new = "
+                     f"{worst} > seqlen_k={case.seqlen_k} (the cache capacity): shorten "
+                     "seqlens_k or seqlen_new")
+    if case.rotary_dim and case.has_mask and not p:
+        # Causal/local: q row i is rotated at position cache_seqlens + i (flash_attn_interface
+        # docstring); the cos/sin table has window_seqlen_k rows.
+        worst = max(lengths, default=0) + case.seqlen_q
+        if worst > case.window_seqlen_k:
+            p.append(f"rotary positions reach cache_seqlens + seqlen_q = {worst} > the "
+                     f"{case.window_seqlen_k} rows of the cos/sin table (seqlen_k): shorten "
+                     "seqlens_k or seqlen_q")
+    if lp is not None:
+        bad = [(b, x, n) for b, (x, n) in enumerate(zip(lp, lengths, strict=True))
+               if x < 0 or x > n]
+        if bad:
+            b, x, n = bad[0]
+            p.append(f"cache_leftpad[{b}]={x} must be in [0, cache length {n}] (keys start at "
+                     "cache_leftpad and end at cache_seqlens + seqlen_new)")
     return p
 
 

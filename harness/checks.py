@@ -1,16 +1,27 @@
 """Running the checks of one case on one backend, in this process.
 
-This is the glue between the pure stages: it draws the inputs, calls the kernel, computes the
-reference and the baseline once per case (lazily, only for the checks that need them) and hands
-tensors to the judge. Processes, files and timeouts are the runner's business.
+One :class:`CheckContext` per case and backend holds what the checks share, each computed once
+and only when a check needs it (``functools.cached_property``): the seeded inputs, the exact
+reference, the same-precision baseline, their gradients. Each check is one function registered
+with :func:`check` under its name in :data:`harness.vocab.CHECKS`; it takes the context and
+returns a new :class:`~harness.judge.Verdict` (verdicts are built, never mutated).
+
+The kernel never sees the inputs the reference is computed from: every call gets a private copy
+(:func:`clone_inputs`, same strides, gaps and packing), which is compared bitwise with the
+original afterwards, so a kernel that writes into q, k, v (or into a kv-cache outside the rows an
+append may write) fails with ``inputs modified in place`` instead of passing on its own scribbles.
+What a kernel returns is held to the forward contract (shape, dtype, device of the output; the
+lse it promises). Processes, files and timeouts are the runner's business.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import traceback
 from collections.abc import Callable, Iterator
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -18,14 +29,15 @@ import torch
 from harness import judge, reference
 from harness.backends.base import Backend, Unsupported
 from harness.case import Case
-from harness.dispatch import Plan
-from harness.inputs import Inputs, derive_seed, make_inputs
+from harness.dispatch import Plan, estimated_bytes, usable_memory
+from harness.inputs import TORCH_DTYPES, Inputs, derive_seed, make_inputs
 from harness.outputs import Outputs
 from harness.profile import Profile
 from harness.target import Target
 from harness.timing import BWD_FACTOR, tflops, time_function
+from harness.vocab import CHECK_NAMES, JUDGED
 
-CHECK_ORDER = ("fwd", "bwd", "determinism", "throughput")
+CHECK_ORDER = CHECK_NAMES
 #: Above this much forward work (GFLOP) the reference is computed for a seeded sample of query
 #: rows only: about half a minute of float64 on a 2-core CPU, minutes of float32 on a GPU.
 EXACT_REFERENCE_GFLOP = {"cpu": 200.0, "cuda": 20000.0}
@@ -37,6 +49,18 @@ JURY_ROWS = 64
 
 class KernelError(Exception):
     """The kernel raised on a case it claims to support."""
+
+
+class KernelRefused(Exception):
+    """The kernel raised ``NotImplementedError``: Python's idiomatic refusal, a skip."""
+
+
+class KernelOutOfMemory(Exception):
+    """The kernel ran out of memory on a case the harness estimates fits the device."""
+
+
+class ContractViolation(Exception):
+    """What the kernel returned (or did to its inputs) breaks the forward contract."""
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -53,51 +77,174 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
 
 
-class CaseRun:
-    """The checks of one case on one backend, sharing inputs and reference results."""
+# ---------------------------------------------------------------------------- the registry
+
+#: check name -> its judging function ``(context) -> Verdict``.
+CHECK_FUNCTIONS: dict[str, Callable[[CheckContext], judge.Verdict]] = {}
+
+
+def check(name: str):
+    """Register the judging function of the check ``name`` (declared in harness.vocab)."""
+    from harness.vocab import CHECKS
+
+    if name not in CHECKS:
+        raise ValueError(f"check {name!r} is not declared in harness.vocab.CHECKS")
+
+    def register(fn):
+        CHECK_FUNCTIONS[name] = fn
+        return fn
+
+    return register
+
+
+# ------------------------------------------------------------------------- private copies
+
+
+def clone_inputs(inputs: Inputs) -> Inputs:
+    """A deep copy of ``inputs`` with identical geometry: every tensor keeps its shape, strides
+    and offset, and tensors that share a buffer (packed qkv, strided views with NaN gaps) share
+    one copied buffer, so the copy exercises a kernel exactly as the original would."""
+    storages: dict[tuple[str, int], Any] = {}
+    fields = {}
+    for name, value in vars(inputs).items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+            key = (str(value.device), value.untyped_storage().data_ptr())
+            if key not in storages:
+                storages[key] = value.untyped_storage().clone()
+            copy = torch.empty(0, dtype=value.dtype, device=value.device)
+            copy.set_(storages[key], value.storage_offset(), value.shape, value.stride())
+            fields[name] = copy
+        else:
+            fields[name] = value
+    return Inputs(**fields)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+
+
+def modified_inputs(original: Inputs, used: Inputs,
+                    allowed: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """How a kernel changed the private copy ``used`` of ``original`` (empty: not at all).
+
+    Every tensor must be bitwise unchanged, its buffer's gaps included. ``allowed`` maps the
+    names of tensors the call may write (a kv-cache under an append) to their expected contents:
+    those must equal it where it differs from the original, and the original elsewhere.
+    """
+    allowed = allowed or {}
+    problems = []
+    for name, before in vars(original).items():
+        if not isinstance(before, torch.Tensor):
+            continue
+        after = getattr(used, name).detach()
+        if name in allowed:
+            problem = _cache_problem(name, before, after, allowed[name])
+        else:
+            problem = _changed(name, before, after)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def _changed(name: str, before: torch.Tensor, after: torch.Tensor) -> str:
+    if torch.equal(_bytes(before), _bytes(after)):
+        return ""
+    differ = judge.bits(before) != judge.bits(after)
+    if not bool(differ.any()):
+        return (f"{name}: the kernel wrote into its buffer outside the tensor's elements (the "
+                "gaps of a strided or packed buffer)")
+    flat = int(torch.nonzero(differ.flatten())[0])
+    index = tuple(judge.unravel(flat, before.shape))
+    was, now = float(before.flatten()[flat]), float(after.flatten()[flat])
+    return (f"{name}: {int(differ.sum())} of {before.numel()} elements changed; first at "
+            f"{index} (was {was:.6g}, now {now:.6g})")
+
+
+def _cache_problem(name: str, before: torch.Tensor, after: torch.Tensor,
+                   expected: torch.Tensor) -> str:
+    """A cache the call appends to: written rows must hold the expected values (within two ulps
+    of their magnitude when the kernel computed them, e.g. rotary), all others unchanged."""
+    expected = expected.to(after.device, after.dtype)
+    writable = judge.bits(expected) != judge.bits(before)
+    untouched = ~writable & (judge.bits(after) != judge.bits(before))
+    if bool(untouched.any()):
+        flat = int(torch.nonzero(untouched.flatten())[0])
+        index = tuple(judge.unravel(flat, before.shape))
+        return (f"{name}: {int(untouched.sum())} cache elements outside the appended rows "
+                f"changed; first at {index}")
+    if not bool(writable.any()):
+        return ""
+    a, e = after[writable].double(), expected[writable].double()
+    slack = 2 * torch.finfo(after.dtype).eps * float(e.abs().max()) if after.is_floating_point() \
+        else 0.0
+    wrong = ~((a - e).abs() <= slack)
+    if bool(wrong.any()):
+        return (f"{name}: {int(wrong.sum())} of {int(writable.sum())} appended cache elements "
+                f"hold wrong values (worst |diff| {float((a - e).abs().max()):.3g})")
+    return ""
+
+
+# ------------------------------------------------------------------------------ the context
+
+
+class CheckContext:
+    """What the checks of one case on one backend share, each piece computed once."""
 
     def __init__(self, case: Case, backend: Backend, target: Target, *, seed: int,
                  profile: Profile, device: torch.device | str | None = None,
                  jury_dir: str = "") -> None:
-        self.jury_dir = jury_dir
         self.case = case
         self.backend = backend
         self.target = target
         self.seed = seed
         self.profile = profile
+        self.jury_dir = jury_dir
         self.device = torch.device(device or ("cuda" if target.vendor != "cpu" else "cpu"))
-        self._inputs: Inputs | None = None
-        self._cache: dict[str, Any] = {}
 
-    # --------------------------------------------------------------------------- shared state
+    # ----------------------------------------------------------------------- shared values
 
-    @property
+    @cached_property
     def inputs(self) -> Inputs:
-        if self._inputs is None:
-            self._inputs = make_inputs(self.case, self.device, self.seed)
-        return self._inputs
+        """The case's seeded inputs; never handed to the kernel (see :meth:`call`)."""
+        return make_inputs(self.case, self.device, self.seed)
 
-    def _cached(self, key: str, make: Callable[[], Any]) -> Any:
-        if key not in self._cache:
-            self._cache[key] = make()
-        return self._cache[key]
+    @cached_property
+    def reference(self) -> Outputs:
+        """The exact forward (out, lse)."""
+        return reference.reference(self.inputs)
 
-    def ref(self, grads: bool = False) -> Outputs:
-        if grads:
-            return self._cached("ref+grads", lambda: reference.reference(self.inputs, grads=True))
-        if "ref+grads" in self._cache:
-            return self._cache["ref+grads"]
-        return self._cached("ref", lambda: reference.reference(self.inputs))
+    @cached_property
+    def reference_grads(self) -> Outputs:
+        """The exact forward and gradients for ``inputs.dout``."""
+        return reference.reference(self.inputs, grads=True)
 
-    def base(self, grads: bool = False) -> Outputs:
-        if grads:
-            return self._cached("base+grads", lambda: reference.baseline(self.inputs, grads=True))
-        if "base+grads" in self._cache:
-            return self._cache["base+grads"]
-        return self._cached("base", lambda: reference.baseline(self.inputs))
+    @cached_property
+    def baseline(self) -> Outputs:
+        return self.yardstick(self.reference, reference.baseline(self.inputs), grads=False)
 
-    def yardstick(self, ref: Outputs, plain: Outputs, key: str, grads: bool = False,
-                  rows=None) -> Outputs:
+    @cached_property
+    def baseline_grads(self) -> Outputs:
+        return self.yardstick(self.reference_grads, reference.baseline(self.inputs, grads=True),
+                              grads=True)
+
+    @cached_property
+    def sampled_rows(self) -> list[torch.Tensor | None] | None:
+        """The query rows a sampled verdict judges, or None when every row is judged."""
+        limit = EXACT_REFERENCE_GFLOP[self.device.type]
+        if self.case.flops_fwd() / 1e9 <= limit:
+            return None
+        return reference.sample_rows(self.inputs, SAMPLED_ROWS, self.rng_seed("sampled-rows"))
+
+    @cached_property
+    def sampled_reference(self) -> tuple[Outputs, Outputs]:
+        """(reference, yardstick) on :attr:`sampled_rows` only."""
+        rows = self.sampled_rows
+        ref = reference.reference(self.inputs, rows=rows)
+        plain = reference.baseline(self.inputs, rows=rows)
+        return ref, self.yardstick(ref, plain, grads=False, rows=rows)
+
+    def yardstick(self, ref: Outputs, plain: Outputs, *, grads: bool, rows=None) -> Outputs:
         """The baseline the judge measures against.
 
         For 16-bit cases it is flash-attn's: the plain PyTorch math at the kernel's dtype. For
@@ -108,62 +255,118 @@ class CaseRun:
         """
         if self.inputs.q.dtype != torch.float32:
             return plain
-        blockwise = self._cached(key, lambda: reference.reference(
-            self.inputs, dtype=torch.float32, grads=grads, rows=rows))
-        chosen = Outputs(out=plain.out, lse=plain.lse, dq=plain.dq, dk=plain.dk, dv=plain.dv,
-                         rows=plain.rows)
+        blockwise = reference.reference(self.inputs, dtype=torch.float32, grads=grads, rows=rows)
+        chosen = {}
         for name in ("out", "lse", "dq", "dk", "dv"):
             a, b, r = getattr(plain, name), getattr(blockwise, name), getattr(ref, name)
+            chosen[name] = a
             if a is None or b is None or r is None:
                 continue
-            finite = torch.isfinite(r)
-            err_a = float(torch.where(finite, (a.double() - r).abs(), 0).nan_to_num(0).max())
-            err_b = float(torch.where(finite, (b.double() - r).abs(), 0).nan_to_num(0).max())
-            if err_b > err_a:
-                setattr(chosen, name, b)
-        return chosen
+            if _max_error(b, r) > _max_error(a, r):
+                chosen[name] = b
+        return Outputs(**chosen, rows=plain.rows)
 
-    def _rng_seed(self, salt: str) -> int:
+    def rng_seed(self, salt: str) -> int:
         return derive_seed(self.seed, self.case.case_id, salt)
 
-    def call(self, inputs: Inputs, *, rng: str = "kernel") -> Outputs:
-        """One forward call with the global RNG seeded (dropout draws from it)."""
-        torch.manual_seed(self._rng_seed(rng))
-        with _kernel_errors():
-            return self.backend.forward(inputs, deterministic=True)
+    @property
+    def atol(self) -> float:
+        return judge.ATOL[self.inputs.q.dtype]
 
-    def call_backward(self, *, rng: str = "kernel") -> Outputs:
-        """Forward and backward on fresh differentiable inputs; grads filled in."""
-        inputs = self.inputs.with_grad()
-        result = self.call(inputs, rng=rng)
+    # --------------------------------------------------------------------- calling the kernel
+
+    def allowed_writes(self) -> dict[str, torch.Tensor]:
+        """Tensors a call may write, with their expected contents afterwards (an append)."""
+        if self.case.entry != "kvcache" or not getattr(self.case, "seqlen_new", 0):
+            return {}
+        cache_after = getattr(reference, "cache_after", None)
+        if cache_after is None:  # pragma: no cover - the reference always has it with appends
+            return {}
+        k, v = cache_after(self.inputs)
+        if self.case.paged_block_size:
+            return {"k_pages": k, "v_pages": v}
+        return {"k": k, "v": v}
+
+    def call(self, *, rng: str = "kernel", deterministic: bool = True,
+             grad: bool = False) -> tuple[Outputs, Inputs]:
+        """One forward call on a private copy of the inputs, with the global RNG seeded (dropout
+        draws from it); the copy is checked for modification and the result for the contract.
+
+        Returns the outputs and the copy the kernel saw (its q, k, v are the autograd leaves
+        when ``grad``).
+        """
+        used = clone_inputs(self.inputs)
+        if grad:
+            used = used.with_grad()
+        torch.manual_seed(self.rng_seed(rng))
+        with _kernel_errors():
+            result = self.backend.forward(used, deterministic=deterministic)
+        self.require_contract(result)
+        self.require_unmodified(used)
+        return result, used
+
+    def call_backward(self, *, rng: str = "kernel",
+                      deterministic: bool = True) -> Outputs:
+        """Forward and backward on a fresh differentiable copy; gradients filled in."""
+        result, used = self.call(rng=rng, deterministic=deterministic, grad=True)
         with _kernel_errors("backward: "):
-            dq, dk, dv = torch.autograd.grad(result.out, (inputs.q, inputs.k, inputs.v),
+            dq, dk, dv = torch.autograd.grad(result.out, (used.q, used.k, used.v),
                                              self.inputs.dout)
+        self.require_unmodified(used)
         return Outputs(out=result.out.detach(), lse=result.lse, dq=dq, dk=dk, dv=dv)
 
-    # ------------------------------------------------------------------------------- checks
+    def require_unmodified(self, used: Inputs) -> None:
+        problems = modified_inputs(self.inputs, used, self.allowed_writes())
+        if problems:
+            raise ContractViolation("inputs modified in place: " + "; ".join(problems))
 
-    def run(self, check: str) -> judge.Verdict:
+    def require_contract(self, result: Any) -> None:
+        problems = contract_problems(result, self.inputs, self.backend, self.case)
+        if problems:
+            raise ContractViolation("kernel output breaks the forward contract: "
+                                    + "; ".join(problems))
+
+    # --------------------------------------------------------------------------- one check
+
+    def run(self, name: str) -> judge.Verdict:
         """Run one check; every outcome, including kernel errors and OOM, is a verdict."""
-        method = getattr(self, f"check_{check}")
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
-            verdict = method()
-            verdict.metrics.update(self._memory())
-            return verdict
+            verdict = CHECK_FUNCTIONS[name](self)
         except Unsupported as exc:
-            return judge.Verdict(check, "skip", {"refused_at_call": True}, str(exc))
+            return judge.Verdict(name, "skip", {"refused_at_call": True}, str(exc))
+        except KernelRefused as exc:
+            return judge.Verdict(name, "skip", {"rejected": True},
+                                 f"the kernel refused the case: {exc}")
+        except KernelOutOfMemory as exc:
+            return self._out_of_memory(name, str(exc))
         except KernelError as exc:
-            return judge.Verdict(check, "error", {}, f"the kernel raised {exc}")
+            return judge.Verdict(name, "error", {}, f"the kernel raised {exc}")
+        except ContractViolation as exc:
+            return judge.Verdict(name, "fail", {"contract": True}, str(exc))
         except Exception as exc:  # noqa: BLE001
             if _is_oom(exc):
-                _free(self.device)
-                return judge.Verdict(check, "skip", {"oom": True},
-                                     f"out of memory on {self.target.device_name}: "
-                                     f"{_describe(exc)}")
-            return judge.Verdict(check, "error", {"traceback": traceback.format_exc()[-2000:]},
+                return self._out_of_memory(name, f"the harness itself: {_describe(exc)}")
+            return judge.Verdict(name, "error", {"traceback": traceback.format_exc()[-2000:]},
                                  f"the harness failed: {_describe(exc)}")
+        return dataclasses.replace(verdict, metrics={**verdict.metrics, **self._memory()})
+
+    def _out_of_memory(self, name: str, what: str) -> judge.Verdict:
+        """Out of memory is a skip only when the harness's estimate says the case cannot fit;
+        otherwise the allocation that failed is an error (a kernel asking for 80 GiB on a
+        16-token case must not pass)."""
+        _free(self.device)
+        need = estimated_bytes(self.case, (name,))
+        have = usable_memory(self.target)
+        metrics = {"oom": True, "estimated_bytes": need, "usable_bytes": have}
+        if have and need > have:
+            return judge.Verdict(name, "skip", metrics,
+                                 f"out of memory, as estimated ({need / 2**30:.2f} GiB needed, "
+                                 f"{have / 2**30:.2f} GiB here): {what}")
+        return judge.Verdict(name, "error", metrics,
+                             f"out of memory on a case estimated at {need / 2**20:.1f} MiB of "
+                             f"{have / 2**30:.1f} GiB available: {what}")
 
     def _memory(self) -> dict[str, int]:
         """Peak memory: device bytes of this check on GPUs; the worker's peak RSS on CPUs (a
@@ -174,191 +377,257 @@ class CaseRun:
 
         return {"process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
-    @property
-    def sampled(self) -> bool:
-        """Whether the forward reference is too expensive here to compute for every row."""
-        limit = EXACT_REFERENCE_GFLOP[self.device.type]
-        return self.case.flops_fwd() / 1e9 > limit
 
-    def check_fwd(self) -> judge.Verdict:
-        if self.case.dropout_p:
-            return self._dropout("fwd")
-        result = self.call(self.inputs)
-        rows = None
-        if self.sampled:
-            rows = reference.sample_rows(self.inputs, SAMPLED_ROWS,
-                                         self._rng_seed("sampled-rows"))
-            ref = self._cached("ref-rows", lambda: reference.reference(self.inputs, rows=rows))
-            base = self._cached("base-rows", lambda: reference.baseline(self.inputs, rows=rows))
-            base = self.yardstick(ref, base, "blockwise-rows", rows=rows)
+#: The name the context had before the checks became functions (tests and notebooks use it).
+CaseRun = CheckContext
+
+
+def _max_error(a: torch.Tensor, ref: torch.Tensor) -> float:
+    finite = torch.isfinite(ref)
+    return float(torch.where(finite, (a.double() - ref).abs(), 0).nan_to_num(0).max())
+
+
+def contract_problems(result: Any, inputs: Inputs, backend: Backend, case: Case) -> list[str]:
+    """How a forward result breaks the contract: an output tensor shaped like q, of the case's
+    dtype, on the inputs' device; the lse when the backend promises it (float32, reshapeable to
+    the reference's layout)."""
+    if not isinstance(result, Outputs):
+        return [f"the backend returned {type(result).__name__}, not Outputs"]
+    out = result.out
+    if not isinstance(out, torch.Tensor):
+        return [f"the output is {type(out).__name__}, not a tensor"]
+    problems = []
+    if tuple(out.shape) != tuple(inputs.q.shape):
+        problems.append(f"output shape {tuple(out.shape)}, expected {tuple(inputs.q.shape)}")
+    want = output_dtype(case, backend)
+    if out.dtype != want:
+        problems.append(f"output dtype {str(out.dtype).replace('torch.', '')}, expected "
+                        f"{str(want).replace('torch.', '')}")
+    if out.device != inputs.q.device:
+        problems.append(f"output on device {out.device}, expected {inputs.q.device}")
+    if backend.capabilities.returns_lse and not case.dropout_p:
+        lse = result.lse
+        if lse is None:
+            problems.append(f"{backend.name} promises the log-sum-exp (returns_lse) but "
+                            "returned none")
+        elif not isinstance(lse, torch.Tensor):
+            problems.append(f"the lse is {type(lse).__name__}, not a tensor")
+        elif lse.dtype != torch.float32:
+            problems.append(f"lse dtype {str(lse.dtype).replace('torch.', '')}, expected float32")
+        elif lse.device != inputs.q.device:
+            problems.append(f"lse on device {lse.device}, expected {inputs.q.device}")
         else:
-            ref = self.ref()
-            base = self.yardstick(ref, self.base(), "blockwise")
-        atol = judge.ATOL[self.inputs.q.dtype]
-        comparisons = [judge.compare("out", result.out, base.out, ref.out, k=judge.K_OUT,
-                                     atol=atol, valid=ref.row_mask(ref.out))]
-        if result.lse is not None:
-            lse = _lse_layout(result.lse, ref.lse)
-            comparisons.append(judge.compare("lse", lse, base.lse, ref.lse, k=judge.K_OUT,
-                                             atol=atol, valid=torch.isfinite(ref.lse)))
-        allowed = comparisons[0].allowed
-        notes = []
-        if rows is None:
-            effects = self.feature_effects()
-            inert = judge.inert_features(effects, allowed)
-            note = judge.inert_note(effects, allowed)
-            notes = [note] if note else []
-        else:
-            effects, inert = {}, []
-        verdict = judge.parity_verdict("fwd", comparisons, notes)
-        verdict.metrics["feature_effect"] = effects
-        verdict.metrics["inert_features"] = inert
-        verdict.metrics["verdict_kind"] = "exact" if rows is None else "sampled-rows"
-        if rows is not None:
-            judged = int(ref.rows.sum())
-            verdict.metrics["rows_judged"] = judged
-            verdict.metrics["rows_total"] = int(ref.rows.numel())
-            prefix = (f"judged on {judged} of {ref.rows.numel()} query rows (the exact "
-                      f"reference of all rows is over {EXACT_REFERENCE_GFLOP[self.device.type]:g}"
-                      " GFLOP here; see the jury for the kernels' agreement)")
-            verdict = judge.Verdict(verdict.check, verdict.status, verdict.metrics,
-                                    "; ".join(x for x in (verdict.reason, prefix) if x))
-        if self.jury_dir:
-            from harness.jury import save_rows
+            like = reference.empty_lse(case, "meta", torch.float32)
+            try:
+                _lse_layout(lse, like)
+            except RuntimeError:
+                problems.append(f"lse shape {tuple(lse.shape)} does not fit "
+                                f"{tuple(like.shape)}")
+    return problems
 
-            chosen = rows or reference.sample_rows(self.inputs, JURY_ROWS,
-                                                   self._rng_seed("jury-rows"))
-            save_rows(self.jury_dir, self.case, self.backend.name, self.inputs, chosen,
-                      result.out, ref, allowed, verdict.metrics["verdict_kind"])
-        return verdict
 
-    def check_bwd(self) -> judge.Verdict:
-        if self.case.dropout_p:
-            return self._dropout("bwd")
-        result = self.call_backward()
-        ref = self.ref(grads=True)
-        base = self.yardstick(ref, self.base(grads=True), "blockwise+grads", grads=True)
-        atol = judge.ATOL[self.inputs.q.dtype]
-        comparisons = [
-            judge.compare(name, getattr(result, name), getattr(base, name), getattr(ref, name),
-                          k=judge.K_GRAD, atol=atol)
-            for name in ("dq", "dk", "dv")
-        ]
-        if self.case.entry == "kvcache":  # pragma: no cover - dispatch never asks
-            raise AssertionError("kvcache has no backward")
-        return judge.parity_verdict("bwd", comparisons)
+def output_dtype(case: Case, backend: Backend) -> torch.dtype:
+    """The dtype a kernel must return for ``case``: the case's own, unless the backend declares
+    another output dtype for it (fp8 kernels return bf16 or fp32)."""
+    declared = getattr(backend, "output_dtype", None)
+    if callable(declared):
+        chosen = declared(case)
+        if chosen is not None:
+            return chosen
+    return TORCH_DTYPES[case.dtype]
 
-    def check_determinism(self) -> judge.Verdict:
-        backward = self.backend.capabilities.backward and self.case.entry != "kvcache"
-        runs = []
-        for _ in range(2):
-            if backward:
-                r = self.call_backward(rng="determinism")
-                tensors = {"out": r.out, **r.grads()}
-            else:
-                with torch.no_grad():
-                    r = self.call(self.inputs, rng="determinism")
-                tensors = {"out": r.out}
-            if r.lse is not None:
-                tensors["lse"] = r.lse
-            runs.append({k: v.detach().clone() for k, v in tensors.items()})
-        caps = self.backend.capabilities
+
+# -------------------------------------------------------------------------------- checks
+
+
+@check("fwd")
+def check_fwd(ctx: CheckContext) -> judge.Verdict:
+    if ctx.case.dropout_p:
+        return _dropout(ctx, "fwd")
+    with torch.no_grad():
+        result, _ = ctx.call()
+    rows = ctx.sampled_rows
+    ref, base = ctx.sampled_reference if rows is not None else (ctx.reference, ctx.baseline)
+    comparisons = [judge.compare("out", result.out, base.out, ref.out, k=judge.K_OUT,
+                                 atol=ctx.atol, valid=ref.row_mask(ref.out))]
+    if result.lse is not None:
+        lse = _lse_layout(result.lse, ref.lse)
+        comparisons.append(judge.compare("lse", lse, base.lse, ref.lse, k=judge.K_OUT,
+                                         atol=ctx.atol, valid=torch.isfinite(ref.lse)))
+    allowed = comparisons[0].allowed
+    effects = feature_effects(ctx) if rows is None else {}
+    note = judge.inert_note(effects, allowed)
+    verdict = judge.parity_verdict("fwd", comparisons, [note] if note else [])
+    metrics = {**verdict.metrics, "feature_effect": effects,
+               "inert_features": judge.inert_features(effects, allowed),
+               "verdict_kind": "exact" if rows is None else "sampled-rows"}
+    reason = verdict.reason
+    if rows is not None:
+        judged = int(ref.rows.sum())
+        metrics.update(rows_judged=judged, rows_total=int(ref.rows.numel()))
+        prefix = (f"judged on {judged} of {ref.rows.numel()} query rows (the exact reference of "
+                  f"all rows is over {EXACT_REFERENCE_GFLOP[ctx.device.type]:g} GFLOP here; see "
+                  "the jury for the kernels' agreement)")
+        reason = "; ".join(x for x in (reason, prefix) if x)
+    if ctx.jury_dir:
+        from harness.jury import save_rows
+
+        chosen = rows or reference.sample_rows(ctx.inputs, JURY_ROWS, ctx.rng_seed("jury-rows"))
+        save_rows(ctx.jury_dir, ctx.case, ctx.backend.name, ctx.inputs, chosen, result.out, ref,
+                  allowed, metrics["verdict_kind"])
+    return judge.Verdict("fwd", verdict.status, metrics, reason)
+
+
+@check("bwd")
+def check_bwd(ctx: CheckContext) -> judge.Verdict:
+    """Gradients as training computes them: the kernel's default ``deterministic=False``."""
+    if ctx.case.dropout_p:
+        return _dropout(ctx, "bwd")
+    result = ctx.call_backward(deterministic=False)
+    ref, base = ctx.reference_grads, ctx.baseline_grads
+    comparisons = [judge.compare(name, getattr(result, name), getattr(base, name),
+                                 getattr(ref, name), k=judge.K_GRAD, atol=ctx.atol)
+                   for name in ("dq", "dk", "dv")]
+    verdict = judge.parity_verdict("bwd", comparisons)
+    return judge.Verdict("bwd", verdict.status, {**verdict.metrics, "deterministic": False},
+                         verdict.reason)
+
+
+@check("determinism")
+def check_determinism(ctx: CheckContext) -> judge.Verdict:
+    """Identical inputs and seed, called with ``deterministic=True``: the forward must repeat
+    bitwise; the backward too where the kernel promises it, over the profile's repeat count
+    (flash-attn's race-condition test repeats 250 times)."""
+    caps = ctx.backend.capabilities
+    backward = caps.backward and ctx.case.entry != "kvcache"
+    runs = max(2, ctx.profile.determinism_runs) if caps.deterministic_backward else 2
+    first: dict[str, torch.Tensor] | None = None
+    worst: judge.Verdict | None = None
+    for _ in range(runs):
+        tensors = _determinism_run(ctx, backward)
+        if first is None:
+            first = tensors
+            continue
         exempt = () if caps.deterministic_backward else ("dq", "dk", "dv")
         why = caps.notes.get("deterministic_backward",
-                             f"{self.backend.name} does not promise a deterministic backward")
-        verdict = judge.determinism_verdict(*runs, exempt=exempt, why=why)
-        verdict.metrics["backward"] = backward
-        return verdict
+                             f"{ctx.backend.name} does not promise a deterministic backward")
+        verdict = judge.determinism_verdict(first, tensors, exempt=exempt, why=why)
+        if worst is None or (verdict.status == "fail" and worst.status != "fail"):
+            worst = verdict
+        if verdict.status == "fail":
+            break
+    assert worst is not None
+    return judge.Verdict("determinism", worst.status,
+                         {**worst.metrics, "backward": backward, "runs": runs}, worst.reason)
 
-    def check_throughput(self) -> judge.Verdict:
-        p = self.profile
-        budget = {"warmup_s": p.warmup_s, "budget_s": p.budget_s, "min_reps": p.min_reps,
-                  "graph": getattr(p, "graph_replay", False)}
-        flops = self.case.flops_fwd()
-        metrics: dict[str, Any] = {"flops_fwd": flops}
-        torch.manual_seed(self._rng_seed("throughput"))
+
+def _determinism_run(ctx: CheckContext, backward: bool) -> dict[str, torch.Tensor]:
+    if backward:
+        r = ctx.call_backward(rng="determinism", deterministic=True)
+        tensors = {"out": r.out, **r.grads()}
+    else:
         with torch.no_grad():
-            fwd = _kernel_timing(lambda: self.backend.forward(self.inputs), self.device, budget)
-        metrics.update(_rate(fwd, flops, self.target, self.case.dtype))
-        backward = self.backend.capabilities.backward and self.case.entry != "kvcache"
-        if backward:
-            # One set of leaves for both timings: copying fresh inputs inside the timed call
-            # would add a copy of q, k and v to every forward+backward.
-            inputs = self.inputs.with_grad()
-            out = self.call(inputs, rng="throughput").out
-            leaves = (inputs.q, inputs.k, inputs.v)
-            bwd = _kernel_timing(
-                lambda: torch.autograd.grad(out, leaves, self.inputs.dout, retain_graph=True),
-                self.device, budget)
-            metrics["bwd"] = _rate(bwd, BWD_FACTOR * flops, self.target, self.case.dtype)
+            r, _ = ctx.call(rng="determinism", deterministic=True)
+        tensors = {"out": r.out}
+    if r.lse is not None:
+        tensors["lse"] = r.lse
+    return {k: v.detach().clone() for k, v in tensors.items()}
 
-            def fwd_bwd():
-                o = self.backend.forward(inputs).out
-                torch.autograd.grad(o, leaves, self.inputs.dout)
 
-            both = _kernel_timing(fwd_bwd, self.device, budget)
-            metrics["fwd_bwd"] = _rate(both, (1 + BWD_FACTOR) * flops, self.target,
-                                       self.case.dtype)
-        return judge.Verdict("throughput", "pass", metrics, "")
+@check("throughput")
+def check_throughput(ctx: CheckContext) -> judge.Verdict:
+    p = ctx.profile
+    budget = {"warmup_s": p.warmup_s, "budget_s": p.budget_s, "min_reps": p.min_reps,
+              "graph": getattr(p, "graph_replay", False)}
+    flops = ctx.case.flops_fwd()
+    metrics: dict[str, Any] = {"flops_fwd": flops}
+    used = clone_inputs(ctx.inputs)
+    torch.manual_seed(ctx.rng_seed("throughput"))
+    with torch.no_grad():
+        fwd = _kernel_timing(lambda: ctx.backend.forward(used), ctx.device, budget)
+    metrics.update(_rate(fwd, flops, ctx.target, ctx.case.dtype))
+    if ctx.backend.capabilities.backward and ctx.case.entry != "kvcache":
+        # One set of leaves for both timings: copying fresh inputs inside the timed call
+        # would add a copy of q, k and v to every forward+backward.
+        leaves_from = used.with_grad()
+        with _kernel_errors():
+            out = ctx.backend.forward(leaves_from).out
+        leaves = (leaves_from.q, leaves_from.k, leaves_from.v)
+        dout = ctx.inputs.dout
+        bwd = _kernel_timing(lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True),
+                             ctx.device, budget)
+        metrics["bwd"] = _rate(bwd, BWD_FACTOR * flops, ctx.target, ctx.case.dtype)
 
-    # ------------------------------------------------------------------------ feature effects
+        def fwd_bwd():
+            o = ctx.backend.forward(leaves_from).out
+            torch.autograd.grad(o, leaves, dout)
 
-    def feature_effects(self) -> dict[str, float]:
-        """For each feature the case turns on, how much removing it changes the reference."""
-        case = self.case
-        p = reference.Params.of(case)
-        variants: dict[str, tuple[reference.Params, bool]] = {}
-        if case.causal:
-            variants["causal"] = (reference.Params(p.scale, p.left, -1, p.softcap), case.alibi)
-        if "window" in case.features:
-            right = 0 if case.causal else -1
-            variants["window"] = (reference.Params(p.scale, -1, right, p.softcap), case.alibi)
-        if case.softcap:
-            variants["softcap"] = (reference.Params(p.scale, p.left, p.right, 0.0), case.alibi)
-        if case.alibi:
-            variants["alibi"] = (p, False)
-        if case.scale is not None:
-            default = 1.0 / math.sqrt(case.head_dim)
-            variants["scale"] = (reference.Params(default, p.left, p.right, p.softcap), case.alibi)
-        ref = self.ref().out
-        effects = {}
-        for name, (params, alibi) in variants.items():
-            other = reference.reference(self.inputs, params=params, alibi=alibi).out
-            effects[name] = float((other - ref).abs().max())
-        return effects
+        both = _kernel_timing(fwd_bwd, ctx.device, budget)
+        metrics["fwd_bwd"] = _rate(both, (1 + BWD_FACTOR) * flops, ctx.target, ctx.case.dtype)
+    return judge.Verdict("throughput", "pass", metrics, "")
 
-    # -------------------------------------------------------------------------------- dropout
 
-    def _dropout(self, check: str) -> judge.Verdict:
-        n = self.profile.dropout_samples
-        samples: dict[str, list[torch.Tensor]] = {}
-        for i in range(n):
-            if check == "fwd":
-                with torch.no_grad():
-                    r = self.call(self.inputs, rng=f"dropout-{i}")
-                tensors = {"out": r.out}
-            else:
-                r = self.call_backward(rng=f"dropout-{i}")
-                tensors = r.grads()
-            for name, t in tensors.items():
-                samples.setdefault(name, []).append(t.detach().to("cpu", torch.float64))
-        atol = judge.ATOL[self.inputs.q.dtype]
-        if check == "fwd":
-            expected = {"out": self.ref().out.cpu()}
-            variance = {"out": reference.dropout_variance(self.inputs).cpu()}
-            baselines = {"out": self.base().out.cpu()}
-            k = judge.K_OUT
+# ------------------------------------------------------------------------ feature effects
+
+
+def feature_effects(ctx: CheckContext) -> dict[str, float]:
+    """For each feature the case turns on, how much removing it changes the reference."""
+    case = ctx.case
+    p = reference.Params.of(case)
+    variants: dict[str, tuple[reference.Params, bool]] = {}
+    if case.causal:
+        variants["causal"] = (dataclasses.replace(p, right=-1), case.alibi)
+    if "window" in case.features:
+        right = 0 if case.causal else -1
+        variants["window"] = (dataclasses.replace(p, left=-1, right=right), case.alibi)
+    if case.softcap:
+        variants["softcap"] = (dataclasses.replace(p, softcap=0.0), case.alibi)
+    if case.alibi:
+        variants["alibi"] = (p, False)
+    if case.scale is not None:
+        variants["scale"] = (dataclasses.replace(p, scale=1.0 / math.sqrt(case.head_dim)),
+                             case.alibi)
+    ref = ctx.reference.out
+    effects = {}
+    for name, (params, alibi) in variants.items():
+        other = reference.reference(ctx.inputs, params=params, alibi=alibi).out
+        effects[name] = float((other - ref).abs().max())
+    return effects
+
+
+# -------------------------------------------------------------------------------- dropout
+
+
+def _dropout(ctx: CheckContext, check_name: str) -> judge.Verdict:
+    n = ctx.profile.dropout_samples
+    samples: dict[str, list[torch.Tensor]] = {}
+    for i in range(n):
+        if check_name == "fwd":
+            with torch.no_grad():
+                r, _ = ctx.call(rng=f"dropout-{i}")
+            tensors = {"out": r.out}
         else:
-            ref = self.ref(grads=True)
-            expected = {k: v.cpu() for k, v in ref.grads().items()}
-            variance = {k: None for k in expected}
-            baselines = {k: v.cpu() for k, v in self.base(grads=True).grads().items()}
-            k = judge.K_GRAD
-        verdict = judge.dropout_verdict(check, samples, expected, variance, baselines, k=k,
-                                        atol=atol)
-        verdict.metrics["dropout_p"] = self.case.dropout_p
-        return verdict
+            r = ctx.call_backward(rng=f"dropout-{i}", deterministic=False)
+            tensors = r.grads()
+        for name, t in tensors.items():
+            samples.setdefault(name, []).append(t.detach().to("cpu", torch.float64))
+    if check_name == "fwd":
+        expected = {"out": ctx.reference.out.cpu()}
+        variance = {"out": reference.dropout_variance(ctx.inputs).cpu()}
+        baselines = {"out": ctx.baseline.out.cpu()}
+        k = judge.K_OUT
+    else:
+        expected = {name: t.cpu() for name, t in ctx.reference_grads.grads().items()}
+        variance = {name: None for name in expected}
+        baselines = {name: t.cpu() for name, t in ctx.baseline_grads.grads().items()}
+        k = judge.K_GRAD
+    verdict = judge.dropout_verdict(check_name, samples, expected, variance, baselines, k=k,
+                                    atol=ctx.atol)
+    return judge.Verdict(verdict.check, verdict.status,
+                         {**verdict.metrics, "dropout_p": ctx.case.dropout_p}, verdict.reason)
 
+
+# ---------------------------------------------------------------------------------- helpers
 
 #: Dtypes the device peak table (dense fp16/bf16 tensor throughput) is a fair yardstick for.
 PEAK_DTYPES = ("float16", "bfloat16")
@@ -376,15 +645,18 @@ def _rate(timing, flops: float, target: Target, dtype: str) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _kernel_errors(prefix: str = ""):
-    """What a kernel call raises is the kernel's error (:class:`KernelError`), not the
-    harness's; a refusal (:class:`Unsupported`) and an out-of-memory pass through."""
+    """What a kernel call raises is the kernel's: a refusal (:class:`Unsupported`) passes
+    through, ``NotImplementedError`` is a refusal too (:class:`KernelRefused`), out-of-memory is
+    :class:`KernelOutOfMemory`, anything else :class:`KernelError`."""
     try:
         yield
     except Unsupported:
         raise
+    except NotImplementedError as exc:
+        raise KernelRefused(prefix + _describe(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - every kernel failure becomes a record
         if _is_oom(exc):
-            raise
+            raise KernelOutOfMemory(prefix + _describe(exc)) from exc
         raise KernelError(prefix + _describe(exc)) from exc
 
 
@@ -414,14 +686,15 @@ def _free(device: torch.device) -> None:
 def run_plan(plan: Plan, backend: Backend, target: Target, *, seed: int, profile: Profile,
              device: torch.device | str | None = None,
              jury_dir: str = "") -> Iterator[judge.Verdict]:
-    """Verdicts for every check of a plan, in CHECK_ORDER: skips first-class, runs as they end."""
-    run = CaseRun(plan.case, backend, target, seed=seed, profile=profile, device=device,
-                  jury_dir=jury_dir)
-    for check in CHECK_ORDER:
-        if check in plan.skips:
-            yield judge.Verdict(check, "skip", {}, plan.skips[check])
-        elif check in plan.run:
-            verdict = run.run(check)
+    """Verdicts for every check of a plan, in registry order: skips first-class, runs as they
+    end."""
+    ctx = CheckContext(plan.case, backend, target, seed=seed, profile=profile, device=device,
+                       jury_dir=jury_dir)
+    for name in CHECK_ORDER:
+        if name in plan.skips:
+            yield judge.Verdict(name, "skip", {}, plan.skips[name])
+        elif name in plan.run:
+            verdict = ctx.run(name)
             if plan.audit:
                 verdict = audit_verdict(verdict, plan)
             yield verdict
@@ -431,7 +704,7 @@ def audit_verdict(verdict: judge.Verdict, plan: Plan) -> judge.Verdict:
     """Classify how a kernel treated a case it does not claim to support."""
     claim = "; ".join(plan.unsupported)
     metrics = dict(verdict.metrics)
-    if verdict.status in ("error", "skip") and "out of memory" not in verdict.reason:
+    if verdict.status in ("error", "skip") and not metrics.get("oom"):
         metrics["audit"] = "rejected"
         return judge.Verdict(verdict.check, "skip", metrics,
                              f"audit: rejected loudly (good): {verdict.reason} "
@@ -441,7 +714,7 @@ def audit_verdict(verdict: judge.Verdict, plan: Plan) -> judge.Verdict:
         return judge.Verdict(verdict.check, "fail", metrics,
                              f"audit: SILENT — accepted a case it does not support ({claim}) and "
                              f"computed something else: {verdict.reason}")
-    if verdict.status == "pass" and verdict.check in ("fwd", "bwd"):
+    if verdict.status == "pass" and verdict.check in JUDGED:
         metrics["audit"] = "accepted"
         return judge.Verdict(verdict.check, "pass", metrics,
                              f"audit: accepted and computed correctly although it does not claim "

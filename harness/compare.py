@@ -24,6 +24,10 @@ Rules (the defaults are :class:`Thresholds`'s; every one is documented in the ou
   variation of a few percent from paging anyone; (2) keeps a noisy measurement, whose quartiles
   overlap, from counting however far its median wandered. Slower is a regression, faster an
   improvement.
+* **Missing**: a baseline record with no counterpart in the run is a regression (an empty or
+  partial results file must not read as "no regression"), unless the case or backend was
+  dropped on purpose (``compare(..., allow_missing=True)``, the CLI's ``--allow-missing``): then
+  it is a notice.
 
 ``attn-harness compare`` prints :func:`render_markdown` and exits 1 when anything regressed.
 """
@@ -33,10 +37,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from harness import vocab
 from harness.records import Record, finite_or_none, setup_fingerprint, setup_labels
 
 #: Rank of each status; higher is worse. ``skip`` is absent: it is not a result.
-RANK = {"pass": 0, "xpass": 0, "xfail": 1, "fail": 2, "error": 2, "timeout": 3, "crash": 3}
+RANK = vocab.RANK
 #: The throughput passes compared, and where their metrics live in a record.
 PASSES = (("fwd", None), ("bwd", "bwd"), ("fwd+bwd", "fwd_bwd"))
 
@@ -62,7 +67,7 @@ class Change:
 
     Attributes:
         kind: regression, improvement, or notice (reported, never a regression).
-        what: status, ratio, throughput or coverage.
+        what: status, ratio, throughput, coverage or missing.
         setup: the current setup's label.
         backend: backend name with its flavor.
         case_id, case: the case and its label.
@@ -94,6 +99,8 @@ class Comparison:
     pairs: list[tuple[str, str]] = field(default_factory=list)
     unpaired: list[str] = field(default_factory=list)
     thresholds: Thresholds = field(default_factory=Thresholds)
+    #: Whether missing baseline records were allowed (notices, not regressions).
+    allow_missing: bool = False
 
     @property
     def regressions(self) -> list[Change]:
@@ -126,8 +133,15 @@ def pair_setups(current: Sequence[Record], baseline: Sequence[Record]) -> dict[t
 
 
 def compare(current: Iterable[Record], baseline: Iterable[Record],
-            thresholds: Thresholds | None = None) -> Comparison:
-    """Every change from ``baseline`` to ``current`` (see the module docstring for the rules)."""
+            thresholds: Thresholds | None = None, *, allow_missing: bool = False) -> Comparison:
+    """Every change from ``baseline`` to ``current`` (see the module docstring for the rules).
+
+    Args:
+        current, baseline: the records of the run and of the baseline.
+        thresholds: when a change counts (default :class:`Thresholds`).
+        allow_missing: baseline records the run lacks are notices, not regressions (the case
+            or backend was dropped deliberately).
+    """
     from harness.records import merge_records
 
     current, _ = merge_records(current)
@@ -156,9 +170,25 @@ def compare(current: Iterable[Record], baseline: Iterable[Record],
         out.matched += 1
         out.changes.extend(changes_between(r, b, labels[fp], th))
     out.missing = len(base_by_key) - len(seen)
+    out.allow_missing = allow_missing
+    for k, b in base_by_key.items():
+        if k not in seen:
+            out.changes.append(missing_change(b, base_labels[k[0]], allow_missing))
     order = {"regression": 0, "improvement": 1, "notice": 2}
     out.changes.sort(key=lambda c: (order[c.kind], c.what, c.setup, c.backend, c.case, c.check))
     return out
+
+
+def missing_change(before: Record, setup: str, allowed: bool) -> Change:
+    """A baseline record the run has no counterpart for (``setup``: the baseline's label)."""
+    from harness.report import backend_label, case_of
+
+    detail = ("dropped on purpose (--allow-missing)" if allowed else
+              "the run has no record of this check; pass --allow-missing if the case or "
+              "backend was dropped on purpose")
+    return Change("notice" if allowed else "regression", "missing", setup, backend_label(before),
+                  before.case_id, case_of(before).label, before.check, before.status, "not run",
+                  detail)
 
 
 def changes_between(now: Record, before: Record, setup: str, th: Thresholds) -> list[Change]:
@@ -182,7 +212,7 @@ def changes_between(now: Record, before: Record, setup: str, th: Thresholds) -> 
             kind = "regression" if rank_now > rank_before else "improvement"
             out.append(change(kind, "status", now.check, before.status, now.status,
                               now.reason or "–"))
-    if now.check in ("fwd", "bwd") and now.status != "skip" and before.status != "skip":
+    if now.check in vocab.RATIO_CHECKS and now.status != "skip" and before.status != "skip":
         r_now = finite_or_none(now.metrics.get("ratio"))
         r_before = finite_or_none(before.metrics.get("ratio"))
         if (r_now is not None and r_before is not None
@@ -260,7 +290,9 @@ def render_markdown(c: Comparison, *, level: int = 1) -> str:
                  f"is a regression; an error ratio that grows by more than "
                  f"{th.ratio_growth:.0%} and {th.ratio_growth_abs:g} is a regression; a median "
                  f"time that moves by more than {th.slowdown:.0%} with interquartile ranges that "
-                 f"do not overlap is a regression (slower) or an improvement (faster).")
+                 f"do not overlap is a regression (slower) or an improvement (faster); a "
+                 f"baseline record the run lacks is "
+                 f"{'a notice (--allow-missing)' if c.allow_missing else 'a regression'}.")
     titles = {"regression": "Regressions", "improvement": "Improvements",
               "notice": "Coverage changes (not regressions)"}
     for kind, title in titles.items():

@@ -12,6 +12,7 @@ from harness.backends.base import Backend
 from harness.case import DTYPE_BYTES, Case
 from harness.reference import BLOCK_ELEMS
 from harness.target import Target
+from harness.vocab import CHECKS
 
 #: Fraction of a device's memory a case may plan to use.
 MEMORY_HEADROOM = 0.8
@@ -53,7 +54,7 @@ def estimated_bytes(case: Case, checks: tuple[str, ...]) -> int:
     base = case.input_bytes()
     q_elems = case.total_q * case.heads_q * case.head_dim
     kv_elems = (base - 2 * q_elems * es) // es  # k and v, at the cache capacity
-    judged = {"fwd", "bwd"} & set(checks)  # only these compute the reference and baseline
+    judged = any(CHECKS[c].reference for c in checks)  # these compute the reference
     # The forward reference widens q and its output to float64; keys go one block at a time.
     ref = 8 * 2 * q_elems if judged else 0
     # The backward reference widens everything and keeps dq, dk, dv (and the baseline's).

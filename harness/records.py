@@ -11,6 +11,7 @@ line naming the file, the line and the field. :func:`read_records` then checks t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -23,13 +24,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from harness.errors import HarnessError, RecordsError
+from harness.vocab import CHECK_NAMES as CHECKS  # noqa: F401 - re-exported
+from harness.vocab import FAILING, STATUSES  # noqa: F401 - re-exported
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).resolve().parent / "schema" / "records.schema.json"
-STATUSES = ("pass", "fail", "skip", "xfail", "xpass", "crash", "timeout", "error")
-#: Statuses that make a run exit 1.
-FAILING = ("fail", "xpass", "crash", "timeout", "error")
-CHECKS = ("fwd", "bwd", "determinism", "throughput")
 
 
 @dataclass(frozen=True)
@@ -216,69 +215,180 @@ def record_from_dict(data: Any, where: str) -> Record:
 
 
 def check_case(record: Record, where: str) -> None:
-    """The case must be a valid :class:`harness.case.Case` (rules beyond the schema's reach)."""
+    """The case must be a valid :class:`harness.case.Case` (rules beyond the schema's reach),
+    and ``case_id`` must be that case's id (a record edited by hand, or merged from another
+    case, would otherwise be compared and resumed as the wrong case)."""
     from harness.case import case_from_dict
 
     try:
-        case_from_dict(record.case)
+        case = case_from_dict(record.case)
     except HarnessError as exc:
         raise RecordsError(f"{where}: field 'case': {exc}") from None
+    if case.case_id != record.case_id:
+        raise RecordsError(f"{where}: field 'case_id' is {record.case_id!r} but its case has id "
+                           f"{case.case_id!r}; the record was edited or belongs to another case")
 
 
-def read_records(path: str | Path) -> list[Record]:
-    """Every record of a results file, validated (schema, then the case)."""
+def read_records(path: str | Path, *, require_records: bool = False) -> list[Record]:
+    """Every record of a results file, validated (schema, then the case).
+
+    Args:
+        path: the results file.
+        require_records: a file without a single record is bad input (``report`` and
+            ``compare``: an empty file from a failed nightly leg must not read as success).
+
+    Raises:
+        RecordsError: the file is missing, unreadable, not records, or (with
+            ``require_records``) empty; the message names the file and line.
+    """
     path = Path(path)
+    out = [record for record, _ in _parse_lines(_read_text(path), path)]
+    if require_records and not out:
+        raise RecordsError(f"{path}: holds no records (an empty results file is not a result; "
+                           "did the run that wrote it fail?)")
+    return out
+
+
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RecordsError(f"{path}: cannot read it ({exc.strerror})") from None
     except UnicodeDecodeError:
         raise RecordsError(f"{path}: not UTF-8 text; is this an attn-harness results.jsonl?") \
             from None
-    out = []
+
+
+def _parse_lines(text: str, path: Path) -> Iterator[tuple[Record, int]]:
+    """``(record, line number)`` of every non-blank line; RecordsError at the first bad one."""
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
-        try:
-            data = json.loads(line, parse_constant=_reject_constant)
-        except (json.JSONDecodeError, ValueError) as exc:
-            msg = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-            raise RecordsError(f"{where}: not JSON ({msg}); each line must be one record") \
-                from None
-        record = record_from_dict(data, where)
-        check_case(record, where)
-        out.append(record)
-    return out
+        yield parse_line(line, where), number
+
+
+def parse_line(line: str, where: str) -> Record:
+    """One line as a validated record (strict JSON: no NaN, Infinity or overflowing 1e999)."""
+    try:
+        data = json.loads(line, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (json.JSONDecodeError, ValueError) as exc:
+        msg = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise RecordsError(f"{where}: not JSON ({msg}); each line must be one record") \
+            from None
+    record = record_from_dict(data, where)
+    check_case(record, where)
+    return record
+
+
+def _torn(line: str) -> bool:
+    """Whether a last line without a newline is a record cut short (not JSON at all)."""
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return True
+    return False
 
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not JSON")
 
 
-def read_many(paths: Iterable[str | Path]) -> list[Record]:
-    """The records of several files, in order."""
+def _finite_float(text: str) -> float:
+    """``json.loads`` turns ``1e999`` into inf without a word; a record holds finite numbers."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} overflows a float (records hold finite numbers; a missing "
+                         "value is null)")
+    return value
+
+
+def read_many(paths: Iterable[str | Path], *, require_records: bool = False) -> list[Record]:
+    """The records of several files, in order (``require_records``: see :func:`read_records`;
+    every file must then hold at least one record)."""
     out: list[Record] = []
     for p in paths:
-        out.extend(read_records(p))
+        out.extend(read_records(p, require_records=require_records))
     return out
 
 
+def read_for_resume(path: str | Path) -> tuple[list[Record], str]:
+    """The records of a results file a run appends to (``--resume``), and a note.
+
+    A run killed mid-write, or one that hit a full disk, can leave its last line torn: no
+    newline at the end, and not valid JSON. That line is cut from the file (so the records
+    appended next start on a line of their own) and the note says so; a bad line anywhere else
+    is still an error, as for ``report`` and ``compare``. A missing file holds no records.
+
+    Returns:
+        ``(records, note)``; ``note`` is empty when nothing was dropped.
+    """
+    path = Path(path)
+    if not path.exists():
+        return [], ""
+    text = _read_text(path)
+    note = ""
+    tail = text.rpartition("\n")[2]
+    if tail.strip() and _torn(tail):
+        line = text.count("\n") + 1
+        text = text[:len(text) - len(tail)]
+        try:
+            os.truncate(path, len(text.encode("utf-8")))
+        except OSError as err:
+            raise RecordsError(f"{path}:{line}: the last line is torn and cannot be cut "
+                               f"({err.strerror}); remove that line") from None
+        note = (f"{path}:{line}: dropped a torn last line ({len(tail)} characters, not a whole "
+                "record: the run that wrote it was interrupted mid-write); its check runs again")
+    records = [record for record, _ in _parse_lines(text, path)]
+    if text and not text.endswith("\n"):  # a whole last record, only its newline missing
+        try:
+            with open(path, "a", encoding="utf-8") as out:
+                out.write("\n")
+        except OSError as err:
+            raise RecordsError(f"cannot write {path}: {err.strerror}; records so far are "
+                               "kept") from None
+    return records, note
+
+
 class RecordWriter:
-    """Appends records to a file, flushing and syncing each line as it is written."""
+    """Appends records to a file, flushing and syncing each line as it is written.
+
+    A write that fails (a full disk, a read-only or vanished file system, lost permission)
+    raises :class:`RecordsError` in one line; the bytes of the record that failed are cut again
+    where the file system allows it, so the file holds exactly the records written before (and
+    where it does not, ``--resume`` drops the torn last line: :func:`read_for_resume`).
+    """
 
     def __init__(self, path: str | Path, *, append: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] = open(self.path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Unbuffered bytes: a failed write leaves nothing queued for close() to retry.
+            self._file: IO[bytes] = open(self.path, "ab" if append else "wb", buffering=0)  # noqa: SIM115
+            self._good = self._file.seek(0, os.SEEK_END)
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def _error(self, exc: OSError) -> RecordsError:
+        why = exc.strerror or str(exc)
+        return RecordsError(f"cannot write {self.path}: {why}; records so far are kept")
 
     def write(self, record: Record) -> None:
-        self._file.write(record.to_json() + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        data = (record.to_json() + "\n").encode("utf-8")
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[self._file.write(view):]
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                self._file.truncate(self._good)
+            raise self._error(exc) from None
+        self._good += len(data)
 
     def close(self) -> None:
-        self._file.close()
+        with contextlib.suppress(OSError):
+            self._file.close()
 
     def __enter__(self) -> RecordWriter:
         return self

@@ -36,15 +36,12 @@ from harness.records import (
     setup_fingerprint,
     setup_labels,
 )
+from harness.vocab import CHECK_NAMES, JUDGED, SEVERITY
 
 if TYPE_CHECKING:
     from harness.plot import PlotOutcome
 
-CHECK_ORDER = ("fwd", "bwd", "determinism", "throughput")
-#: Checks that judge numbers (the portability matrix); throughput only times.
-JUDGED = ("fwd", "bwd", "determinism")
-#: Worst first: the status a matrix cell shows when a case's checks disagree.
-SEVERITY = ("crash", "timeout", "error", "fail", "xpass", "xfail", "pass", "skip")
+CHECK_ORDER = CHECK_NAMES
 
 
 def replay_command(record: Record) -> str:
@@ -457,9 +454,17 @@ def inert_section(view: View) -> str:
             + _table(unique, ["case_id", "case", "inert features"]))
 
 
+def _known_issues_section(view: View, issues: Sequence[Any] | None) -> str:
+    if issues is None:
+        return ""
+    from harness.known_issues import section
+
+    return section(view.records, issues)
+
+
 def render(records: Iterable[Record], *, title: str = "attn-harness report",
            baseline: Iterable[Record] | None = None, plots: PlotOutcome | None = None,
-           extra_sections: Sequence[str] = ()) -> str:
+           extra_sections: Sequence[str] = (), known_issues: Sequence[Any] | None = None) -> str:
     """The whole report as markdown.
 
     Args:
@@ -468,6 +473,8 @@ def render(records: Iterable[Record], *, title: str = "attn-harness report",
         baseline: records to compare against (a "Changes against the baseline" section).
         plots: what :func:`harness.plot.write_plots` wrote next to the report, if it ran.
         extra_sections: markdown appended after the plots.
+        known_issues: the known-issue entries the run used (``harness.known_issues.load()``):
+            the ones that matched none of the records are listed after the failures.
     """
     view = View.of(records)
     if not view.records:
@@ -483,6 +490,7 @@ def render(records: Iterable[Record], *, title: str = "attn-harness report",
         summary_section(view),
         matrix_section(view),
         failures_section(view),
+        _known_issues_section(view, known_issues),
         changes,
         coverage_section(view),
         checks_section(view),

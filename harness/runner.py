@@ -21,6 +21,7 @@ from typing import Any
 
 from harness.case import Case
 from harness.records import Record, now
+from harness.vocab import CHECK_NAMES, JUDGED
 
 #: Seconds a fresh worker may take to import torch and probe the device.
 STARTUP_TIMEOUT_S = 300.0
@@ -142,21 +143,27 @@ def execute(task: Task, target, backends: dict[str, Any]):
             metrics=_clean(verdict.metrics), reason=verdict.reason, suite=task.suite,
             seed=task.seed, time=now())
         if known is not None and (not known.checks or record.check in known.checks):
-            record = expected_failure(record, known.label, strict=known.strict)
+            # The id tells the report which entries matched (known_issues.unmatched).
+            from dataclasses import replace
+
+            record = replace(record, metrics={**record.metrics, "known_issue": known.id})
+            record = expected_failure(record, known.label, strict=known.strict,
+                                      source=known.source)
         yield ("record", record)
 
 
-def expected_failure(record: Record, known: str, *, strict: bool = True) -> Record:
+def expected_failure(record: Record, known: str, *, strict: bool = True,
+                     source: str = "") -> Record:
     """Expected failure: fail -> xfail; when strict, a pass of a judged check -> xpass (the fix
-    shows)."""
+    shows). ``source`` is where the entry is written (``file:line``), for the xpass reason."""
     from dataclasses import replace
 
     if record.status in ("fail", "error"):
         return replace(record, status="xfail", reason=f"known issue {known}: {record.reason}")
-    if strict and record.status == "pass" and record.check in ("fwd", "bwd", "determinism"):
+    if strict and record.status == "pass" and record.check in JUDGED:
         return replace(record, status="xpass",
                        reason=f"known issue {known} did not reproduce: it may be fixed; "
-                              "update cases/known_issues.toml")
+                              f"update its entry in {source or 'the known-issues file'}")
     return record
 
 
@@ -283,7 +290,7 @@ def run_tasks(tasks: Iterable[Task], sink: Callable[[Record], None], *, timeout_
 def _run_one(worker: Worker, task: Task, timeout_s: float, sink, outcome: Outcome):
     """Run one task; returns its records and the worker to use next (None if it was lost)."""
     records: list[Record] = []
-    pending = [c for c in ("fwd", "bwd", "determinism", "throughput") if c in task.checks]
+    pending = [c for c in CHECK_NAMES if c in task.checks]
     current = pending[0] if pending else None
 
     def emit(record: Record) -> None:

@@ -206,7 +206,7 @@ def test_throughput_check_rates_fwd_bwd_and_both_with_flash_attn_factors(monkeyp
     target = Target(vendor="cpu", device_name="cpu", arch="x86_64", peak_tflops=100.0)
     run = checks.CaseRun(case, load_backend("sdpa-math"), target, seed=0,
                          profile=get_profile("quick"), device="cpu")
-    verdict = run.check_throughput()
+    verdict = run.run("throughput")
     m = verdict.metrics
     flops = case.flops_fwd()
     assert m["flops_fwd"] == flops
@@ -217,5 +217,5 @@ def test_throughput_check_rates_fwd_bwd_and_both_with_flash_attn_factors(monkeyp
     assert m["pct_peak"] is None  # float32 is not what the fp16/bf16 peak measures
     assert len(seen) == 3 and all(k["graph"] is False for k in seen)
     half = checks.CaseRun(case.replace(dtype="bfloat16"), load_backend("sdpa-math"), target,
-                          seed=0, profile=get_profile("quick"), device="cpu").check_throughput()
+                          seed=0, profile=get_profile("quick"), device="cpu").run("throughput")
     assert half.metrics["pct_peak"] == pytest.approx(100 * half.metrics["tflops"] / 100.0)
