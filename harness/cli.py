@@ -18,7 +18,6 @@ from harness import __version__, options
 from harness.errors import HarnessError, UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-CHECKS = options.CHECKS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,11 +25,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-parse_checks = options.checks
-positive_float = options.positive
-non_negative_float = options.non_negative
 
 
 def device_list(value: str):
@@ -50,51 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run suites of cases on backends and write results + report",
                          description="Run suites of cases on backends; write DIR/results.jsonl "
                                      "and DIR/report.md.")
-    run.add_argument("--backend", action="append", metavar="NAME|FILE.py:FUNC",
-                     help="backend to test, repeatable (default: every backend available here)")
-    run.add_argument("--suite", action="append", metavar="NAME|FILE.toml",
-                     help="case suite by name (cases/NAME.toml) or path, repeatable "
-                          "(default: smoke)")
+    # The run options shared with the pytest plugin (there: --attn-NAME), declared once.
+    options.add_options(run.add_argument, prefix="")
     run.add_argument("--case", action="append", metavar="'{...}'",
-                     help="one case as a TOML inline table, repeatable (what replay commands use)")
-    run.add_argument("--profile", default="quick", metavar="quick|nightly|exhaustive",
-                     help="effort per check and exploration budget (default: quick)")
-    run.add_argument("--checks", type=parse_checks, default=CHECKS, metavar="LIST",
-                     help="comma-separated checks (default: fwd,bwd,determinism,throughput)")
-    run.add_argument("--timeout", type=positive_float, default=None, metavar="S",
-                     help="seconds one check may run before it is recorded as a timeout "
-                          "(default: the profile's, 300 for quick)")
-    run.add_argument("--seed", type=int, default=0, metavar="N",
-                     help="seed of every input tensor and dropout draw (default: 0)")
-    run.add_argument("--out", default=None, metavar="DIR",
-                     help="where results.jsonl and report.md go (default: reports/<target-id>/)")
-    run.add_argument("--audit", action="store_true",
-                     help="also run cases a backend does not claim, and classify how it "
-                          "treats them (default: off)")
+                     help="one case as a TOML inline table, repeatable (what replay commands "
+                          "use); no exploration then (default: none)")
     run.add_argument("--resume", action="store_true",
-                     help="keep DIR/results.jsonl and run only what it lacks (default: start over)")
+                     help="keep DIR/results.jsonl and run only what it lacks; its records must "
+                          "come from this machine, seed, profile and backend builds "
+                          "(default: start over)")
+    run.add_argument("--retry-crashed", action="store_true",
+                     help="with --resume: run crash and timeout records again (default: keep "
+                          "them)")
     run.add_argument("--devices", type=device_list, default=None, metavar="all|0,1,...",
                      help="GPUs to spread the cases over, one worker process each: 'all' or "
                           "indices as torch numbers them (default: one worker on the current "
                           "device)")
-    run.add_argument("--max-gflop", type=non_negative_float, default=None, metavar="N",
-                     help="skip checks whose forward (or forward + backward) pass needs more "
-                          "than N GFLOP, recording why; 0 = no limit (default: 2 on a CPU, "
-                          "no limit on a GPU)")
-    run.add_argument("--explore", type=options.count, default=None, metavar="N",
-                     help="hypothesis-generated cases per backend after the suites, shrunk to "
-                          "the minimal failure (default: the profile's, 20 for quick; 0 = none; "
-                          "none when --case is given)")
-    run.add_argument("--regressions", default="cases/regressions", metavar="DIR",
-                     help="where minimal failing cases found by exploration are written as TOML "
-                          "(default: cases/regressions)")
     run.add_argument("--no-isolation", action="store_true",
                      help="run kernels in this process: no crash or timeout protection, for "
                           "debugging (default: a worker process)")
-    run.add_argument("--graph-replay", action="store_true",
-                     help="throughput: capture each timed call in a CUDA/HIP graph and time its "
-                          "replays, for tiny problems where launch overhead dominates; records "
-                          "say when capture was impossible (default: plain calls)")
 
     info = sub.add_parser("info", help="this machine's fingerprint and the backends available here",
                           description="Print this machine's fingerprint and every backend family.")
@@ -122,12 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("results", nargs="+", metavar="RESULTS.jsonl")
     compare.add_argument("--baseline", nargs="+", required=True, metavar="RESULTS.jsonl",
                          help="the results to compare against (required)")
-    compare.add_argument("--slowdown", type=positive_float, default=0.10, metavar="FRACTION",
+    compare.add_argument("--slowdown", type=options.positive, default=0.10, metavar="FRACTION",
                          help="relative change of a median time that may count, when the "
                               "interquartile ranges do not overlap (default: 0.10)")
-    compare.add_argument("--ratio-growth", type=positive_float, default=0.25, metavar="FRACTION",
+    compare.add_argument("--ratio-growth", type=options.positive, default=0.25, metavar="FRACTION",
                          help="relative growth of err/baseline_err that counts, when it also "
                               "grows by more than 0.1 (default: 0.25)")
+    compare.add_argument("--allow-missing", action="store_true",
+                         help="baseline records with no counterpart (a case or backend dropped "
+                              "on purpose) are not regressions (default: they are)")
     compare.add_argument("-o", "--output", metavar="FILE.md",
                          help="also write the markdown here (default: stdout only)")
     return parser
@@ -159,31 +130,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -------------------------------------------------------------------------------------- run
 
 
-def collect_cases(args) -> list[tuple[str, object]]:
-    from harness.suites import iter_cases, parse_inline_case
+def run_options(args):
+    """The run options of ``args`` as the session's :class:`~harness.session.RunOptions`."""
+    from harness.session import validate_options
 
-    cases = [("inline", parse_inline_case(text)) for text in (args.case or [])]
-    suites = args.suite or ([] if cases else ["smoke"])
-    return iter_cases(suites) + cases
+    return validate_options(options.option_values(lambda dest: getattr(args, dest), ""))
 
 
 def cmd_run(args) -> int:
-    from harness.profile import get_profile
+    from harness.session import collect_cases
 
-    profile = get_profile(args.profile)
-    cases = collect_cases(args)  # validates every case file before anything starts
-    timeout_s = args.timeout or profile.timeout_s
+    opts = run_options(args)  # known issues and backend specs checked before anything starts
+    cases, notes = collect_cases(opts, args.case or ())  # every case file validated here too
+    notes = list(opts.notes) + notes
+    if args.retry_crashed and not args.resume:
+        raise UsageError("--retry-crashed goes with --resume")
     if args.no_isolation:
         if args.devices is not None:
             raise UsageError("--devices runs one worker process per GPU, --no-isolation runs in "
                              "this process: drop one of them")
-        return _run_in_process(args, cases, profile)
+        return _run_in_process(args, opts, cases)
     from harness.runner import Worker, WorkerDied
+    from harness.session import choose_backends
 
     worker = Worker()
     try:
         target = worker.start()
-        specs, notes = _choose_backends(worker, args.backend)
+        specs, more, resolved = choose_backends(worker, opts.backends)
+        notes += more
         args.device_indices = _devices(args.devices, target, notes)
     except WorkerDied as exc:
         worker.kill()
@@ -191,7 +165,11 @@ def cmd_run(args) -> int:
     except BaseException:
         worker.kill()
         raise
-    return _run(args, cases, profile, timeout_s, target, specs, notes, worker)
+    try:
+        return _run(args, opts, cases, target, specs, resolved, notes, worker)
+    except BaseException:
+        worker.kill()
+        raise
 
 
 def _devices(spec, target: dict, notes: list[str]) -> list[int]:
@@ -208,68 +186,48 @@ def _devices(spec, target: dict, notes: list[str]) -> list[int]:
     return devices
 
 
-def _choose_backends(worker, requested: list[str] | None) -> tuple[list[str], list[str]]:
-    from harness.backends import known_backends
+def _out_dir(opts, target: dict) -> Path:
+    from harness.session import prepare_out_dir
 
-    specs = requested or known_backends()
-    resolved = worker.resolve(specs)
-    errors = [info["error"] for info in resolved.values() if "error" in info]
-    if errors and requested:
-        raise UsageError(errors[0])
-    notes = []
-    if requested:
-        for spec, info in resolved.items():
-            if info["availability"]:
-                notes.append(f"{spec} is unavailable here ({info['availability']}): its cases "
-                             "are recorded as skips")
-        return specs, notes
-    # Default selection: say what is left out and why, so nothing disappears silently.
-    for spec, info in resolved.items():
-        why = info.get("error") or info.get("availability")
-        if why:
-            notes.append(f"not run: {spec} ({why}); name it with --backend to record its "
-                         "cases as skips")
-    chosen = [s for s, info in resolved.items() if "error" not in info and not info["availability"]]
-    if not chosen:
-        raise UsageError("no backend is available here; attn-harness info says why")
-    return chosen, notes
+    return prepare_out_dir(opts.out or Path("reports") / target["target_id"])
 
 
-def _tasks(cases, specs, args, profile, jury_dir: str = ""):
-    from harness.runner import Task
-
-    for suite, case in cases:
-        for spec in specs:
-            yield Task(suite=suite, case=case, backend=spec, checks=tuple(args.checks),
-                       jury_dir=jury_dir,
-                       max_gflop=getattr(args, "max_gflop", None),
-                       graph_replay=getattr(args, "graph_replay", False),
-                       seed=args.seed, audit=args.audit, profile=profile.name)
-
-
-def _out_dir(args, target: dict) -> Path:
-    return Path(args.out) if args.out else Path("reports") / target["target_id"]
-
-
-def _run(args, cases, profile, timeout_s, target, specs, notes, worker) -> int:
-    from harness.records import FAILING, RecordWriter, read_records
+def _run(args, opts, cases, target, specs, resolved, notes, worker) -> int:
+    from harness import jury
+    from harness.records import RecordWriter, read_records
     from harness.runner import run_tasks
+    from harness.session import (
+        check_backend_versions,
+        count_statuses,
+        deliberate,
+        failed,
+        make_task,
+        resume_records,
+        write_report,
+    )
 
-    out_dir = _out_dir(args, target)
+    out_dir = _out_dir(opts, target)
     results = out_dir / "results.jsonl"
     done: set[tuple[str, str, str]] = set()
     if args.resume and results.exists():
-        done = {(r.backend_name, r.case_id, r.check) for r in read_records(results)}
+        done, more = resume_records(results, target, opts, retry_crashed=args.retry_crashed)
+        notes += more
+        check_backend_versions(read_records(results),
+                               {s: info["describe"] for s, info in resolved.items()
+                                if "describe" in info}, results)
+        if args.retry_crashed:
+            _drop_crashed(results)
+    jury_dir = jury.prepare(out_dir) if len(specs) > 1 else None
     tasks = []
-    jury_dir = str(out_dir / "jury") if len(specs) > 1 else ""
-    for task in _tasks(cases, specs, args, profile, jury_dir):
-        remaining = tuple(c for c in task.checks
-                          if (task.backend, task.case.case_id, c) not in done)
-        if remaining:
-            tasks.append(task.__class__(**{**task.__dict__, "checks": remaining}))
+    for suite, case in cases:
+        for spec in specs:
+            remaining = tuple(c for c in opts.checks if (spec, case.case_id, c) not in done)
+            if remaining:
+                tasks.append(make_task(suite, case, spec, opts, checks=remaining,
+                                       jury_dir=str(jury_dir or "")))
     print(f"attn-harness {__version__} on {target['target_id']} ({target['device_name']}): "
           f"{len(cases)} case(s) x {len(specs)} backend(s) [{', '.join(specs)}], "
-          f"checks {','.join(args.checks)}, profile {profile.name}, seed {args.seed}",
+          f"checks {','.join(opts.checks)}, profile {opts.profile}, seed {opts.seed}",
           file=sys.stderr)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
@@ -282,86 +240,62 @@ def _run(args, cases, profile, timeout_s, target, specs, notes, worker) -> int:
         if devices:
             from harness.runner import run_tasks_on_devices
 
-            outcome = run_tasks_on_devices(tasks, writer.write, devices=devices,
-                                           timeout_s=timeout_s, progress=progress,
-                                           first_worker=worker)
+            run_tasks_on_devices(tasks, writer.write, devices=devices, timeout_s=opts.timeout,
+                                 progress=progress, first_worker=worker)
         else:
-            outcome = run_tasks(tasks, writer.write, timeout_s=timeout_s, progress=progress,
-                                first_worker=worker)
-        findings = _explore(args, profile, specs, writer.write, done, timeout_s)
-    if jury_dir:
-        from harness import jury
-
-        verdicts = jury.deliberate(jury_dir)
-        if verdicts or not args.resume:
-            jury.write(verdicts, out_dir / "jury.jsonl")
+            run_tasks(tasks, writer.write, timeout_s=opts.timeout, progress=progress,
+                      first_worker=worker)
+        findings = _explore(args, opts, specs, writer.write, done)
+    if jury_dir is not None:
+        deliberate(jury_dir, out_dir, keep_previous=bool(args.resume))
     records = read_records(results)
-    _write_report(records, out_dir)
+    write_report(records, out_dir)
     for finding in findings:
         print(finding, file=sys.stderr)
-    failed = sum(1 for r in records if r.status in FAILING)
-    counts = ", ".join(f"{n} {s}" for s, n in sorted(_count(records).items()))
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(count_statuses(records).items()))
     print(f"done in {time.perf_counter() - start:.1f}s: {counts or 'no records'}; "
           f"wrote {results} and {out_dir / 'report.md'}", file=sys.stderr)
-    del outcome
-    return EXIT_FAILED if failed else EXIT_OK
+    return EXIT_FAILED if failed(records) else EXIT_OK
 
 
-def _explore(args, profile, specs, sink, done, timeout_s) -> list[str]:
+def _drop_crashed(results: Path) -> None:
+    """--retry-crashed: the crash and timeout records leave the file; their checks run again."""
+    from harness.records import read_records
+
+    kept = [r for r in read_records(results) if r.status not in ("crash", "timeout")]
+    results.write_text("".join(r.to_json() + "\n" for r in kept), encoding="utf-8")
+
+
+def _explore(args, opts, specs, sink, done) -> list[str]:
     """Run the profile's exploration for every backend; returns one summary per backend."""
-    examples = profile.explore_examples if args.explore is None else args.explore
-    checks = tuple(c for c in args.checks if c != "throughput")
-    if examples <= 0 or args.case or not checks:
+    from harness.session import explore_checks, make_task
+
+    checks = explore_checks(opts)
+    if opts.examples <= 0 or args.case or not checks:
         return []
     from harness.explore import explore, summary
     from harness.runner import ExplorationWorker
 
     summaries = []
-    with ExplorationWorker(timeout_s) as runner:
+    with ExplorationWorker(opts.timeout) as runner:
         resolved = runner.resolve(specs)
         for spec in specs:
             info = resolved[spec]
             if "error" in info or info["availability"]:
                 continue
-            print(f"exploring {spec}: up to {examples} generated case(s), checks "
-                  f"{','.join(checks)}, seed {args.seed}", file=sys.stderr)
+            print(f"exploring {spec}: up to {opts.examples} generated case(s), checks "
+                  f"{','.join(checks)}, seed {opts.seed}", file=sys.stderr)
 
             def run_case(case, spec=spec):
-                task = _task("explore", case, spec, checks, args, profile)
+                task = make_task("explore", case, spec, opts, checks=checks)
                 return runner.run(task, lambda record: None, done)
 
             # Only generated cases and the minimal failure are recorded, not each shrink step.
-            result = explore(spec, info["capabilities"], run_case, profile=profile.name,
-                             examples=examples, seed=args.seed, on_record=sink,
-                             regressions=Path(args.regressions))
+            result = explore(spec, info["capabilities"], run_case, profile=opts.profile,
+                             examples=opts.examples, seed=opts.seed, on_record=sink,
+                             regressions=opts.regressions)
             summaries.append(summary(result))
     return summaries
-
-
-def _task(suite, case, spec, checks, args, profile):
-    from harness.runner import Task
-
-    return Task(suite=suite, case=case, backend=spec, checks=checks,
-                max_gflop=getattr(args, "max_gflop", None), seed=args.seed, audit=args.audit,
-                profile=profile.name)
-
-
-def _count(records) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[r.status] = counts.get(r.status, 0) + 1
-    return counts
-
-
-def _write_report(records, out_dir: Path) -> None:
-    from harness import jury
-    from harness.plot import write_plots
-    from harness.report import render
-
-    plots = write_plots(records, out_dir)
-    extra = [jury.section(jury.read(out_dir / "jury.jsonl"))]
-    (out_dir / "report.md").write_text(render(records, plots=plots, extra_sections=extra),
-                                       encoding="utf-8")
 
 
 class _Progress:
@@ -390,22 +324,25 @@ class _Progress:
               f"{task.case.label:<40} {' | '.join(parts)}", file=sys.stderr, flush=True)
 
 
-def _run_in_process(args, cases, profile) -> int:
+def _run_in_process(args, opts, cases) -> int:
     from harness.backends import known_backends, load_backend
-    from harness.records import FAILING, RecordWriter, read_records
+    from harness.records import RecordWriter, read_records
     from harness.runner import run_in_process
+    from harness.session import failed, make_task, write_report
     from harness.target import detect
 
     target = detect().to_dict()
-    specs = args.backend or [s for s in known_backends() if not load_backend(s).availability()]
-    out_dir = _out_dir(args, target)
+    specs = list(opts.backends) or [s for s in known_backends()
+                                    if not load_backend(s).availability()]
+    out_dir = _out_dir(opts, target)
     results = out_dir / "results.jsonl"
     with RecordWriter(results) as writer:
-        run_in_process(list(_tasks(cases, specs, args, profile)), writer.write)
+        run_in_process([make_task(suite, case, spec, opts) for suite, case in cases
+                        for spec in specs], writer.write)
     records = read_records(results)
-    _write_report(records, out_dir)
+    write_report(records, out_dir)
     print(f"wrote {results} and {out_dir / 'report.md'}", file=sys.stderr)
-    return EXIT_FAILED if any(r.status in FAILING for r in records) else EXIT_OK
+    return EXIT_FAILED if failed(records) else EXIT_OK
 
 
 # ------------------------------------------------------------------------------------- info
@@ -457,13 +394,14 @@ def cmd_report(args) -> int:
     from harness.records import read_many
     from harness.report import render
 
-    records = read_many(args.results)
-    baseline = read_many(args.baseline) if args.baseline else None
+    records = read_many(args.results, require_records=True)
+    baseline = read_many(args.baseline, require_records=True) if args.baseline else None
     if args.output:
-        out = Path(args.output)
+        from harness.session import prepare_output_file
+
+        out = prepare_output_file(Path(args.output))
         plots = write_plots(records, out.parent)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(render(records, baseline=baseline, plots=plots), encoding="utf-8")
+        _write_text(out, render(records, baseline=baseline, plots=plots))
         written = ", ".join(name for _, name in plots.files)
         print(f"wrote {out}" + (f" and {written} next to it" if written else ""), file=sys.stderr)
     else:
@@ -481,17 +419,26 @@ def cmd_report(args) -> int:
 def cmd_compare(args) -> int:
     from harness.compare import Thresholds, compare, render_markdown
     from harness.records import read_many
+    from harness.session import prepare_output_file
 
-    current = read_many(args.results)
-    baseline = read_many(args.baseline)
+    output = prepare_output_file(Path(args.output)) if args.output else None
+    current = read_many(args.results, require_records=True)
+    baseline = read_many(args.baseline, require_records=True)
     result = compare(current, baseline, Thresholds(slowdown=args.slowdown,
-                                                    ratio_growth=args.ratio_growth))
+                                                    ratio_growth=args.ratio_growth),
+                     allow_missing=args.allow_missing)
     text = render_markdown(result) + "\n"
     sys.stdout.write(text)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text, encoding="utf-8")
+    if output is not None:
+        _write_text(output, text)
     return EXIT_FAILED if result.regressed else EXIT_OK
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,61 +1,27 @@
-"""Parsers for option values, shared by the command line and the pytest plugin.
+"""Run options and their parsers, shared by the command line and the pytest plugin.
 
-Each raises ``argparse.ArgumentTypeError("could not parse 'VALUE': ...")``, which both argparse
-and pytest turn into a one-line usage error. Nothing here imports torch.
+They are declared once, in the top-level module ``attn_harness_pytestplugin`` (so that pytest can
+register them without importing this package), and re-exported here for the CLI: each parser
+raises ``argparse.ArgumentTypeError("could not parse 'VALUE': ...")``, which both argparse and
+pytest turn into a one-line usage error. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
-import argparse
+from attn_harness_pytestplugin import (
+    OPTIONS,
+    PREFIX,
+    Option,
+    add_options,
+    option_values,
+)
+from attn_harness_pytestplugin import parse_checks as checks
+from attn_harness_pytestplugin import parse_count as count
+from attn_harness_pytestplugin import parse_non_negative as non_negative
+from attn_harness_pytestplugin import parse_positive as positive
+from attn_harness_pytestplugin import parse_profile as profile
+from attn_harness_pytestplugin import parse_seed as seed
+from attn_harness_pytestplugin import parse_timeout as timeout
 
-CHECKS = ("fwd", "bwd", "determinism", "throughput")
-PROFILES = ("quick", "nightly", "exhaustive")
-
-
-def _fail(value: str, why: str) -> argparse.ArgumentTypeError:
-    return argparse.ArgumentTypeError(f"could not parse {value!r}: {why}")
-
-
-def checks(value: str) -> tuple[str, ...]:
-    """A comma-separated subset of fwd, bwd, determinism, throughput."""
-    items = tuple(v.strip() for v in value.split(",") if v.strip())
-    if not items or any(v not in CHECKS for v in items):
-        raise _fail(value, f"checks are a comma-separated subset of {','.join(CHECKS)}")
-    return items
-
-
-def profile(value: str) -> str:
-    if value not in PROFILES:
-        raise _fail(value, f"one of {', '.join(PROFILES)}")
-    return value
-
-
-def _number(value: str, kind=float):
-    try:
-        return kind(value)
-    except ValueError:
-        raise _fail(value, "not an integer" if kind is int else "not a number") from None
-
-
-def count(value: str) -> int:
-    """An integer >= 0."""
-    n = _number(value, int)
-    if n < 0:
-        raise _fail(value, "must be >= 0")
-    return n
-
-
-def positive(value: str) -> float:
-    """A number > 0 (seconds, fractions)."""
-    x = _number(value)
-    if not x > 0:
-        raise _fail(value, "must be > 0")
-    return x
-
-
-def non_negative(value: str) -> float:
-    """A number >= 0 (0 often meaning: no limit)."""
-    x = _number(value)
-    if not x >= 0:
-        raise _fail(value, "must be >= 0")
-    return x
+__all__ = ["OPTIONS", "PREFIX", "Option", "add_options", "option_values", "checks", "count",
+           "non_negative", "positive", "profile", "seed", "timeout"]

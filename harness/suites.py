@@ -31,6 +31,7 @@ import itertools
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,6 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 #: Fields whose value is a list, so a grid axis over them is a list of lists.
 LIST_FIELDS = ("window", "seqlens_q", "seqlens_k", "checks")
 TOP_LEVEL_KEYS = ("suite", "defaults", "case", "grid")
-BUILTIN_DIR = Path(__file__).resolve().parent / "cases"
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,29 @@ class Suite:
     cases: tuple[Case, ...]
 
 
+#: The project's own suite directory, when given (``--cases-dir``); else ``./cases``.
+_PROJECT_DIR: Path | None = None
+
+
+def builtin_dir() -> Path:
+    """The suites shipped inside the package (``harness/cases``), through importlib.resources."""
+    return Path(str(resources.files("harness").joinpath("cases")))
+
+
+def set_project_dir(path: Path | str | None) -> None:
+    """Use ``path`` instead of ``./cases`` as the project's own suites (``--cases-dir``)."""
+    global _PROJECT_DIR
+    _PROJECT_DIR = Path(path) if path is not None else None
+
+
+def project_dir() -> Path:
+    return _PROJECT_DIR if _PROJECT_DIR is not None else Path.cwd() / "cases"
+
+
 def cases_dirs() -> list[Path]:
-    """Where suite names are looked up: ``./cases`` first, then the suites shipped in the package."""
-    dirs = [Path.cwd() / "cases", BUILTIN_DIR]
+    """Where suite names are looked up: the project's own (``--cases-dir`` or ``./cases``) first,
+    so its files shadow shipped ones of the same name, then the suites shipped in the package."""
+    dirs = [project_dir(), builtin_dir()]
     seen: list[Path] = []
     for d in dirs:
         if d.is_dir() and d.resolve() not in [s.resolve() for s in seen]:
@@ -160,6 +180,10 @@ def parse_inline_case(text: str) -> Case:
                           "'{seqlen_q = 128, heads_q = 4, dtype = \"float16\"}'") from None
     if not isinstance(data.get("case"), dict):
         raise InvalidCase(f"--case {text!r}: must be a TOML inline table in braces")
+    extra = [key for key in data if key != "case"]
+    if extra:
+        raise InvalidCase(f"--case {text!r}: trailing content after the inline table (key "
+                          f"{extra[0]!r}); give exactly one table '{{...}}' and nothing after it")
     return _build(data["case"], "--case")
 
 

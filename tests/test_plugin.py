@@ -17,7 +17,7 @@ ZOO = str(REPO / "tests" / "zoo" / "kernels.py")
 def parity(pytester):
     """A pytester directory holding the parity suites, as users run them."""
     for name in ("test_cases.py", "test_explore.py"):
-        shutil.copy(REPO / "tests" / "parity" / name, pytester.path / name)
+        shutil.copy(REPO / "harness" / "parity" / name, pytester.path / name)
     return pytester
 
 
@@ -32,7 +32,7 @@ def suite(pytester, text: str) -> str:
 
 
 def test_plugin_import_does_not_import_torch():
-    code = "import sys, harness.plugin; print('torch' in sys.modules)"
+    code = "import sys, attn_harness_pytestplugin; print('torch' in sys.modules)"
     import subprocess
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

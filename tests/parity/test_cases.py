@@ -1,13 +1,4 @@
-"""The parity suite over case files: every case of ``--attn-suite`` (default: smoke) on every
-backend of ``--attn-backend`` (default: every backend available here).
+"""The shipped parity suite over case files (harness/parity/test_cases.py), collected here so
+that `pytest tests/parity --attn-backend ...` runs it from a checkout."""
 
-    pytest tests/parity --attn-backend flash-attn --attn-suite models
-"""
-
-import pytest
-
-pytestmark = pytest.mark.attn_parity
-
-
-def test_case(attn, attn_backend, attn_case):
-    attn.check(attn_case, attn_backend)
+from harness.parity.test_cases import pytestmark, test_case  # noqa: F401

@@ -1,14 +1,4 @@
-"""Exploration: hypothesis draws cases the backend claims to support (within the profile's cost
-budget), and a failure is shrunk to the minimal case, written to ``--attn-regressions`` and
-reported with its replay command.
+"""The shipped exploration suite (harness/parity/test_explore.py), collected here so that
+`pytest tests/parity --attn-backend ...` runs it from a checkout."""
 
-    pytest tests/parity/test_explore.py --attn-backend my_kernel.py:attention --attn-examples 200
-"""
-
-import pytest
-
-pytestmark = pytest.mark.attn_parity
-
-
-def test_explore(attn, attn_backend):
-    attn.explore(attn_backend)
+from harness.parity.test_explore import pytestmark, test_explore  # noqa: F401

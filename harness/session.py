@@ -1,0 +1,493 @@
+"""One session for both front ends: options, backend choice, tasks, records and the report.
+
+``attn-harness run`` and the pytest plugin translate their options into one :class:`RunOptions`
+(:func:`validate_options`) and then share everything else here: which backends run
+(:func:`choose_backends`), the one task factory (:func:`make_task`), the cases and their
+deduplication (:func:`collect_cases`), where results go and whether they may be resumed
+(:func:`prepare_out_dir`, :func:`resume_records`), and the report with its jury
+(:func:`write_report`). :class:`PytestSession` is the plugin's state on top of the same pieces.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.case import Case
+from harness.errors import HarnessError, RecordsError, UsageError
+from harness.records import Record, RecordWriter
+from harness.vocab import CHECK_NAMES, EXPLORED, FAILING
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a run is asked to do, whichever front end asked (see ``attn_harness_pytestplugin``
+    for each option's meaning and default)."""
+
+    backends: tuple[str, ...] = ()
+    suites: tuple[str, ...] = ()
+    cases_dir: Path | None = None
+    profile: str = "quick"
+    checks: tuple[str, ...] = CHECK_NAMES
+    seed: int = 0
+    explore: int | None = None
+    timeout_s: float | None = None
+    max_gflop: float | None = None
+    audit: bool = False
+    out: Path | None = None
+    regressions: Path = Path("cases/regressions")
+    graph_replay: bool = False
+    notes: tuple[str, ...] = ()
+
+    @property
+    def timeout(self) -> float:
+        """The per-check time limit in force (the profile's when not given); inf = none."""
+        from harness.profile import get_profile
+
+        return self.timeout_s if self.timeout_s is not None else get_profile(self.profile).timeout_s
+
+    @property
+    def examples(self) -> int:
+        from harness.profile import get_profile
+
+        return get_profile(self.profile).explore_examples if self.explore is None else self.explore
+
+
+def _unique(values: Iterable[str] | None, what: str, notes: list[str]) -> tuple[str, ...]:
+    values = list(values or ())
+    kept = tuple(dict.fromkeys(values))
+    if len(kept) < len(values):
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        notes.append(f"{what} {', '.join(repeated)} given more than once: run once")
+    return kept
+
+
+def validate_options(values: dict[str, Any], where: str = "--") -> RunOptions:
+    """Check run options before anything starts (one-line HarnessErrors naming the option) and
+    build :class:`RunOptions`. ``values`` maps option names (``OPTIONS``) to what was given."""
+    notes: list[str] = []
+    backends = _unique(values.get("backend"), "--backend", notes)
+    for spec in backends:
+        problem = static_backend_problem(spec, where)
+        if problem:
+            raise UsageError(problem)
+    cases_dir = Path(values["cases-dir"]) if values.get("cases-dir") else None
+    if cases_dir is not None and not cases_dir.is_dir():
+        raise UsageError(f"{where}cases-dir {cases_dir}: no such directory")
+    from harness import suites
+
+    suites.set_project_dir(cases_dir)
+    suite_specs = _unique(values.get("suite"), "--suite", notes)
+    for spec in suite_specs:
+        try:
+            suites.resolve_suite(spec)
+        except HarnessError as exc:
+            raise UsageError(str(exc) if where == "--" else f"{where}suite: {exc}") from None
+    validate_known_issues()
+    checks = values.get("checks") or CHECK_NAMES
+    return RunOptions(
+        backends=backends, suites=suite_specs,
+        cases_dir=cases_dir, profile=values.get("profile") or "quick", checks=tuple(checks),
+        seed=int(values.get("seed") or 0), explore=values.get("explore"),
+        timeout_s=values.get("timeout"), max_gflop=values.get("max-gflop"),
+        audit=bool(values.get("audit")),
+        out=Path(values["out"]) if values.get("out") else None,
+        regressions=Path(values.get("regressions") or "cases/regressions"),
+        graph_replay=bool(values.get("graph-replay")), notes=tuple(notes))
+
+
+def validate_known_issues() -> None:
+    """Read every known-issues file now, in the main process: a broken one is bad input (exit
+    2 naming file, line and key), not one traceback per worker."""
+    from harness import known_issues
+
+    validate = getattr(known_issues, "validate", None)
+    if validate is not None:
+        validate()
+    else:  # pragma: no cover - older known_issues without validate()
+        known_issues.load()
+
+
+def static_backend_problem(spec: str, where: str = "--") -> str:
+    """What can be said about a backend spec without importing anything heavy."""
+    from harness.backends import BUILTIN, entry_point_names
+    from harness.backends.user import is_file_spec
+
+    family, at, target = spec.partition("@")
+    if at:
+        families = _families()
+        if families and family not in families:
+            return (f"{where}backend {spec}: unknown family {family!r} (families: "
+                    f"{', '.join(families)})")
+        if target.endswith(".py") and not Path(target).is_file():
+            return f"{where}backend {spec}: no such file {target}"
+        return ""
+    if spec in BUILTIN or spec in entry_point_names():
+        return ""
+    if is_file_spec(spec):
+        path = spec.rpartition(":")[0]
+        return "" if Path(path).is_file() else f"{where}backend {spec}: no such file {path}"
+    known = ", ".join([*BUILTIN, *entry_point_names()])
+    return f"{where}backend {spec}: unknown backend (known: {known}; or FILE.py:FUNC)"
+
+
+def _families() -> list[str]:
+    from harness import backends
+
+    names = getattr(backends, "FAMILIES", None)
+    return list(names) if names else []
+
+
+# --------------------------------------------------------------------------------- backends
+
+
+def choose_backends(worker, requested: Sequence[str]) -> tuple[list[str], list[str],
+                                                                  dict[str, Any]]:
+    """The backends to run and the notes about the others.
+
+    With ``requested``, exactly those (an unloadable one is a UsageError; an unavailable one
+    runs, its cases recorded as skips). Without, every available backend, and a note for each
+    one left out, so nothing disappears silently. Returns (specs, notes, resolved info).
+    """
+    from harness.backends import known_backends
+
+    specs = list(requested) or known_backends()
+    resolved = worker.resolve(specs)
+    errors = [info["error"] for info in resolved.values() if "error" in info]
+    if errors and requested:
+        raise UsageError(errors[0])
+    notes = []
+    if requested:
+        for spec, info in resolved.items():
+            if info["availability"]:
+                notes.append(f"{spec} is unavailable here ({info['availability']}): its cases "
+                             "are recorded as skips")
+        return specs, notes, resolved
+    for spec, info in resolved.items():
+        why = info.get("error") or info.get("availability")
+        if why:
+            notes.append(f"not run: {spec} ({why}); name it with --backend to record its "
+                         "cases as skips")
+    chosen = [s for s, info in resolved.items() if "error" not in info and not info["availability"]]
+    if not chosen:
+        raise UsageError("no backend is available here; attn-harness info says why")
+    return chosen, notes, resolved
+
+
+# ----------------------------------------------------------------------------- cases, tasks
+
+
+def collect_cases(options: RunOptions, inline: Sequence[str] = ()) -> tuple[
+        list[tuple[str, Case]], list[str]]:
+    """``(suite, case)`` for every case to run, each case once, and notes on what repeated.
+
+    Suites default to ``smoke`` unless inline cases (``--case``) are given.
+    """
+    from harness.suites import iter_cases, parse_inline_case
+
+    explicit = [("inline", parse_inline_case(text)) for text in inline]
+    suites = list(options.suites) or ([] if explicit else ["smoke"])
+    out: list[tuple[str, Case]] = []
+    seen: dict[str, str] = {}
+    repeats = 0
+    for suite, case in iter_cases(suites) + explicit:
+        if case.case_id in seen:
+            repeats += 1
+            continue
+        seen[case.case_id] = suite
+        out.append((suite, case))
+    notes = [f"{repeats} case(s) appear more than once (same case_id in several suites or "
+             "--case): each runs once"] if repeats else []
+    return out, notes
+
+
+def make_task(suite: str, case: Case, spec: str, options: RunOptions, *,
+              checks: Sequence[str] | None = None, jury_dir: str = ""):
+    """The one place a :class:`harness.runner.Task` is built."""
+    from harness.runner import Task
+
+    return Task(suite=suite, case=case, backend=spec,
+                checks=tuple(options.checks if checks is None else checks), seed=options.seed,
+                audit=options.audit, profile=options.profile, max_gflop=options.max_gflop,
+                graph_replay=options.graph_replay, jury_dir=jury_dir)
+
+
+def explore_checks(options: RunOptions) -> tuple[str, ...]:
+    """The checks exploration runs: those of the run that judge numbers."""
+    return tuple(c for c in options.checks if c in EXPLORED)
+
+
+# ------------------------------------------------------------------------------ out and resume
+
+
+def prepare_out_dir(path: Path, what: str = "--out") -> Path:
+    """Make ``path`` a writable directory, or say in one line why it cannot be one."""
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"{what} {path}: {parent} is a file, not a directory; give a "
+                             "directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{what} {path}: cannot create it ({exc.strerror}); give a writable "
+                         "directory") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path}: not writable; give a writable directory")
+    return path
+
+
+def prepare_output_file(path: Path, what: str = "-o") -> Path:
+    """Make the parent of an output file exist; one line when it cannot."""
+    if path.is_dir():
+        raise UsageError(f"{what} {path}: is a directory; give a file name")
+    prepare_out_dir(path.parent, what=what)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{what} {path}: not writable")
+    return path
+
+
+#: The fields a resumed record must share with the run that resumes it.
+RESUME_FIELDS = ("target", "backend version", "seed", "profile")
+
+
+def resume_records(results: Path, target: dict[str, Any], options: RunOptions, *,
+                   retry_crashed: bool = False) -> tuple[set[tuple[str, str, str]], list[str]]:
+    """The ``(backend, case_id, check)`` keys a resumed run may keep, and notes.
+
+    Only records of this machine (same target fingerprint), the same seed and profile and the
+    same backend versions are kept; any other record makes the resume a usage error naming the
+    field that differs. ``retry_crashed`` drops crash and timeout records so they run again. A
+    torn last line (a run killed mid-write) is dropped, and said.
+    """
+    from harness import records as recs
+    from harness.records import setup_fingerprint
+
+    reader = getattr(recs, "read_for_resume", None)
+    notes: list[str] = []
+    if reader is not None:
+        kept, note = reader(results)
+        if note:
+            notes.append(note)
+    else:  # pragma: no cover - older records module
+        kept = recs.read_records(results)
+    mine = setup_fingerprint(target)
+    done: set[tuple[str, str, str]] = set()
+    for r in kept:
+        differs = []
+        if setup_fingerprint(r.target) != mine:
+            differs.append(f"target ({r.target.get('target_id')} with other software)"
+                           if r.target.get("target_id") == target.get("target_id")
+                           else f"target ({r.target.get('target_id')})")
+        if r.seed != options.seed:
+            differs.append(f"seed ({r.seed}, this run {options.seed})")
+        profile = getattr(r, "profile", "") or options.profile
+        if profile != options.profile:
+            differs.append(f"profile ({profile}, this run {options.profile})")
+        if differs:
+            raise UsageError(f"--resume {results}: its records differ from this run in "
+                             f"{'; '.join(differs)}; resume with the same settings or use "
+                             "another --out")
+        if retry_crashed and r.status in ("crash", "timeout"):
+            continue
+        done.add((r.backend_name, r.case_id, r.check))
+    return done, notes
+
+
+def check_backend_versions(records: Iterable[Record], describe: dict[str, dict[str, str]],
+                           results: Path) -> None:
+    """A resumed record's backend must be the very build this run loads."""
+    for r in records:
+        now = describe.get(r.backend_name)
+        if now and (now.get("version"), now.get("flavor")) != (r.backend.get("version"),
+                                                               r.backend.get("flavor")):
+            raise UsageError(f"--resume {results}: {r.backend_name} was "
+                             f"{r.backend.get('version')} ({r.backend.get('flavor')}) in its "
+                             f"records and is {now.get('version')} ({now.get('flavor')}) now; "
+                             "use another --out")
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def write_report(records: Sequence[Record], out_dir: Path, *, jury_dir: Path | None = None,
+                 known: Sequence[Any] = ()) -> Path:
+    """Render ``out_dir/report.md`` (with plots and, when given, the jury's findings)."""
+    from harness import jury
+    from harness.plot import write_plots
+    from harness.report import render
+
+    plots = write_plots(records, out_dir)
+    extra = []
+    jury_file = out_dir / "jury.jsonl"
+    if jury_file.exists():
+        extra.append(jury.section(jury.read(jury_file)))
+    path = out_dir / "report.md"
+    path.write_text(render(records, plots=plots, extra_sections=extra), encoding="utf-8")
+    return path
+
+
+def deliberate(jury_dir: Path, out_dir: Path, *, keep_previous: bool = False) -> None:
+    """Compare the backends' saved rows and write ``out_dir/jury.jsonl``."""
+    from harness import jury
+
+    verdicts = jury.deliberate(jury_dir)
+    if verdicts or not keep_previous:
+        jury.write(verdicts, out_dir / "jury.jsonl")
+
+
+def count_statuses(records: Iterable[Record]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return counts
+
+
+def failed(records: Iterable[Record]) -> bool:
+    return any(r.status in FAILING for r in records)
+
+
+# ----------------------------------------------------------------------------------- pytest
+
+
+@dataclass
+class PytestSession:
+    """The plugin's state: one worker (replaced when a kernel kills it), records streamed to
+    ``--attn-out`` (``results-<xdist worker>.jsonl`` under ``pytest -n``), the report at the end
+    rendered from this session's files only."""
+
+    options: RunOptions
+    backends: list[str] = field(default_factory=list)
+    capabilities: dict[str, Any] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    findings: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    _runner: Any = None
+    _writer: RecordWriter | None = None
+    _out: Path | None = None
+    _count: int = 0
+    _cases: list[tuple[str, Case]] | None = None
+
+    def __post_init__(self) -> None:
+        from harness.runner import ExplorationWorker
+
+        self._runner = ExplorationWorker(self.options.timeout)
+        worker = self._runner
+        try:
+            specs, _, resolved = choose_backends(worker, self.options.backends)
+        except Exception:
+            worker.__exit__(None, None, None)
+            raise
+        for spec in specs:
+            info = resolved[spec]
+            self.backends.append(spec)
+            self.capabilities[spec] = info["capabilities"]
+            self.unavailable[spec] = info["availability"] or ""
+        target = worker.outcome.target
+        self._out = prepare_out_dir(self.options.out or Path("reports") / target["target_id"],
+                                    "--attn-out")
+        name = f"results-{os.environ['PYTEST_XDIST_WORKER']}.jsonl" \
+            if os.environ.get("PYTEST_XDIST_WORKER") else "results.jsonl"
+        self._writer = RecordWriter(self._out / name)
+
+    def suite_cases(self) -> list[tuple[str, Case]]:
+        if self._cases is None:
+            self._cases, _ = collect_cases(self.options)
+        return self._cases
+
+    def _sink(self, record: Record) -> None:
+        self._count += 1
+        if self._writer is not None:
+            self._writer.write(record)
+
+    def run(self, suite: str, case: Case, spec: str) -> list[Record]:
+        """Run one case's checks on one backend; records are streamed as they come."""
+        return self._runner.run(make_task(suite, case, spec, self.options), self._sink)
+
+    def check(self, suite_case: tuple[str, Case], spec: str) -> None:
+        """Run a suite case and turn its records into the test's outcome."""
+        suite, case = suite_case
+        outcome(self.run(suite, case, spec), case, spec)
+
+    def explore(self, spec: str) -> None:
+        """Explore a backend; fail with the minimal case when something fails."""
+        import pytest
+
+        from harness.explore import explore, summary
+
+        if self.unavailable.get(spec):
+            pytest.skip(f"{spec} is unavailable: {self.unavailable[spec]}")
+        checks = explore_checks(self.options)
+        if not checks:
+            pytest.skip("exploration needs a check that judges numbers among --attn-checks")
+
+        def run_case(case: Case) -> list[Record]:
+            task = make_task("explore", case, spec, self.options, checks=checks)
+            return self._runner.run(task, lambda r: None)
+
+        result = explore(spec, self.capabilities[spec], run_case, profile=self.options.profile,
+                         examples=self.options.examples, seed=self.options.seed,
+                         on_record=self._sink, regressions=self.options.regressions)
+        text = summary(result)
+        if result.minimal is not None:
+            self.findings.append(text)
+            pytest.fail(text, pytrace=False)
+
+    def close(self, *, controller: bool = True) -> None:
+        if self._runner is not None:
+            self._runner.__exit__(None, None, None)
+            self._runner = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if controller and self._out is not None:
+            self.report = report_from_files(self._out, since=self.started)
+
+    def summary_lines(self) -> list[str]:
+        lines = [f"{self._count} record(s) from backends {', '.join(self.backends)}"]
+        for finding in self.findings:
+            lines.extend(finding.splitlines())
+        report = getattr(self, "report", None)
+        if report is not None:
+            lines.append(f"report: {report}")
+        return lines
+
+
+def report_from_files(directory: Path, *, since: float = 0.0) -> Path | None:
+    """Render ``report.md`` from the results files a session (or its xdist workers) wrote since
+    ``since`` (a time.time()); older files in the directory are not merged in."""
+    from harness.records import read_many
+
+    files = sorted(p for p in directory.glob("results*.jsonl")
+                   if p.stat().st_mtime >= since - 1 and p.stat().st_size > 0)
+    if not files:
+        return None
+    try:
+        records = read_many(files)
+    except RecordsError:
+        return None
+    return write_report(records, directory)
+
+
+def outcome(records: list[Record], case: Case, spec: str) -> None:
+    """pytest's verdict for a case's records: fail, skip, strict xfail, or pass."""
+    import pytest
+
+    from harness.report import replay_command
+
+    failing = [r for r in records if r.status in FAILING]
+    if failing:
+        lines = [f"{spec} on {case.label} (case_id {case.case_id}):"]
+        lines += [f"  {r.check} {r.status}: {r.reason}" for r in failing]
+        lines += ["case:", case.to_toml().rstrip(), f"replay: {replay_command(failing[0])}"]
+        pytest.fail("\n".join(lines), pytrace=False)
+    expected = [r for r in records if r.status == "xfail"]
+    if expected:
+        pytest.xfail("; ".join(f"{r.check}: {r.reason}" for r in expected))
+    if records and all(r.status == "skip" for r in records):
+        reasons = dict.fromkeys(r.reason for r in records)
+        pytest.skip("; ".join(reasons))
+
