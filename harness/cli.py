@@ -326,10 +326,10 @@ class _Progress:
 
 def _run_in_process(args, opts, cases) -> int:
     from harness.backends import known_backends, load_backend
+    from harness.machine import detect
     from harness.records import RecordWriter, read_records
     from harness.runner import run_in_process
     from harness.session import failed, make_task, write_report
-    from harness.target import detect
 
     target = detect().to_dict()
     specs = list(opts.backends) or [s for s in known_backends()
@@ -375,7 +375,9 @@ def cmd_info(args) -> int:
         return EXIT_OK
     from tabulate import tabulate
 
-    rows = [[k, v] for k, v in target.items() if k != "extra" and v not in ("", None, {})]
+    rows = [[k, v] for k, v in target.items()
+            if k not in ("extra", "libraries") and v not in ("", None, {})]
+    rows += [[k, v] for k, v in (target.get("libraries") or {}).items()]
     rows += [[k, v] for k, v in (target.get("extra") or {}).items()]
     print(tabulate(rows, headers=["machine", ""], tablefmt="simple"))
     print()

@@ -38,7 +38,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from harness import vocab
-from harness.records import Record, finite_or_none, setup_fingerprint, setup_labels
+from harness.records import (
+    Record,
+    backend_label,
+    case_of,
+    finite_or_none,
+    setup_fingerprint,
+    setup_labels,
+)
 
 #: Rank of each status; higher is worse. ``skip`` is absent: it is not a result.
 RANK = vocab.RANK
@@ -181,7 +188,6 @@ def compare(current: Iterable[Record], baseline: Iterable[Record],
 
 def missing_change(before: Record, setup: str, allowed: bool) -> Change:
     """A baseline record the run has no counterpart for (``setup``: the baseline's label)."""
-    from harness.report import backend_label, case_of
 
     detail = ("dropped on purpose (--allow-missing)" if allowed else
               "the run has no record of this check; pass --allow-missing if the case or "
@@ -193,7 +199,6 @@ def missing_change(before: Record, setup: str, allowed: bool) -> Change:
 
 def changes_between(now: Record, before: Record, setup: str, th: Thresholds) -> list[Change]:
     """The changes of one matched record."""
-    from harness.report import backend_label, case_of
 
     label = case_of(now).label
 

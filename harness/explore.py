@@ -183,7 +183,7 @@ def _describe_backend(backend: dict[str, str]) -> str:
 
 def write_regression(directory: Path, backend: str, case: Case, failing: list[Record]) -> Path:
     """Write a minimal failing case as a suite file; returns its path."""
-    from harness.report import replay_command
+    from harness.records import replay_command
 
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{_slug(backend)}-{case.case_id}.toml"
@@ -212,7 +212,7 @@ def summary(result: Exploration) -> str:
     if result.minimal is None:
         return (f"explored {result.examples} generated case(s) ({distinct} distinct) on "
                 f"{result.backend} in {result.seconds:.1f}s: no failure")
-    from harness.report import replay_command
+    from harness.records import replay_command
 
     lines = [f"explored {result.backend}: case {result.examples} failed after "
              f"{result.seconds_to_first_failure:.1f}s; shrunk in {result.shrink_steps} step(s) to",

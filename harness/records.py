@@ -412,7 +412,8 @@ def finite_or_none(x: Any) -> float | None:
 
 #: Target fields that tell two setups of one machine apart (flash-attn's CK and Triton builds on
 #: one MI300X share a target_id), with the short name a label uses.
-SETUP_FIELDS = (("flash_attn_flavor", "flash-attn"), ("flash_attn", "flash-attn"),
+SETUP_FIELDS = (("libraries", "libraries"), ("flash_attn_flavor", "flash-attn"),
+                ("flash_attn", "flash-attn"),
                 ("torch", "torch"), ("triton", "triton"), ("runtime", "runtime"),
                 ("driver", "driver"), ("sdpa_rocm_library", "sdpa"), ("device_name", "device"),
                 ("cpu_threads", "threads"), ("python", "python"), ("extra", "extra"))
@@ -450,6 +451,8 @@ def setup_labels(targets: Iterable[dict[str, Any]]) -> dict[tuple[str, ...], str
 def _short(value: Any) -> str:
     if value in ("", None, {}):
         return "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in sorted(value.items()))
     return str(value)
 
 
@@ -465,3 +468,37 @@ def merge_records(records: Iterable[Record]) -> tuple[list[Record], int]:
             superseded += 1
         kept[key] = r
     return list(kept.values()), superseded
+
+
+# ------------------------------------------------------------------ reading a record's parts
+
+
+def replay_command(record: Record) -> str:
+    """The one command that replays a record's check on any machine."""
+    import shlex
+
+    case = case_of(record)
+    return " ".join([
+        "attn-harness run",
+        f"--backend {shlex.quote(record.backend_name)}",
+        f"--checks {record.check}",
+        f"--seed {int(record.seed)}",
+        f"--case {shlex.quote(case.to_inline_toml())}",
+    ])
+
+
+def case_of(record: Record):
+    """The record's :class:`~harness.case.Case` (parsed once per distinct case)."""
+    return _case(json.dumps(record.case, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=4096)
+def _case(canonical: str):
+    from harness.case import case_from_dict
+
+    return case_from_dict(json.loads(canonical))
+
+
+def backend_label(r: Record) -> str:
+    """The backend with its flavor: ``flash-attn [rocm-ck]``."""
+    return f"{r.backend_name} [{r.backend_flavor}]" if r.backend_flavor else r.backend_name

@@ -15,24 +15,24 @@ baseline; cases that test less than they claim.
 
 from __future__ import annotations
 
-import json
 import re
-import shlex
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
-from harness.case import Case, case_from_dict
+from harness.case import Case
 from harness.records import (
     FAILING,
     STATUSES,
     Record,
+    backend_label,
+    case_of,
     finite_or_none,
     merge_records,
+    replay_command,
     setup_fingerprint,
     setup_labels,
 )
@@ -42,28 +42,6 @@ if TYPE_CHECKING:
     from harness.plot import PlotOutcome
 
 CHECK_ORDER = CHECK_NAMES
-
-
-def replay_command(record: Record) -> str:
-    """The one command that replays a record's check on any machine."""
-    case = case_from_dict(record.case)
-    return " ".join([
-        "attn-harness run",
-        f"--backend {shlex.quote(record.backend_name)}",
-        f"--checks {record.check}",
-        f"--seed {record.seed}",
-        f"--case {shlex.quote(case.to_inline_toml())}",
-    ])
-
-
-def case_of(record: Record) -> Case:
-    """The record's case (parsed once per distinct case)."""
-    return _case(json.dumps(record.case, sort_keys=True))
-
-
-@lru_cache(maxsize=4096)
-def _case(canonical: str) -> Case:
-    return case_from_dict(json.loads(canonical))
 
 
 def _table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
@@ -111,10 +89,6 @@ class View:
         return sorted(seen.items())
 
 
-def backend_label(r: Record) -> str:
-    return f"{r.backend_name} [{r.backend_flavor}]" if r.backend_flavor else r.backend_name
-
-
 def _col(column: tuple[str, str]) -> str:
     return f"`{column[0]}` `{column[1]}`"
 
@@ -146,15 +120,25 @@ def _synthetic(target: dict[str, Any]) -> bool:
 def machines_section(view: View) -> str:
     rows = []
     for label, t in view.setups():
-        flash = t.get("flash_attn") and f"{t.get('flash_attn')} ({t.get('flash_attn_flavor')})"
+        flash = libraries_text(t)
         note = "SYNTHETIC" if _synthetic(t) else ""
         rows.append([f"`{label}`", t.get("device_name", ""), t.get("arch", ""),
                      t.get("runtime", ""), t.get("driver", "") or "–", t.get("torch", ""),
                      t.get("triton", "") or "–", flash or "–", _fmt(t.get("peak_tflops"), 4),
                      f"{t.get('harness', '')} {t.get('git_revision', '')}".strip(), note])
     return "## Machines\n\n" + _table(rows, ["setup", "device", "arch", "runtime", "driver",
-                                              "torch", "triton", "flash-attn", "peak TFLOP/s",
+                                              "torch", "triton", "libraries", "peak TFLOP/s",
                                               "harness", "note"])
+
+
+def libraries_text(target: dict[str, Any]) -> str:
+    """What the backend families reported about their libraries (``Target.libraries``), or the
+    flash-attn fields of records written before that field existed."""
+    libraries = dict(target.get("libraries") or {})
+    for key in ("flash_attn", "flash_attn_flavor", "sdpa_rocm_library"):
+        if target.get(key):
+            libraries.setdefault(key, target[key])
+    return ", ".join(f"{k} {v}" for k, v in sorted(libraries.items()))
 
 
 def summary_section(view: View) -> str:

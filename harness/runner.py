@@ -25,6 +25,8 @@ from harness.vocab import CHECK_NAMES, JUDGED
 
 #: Seconds a fresh worker may take to import torch and probe the device.
 STARTUP_TIMEOUT_S = 300.0
+#: How often a waiting parent checks that its worker still lives, seconds.
+LIVENESS_POLL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -62,35 +64,74 @@ class Outcome:
 # ----------------------------------------------------------------------------- worker side
 
 
+def _own_process_group() -> None:
+    """Make this worker the leader of a new session and process group, so the parent can kill
+    it together with every process a kernel started (``os.killpg``), and watch the parent: when
+    it is gone (killed), end the group at once and quietly, instead of finishing the task and
+    dying of a BrokenPipeError traceback on the next send."""
+    import threading
+    import time
+
+    if not hasattr(os, "setsid"):  # pragma: no cover - Windows has no process groups
+        return
+    with contextlib.suppress(OSError):
+        os.setsid()
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        _end_quietly()
+
+    threading.Thread(target=watch, name="attn-harness-parent-watch", daemon=True).start()
+
+
+def _end_quietly() -> None:
+    """Leave now, without a traceback, taking the kernel's child processes along."""
+    if hasattr(os, "killpg") and os.getpgrp() == os.getpid():  # only a group of our own
+        with contextlib.suppress(OSError):
+            os.killpg(os.getpid(), signal.SIGKILL)
+    os._exit(0)
+
+
+def _send(conn, message) -> None:
+    """Send to the parent; if it is gone, end quietly (nobody is left to read a traceback)."""
+    try:
+        conn.send(message)
+    except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+        _end_quietly()
+
+
 def _worker_main(conn, device_index: int | None, env: dict[str, str]) -> None:
     """Entry point of the worker process: probe once, then serve tasks until told to stop."""
+    _own_process_group()
     os.environ.update(env)
     try:
-        from harness.target import detect
+        from harness.machine import detect
 
         target = detect(device_index or 0)
         if device_index is not None and target.vendor != "cpu":
             import torch
 
             torch.cuda.set_device(device_index)
-        conn.send(("ready", target.to_dict()))
+        _send(conn, ("ready", target.to_dict()))
     except Exception as exc:  # noqa: BLE001
-        conn.send(("fatal", f"{type(exc).__name__}: {exc}"))
+        _send(conn, ("fatal", f"{type(exc).__name__}: {exc}"))
         return
     backends: dict[str, Any] = {}
     while True:
         try:
             task = conn.recv()
-        except EOFError:
+        except (EOFError, OSError):
             return
         if task is None:
             return
         if isinstance(task, tuple) and task[0] == "resolve":
-            conn.send(("resolved", resolve(task[1], backends)))
+            _send(conn, ("resolved", resolve(task[1], backends)))
             continue
         for message in execute(task, target, backends):
-            conn.send(message)
-        conn.send(("done", None))
+            _send(conn, message)
+        _send(conn, ("done", None))
 
 
 def resolve(specs: Iterable[str], backends: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -220,17 +261,31 @@ class Worker:
         self.conn.send(task)
 
     def receive(self, timeout_s: float):
-        """The next message; None on timeout; WorkerDied when the process is gone."""
-        try:
-            ready = self.conn.poll(timeout_s)
-        except (EOFError, OSError) as exc:
-            raise WorkerDied(self.death()) from exc
-        if not ready:
-            return None
-        try:
-            return self.conn.recv()
-        except (EOFError, OSError, ConnectionResetError) as exc:
-            raise WorkerDied(self.death()) from exc
+        """The next message; None on timeout; WorkerDied when the process is gone.
+
+        The process's own exit counts, not only the pipe's end: a kernel's child process that
+        inherited the pipe (and the process sentinel) keeps both open after the worker died,
+        which must read as a crash, not as a timeout; so the process is also asked
+        (``waitpid``) every :data:`LIVENESS_POLL_S`.
+        """
+        import math
+        import time
+
+        deadline = time.monotonic() + timeout_s if math.isfinite(timeout_s) else math.inf
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                if self.conn.poll(max(0.0, min(left, LIVENESS_POLL_S))):
+                    return self.conn.recv()
+            except (EOFError, OSError, ConnectionResetError) as exc:
+                raise WorkerDied(self.death()) from exc
+            if not self.process.is_alive():
+                with contextlib.suppress(EOFError, OSError):
+                    if self.conn.poll(0):  # its last words, sent before it died
+                        return self.conn.recv()
+                raise WorkerDied(self.death())
+            if time.monotonic() >= deadline:
+                return None
 
     def death(self) -> str:
         self.process.join(5)
@@ -245,7 +300,17 @@ class Worker:
             return f"the worker process died with {name}"
         return f"the worker process exited with status {code}"
 
+    def kill_group(self) -> None:
+        """SIGKILL the worker's process group: the worker and every process a kernel started
+        (they outlive the worker otherwise, holding the pipe and the device)."""
+        pid = self.process.pid
+        if pid is None or not hasattr(os, "killpg"):  # pragma: no cover - not started; Windows
+            return
+        with contextlib.suppress(OSError):  # ESRCH: the group is gone (or never was)
+            os.killpg(pid, signal.SIGKILL)
+
     def kill(self) -> None:
+        self.kill_group()
         if self.process.is_alive():
             self.process.kill()
         self.process.join(10)
@@ -255,6 +320,7 @@ class Worker:
         with contextlib.suppress(OSError, BrokenPipeError):
             self.send(None)
         self.process.join(10)
+        self.kill_group()  # what the kernels left behind
         if self.process.is_alive():
             self.process.kill()
             self.process.join(5)
@@ -476,7 +542,7 @@ class ExplorationWorker:
 
 def run_in_process(tasks: Iterable[Task], sink: Callable[[Record], None]) -> Outcome:
     """Run tasks here, without isolation (for debugging and notebooks)."""
-    from harness.target import detect
+    from harness.machine import detect
 
     target = detect()
     outcome = Outcome(target=target.to_dict())

@@ -113,33 +113,12 @@ def validate_known_issues() -> None:
 
 
 def static_backend_problem(spec: str, where: str = "--") -> str:
-    """What can be said about a backend spec without importing anything heavy."""
-    from harness.backends import BUILTIN, entry_point_names
-    from harness.backends.user import is_file_spec
+    """What can be said about a backend spec without importing anything heavy
+    (:func:`harness.backends.spec_problem`, worded for the front end's option prefix)."""
+    from harness.backends import spec_problem
 
-    family, at, target = spec.partition("@")
-    if at:
-        families = _families()
-        if families and family not in families:
-            return (f"{where}backend {spec}: unknown family {family!r} (families: "
-                    f"{', '.join(families)})")
-        if target.endswith(".py") and not Path(target).is_file():
-            return f"{where}backend {spec}: no such file {target}"
-        return ""
-    if spec in BUILTIN or spec in entry_point_names():
-        return ""
-    if is_file_spec(spec):
-        path = spec.rpartition(":")[0]
-        return "" if Path(path).is_file() else f"{where}backend {spec}: no such file {path}"
-    known = ", ".join([*BUILTIN, *entry_point_names()])
-    return f"{where}backend {spec}: unknown backend (known: {known}; or FILE.py:FUNC)"
-
-
-def _families() -> list[str]:
-    from harness import backends
-
-    names = getattr(backends, "FAMILIES", None)
-    return list(names) if names else []
+    problem = spec_problem(spec)
+    return problem.replace("--backend", f"{where}backend", 1) if problem else ""
 
 
 # --------------------------------------------------------------------------------- backends
@@ -476,7 +455,7 @@ def outcome(records: list[Record], case: Case, spec: str) -> None:
     """pytest's verdict for a case's records: fail, skip, strict xfail, or pass."""
     import pytest
 
-    from harness.report import replay_command
+    from harness.records import replay_command
 
     failing = [r for r in records if r.status in FAILING]
     if failing:

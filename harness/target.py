@@ -31,6 +31,8 @@ class Peak:
 
     tflops: float | None
     source: str
+    #: Dense fp8 tensor throughput (TFLOP/s), for fp8 cases (issue 14); None when not recorded.
+    fp8_tflops: float | None = None
 
 
 #: Dense (no sparsity) fp16/bf16 tensor-core peak per device, with fp32 accumulation where the
@@ -45,11 +47,11 @@ PEAKS: tuple[tuple[str, Peak], ...] = (
     ("h100 nvl", Peak(835.5, "NVIDIA H100 NVL datasheet: 1,671 TFLOPS FP16 per GPU with sparsity, "
                              "half dense")),
     ("h100", Peak(989.4, "NVIDIA H100 datasheet (SXM): 1,979 TFLOPS FP16 with sparsity, half "
-                         "dense")),
+                         "dense; FP8 3,958 with sparsity, 1,978.9 dense", 1978.9)),
     ("h200 nvl", Peak(None, "H200 NVL runs at a lower power limit than H200 SXM; no dense figure "
                             "recorded here")),
     ("h200", Peak(989.4, "NVIDIA H200 datasheet (SXM): 1,979 TFLOPS FP16 with sparsity, half "
-                         "dense")),
+                         "dense; FP8 3,958 with sparsity, 1,978.9 dense", 1978.9)),
     ("h800", Peak(989.4, "NVIDIA H800 SXM: same tensor cores and clocks as H100 SXM, 989.4 TFLOPS "
                          "dense FP16")),
     ("gh200", Peak(989.4, "NVIDIA GH200 datasheet: 1,979 TFLOPS FP16 with sparsity, half dense")),
@@ -64,10 +66,26 @@ PEAKS: tuple[tuple[str, Peak], ...] = (
     ("t4", Peak(65.0, "NVIDIA T4 datasheet: 65 TFLOPS mixed precision (FP16/FP32)")),
     ("rtx 4090", Peak(165.2, "NVIDIA Ada Lovelace whitepaper, RTX 4090: 165.2 TFLOPS FP16 "
                              "tensor with FP32 accumulate, dense (330.3 with FP16 accumulate)")),
-    ("mi355x", Peak(None, "MI355X (CDNA 4): no dense FP16 figure recorded here yet")),
-    ("mi325x", Peak(1307.4, "AMD Instinct MI325X datasheet: 1,307.4 TFLOPS FP16/BF16 dense")),
+    ("gb200", Peak(2500.0, "NVIDIA GB200 (B200 at 1,200 W): 2,500 TFLOPS FP16/BF16 dense, 5,000 "
+                           "FP8 dense (NVIDIA's Blackwell figures as tabulated at "
+                           "glennklockwood.com/garden/processors/B200: a secondary copy)", 5000.0)),
+    ("b200", Peak(2250.0, "NVIDIA HGX B200 (1,000 W): 2,250 TFLOPS FP16/BF16 dense (4,500 with "
+                          "sparsity), 4,500 FP8 dense (NVIDIA's Blackwell figures as tabulated at "
+                          "glennklockwood.com/garden/processors/B200: a secondary copy)", 4500.0)),
+    ("mi355x", Peak(2516.6, "AMD Instinct MI355X (CDNA 4, 2.4 GHz): 2,516.6 TFLOPS FP16/BF16 "
+                            "dense, 5,033.2 FP8 dense (AMD's figures via secondary copies: the "
+                            "vendor sheet was not found in the search index; 256 CUs x 2.4 GHz x "
+                            "4,096 FLOP/clock agrees)", 5033.2)),
+    ("mi350x", Peak(2306.9, "AMD Instinct MI350X (CDNA 4, 2.2 GHz): 4.61 PFLOPS FP16 with sparsity "
+                            "(a secondary copy of AMD's table), half dense; 256 CUs x 2.2 GHz x "
+                            "4,096 FLOP/clock = 2,306.9; FP8 dense twice that", 4613.7)),
+    ("mi325x", Peak(1307.4, "AMD Instinct MI325X datasheet: 1,307.4 TFLOPS FP16/BF16 dense, "
+                            "2,614.9 FP8 dense (5,229.8 with sparsity); figures as copied by "
+                            "secondary sources (awesomeagents.ai, slicast.com), same compute as "
+                            "MI300X",
+                    2614.9)),
     ("mi300x", Peak(1307.4, "AMD Instinct MI300X datasheet: 1,307.4 TFLOPS FP16/BF16 dense "
-                            "(2,614.9 with sparsity)")),
+                            "(2,614.9 with sparsity); FP8 2,614.9 dense", 2614.9)),
     ("mi300a", Peak(980.6, "AMD Instinct MI300A datasheet: 980.6 TFLOPS FP16/BF16 dense")),
     ("mi250x", Peak(191.5, "AMD Instinct MI250X datasheet: 383 TFLOPS FP16 per package of two "
                            "GCDs, 191.5 per GCD")),
@@ -83,7 +101,8 @@ SHORT_NAMES: tuple[tuple[str, str], ...] = (
     ("h100 pcie", "h100-pcie"), ("h100 nvl", "h100-nvl"), ("gh200", "gh200"), ("h100", "h100"),
     ("h200 nvl", "h200-nvl"), ("h200", "h200"), ("h800", "h800"), ("h20", "h20"), ("a100", "a100"),
     ("a800", "a800"), ("l40s", "l40s"), ("l40", "l40"), ("a10g", "a10g"), ("a10", "a10"),
-    ("l4", "l4"), ("t4", "t4"), ("rtx 4090", "rtx4090"), ("mi355x", "mi355x"),
+    ("l4", "l4"), ("t4", "t4"), ("rtx 4090", "rtx4090"), ("gb200", "gb200"), ("b200", "b200"),
+    ("mi355x", "mi355x"),
     ("mi350x", "mi350x"), ("mi325x", "mi325x"), ("mi300x", "mi300x"), ("mi300a", "mi300a"),
     ("mi250x", "mi250x"), ("mi250", "mi250"), ("mi210", "mi210"), ("7900 xtx", "rx7900xtx"),
     ("w7900", "w7900"),
@@ -121,9 +140,11 @@ class Target:
         driver: GPU driver version where known.
         device_count: visible devices of this vendor.
         memory_bytes: memory of one device (system memory on the CPU).
-        torch, triton, flash_attn: package versions (empty when absent).
-        flash_attn_flavor: cuda, rocm-ck or rocm-triton (empty when flash-attn is absent).
-        sdpa_rocm_library: on ROCm, the library serving SDPA flash/efficient (aotriton or ck).
+        torch, triton: package versions (empty when absent).
+        libraries: what the backend families contribute (:func:`harness.backends.machine_facts`
+            through :func:`harness.machine.detect`): kernel package versions and builds, e.g.
+            ``flash_attn``, ``flash_attn_flavor``, ``sdpa_rocm_library``. This module knows no
+            backend.
         harness, git_revision, python: the harness build and interpreter.
         cpu_threads: torch's intra-op threads (timings on the CPU depend on it).
         peak_tflops: the device's dense fp16/bf16 peak, None when unknown.
@@ -141,9 +162,7 @@ class Target:
     memory_bytes: int = 0
     torch: str = ""
     triton: str = ""
-    flash_attn: str = ""
-    flash_attn_flavor: str = ""
-    sdpa_rocm_library: str = ""
+    libraries: dict[str, str] = field(default_factory=dict)
     harness: str = __version__
     git_revision: str = ""
     python: str = ""
@@ -237,6 +256,18 @@ def rocm_version(hip: str, version_file_text: str = "") -> str:
     return f"{match.group(1)}.{match.group(2)}" if match else ""
 
 
+#: Library facts older records and fixtures carry at the top level of the facts.
+LEGACY_LIBRARY_FACTS = ("flash_attn", "flash_attn_flavor", "sdpa_rocm_library")
+
+
+def _libraries(facts: dict[str, Any]) -> dict[str, str]:
+    out = {k: str(v) for k, v in (facts.get("libraries") or {}).items() if v not in ("", None)}
+    for key in LEGACY_LIBRARY_FACTS:
+        if facts.get(key):
+            out.setdefault(key, str(facts[key]))
+    return out
+
+
 def from_facts(facts: dict[str, Any]) -> Target:
     """Build a Target from raw platform facts (see :func:`probe` for the keys).
 
@@ -249,8 +280,7 @@ def from_facts(facts: dict[str, Any]) -> Target:
     has_gpu = bool(facts.get("device_count"))
     common = dict(
         torch=facts.get("torch", ""), triton=facts.get("triton", ""),
-        flash_attn=facts.get("flash_attn", ""),
-        flash_attn_flavor=facts.get("flash_attn_flavor", ""),
+        libraries=_libraries(facts),
         git_revision=facts.get("git_revision", ""), python=facts.get("python", ""),
         cpu_threads=int(facts.get("cpu_threads", 0) or 0),
     )
@@ -275,7 +305,7 @@ def from_facts(facts: dict[str, Any]) -> Target:
             extra["capability"] = ".".join(str(x) for x in facts["capability"])
         return Target(vendor="amd", arch=normalize_arch("amd", raw, name), arch_raw=raw,
                       runtime=f"ROCm {version}".strip(), runtime_version=version,
-                      sdpa_rocm_library=facts.get("sdpa_rocm_library", ""), extra=extra,
+                      extra=extra,
                       **device, **common)
     capability = facts.get("capability") or (0, 0)
     return Target(vendor="nvidia", arch=normalize_arch("nvidia", capability),
@@ -302,11 +332,8 @@ def probe(device_index: int = 0) -> dict[str, Any]:
         "git_revision": git_revision(),
         "triton": (_package_version("triton") or _package_version("pytorch-triton-rocm")
                    or _package_version("pytorch-triton")),
-        "flash_attn": _package_version("flash-attn") or _package_version("flash_attn"),
         "device_count": 0,
     }
-    if facts["flash_attn"]:
-        facts["flash_attn_flavor"] = flash_attn_flavor(facts["torch_version_hip"], os.environ)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(device_index)
         facts.update(
@@ -320,23 +347,12 @@ def probe(device_index: int = 0) -> dict[str, Any]:
         if facts["torch_version_hip"]:
             rocm_path = os.environ.get("ROCM_PATH") or "/opt/rocm"
             facts["rocm_version_file"] = _read(f"{rocm_path}/.info/version")
-            from harness.backends.sdpa import rocm_fa_library
-
-            facts["sdpa_rocm_library"] = rocm_fa_library()
     return facts
 
 
 def detect(device_index: int = 0) -> Target:
     """This machine's fingerprint."""
     return from_facts(probe(device_index))
-
-
-def flash_attn_flavor(hip: str, environ: Any) -> str:
-    """cuda, rocm-ck or rocm-triton: how flash-attn will load here (see
-    :func:`harness.backends.flash_attn.detect_flavor`, the one place this rule lives)."""
-    from harness.backends.flash_attn import detect_flavor
-
-    return detect_flavor(hip, environ)
 
 
 #: The revision the sources were taken from, recorded as given and preferred to ``.git``: for

@@ -233,7 +233,6 @@ def test_unknown_device_has_no_peak_and_a_readable_short_name():
 ])
 def test_flavor_detection(hip, env, want):
     assert detect_flavor(hip, env) == want
-    assert tgt.flash_attn_flavor(hip, env) == want
 
 
 def test_flavor_from_the_imported_module_wins_over_the_environment():
@@ -340,3 +339,47 @@ def test_git_revision_from_the_environment_wins_over_a_stale_checkout(monkeypatc
 ])
 def test_nvidia_driver_version_from_proc(text, want):
     assert tgt.nvidia_driver_from_proc(text) == want
+
+
+# ---------------------------------------------------- ROCm 7 and the newest targets (issue 13)
+
+
+def test_fixtures_cover_rocm6_2_to_7_2_on_gfx90a_gfx942_gfx950():
+    amd = [r for r in RECORDS if "torch_version_hip" in r["facts"]]
+    versions = {tgt.rocm_version(r["facts"]["torch_version_hip"]) for r in amd}
+    assert {"6.2", "6.3", "6.4", "7.0", "7.1", "7.2"} <= versions
+    rocm7_archs = {r["expect"]["arch"] for r in amd
+                   if tgt.rocm_version(r["facts"]["torch_version_hip"]).startswith("7.")}
+    assert {"gfx90a", "gfx942", "gfx950"} <= rocm7_archs
+    names = {r["facts"]["device_name"] for r in amd}
+    assert {"AMD Instinct MI350X", "AMD Instinct MI355X", "AMD Instinct MI325X"} <= names
+
+
+@pytest.mark.parametrize("name, dense, fp8", [
+    ("AMD Instinct MI355X", 2516.6, 5033.2),
+    ("AMD Instinct MI350X", 2306.9, 4613.7),
+    ("AMD Instinct MI325X", 1307.4, 2614.9),
+    ("AMD Instinct MI300X", 1307.4, 2614.9),
+    ("NVIDIA B200", 2250.0, 4500.0),
+    ("NVIDIA GB200", 2500.0, 5000.0),
+    ("NVIDIA H100 80GB HBM3", 989.4, 1978.9),
+    ("NVIDIA H200", 989.4, 1978.9),
+])
+def test_newest_peaks_with_their_fp8_figures(name, dense, fp8):
+    peak = tgt.peak_for(name)
+    assert peak.tflops == pytest.approx(dense) and peak.fp8_tflops == pytest.approx(fp8)
+    assert re.search(r"\d", peak.source)
+
+
+def test_every_peak_figure_is_cited_and_secondary_copies_say_so():
+    for needle, peak in tgt.PEAKS:
+        assert len(peak.source) > 20 and re.search(r"\d", peak.source), needle
+    for needle in ("mi355x", "mi350x", "mi325x", "b200", "gb200"):
+        source = dict(tgt.PEAKS)[needle].source
+        assert "secondary" in source, f"{needle}: say that the figure rests on a secondary copy"
+
+
+def test_b200_and_gb200_are_told_apart():
+    assert tgt.short_name("NVIDIA B200") == "b200"
+    assert tgt.short_name("NVIDIA GB200") == "gb200"
+    assert tgt.peak_for("NVIDIA GB200").tflops != tgt.peak_for("NVIDIA B200").tflops
