@@ -155,8 +155,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("cases-dir", "a directory of the project's own suites and known_issues.toml, added "
                         "to the shipped ones (same names shadow them)", "./cases when it exists",
            metavar="DIR"),
+    # No string defaults with a parser: argparse and pytest would parse them at start-up, which
+    # imports the harness in every session. A None default means the documented one.
     Option("profile", "effort per check, exploration examples and cost budget", "quick",
-           metavar="quick|nightly|exhaustive", type=parse_profile, default="quick"),
+           metavar="quick|nightly|exhaustive", type=parse_profile),
     Option("checks", "comma-separated checks", "every check: fwd,bwd,determinism,throughput",
            metavar="LIST", type=parse_checks),
     Option("seed", "seed of every input tensor, dropout draw and hypothesis", "0",
