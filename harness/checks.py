@@ -287,22 +287,24 @@ class CheckContext:
             return {"k_pages": k, "v_pages": v}
         return {"k": k, "v": v}
 
-    def call(self, *, rng: str = "kernel", deterministic: bool = True,
-             grad: bool = False) -> tuple[Outputs, Inputs]:
-        """One forward call on a private copy of the inputs, with the global RNG seeded (dropout
-        draws from it); the copy is checked for modification and the result for the contract.
+    def call(self, *, rng: str = "kernel", deterministic: bool = True, grad: bool = False,
+             inputs: Inputs | None = None) -> tuple[Outputs, Inputs]:
+        """One forward call on a private copy of the inputs (``inputs``, default the case's),
+        with the global RNG seeded (dropout draws from it); the copy is checked for modification
+        and the result for the contract.
 
         Returns the outputs and the copy the kernel saw (its q, k, v are the autograd leaves
         when ``grad``).
         """
-        used = clone_inputs(self.inputs)
+        original = inputs if inputs is not None else self.inputs
+        used = clone_inputs(original)
         if grad:
             used = used.with_grad()
         torch.manual_seed(self.rng_seed(rng))
         with _kernel_errors():
             result = self.backend.forward(used, deterministic=deterministic)
         self.require_contract(result)
-        self.require_unmodified(used)
+        self.require_unmodified(used, original)
         return result, used
 
     def call_backward(self, *, rng: str = "kernel",
@@ -315,8 +317,9 @@ class CheckContext:
         self.require_unmodified(used)
         return Outputs(out=result.out.detach(), lse=result.lse, dq=dq, dk=dk, dv=dv)
 
-    def require_unmodified(self, used: Inputs) -> None:
-        problems = modified_inputs(self.inputs, used, self.allowed_writes())
+    def require_unmodified(self, used: Inputs, original: Inputs | None = None) -> None:
+        problems = modified_inputs(original if original is not None else self.inputs, used,
+                                   self.allowed_writes())
         if problems:
             raise ContractViolation("inputs modified in place: " + "; ".join(problems))
 
@@ -599,6 +602,25 @@ def feature_effects(ctx: CheckContext) -> dict[str, float]:
 
 
 def _dropout(ctx: CheckContext, check_name: str) -> judge.Verdict:
+    """Dropout judged exactly where the kernel's mask is a function of the seed and the case is
+    small enough (:mod:`harness.dropout`: D(P) recovered from calls with V = identity blocks,
+    the backward judged with that D fixed); statistically otherwise, and the record says why."""
+    from harness import dropout
+
+    exact = dropout.exact_dropout(
+        check_name, ctx.inputs,
+        call=lambda inputs, salt: ctx.call(rng=salt, inputs=inputs)[0],
+        call_backward=lambda salt: ctx.call_backward(rng=salt, deterministic=False),
+        recovery=ctx.__dict__.get("dropout_recovery"))  # the forward's, reused by the backward
+    ctx.__dict__["dropout_recovery"] = exact.recovery
+    if exact.verdict is not None:
+        v = exact.verdict
+        return judge.Verdict(v.check, v.status, {**v.metrics, "dropout_p": ctx.case.dropout_p},
+                             v.reason)
+    return dropout.mark_statistical(_dropout_statistics(ctx, check_name), exact.why_not)
+
+
+def _dropout_statistics(ctx: CheckContext, check_name: str) -> judge.Verdict:
     n = ctx.profile.dropout_samples
     samples: dict[str, list[torch.Tensor]] = {}
     for i in range(n):
