@@ -117,8 +117,42 @@ def static_backend_problem(spec: str, where: str = "--") -> str:
     (:func:`harness.backends.spec_problem`, worded for the front end's option prefix)."""
     from harness.backends import spec_problem
 
-    problem = spec_problem(spec)
+    problem = spec_problem(spec) or _missing_function(spec)
     return problem.replace("--backend", f"{where}backend", 1) if problem else ""
+
+
+def _missing_function(spec: str) -> str:
+    """For ``FILE.py:FUNC``: whether the file defines FUNC at top level, read without importing
+    it (user code is imported in the worker only)."""
+    import ast
+
+    from harness.backends.user import is_file_spec
+
+    if "@" in spec or not is_file_spec(spec):
+        return ""
+    path, _, name = spec.rpartition(":")
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return ""  # the worker's import reports it, with Python's own words
+    defined = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            defined.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            defined.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif not isinstance(node, (ast.Expr, ast.If, ast.Try, ast.With)):
+            continue
+        if isinstance(node, (ast.If, ast.Try, ast.With)):
+            return ""  # conditional definitions: leave it to the import
+    if name in defined:
+        return ""
+    functions = sorted(n for n in defined if not n.startswith("_"))
+    return (f"--backend {spec}: {path} has no function {name!r} (it defines: "
+            f"{', '.join(functions) or 'none'})")
 
 
 # --------------------------------------------------------------------------------- backends

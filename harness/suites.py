@@ -28,6 +28,7 @@ Every case is validated when the file is read; an error names the file, the tabl
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -67,14 +68,29 @@ def builtin_dir() -> Path:
     return Path(str(resources.files("harness").joinpath("cases")))
 
 
+#: Carries ``--cases-dir`` into worker processes (spawned workers inherit the environment), so
+#: their known-issue lookups read the same project files as the main process.
+PROJECT_DIR_ENV = "ATTN_HARNESS_CASES_DIR"
+
+
+#: Carries ``--cases-dir`` to worker processes (they read known issues there too).
+PROJECT_DIR_ENV = "ATTN_HARNESS_CASES_DIR"
+
+
 def set_project_dir(path: Path | str | None) -> None:
-    """Use ``path`` instead of ``./cases`` as the project's own suites (``--cases-dir``)."""
+    """Use ``path`` instead of ``./cases`` as the project's own suites (``--cases-dir``), here
+    and in the worker processes this one starts."""
     global _PROJECT_DIR
-    _PROJECT_DIR = Path(path) if path is not None else None
+    _PROJECT_DIR = Path(path).resolve() if path is not None else None
+    if _PROJECT_DIR is not None:
+        os.environ[PROJECT_DIR_ENV] = str(_PROJECT_DIR)
 
 
 def project_dir() -> Path:
-    return _PROJECT_DIR if _PROJECT_DIR is not None else Path.cwd() / "cases"
+    if _PROJECT_DIR is not None:
+        return _PROJECT_DIR
+    given = os.environ.get(PROJECT_DIR_ENV)
+    return Path(given) if given else Path.cwd() / "cases"
 
 
 def cases_dirs() -> list[Path]:

@@ -43,22 +43,41 @@ def test_help_lists_every_option_in_one_group(pytester):
     result = pytester.runpytest("--help")
     text = result.stdout.str()
     assert "attention kernel parity (attn-harness):" in text
-    for option in ("--attn-backend=NAME|FILE.py:FUNC", "--attn-suite=NAME|FILE.toml",
+    for option in ("--attn-backend=NAME|FAMILY@MODULE|FILE.py:FUNC",
+                   "--attn-suite=NAME|FILE.toml", "--attn-cases-dir=DIR",
                    "--attn-profile=quick|nightly|exhaustive", "--attn-checks=LIST",
-                   "--attn-seed=N", "--attn-examples=N", "--attn-timeout=S",
-                   "--attn-max-gflop=N", "--attn-audit", "--attn-records=DIR",
-                   "--attn-regressions=DIR"):
+                   "--attn-seed=N", "--attn-explore=N, --attn-examples=N", "--attn-timeout=S",
+                   "--attn-max-gflop=N", "--attn-audit", "--attn-out=DIR, --attn-records=DIR",
+                   "--attn-regressions=DIR", "--attn-graph-replay"):
         assert option in text, option
-    assert text.count("(default:") >= 11
+    assert text.count("(default:") >= 13
+
+
+def test_the_cli_and_the_plugin_share_names_and_defaults():
+    """Options are declared once and registered twice, as pytest-benchmark does."""
+    import argparse
+
+    from harness.cli import build_parser
+    from harness.options import OPTIONS
+
+    run = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    cli = {a.dest: a for a in run.choices["run"]._actions}
+    for opt in OPTIONS:
+        action = cli[opt.dest("")]
+        assert f"--{opt.name}" in action.option_strings
+        assert action.default == (False if opt.flag else opt.default), opt.name
+        assert action.help.endswith(f"(default: {opt.default_text})")
 
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--attn-checks", "fwd,speed"], "could not parse 'fwd,speed'"),
     (["--attn-profile", "fast"], "could not parse 'fast'"),
+    (["--attn-explore", "-1"], "could not parse '-1': must be >= 0"),
     (["--attn-examples", "-1"], "could not parse '-1': must be >= 0"),
     (["--attn-backend", "nope"], "--attn-backend nope: unknown backend"),
     (["--attn-backend", "missing.py:f"], "no such file missing.py"),
     (["--attn-suite", "no-such-suite"], "--attn-suite: --suite no-such-suite: no such suite"),
+    (["--attn-backend", f"{ZOO}:no_such_function"], "has no function 'no_such_function'"),
 ])
 def test_bad_options_are_usage_errors(parity, args, message):
     result = run(parity, *args)
@@ -107,3 +126,30 @@ def test_a_kernel_that_kills_its_process_loses_no_other_result(parity):
     statuses = sorted(json.loads(x)["status"] for x in
                       (records / "results.jsonl").read_text().splitlines())
     assert statuses == ["crash", "pass", "pass"]
+
+
+def test_stale_results_in_the_out_directory_are_not_merged_into_the_report(parity):
+    path = suite(parity, "[[case]]\nseqlen_q = 16\nheads_q = 2\n")
+    out = parity.path / "records"
+    out.mkdir()
+    stale = out / "results-gw7.jsonl"  # left by an earlier session
+    stale.write_text((REPO / "tests" / "fixtures" / "results" /
+                      "synthetic-cuda12.4-sm90-h100.jsonl").read_text())
+    import os
+
+    os.utime(stale, (1_000_000_000, 1_000_000_000))
+    result = run(parity, "test_cases.py", "--attn-backend=sdpa-math", f"--attn-suite={path}",
+                 "--attn-checks=fwd", f"--attn-out={out}")
+    result.assert_outcomes(passed=1)
+    report = (out / "report.md").read_text()
+    assert "1 records from 1 machine(s)" in report, report[:400]
+
+
+def test_the_old_option_spellings_still_work_and_say_they_are_deprecated(parity):
+    path = suite(parity, "[[case]]\nseqlen_q = 16\nheads_q = 2\n")
+    records = parity.path / "records"
+    result = run(parity, "test_cases.py", "--attn-backend=sdpa-math", f"--attn-suite={path}",
+                 "--attn-checks=fwd", f"--attn-records={records}", "--attn-examples=0")
+    result.assert_outcomes(passed=1)
+    assert (records / "results.jsonl").is_file()
+    assert "--attn-records is deprecated" in result.stdout.str()
