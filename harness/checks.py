@@ -101,23 +101,36 @@ def check(name: str):
 
 
 def clone_inputs(inputs: Inputs) -> Inputs:
-    """A deep copy of ``inputs`` with identical geometry: every tensor keeps its shape, strides
-    and offset, and tensors that share a buffer (packed qkv, strided views with NaN gaps) share
-    one copied buffer, so the copy exercises a kernel exactly as the original would."""
-    storages: dict[tuple[str, int], Any] = {}
-    fields = {}
-    for name, value in vars(inputs).items():
-        if isinstance(value, torch.Tensor):
-            value = value.detach()
-            key = (str(value.device), value.untyped_storage().data_ptr())
-            if key not in storages:
-                storages[key] = value.untyped_storage().clone()
-            copy = torch.empty(0, dtype=value.dtype, device=value.device)
-            copy.set_(storages[key], value.storage_offset(), value.shape, value.stride())
-            fields[name] = copy
-        else:
-            fields[name] = value
-    return Inputs(**fields)
+    """A private copy for the kernel (:meth:`Inputs.clone`: same strides, gaps and packing)."""
+    return inputs.clone()
+
+
+def grad_leaves(used: Inputs) -> tuple[tuple[torch.Tensor, ...], Callable]:
+    """The autograd leaves of a differentiable copy (:meth:`Inputs.with_grad`) and how to read
+    dq, dk, dv from their gradients. With a packed layout the leaf is the packed buffer (as for
+    ``flash_attn_qkvpacked_func``, whose graph reaches only it): each gradient is the packed
+    gradient seen through its tensor's view, so wrong gradient strides in a kernel show."""
+    packed = used.packed
+    if packed is None:
+        return (used.q, used.k, used.v), lambda grads: tuple(grads)
+    inside = {name: _same_buffer(getattr(used, name), packed) for name in ("q", "k", "v")}
+    leaves = (packed, *(getattr(used, n) for n in ("q", "k", "v") if not inside[n]))
+
+    def unpack(grads):
+        whole, rest = grads[0].contiguous(), list(grads[1:])
+        out = []
+        for name in ("q", "k", "v"):
+            t = getattr(used, name)
+            out.append(whole.as_strided(t.shape, t.stride(), t.storage_offset()
+                                        - packed.storage_offset()) if inside[name]
+                       else rest.pop(0))
+        return tuple(out)
+
+    return leaves, unpack
+
+
+def _same_buffer(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -311,9 +324,9 @@ class CheckContext:
                       deterministic: bool = True) -> Outputs:
         """Forward and backward on a fresh differentiable copy; gradients filled in."""
         result, used = self.call(rng=rng, deterministic=deterministic, grad=True)
+        leaves, unpack = grad_leaves(used)
         with _kernel_errors("backward: "):
-            dq, dk, dv = torch.autograd.grad(result.out, (used.q, used.k, used.v),
-                                             self.inputs.dout)
+            dq, dk, dv = unpack(torch.autograd.grad(result.out, leaves, self.inputs.dout))
         self.require_unmodified(used)
         return Outputs(out=result.out.detach(), lse=result.lse, dq=dq, dk=dk, dv=dv)
 
@@ -555,7 +568,7 @@ def check_throughput(ctx: CheckContext) -> judge.Verdict:
         leaves_from = used.with_grad()
         with _kernel_errors():
             out = ctx.backend.forward(leaves_from).out
-        leaves = (leaves_from.q, leaves_from.k, leaves_from.v)
+        leaves, _ = grad_leaves(leaves_from)
         dout = ctx.inputs.dout
         bwd = _kernel_timing(lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True),
                              ctx.device, budget)
