@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from harness.case import DTYPES, ENTRIES, Case
+from harness.case import DTYPES, ENTRIES, FP8_DTYPES, Case
 from harness.errors import UsageError
 
 if TYPE_CHECKING:
@@ -22,7 +22,12 @@ if TYPE_CHECKING:
 
 #: Features a case can turn on (see ``Case.features``).
 FEATURES = ("causal", "window", "softcap", "alibi", "dropout", "gqa", "scale", "strided", "paged",
-            "seqlen_q>seqlen_k")
+            "seqlen_q>seqlen_k", "packed", "v-transposed", "dout-strided", "lastdim-strided",
+            "append", "rotary", "leftpad", "batch-idx", "splits", "alibi-per-batch")
+#: What a backend claims unless it says otherwise: everything but a last dimension with stride
+#: != 1, which flash-attn's kernels cannot read (its Python API copies such tensors, see
+#: ``maybe_contiguous`` in flash_attn/flash_attn_interface.py); SDPA takes it.
+DEFAULT_FEATURES = frozenset(FEATURES) - {"lastdim-strided"}
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,7 @@ class Capabilities:
     dtypes: frozenset[str] = frozenset(DTYPES)
     head_dim_max: int = 0
     head_dim_multiple: int = 1
-    features: frozenset[str] = frozenset(FEATURES)
+    features: frozenset[str] = DEFAULT_FEATURES
     entries: frozenset[str] = frozenset({"dense"})
     backward: bool = True
     paged_block_multiple: int = 1
@@ -84,8 +89,11 @@ class Capabilities:
         if check == "bwd":
             if case.entry == "kvcache":
                 return ["the kvcache entry point is forward-only"]
+            if case.entry == "varlen" and case.paged_block_size:
+                return ["a paged KV cache is forward-only (flash-attn's varlen backward takes no "
+                        "block_table: csrc/flash_attn/flash_api.cpp, mha_varlen_bwd)"]
             if not self.backward:
-                return [f"{who} has no backward"]
+                return [self.notes.get("backward", f"{who} has no backward")]
         return []
 
     @classmethod
@@ -98,7 +106,8 @@ class Capabilities:
                 raise UsageError(f"{where}: unknown capability {key!r} "
                                  f"(known: {', '.join(sorted(known))})")
             if key in ("dtypes", "features", "entries"):
-                allowed = {"dtypes": DTYPES, "features": FEATURES, "entries": ENTRIES}[key]
+                allowed = {"dtypes": DTYPES + FP8_DTYPES, "features": FEATURES,
+                           "entries": ENTRIES}[key]
                 values = frozenset(value)
                 bad = sorted(values - set(allowed))
                 if bad:
@@ -126,6 +135,10 @@ class Backend:
     capabilities: Capabilities = Capabilities()
     #: torch device types it can run on ("cpu", "cuda"; ROCm reports "cuda").
     device_types: tuple[str, ...] = ("cpu", "cuda")
+    #: The log-sum-exp the kernel returns (harness.kvcache.LSE_CONVENTIONS): ``harness``, or
+    #: ``flash-attn`` for the original's causal-ALiBi form (csrc/flash_attn/src/alibi.h: +slope *
+    #: col, lse larger by slope * (row + seqlen_k - seqlen_q)), which its ports must match.
+    lse_convention: str = "harness"
 
     def availability(self) -> str | None:
         """None when the backend can run here, else why not."""

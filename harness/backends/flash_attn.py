@@ -1,30 +1,76 @@
-"""flash-attn 2.x through its public API, in whichever flavor is installed.
+"""flash-attn 2.x through its public API, in whichever flavor is installed or from any module.
 
 Flavors (detected at run time, see :func:`detect_flavor`):
 
 * ``cuda``: the Dao-AILab build (``flash_attn_2_cuda``), NVIDIA sm80 and newer.
 * ``rocm-ck``: the ROCm fork's Composable Kernel build, MI200/MI300 (gfx90a, gfx942, gfx950).
-* ``rocm-triton``: the ROCm fork's (or upstream's) Triton backend, selected with
-  ``FLASH_ATTENTION_TRITON_AMD_ENABLE=TRUE``; pure Python, AMD GPUs (on NVIDIA its 2.8.3 kernels
-  fail at launch, see :data:`ARCH_RULES`).
+* ``rocm-triton``: the in-tree Triton backend (``flash_attn/flash_attn_triton_amd``, flash-attn
+  2.7/2.8 and the ROCm fork), selected with ``FLASH_ATTENTION_TRITON_AMD_ENABLE=TRUE``; pure
+  Python, AMD GPUs (on NVIDIA its 2.8.3 kernels fail at launch, see :data:`ARCH_RULES`).
+* ``rocm-triton-aiter``: current upstream's Triton backend, which is AITER's
+  (``aiter.ops.triton._triton_kernels.flash_attn_triton_amd``, Dao-AILab PR #2230). On HIP it is
+  also the automatic fallback when ``flash_attn_2_cuda`` is missing (PR #2343), with or without
+  the environment switch.
+* ``module``: ``flash-attn@TARGET``, any module implementing the API (see
+  :mod:`harness.backends.module`); it may declare another flavor with ``ATTN_HARNESS_FLAVOR``.
 
 Capabilities per flavor are data (:data:`FLAVOR_CAPABILITIES`), each limit with its source.
+
+Call convention (:data:`CONVENTION`): ``(batch, seqlen, heads, head_dim)`` tensors, varlen packs
+tokens ``(total, heads, head_dim)`` with int32 ``cu_seqlens``; causal and local masks aligned to the
+bottom-right corner; lse in natural log, ``(batch, heads_q, seqlen_q)`` (varlen ``(heads_q,
+total_q)``), ``+inf`` for rows that see no key (``csrc/flash_attn/src/softmax.h``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from harness.backends.base import FEATURES, Backend, Capabilities
+from harness.backends.base import DEFAULT_FEATURES, Capabilities
+from harness.backends.module import (
+    FLAVOR_ATTR,
+    Convention,
+    ModuleBackend,
+    case_value,
+    inputs_value,
+    same_storage,
+    split_result,
+)
 from harness.case import Case
 from harness.errors import UsageError
 
-ALL = frozenset(FEATURES)
+#: every feature but lastdim-strided (base.DEFAULT_FEATURES: the API copies such tensors)
+ALL = frozenset(DEFAULT_FEATURES)
 ENTRIES = frozenset({"dense", "varlen", "kvcache"})
 FP16 = frozenset({"float16", "bfloat16"})
+FLOATS = frozenset({"float16", "bfloat16", "float32"})
+
+CONVENTION = Convention(
+    layout="bshd (varlen: thd + cu_seqlens int32)",
+    causal="bottom-right",
+    lse_base="e",
+    lse_layout="(batch, heads_q, seqlen_q); varlen (heads_q, total_q)",
+    lse_empty_rows="+inf",
+    returns="out, or (out, softmax_lse, S_dmask) with return_attn_probs=True; kv-cache "
+            "(out, softmax_lse) with return_softmax_lse=True",
+    source="Dao-AILab/flash-attention flash_attn/flash_attn_interface.py (2.8)",
+)
+
+_TRITON_LIMITS = {
+    "window": "window_size is accepted but not passed to the kernels by rocm-triton "
+              "(flash_attn_triton_amd, 2.7/2.8)",
+    "softcap": "softcap is accepted but not passed to the kernels by rocm-triton "
+               "(flash_attn_triton_amd, 2.7/2.8)",
+    "paged": "block_table is accepted but not passed to the kernels by rocm-triton "
+             "(flash_attn_triton_amd, 2.7/2.8)",
+    "deterministic_backward": "rocm-triton accepts deterministic but does not pass it "
+                              "to the kernels (flash_attn_triton_amd, 2.7/2.8)",
+}
 
 #: What each flavor claims, with the public source of every restriction.
 FLAVOR_CAPABILITIES: dict[str, Capabilities] = {
@@ -32,7 +78,8 @@ FLAVOR_CAPABILITIES: dict[str, Capabilities] = {
     # fp16/bf16, head_dim <= 256, softcap excludes dropout, paged blocks divisible by 256.
     "cuda": Capabilities(
         dtypes=FP16, head_dim_max=256, features=ALL, entries=ENTRIES, paged_block_multiple=256,
-        exclusive=(("softcap", "dropout"),), returns_lse=True,
+        exclusive=(("softcap", "dropout"), ("paged", "batch-idx"), ("paged", "leftpad")),
+        returns_lse=True,  # mha_fwd_kvcache refuses paged caches with batch-idx or leftpad
         # called with deterministic=True, which flash-attn's own tests hold to bitwise repeats
         deterministic_backward=True,
     ),
@@ -47,20 +94,26 @@ FLAVOR_CAPABILITIES: dict[str, Capabilities] = {
     # ROCm/flash-attention, flash_attn/flash_attn_triton_amd (2.7/2.8 era): window_size, softcap,
     # deterministic and block_table are accepted but not passed to the kernels.
     "rocm-triton": Capabilities(
-        dtypes=frozenset({"float16", "bfloat16", "float32"}), head_dim_max=256,
+        dtypes=FLOATS, head_dim_max=256,
+        features=ALL - {"window", "softcap", "paged"}, entries=ENTRIES, returns_lse=True,
+        deterministic_backward=False, notes=dict(_TRITON_LIMITS),
+    ),
+    # Dao-AILab PR #2230 moved the Triton AMD backend to ROCm/aiter
+    # (aiter/ops/triton/_triton_kernels/flash_attn_triton_amd). Its limits are carried over from
+    # the in-tree backend it was moved from until a run on an AMD GPU measures them (--audit).
+    "rocm-triton-aiter": Capabilities(
+        dtypes=FLOATS, head_dim_max=256,
         features=ALL - {"window", "softcap", "paged"}, entries=ENTRIES, returns_lse=True,
         deterministic_backward=False,
-        notes={
-            "window": "window_size is accepted but not passed to the kernels by rocm-triton "
-                      "(flash_attn_triton_amd, 2.7/2.8)",
-            "softcap": "softcap is accepted but not passed to the kernels by rocm-triton "
-                       "(flash_attn_triton_amd, 2.7/2.8)",
-            "paged": "block_table is accepted but not passed to the kernels by rocm-triton "
-                     "(flash_attn_triton_amd, 2.7/2.8)",
-            "deterministic_backward": "rocm-triton accepts deterministic but does not pass it "
-                                      "to the kernels (flash_attn_triton_amd, 2.7/2.8)",
-        },
+        notes={k: v.replace("rocm-triton (flash_attn_triton_amd, 2.7/2.8)",
+                            "rocm-triton-aiter (carried over from flash_attn_triton_amd 2.8; "
+                            "unmeasured)")
+               for k, v in _TRITON_LIMITS.items()},
     ),
+    # flash-attn@TARGET: what the API can express (flash_attn_interface.py signatures); the
+    # module narrows it with ATTN_HARNESS_CAPABILITIES.
+    "module": Capabilities(dtypes=FLOATS, head_dim_max=0, features=ALL, entries=ENTRIES,
+                           returns_lse=True, deterministic_backward=True),
 }
 
 
@@ -79,6 +132,13 @@ class ArchRule:
     other_vendor_entries: tuple[str, ...] = ()
 
 
+_TRITON_RULE = ArchRule(vendors=("amd",), min_rocm=(6, 0),
+                        what="an AMD GPU that Triton supports",
+                        why_not_vendor="its prefill kernels pass the AMD-only launch option "
+                                       "waves_per_eu, which Triton on NVIDIA rejects "
+                                       "(seen with flash-attn 2.8.3, triton 3.6)",
+                        other_vendor_entries=("kvcache",))
+
 ARCH_RULES = {
     "cuda": ArchRule(min_sm=80, vendors=("nvidia",), what="Ampere (sm_80) or newer"),
     "rocm-ck": ArchRule(archs=("gfx90a", "gfx942", "gfx950"), min_rocm=(6, 0), vendors=("amd",),
@@ -86,12 +146,8 @@ ARCH_RULES = {
     # Seen on an H200 (triton 3.6, flash-attn 2.8.3.post2): every dense and varlen kernel launch
     # fails with "Keyword argument waves_per_eu was specified but unrecognised" (an AMD-only
     # launch option); the kv-cache decode kernel launched and computed correctly (--audit).
-    "rocm-triton": ArchRule(vendors=("amd",), min_rocm=(6, 0),
-                            what="an AMD GPU that Triton supports",
-                            why_not_vendor="its prefill kernels pass the AMD-only launch option "
-                                           "waves_per_eu, which Triton on NVIDIA rejects "
-                                           "(seen with flash-attn 2.8.3, triton 3.6)",
-                            other_vendor_entries=("kvcache",)),
+    "rocm-triton": _TRITON_RULE,
+    "rocm-triton-aiter": _TRITON_RULE,
 }
 
 
@@ -99,20 +155,74 @@ ARCH_RULES = {
 #: with the exact string ``"TRUE"`` (``os.getenv(...) == "TRUE"``), so ``true`` or ``1`` do
 #: not select the Triton backend and neither may the harness.
 TRITON_AMD_ENV = "FLASH_ATTENTION_TRITON_AMD_ENABLE"
+#: Where upstream's Triton AMD backend lives since Dao-AILab PR #2230.
+AITER_TRITON_MODULE = "aiter.ops.triton._triton_kernels.flash_attn_triton_amd"
 
 
-def detect_flavor(hip: str, environ: Any = os.environ, module: Any = None) -> str:
-    """cuda, rocm-ck or rocm-triton: which build of flash-attn runs here.
+def _backend_module_name(module: Any) -> str:
+    """The ``__name__`` of the kernel module flash_attn_interface bound (``flash_attn_gpu`` on
+    2.7+, ``flash_attn_cuda`` before), or ''."""
+    for attr in ("flash_attn_gpu", "flash_attn_cuda"):
+        bound = getattr(module, attr, None)
+        name = getattr(bound, "__name__", "") if bound is not None else ""
+        if name:
+            return name
+    return ""
+
+
+def installed_layout(find_spec=importlib.util.find_spec) -> dict[str, bool]:
+    """Which flash-attn pieces are installed, without importing flash_attn (or aiter).
+
+    Returns:
+        ``cuda_extension``: a ``flash_attn_2_cuda`` extension exists; ``in_tree_triton``: the
+        flash_attn package has its own ``flash_attn_triton_amd``; ``aiter``: AITER is installed.
+    """
+    def found(name: str) -> Any:
+        try:
+            return find_spec(name)
+        except (ImportError, ValueError):
+            return None
+
+    spec = found("flash_attn")
+    in_tree = False
+    for location in (getattr(spec, "submodule_search_locations", None) or []):
+        in_tree = in_tree or (Path(location) / "flash_attn_triton_amd").is_dir()
+    return {"cuda_extension": found("flash_attn_2_cuda") is not None,
+            "in_tree_triton": in_tree, "aiter": found("aiter") is not None}
+
+
+def detect_flavor(hip: str, environ: Any = os.environ, module: Any = None,
+                  installed: dict[str, bool] | None = None) -> str:
+    """cuda, rocm-ck, rocm-triton or rocm-triton-aiter: which build of flash-attn runs here.
 
     Args:
         hip: ``torch.version.hip`` ('' or None on CUDA and CPU builds of torch).
         environ: the environment flash-attn was (or will be) imported under.
-        module: the imported ``flash_attn_interface``, when there is one; its own
-            ``USE_TRITON_ROCM`` flag is what decided the import, so it wins over ``environ``.
+        module: the imported ``flash_attn_interface``, when there is one; the kernel module it
+            bound (``flash_attn_gpu``) and its ``USE_TRITON_ROCM`` flag decided the import, so
+            they win over ``environ``.
+        installed: :func:`installed_layout` (looked up when needed and not given), used without
+            a module to predict PR #2343's fallback and PR #2230's AITER backend.
     """
+    bound = _backend_module_name(module) if module is not None else ""
+    if "aiter" in bound:
+        return "rocm-triton-aiter"
+    if "triton_amd" in bound:
+        return "rocm-triton"
     triton = getattr(module, "USE_TRITON_ROCM", None)
-    if triton is None:
+    if module is not None and triton is not None:
+        if not triton:
+            return "rocm-ck" if hip else "cuda"
+    elif module is None:
         triton = environ.get(TRITON_AMD_ENV, "") == "TRUE"
+        if hip and not triton:
+            installed = installed if installed is not None else installed_layout()
+            # PR #2343: on HIP without a compiled extension, flash-attn falls back to Triton.
+            triton = not installed.get("cuda_extension", True)
+        if triton:
+            installed = installed if installed is not None else installed_layout()
+            if installed.get("aiter") and not installed.get("in_tree_triton"):
+                return "rocm-triton-aiter"
     if triton:
         return "rocm-triton"
     return "rocm-ck" if hip else "cuda"
@@ -144,64 +254,131 @@ def arch_reasons(flavor: str, target, entry: str = "dense") -> list[str]:
     return []
 
 
-class FlashAttnBackend(Backend):
-    """flash_attn_func / flash_attn_varlen_func / flash_attn_with_kvcache."""
+#: Optional packed entry points, used when the case's layout is packed and the module has them
+#: (otherwise the q, k, v views of the packed buffer go through the plain function).
+PACKED_FUNCTIONS = {
+    ("dense", "packed-qkv"): "flash_attn_qkvpacked_func",
+    ("dense", "packed-kv"): "flash_attn_kvpacked_func",
+    ("varlen", "packed-qkv"): "flash_attn_varlen_qkvpacked_func",
+    ("varlen", "packed-kv"): "flash_attn_varlen_kvpacked_func",
+}
 
-    name = "flash-attn"
+#: case feature -> flash-attn keyword that expresses it (a module without it cannot be asked).
+FEATURE_KEYWORDS = {
+    "dropout": {"dense": ("dropout_p",), "varlen": ("dropout_p",)},
+    "scale": {"*": ("softmax_scale",)},
+    "causal": {"*": ("causal",)},
+    "window": {"*": ("window_size",)},
+    "softcap": {"*": ("softcap",)},
+    "alibi": {"*": ("alibi_slopes",)},
+    "alibi-per-batch": {"*": ("alibi_slopes",)},
+    "paged": {"varlen": ("block_table",), "kvcache": ("block_table",)},
+    "append": {"kvcache": ("k",)},
+    "rotary": {"kvcache": ("rotary_cos",)},
+    "leftpad": {"kvcache": ("cache_leftpad",)},
+    "batch-idx": {"kvcache": ("cache_batch_idx",)},
+    "splits": {"kvcache": ("num_splits",)},
+}
+
+
+class FlashAttnBackend(ModuleBackend):
+    """flash_attn_func / flash_attn_varlen_func / flash_attn_with_kvcache and the packed ones.
+
+    ``FlashAttnBackend()`` imports the installed flash-attn (a GPU build: refused on the CPU);
+    ``FlashAttnBackend(module, target="...")`` is the module backend ``flash-attn@TARGET``, which
+    runs wherever the module puts its tensors. ``module=`` without ``target`` stands in for the
+    installed package (tests pass fakes so).
+    """
+
     family = "flash-attn"
+    default_module = "flash_attn.flash_attn_interface"
     device_types = ("cuda",)
+    entry_functions = {"dense": "flash_attn_func", "varlen": "flash_attn_varlen_func",
+                       "kvcache": "flash_attn_with_kvcache"}
+    feature_keywords = FEATURE_KEYWORDS
+    convention = CONVENTION
+    lse_convention = "flash-attn"
 
-    def __init__(self, module: Any = None, flavor: str | None = None) -> None:
+    def __init__(self, module: Any = None, flavor: str | None = None,
+                 target: str | None = None) -> None:
         import torch
 
         if flavor is not None and flavor not in FLAVOR_CAPABILITIES:
             raise UsageError(f"flash-attn flavor {flavor!r} is unknown "
                              f"(known: {', '.join(FLAVOR_CAPABILITIES)})")
         hip = getattr(torch.version, "hip", None) or ""
-        self._module = module
-        self._error = ""
-        self.version = getattr(module, "__version__", "") if module is not None else ""
-        if module is None:
+        error = ""
+        version = ""
+        if module is None and target is None:
             try:
                 import flash_attn
                 import flash_attn.flash_attn_interface as iface
 
-                self._module = iface
-                self.version = getattr(flash_attn, "__version__", "")
+                module = iface
+                version = getattr(flash_attn, "__version__", "")
             except Exception as exc:  # noqa: BLE001 - any import failure makes it unavailable
                 first = str(exc).splitlines()[0] if str(exc) else ""
-                self._error = f"{type(exc).__name__}: {first}"[:300]
-        detected = detect_flavor(hip, os.environ, self._module)
+                error = f"{type(exc).__name__}: {first}"[:300]
+        if target is not None:
+            declared = getattr(module, FLAVOR_ATTR, None)
+            chosen = flavor or (declared if declared in FLAVOR_CAPABILITIES else "module")
+        else:
+            chosen = flavor or detect_flavor(hip, os.environ, module)
+        super().__init__(module, target, base=FLAVOR_CAPABILITIES[chosen], import_error=error)
+        self.version = version or self.version
         # An absent flash-attn has no flavor to report; the capabilities are the ones it would
         # have, so that dispatch can still explain what it would not support.
-        self.flavor = flavor or (detected if self._module is not None else "")
-        self.capabilities = FLAVOR_CAPABILITIES[flavor or detected]
+        self.flavor = chosen if module is not None else ""
+        self._flavor_rules = chosen
+
+    def unavailable_reason(self) -> str:
+        if "No module named 'flash_attn'" in self._error:
+            return "flash-attn is not installed (pip install 'attn-harness[flash-attn]')"
+        hint = ""
+        if "flash_attn_2_cuda" in self._error:
+            hint = (f" (no compiled CUDA/CK extension; a Triton build of the ROCm fork needs "
+                    f"{TRITON_AMD_ENV}=TRUE at run time too)")
+        return f"import flash_attn failed: {self._error}{hint}"
 
     def availability(self) -> str | None:
         import torch
 
-        if self._module is None:
-            if "No module named 'flash_attn'" in self._error:
-                return "flash-attn is not installed (pip install 'attn-harness[flash-attn]')"
-            hint = ""
-            if "flash_attn_2_cuda" in self._error:
-                hint = (f" (no compiled CUDA/CK extension; a Triton build of the ROCm fork needs "
-                        f"{TRITON_AMD_ENV}=TRUE at run time too)")
-            return f"import flash_attn failed: {self._error}{hint}"
-        if not torch.cuda.is_available():
+        reason = super().availability()
+        if reason is None and self.target is None and not torch.cuda.is_available():
             return "no GPU here: flash-attn runs on CUDA and ROCm devices only"
-        return None
+        return reason
 
     def unsupported_reasons(self, case: Case, target) -> list[str]:
         reasons = super().unsupported_reasons(case, target)
-        if target.vendor != "cpu" and self.flavor:
-            reasons = arch_reasons(self.flavor, target, case.entry) + reasons
+        if target.vendor != "cpu" and self._flavor_rules in ARCH_RULES:
+            reasons = arch_reasons(self._flavor_rules, target, case.entry) + reasons
         return list(dict.fromkeys(reasons))
+
+    # ------------------------------------------------------------------------------ calling
+
+    def _kwargs(self, func_entry: str, wanted: dict[str, Any], func=None) -> dict[str, Any]:
+        """The keywords of ``wanted`` that the function takes (the rest were ruled out by
+        :meth:`call_reasons` when the case needs them)."""
+        from harness.backends.module import Signature
+
+        sig = Signature.of(func) if func is not None else self.signature(func_entry)
+        return {k: v for k, v in wanted.items() if sig.accepts(k)}
+
+    def _packed(self, inputs) -> tuple[str, Any] | None:
+        """``(function name, buffer)`` when the case is packed and the module has its function."""
+        case = inputs.case
+        layout = case.layout
+        name = PACKED_FUNCTIONS.get((case.entry, layout))
+        func = getattr(self._module, name, None) if name else None
+        buffer = inputs_value(inputs, "packed")
+        if func is None or buffer is None:
+            return None
+        views = (inputs.q, inputs.k, inputs.v) if layout == "packed-qkv" else (inputs.k, inputs.v)
+        return (name, buffer) if same_storage(buffer, *views) else None
 
     def forward(self, inputs, *, deterministic: bool = True):
         from harness.outputs import Outputs
 
-        fa = self._module
         case = inputs.case
         common: dict[str, Any] = {
             "softmax_scale": case.scale,
@@ -211,33 +388,96 @@ class FlashAttnBackend(Backend):
             "alibi_slopes": inputs.alibi_slopes,
         }
         if case.entry == "kvcache":
-            out, lse = fa.flash_attn_with_kvcache(
-                inputs.q,
-                inputs.k_pages if case.paged_block_size else inputs.k,
-                inputs.v_pages if case.paged_block_size else inputs.v,
-                cache_seqlens=inputs.cache_seqlens,
-                block_table=inputs.block_table,
-                return_softmax_lse=True,
-                **common,
-            )
-            return Outputs(out=out, lse=lse)
+            return self._kvcache(inputs, common)
         # return_attn_probs=True returns (out, lse, S); S is only materialised with dropout,
         # so lse is requested only without dropout to keep memory at the kernel's own.
         want_lse = case.dropout_p == 0
-        kwargs = {**common, "dropout_p": case.dropout_p, "deterministic": deterministic,
+        wanted = {**common, "dropout_p": case.dropout_p, "deterministic": deterministic,
                   "return_attn_probs": want_lse}
-        if case.entry == "varlen":
+        paged = case.entry == "varlen" and bool(case.paged_block_size)
+        if paged:
+            wanted["block_table"] = inputs.block_table
+        packed = None if paged else self._packed(inputs)
+        fa = self._module
+        if packed is not None:
+            name, buffer = packed
+            func = getattr(fa, name)
+            kw = self._kwargs(case.entry, wanted, func)
+            if case.entry == "varlen" and case.layout == "packed-qkv":
+                result = func(buffer, inputs.cu_seqlens_q, case.seqlen_q, **kw)
+            elif case.entry == "varlen":
+                result = func(inputs.q, buffer, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
+                              case.seqlen_q, case.seqlen_k, **kw)
+            elif case.layout == "packed-qkv":
+                result = func(buffer, **kw)
+            else:
+                result = func(inputs.q, buffer, **kw)
+        elif case.entry == "varlen":
+            k = inputs_value(inputs, "k_pages") if paged else inputs.k
+            v = inputs_value(inputs, "v_pages") if paged else inputs.v
             result = fa.flash_attn_varlen_func(
-                inputs.q, inputs.k, inputs.v, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
-                case.seqlen_q, case.seqlen_k, **kwargs)
+                inputs.q, k, v, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
+                case.seqlen_q, case.seqlen_k, **self._kwargs("varlen", wanted))
         else:
-            result = fa.flash_attn_func(inputs.q, inputs.k, inputs.v, **kwargs)
+            result = fa.flash_attn_func(inputs.q, inputs.k, inputs.v,
+                                        **self._kwargs("dense", wanted))
         if want_lse:
-            lse = result[1]
+            out, lse = split_result(result)
             if case.entry == "varlen":
                 lse = varlen_lse_layout(lse, case)
-            return Outputs(out=result[0], lse=lse)
-        return Outputs(out=result)
+            return Outputs(out=out, lse=lse)
+        return Outputs(out=split_result(result)[0])
+
+    def _kvcache(self, inputs, common: dict[str, Any]):
+        """flash_attn_with_kvcache: appends (k=, v=) write into the cache tensors of ``inputs``
+        in place, which is what the cache check reads afterwards."""
+        from harness.outputs import Outputs
+
+        case = inputs.case
+        paged = bool(case.paged_block_size)
+        rotary = bool(case_value(case, "rotary_dim", 0))
+        wanted: dict[str, Any] = {
+            "k": inputs_value(inputs, "k_new"),
+            "v": inputs_value(inputs, "v_new"),
+            "rotary_cos": inputs_value(inputs, "rotary_cos") if rotary else None,
+            "rotary_sin": inputs_value(inputs, "rotary_sin") if rotary else None,
+            "cache_seqlens": inputs.cache_seqlens,
+            "cache_batch_idx": inputs_value(inputs, "cache_batch_idx"),
+            "cache_leftpad": inputs_value(inputs, "cache_leftpad"),
+            "block_table": inputs.block_table,
+            **common,
+            "num_splits": case_value(case, "num_splits", 0),
+            "return_softmax_lse": True,
+        }
+        if rotary:
+            wanted["rotary_interleaved"] = bool(case_value(case, "rotary_interleaved", False))
+        out, lse = split_result(self._module.flash_attn_with_kvcache(
+            inputs.q,
+            inputs.k_pages if paged else inputs.k,
+            inputs.v_pages if paged else inputs.v,
+            **self._kwargs("kvcache", wanted)))
+        return Outputs(out=out, lse=lse)
+
+
+def machine_facts(hip: str, environ: Any = os.environ) -> dict[str, str]:
+    """flash-attn's contribution to the machine fingerprint, without importing it.
+
+    Returns:
+        ``flash_attn`` (the installed distribution's version) and ``flash_attn_flavor`` (how it
+        will load here, :func:`detect_flavor`); empty when flash-attn is not installed.
+    """
+    from importlib import metadata
+
+    version = ""
+    for dist in ("flash-attn", "flash_attn"):
+        try:
+            version = metadata.version(dist)
+            break
+        except metadata.PackageNotFoundError:
+            continue
+    if not version:
+        return {}
+    return {"flash_attn": version, "flash_attn_flavor": detect_flavor(hip, environ)}
 
 
 def varlen_lse_layout(lse, case: Case):

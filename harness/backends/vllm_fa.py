@@ -1,0 +1,169 @@
+"""vLLM's flash-attention fork (``vllm.vllm_flash_attn``), family ``vllm-flash-attn``.
+
+Call convention (vllm-project/flash-attention ``vllm_flash_attn/flash_attn_interface.py``):
+``flash_attn_varlen_func(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k=None,
+seqused_k=None, ..., block_table=None, return_softmax_lse=False)`` — ``max_seqlen_q`` comes
+*before* ``cu_seqlens_q``, and a paged KV cache (``block_table``) is described by ``seqused_k``
+(per-sequence key counts) instead of ``cu_seqlens_k``. ``flash_attn_with_kvcache`` keeps
+flash-attn 2's signature. Inference only (no backward), CUDA only (on ROCm vLLM uses AITER).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harness.backends.base import DEFAULT_FEATURES, Capabilities
+from harness.backends.module import (
+    Convention,
+    ModuleBackend,
+    case_value,
+    import_default,
+    inputs_value,
+    split_result,
+)
+
+#: every feature but lastdim-strided (base.DEFAULT_FEATURES: the API copies such tensors)
+ALL = frozenset(DEFAULT_FEATURES)
+
+CONVENTION = Convention(
+    layout="thd + cu_seqlens int32 (paged: k/v pages + block_table + seqused_k)",
+    causal="bottom-right",
+    lse_base="e",
+    lse_layout="varlen (heads_q, total_q); kv-cache (batch, heads_q, seqlen_q)",
+    lse_empty_rows="+inf",
+    returns="out, or (out, softmax_lse) with return_softmax_lse=True",
+    source="vllm-project/flash-attention vllm_flash_attn/flash_attn_interface.py",
+)
+
+_INFERENCE = ("vllm_flash_attn is built for inference: no backward and no dropout "
+              "(vllm-project/flash-attention)")
+
+FLAVOR_CAPABILITIES: dict[str, Capabilities] = {
+    # vllm-project/flash-attention csrc/flash_attn/flash_api.cpp: fp16/bf16, head_dim <= 256,
+    # paged KV blocks divisible by 16.
+    "cuda": Capabilities(
+        dtypes=frozenset({"float16", "bfloat16"}), head_dim_max=256,
+        features=ALL - {"dropout"}, entries=frozenset({"varlen", "kvcache"}), backward=False,
+        paged_block_multiple=16, returns_lse=True,
+        notes={"dropout": _INFERENCE, "backward": _INFERENCE},
+    ),
+    "module": Capabilities(
+        dtypes=frozenset({"float16", "bfloat16", "float32"}), features=ALL - {"dropout"},
+        entries=frozenset({"varlen", "kvcache"}), backward=False, returns_lse=True,
+        notes={"dropout": _INFERENCE, "backward": _INFERENCE},
+    ),
+}
+
+FEATURE_KEYWORDS = {
+    "scale": {"*": ("softmax_scale",)},
+    "causal": {"*": ("causal",)},
+    "window": {"*": ("window_size",)},
+    "softcap": {"*": ("softcap",)},
+    "alibi": {"*": ("alibi_slopes",)},
+    "alibi-per-batch": {"*": ("alibi_slopes",)},
+    "paged": {"varlen": ("block_table",), "kvcache": ("block_table",)},
+    "append": {"kvcache": ("k",)},
+    "rotary": {"kvcache": ("rotary_cos",)},
+    "leftpad": {"kvcache": ("cache_leftpad",)},
+    "batch-idx": {"kvcache": ("cache_batch_idx",)},
+    "splits": {"*": ("num_splits",)},
+}
+
+
+class VllmFlashAttnBackend(ModuleBackend):
+    """vllm.vllm_flash_attn's flash_attn_varlen_func and flash_attn_with_kvcache."""
+
+    family = "vllm-flash-attn"
+    default_module = "vllm.vllm_flash_attn"
+    device_types = ("cuda",)
+    entry_functions = {"varlen": "flash_attn_varlen_func", "kvcache": "flash_attn_with_kvcache"}
+    feature_keywords = FEATURE_KEYWORDS
+    convention = CONVENTION
+    lse_convention = "flash-attn"  # a fork of flash-attn 2's kernels (alibi.h unchanged)
+
+    def __init__(self, module: Any = None, target: str | None = None) -> None:
+        error = ""
+        if module is None and target is None:
+            module, error = import_default(self.default_module)
+        flavor = "module" if target is not None else "cuda"
+        super().__init__(module, target, base=FLAVOR_CAPABILITIES[flavor], import_error=error)
+        self.flavor = flavor if module is not None else ""
+        if not self.version and module is not None and target is None:
+            self.version = machine_facts().get("vllm", "")
+
+    def unavailable_reason(self) -> str:
+        if "No module named 'vllm'" in self._error:
+            return "vllm is not installed (vllm.vllm_flash_attn ships with vLLM; CUDA only)"
+        return f"import vllm.vllm_flash_attn failed: {self._error}"
+
+    def availability(self) -> str | None:
+        import torch
+
+        reason = super().availability()
+        if reason is None and self.target is None and (
+                not torch.cuda.is_available() or getattr(torch.version, "hip", None)):
+            return "vllm_flash_attn runs on NVIDIA GPUs only (vLLM uses AITER on ROCm)"
+        return reason
+
+    def forward(self, inputs, *, deterministic: bool = True):
+        import torch
+
+        from harness.outputs import Outputs
+
+        case = inputs.case
+        sig = self.signature(case.entry)
+        common: dict[str, Any] = {"softmax_scale": case.scale, "causal": case.causal,
+                                  "window_size": case.window, "softcap": case.softcap,
+                                  "alibi_slopes": inputs.alibi_slopes,
+                                  "return_softmax_lse": True}
+        splits = case_value(case, "num_splits", 0)
+        if splits:
+            common["num_splits"] = splits
+        fa = self._module
+        paged = bool(case.paged_block_size)
+        if case.entry == "kvcache":
+            rotary = bool(case_value(case, "rotary_dim", 0))
+            wanted = {
+                "k": inputs_value(inputs, "k_new"), "v": inputs_value(inputs, "v_new"),
+                "rotary_cos": inputs_value(inputs, "rotary_cos") if rotary else None,
+                "rotary_sin": inputs_value(inputs, "rotary_sin") if rotary else None,
+                "cache_seqlens": inputs.cache_seqlens,
+                "cache_batch_idx": inputs_value(inputs, "cache_batch_idx"),
+                "cache_leftpad": inputs_value(inputs, "cache_leftpad"),
+                "block_table": inputs.block_table, **common,
+            }
+            if rotary:
+                wanted["rotary_interleaved"] = bool(case_value(case, "rotary_interleaved", False))
+            result = fa.flash_attn_with_kvcache(
+                inputs.q, inputs.k_pages if paged else inputs.k,
+                inputs.v_pages if paged else inputs.v,
+                **{k: v for k, v in wanted.items() if sig.accepts(k)})
+        else:
+            wanted = dict(common)
+            if paged:
+                lens = torch.tensor(case.seqlens_k, dtype=torch.int32, device=inputs.q.device)
+                wanted.update(cu_seqlens_k=None, seqused_k=lens, block_table=inputs.block_table)
+                k, v = inputs_value(inputs, "k_pages"), inputs_value(inputs, "v_pages")
+            else:
+                wanted["cu_seqlens_k"] = inputs.cu_seqlens_k
+                k, v = inputs.k, inputs.v
+            # max_seqlen_q comes before cu_seqlens_q in vLLM's signature.
+            result = fa.flash_attn_varlen_func(
+                inputs.q, k, v, case.seqlen_q, inputs.cu_seqlens_q, case.seqlen_k,
+                **{k_: v_ for k_, v_ in wanted.items() if sig.accepts(k_)})
+        out, lse = split_result(result)
+        if lse is not None and case.entry == "varlen":
+            from harness.backends.flash_attn import varlen_lse_layout
+
+            lse = varlen_lse_layout(lse, case)
+        return Outputs(out=out, lse=lse)
+
+
+def machine_facts() -> dict[str, str]:
+    """vLLM's version when installed, without importing it."""
+    from importlib import metadata
+
+    try:
+        return {"vllm": metadata.version("vllm")}
+    except metadata.PackageNotFoundError:
+        return {}
