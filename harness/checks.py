@@ -108,23 +108,30 @@ def clone_inputs(inputs: Inputs) -> Inputs:
 def grad_leaves(used: Inputs) -> tuple[tuple[torch.Tensor, ...], Callable]:
     """The autograd leaves of a differentiable copy (:meth:`Inputs.with_grad`) and how to read
     dq, dk, dv from their gradients. With a packed layout the leaf is the packed buffer (as for
-    ``flash_attn_qkvpacked_func``, whose graph reaches only it): each gradient is the packed
-    gradient seen through its tensor's view, so wrong gradient strides in a kernel show."""
+    ``flash_attn_qkvpacked_func``, whose graph reaches only it, not the q/k/v views): each
+    gradient is the packed gradient read at its view's own place in the buffer, which is right
+    whichever of the two the kernel used, and shows wrong gradient strides in a kernel."""
     packed = used.packed
-    if packed is None:
-        return (used.q, used.k, used.v), lambda grads: tuple(grads)
-    inside = {name: _same_buffer(getattr(used, name), packed) for name in ("q", "k", "v")}
-    leaves = (packed, *(getattr(used, n) for n in ("q", "k", "v") if not inside[n]))
+    names = ("q", "k", "v")
+    inside = [n for n in names if packed is not None and _same_buffer(getattr(used, n), packed)]
+    leaves = ((packed,) if inside else ()) + tuple(getattr(used, n) for n in names
+                                                   if n not in inside)
 
     def unpack(grads):
-        whole, rest = grads[0].contiguous(), list(grads[1:])
-        out = []
-        for name in ("q", "k", "v"):
-            t = getattr(used, name)
-            out.append(whole.as_strided(t.shape, t.stride(), t.storage_offset()
-                                        - packed.storage_offset()) if inside[name]
-                       else rest.pop(0))
-        return tuple(out)
+        found = list(grads)
+        out = {}
+        if inside:
+            whole = found.pop(0)
+            size = packed.untyped_storage().nbytes() // packed.element_size()
+            flat = whole.new_zeros(size)
+            flat.as_strided(packed.shape, packed.stride(), packed.storage_offset()).copy_(whole)
+            for n in inside:
+                t = getattr(used, n)
+                out[n] = flat.as_strided(t.shape, t.stride(), t.storage_offset()).clone()
+        for n in names:
+            if n not in inside:
+                out[n] = found.pop(0)
+        return out["q"], out["k"], out["v"]
 
     return leaves, unpack
 

@@ -23,6 +23,12 @@ import torch
 
 from harness.case import Case
 from harness.inputs import Inputs
+from harness.kvcache import (  # noqa: F401 - cache_after and LSE_CONVENTIONS are re-exported
+    LSE_CONVENTIONS,
+    cache_after,
+    convert_lse,
+    resolve_cache,
+)
 from harness.outputs import Outputs
 
 #: Scores held at once by the reference (per block) and the baseline (per query-row chunk).
@@ -131,7 +137,7 @@ def _scores(qb, kb, rows, j0, off, p: Params, slopes, need_mask: bool):
         cols = torch.arange(j0, j0 + kb.shape[1], device=s.device)
         rel = rows[:, None] + off - cols[None, :]
     if slopes is not None:
-        s = s - slopes.view(1, s.shape[1], s.shape[2], 1, 1) * rel.abs().to(s.dtype)
+        s = s - _per_head(slopes, s.shape[1], s.shape[2]) * rel.abs().to(s.dtype)
     visible = None
     if need_mask:
         visible = torch.ones_like(rel, dtype=torch.bool)
@@ -141,6 +147,21 @@ def _scores(qb, kb, rows, j0, off, p: Params, slopes, need_mask: bool):
             visible &= -rel <= p.right
         s = s.masked_fill(~visible, -math.inf)
     return s, t, visible
+
+
+def _per_head(slopes: torch.Tensor, hkv: int, group: int) -> torch.Tensor:
+    """ALiBi slopes ``(Hq,)`` or per sequence ``(B, Hq)`` shaped to broadcast over scores
+    ``(B, Hkv, G, i, j)``."""
+    lead = slopes.shape[0] if slopes.dim() == 2 else 1
+    return slopes.reshape(lead, hkv, group, 1, 1)
+
+
+def _piece_slopes(slopes: torch.Tensor | None, piece, index: int) -> torch.Tensor | None:
+    """The slopes of one piece of the batch: per-sequence ``(batch, Hq)`` slopes are cut to the
+    piece's sequences (``index`` is its place in :meth:`Inputs.sequences`)."""
+    if slopes is None or slopes.dim() == 1:
+        return slopes
+    return slopes[index:index + 1] if piece.packed else slopes[piece.rows]
 
 
 def _blocks(p, rows_chunk: torch.Tensor, sk: int, ck: int,
@@ -288,7 +309,7 @@ def _baseline_chunk(qc, k, v, rows, off, p: Params, slopes):
         cols = torch.arange(k.shape[1], device=s.device)
         rel = rows[:, None] + off - cols[None, :]
     if slopes is not None:
-        bias = -slopes.view(1, Hkv, Hq // Hkv, 1, 1) * rel.abs().to(slopes.dtype)
+        bias = -_per_head(slopes, Hkv, Hq // Hkv) * rel.abs().to(slopes.dtype)
         s = s + bias.to(s.dtype)
     if p.masked:
         visible = torch.ones_like(rel, dtype=torch.bool)
@@ -306,11 +327,62 @@ def _baseline_chunk(qc, k, v, rows, off, p: Params, slopes):
     return o, lse.reshape(B, Hq, n)
 
 
+class _RoundGrad(torch.autograd.Function):
+    """Identity forward; the backward rounds the gradient to ``dtype`` (as a kernel that
+    stores dS at the input dtype before its dq/dk matmuls does)."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.dtype = dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype).to(grad.dtype), None
+
+
+def _widened_chunk(qc, k, v, rows, off, p: Params, slopes):
+    """The baseline with flash-attn's precision split instead of plain PyTorch's: scores,
+    softcap, ALiBi and softmax in float32 (so they cannot overflow at float16), ``P`` rounded to
+    the inputs' dtype before ``P @ V`` at that dtype, and in the backward ``dS`` rounded to it
+    before the dq/dk products. Differentiable; ``(out, lse float32)`` like
+    :func:`_baseline_chunk`."""
+    dtype = qc.dtype
+    B, n, Hq, d = qc.shape
+    Hkv = k.shape[2]
+    qg = (qc.float() * p.scale).reshape(B, n, Hkv, Hq // Hkv, d)
+    s = torch.einsum("bihgd,bjhd->bhgij", qg, k.float())
+    s = _RoundGrad.apply(s, dtype)
+    if p.softcap:
+        s = torch.tanh(s / p.softcap) * p.softcap
+    rel = None
+    if slopes is not None or p.masked:
+        cols = torch.arange(k.shape[1], device=s.device)
+        rel = rows[:, None] + off - cols[None, :]
+    if slopes is not None:
+        s = s - _per_head(slopes.float(), Hkv, Hq // Hkv) * rel.abs().float()
+    visible = None
+    if p.masked:
+        visible = torch.ones_like(rel, dtype=torch.bool)
+        if p.left >= 0:
+            visible &= rel <= p.left
+        if p.right >= 0:
+            visible &= -rel <= p.right
+        s = s.masked_fill(~visible, -math.inf)
+    lse = torch.logsumexp(s, -1)
+    prob = torch.softmax(s, dim=-1)
+    if visible is not None:
+        prob = prob.masked_fill(~visible.any(-1)[:, None], 0.0)
+    o = torch.einsum("bhgij,bjhd->bihgd", prob.to(dtype), v).reshape(B, n, Hq, d)
+    return o, lse.reshape(B, Hq, n)
+
+
 def _baseline_rows(B: int, Hq: int, sk: int, block_elems: int) -> int:
     return max(1, block_elems // max(1, B * Hq * sk))
 
 
-def baseline_forward(q, k, v, p: Params, slopes=None, *, block_elems: int = BLOCK_ELEMS):
+def baseline_forward(q, k, v, p: Params, slopes=None, *, block_elems: int = BLOCK_ELEMS,
+                     chunk=None):
     """The same math as the reference in the inputs' dtype: ``(out, lse float32)``.
 
     Results go straight into preallocated tensors: keeping small per-chunk results alive
@@ -325,7 +397,8 @@ def baseline_forward(q, k, v, p: Params, slopes=None, *, block_elems: int = BLOC
     lse = torch.empty(B, Hq, sq, dtype=torch.float32, device=q.device)
     with torch.no_grad():
         for i0 in range(0, sq, step):
-            o, l_ = _baseline_chunk(q[:, i0:i0 + step], k, v, rows[i0:i0 + step], off, p, slopes)
+            o, l_ = (chunk or _baseline_chunk)(q[:, i0:i0 + step], k, v, rows[i0:i0 + step],
+                                               off, p, slopes)
             out[:, i0:i0 + step] = o
             lse[:, :, i0:i0 + step] = l_
             del o, l_
@@ -333,7 +406,7 @@ def baseline_forward(q, k, v, p: Params, slopes=None, *, block_elems: int = BLOC
 
 
 def baseline_rows(q, k, v, rows: torch.Tensor, p: Params, slopes=None, *,
-                  block_elems: int = BLOCK_ELEMS):
+                  block_elems: int = BLOCK_ELEMS, chunk=None):
     """The baseline of the query rows ``rows`` only: ``(out (B, len(rows), Hq, d), lse)``."""
     B, sq, Hq, d = q.shape
     off = k.shape[1] - sq
@@ -343,13 +416,14 @@ def baseline_rows(q, k, v, rows: torch.Tensor, p: Params, slopes=None, *,
     with torch.no_grad():
         for i0 in range(0, len(rows), step):
             chosen = rows[i0:i0 + step]
-            o, l_ = _baseline_chunk(q[:, chosen], k, v, chosen, off, p, slopes)
+            o, l_ = (chunk or _baseline_chunk)(q[:, chosen], k, v, chosen, off, p, slopes)
             out[:, i0:i0 + step] = o
             lse[:, :, i0:i0 + step] = l_
     return out, lse
 
 
-def baseline_backward(q, k, v, dout, p: Params, slopes=None, *, block_elems: int = BLOCK_ELEMS):
+def baseline_backward(q, k, v, dout, p: Params, slopes=None, *, block_elems: int = BLOCK_ELEMS,
+                      chunk=None):
     """Gradients of the baseline by autograd, one query chunk at a time; the chunks' dk and dv
     are summed in float32 (one plain backward over all rows would accumulate them in one
     matmul)."""
@@ -370,7 +444,7 @@ def baseline_backward(q, k, v, dout, p: Params, slopes=None, *, block_elems: int
             # sum over each group happens in the low dtype too.
             ke = kk.repeat_interleave(group, dim=2) if group > 1 else kk
             ve = vv.repeat_interleave(group, dim=2) if group > 1 else vv
-            o, _ = _baseline_chunk(qc, ke, ve, rows[i0:i0 + step], off, p, slopes)
+            o, _ = (chunk or _baseline_chunk)(qc, ke, ve, rows[i0:i0 + step], off, p, slopes)
             gq, gk, gv = torch.autograd.grad(o, (qc, kk, vv), dout[:, i0:i0 + step])
         dq[:, i0:i0 + step] = gq
         dk += gk.float()
@@ -431,8 +505,12 @@ def _row_mask(inputs: Inputs, rows: list[torch.Tensor | None] | None) -> torch.T
 def reference(inputs: Inputs, *, dtype: torch.dtype | None = None, params: Params | None = None,
               alibi: bool | None = None, grads: bool = False,
               rows: list[torch.Tensor | None] | None = None,
-              block_elems: int = BLOCK_ELEMS) -> Outputs:
+              block_elems: int = BLOCK_ELEMS, lse_convention: str = "harness") -> Outputs:
     """The exact result of a case, in the layout of its entry point.
+
+    kv-cache cases attend the cache as it is after the call: appended keys and values, rotary
+    q and keys, ``cache_batch_idx`` and ``cache_leftpad`` as flash-attn applies them
+    (:func:`harness.kvcache.resolve_cache`); :func:`cache_after` gives the cache itself.
 
     Args:
         inputs: the case's tensors.
@@ -443,10 +521,21 @@ def reference(inputs: Inputs, *, dtype: torch.dtype | None = None, params: Param
         rows: per piece, the query rows to compute (:func:`sample_rows`); the others stay zero
             and ``Outputs.rows`` marks the computed ones. Forward only.
         block_elems: scores held at once (bounds memory).
+        lse_convention: ``harness`` (the default) or ``flash-attn``, the lse a family's kernel
+            returns (:data:`LSE_CONVENTIONS`, :func:`convert_lse`).
 
-    Rows that see no key (and sequences with no keys) have zero output, -inf lse and zero
-    gradients; cache slots past a kv-cache row's length get zero gradients.
+    Rows that see no key (and sequences with no keys) have zero output, -inf lse (+inf in the
+    flash-attn convention) and zero gradients; cache slots past a kv-cache row's length get
+    zero gradients.
     """
+    if lse_convention not in LSE_CONVENTIONS:
+        raise ValueError(f"lse_convention={lse_convention!r} is not one of "
+                         f"{', '.join(LSE_CONVENTIONS)}")
+    inputs = resolve_cache(inputs)
+    if inputs.q_descale is not None:  # fp8: the exact values are fp8 * descale (harness.fp8)
+        from harness.fp8 import dequantised
+
+        inputs = dequantised(inputs)
     case = inputs.case
     dtype = dtype or reference_dtype(case.dtype, inputs.device)
     p = params or Params.of(case)
@@ -465,32 +554,46 @@ def reference(inputs: Inputs, *, dtype: torch.dtype | None = None, params: Param
         # Keys and values stay at the input dtype and are widened one block at a time, so the
         # reference's memory follows the block, not the key length (a 1M-token cache).
         q = q.to(dtype)
+        sl = _piece_slopes(slopes, piece, index)
         chosen = rows[index] if rows is not None else None
         if chosen is not None:
-            o, lse = attention_forward(q[:, chosen], k, v, p, slopes, rows=chosen,
+            o, lse = attention_forward(q[:, chosen], k, v, p, sl, rows=chosen,
                                        seqlen_q=q.shape[1], block_elems=block_elems)
             piece.put_q_rows(result.out, chosen, o)
             piece.put_lse_rows(result.lse, chosen, lse)
             continue
-        o, lse = attention_forward(q, k, v, p, slopes, block_elems=block_elems)
+        o, lse = attention_forward(q, k, v, p, sl, block_elems=block_elems)
         piece.put_q(result.out, o)
         piece.put_lse(result.lse, lse)
         if grads:
             do = piece.q_like(inputs.dout).to(dtype)
-            dq, dk, dv = attention_backward(q, k.to(dtype), v.to(dtype), o, lse, do, p, slopes,
+            dq, dk, dv = attention_backward(q, k.to(dtype), v.to(dtype), o, lse, do, p, sl,
                                             block_elems=block_elems)
             piece.put_q(result.dq, dq)
             piece.put_kv(result.dk, dk)
             piece.put_kv(result.dv, dv)
+    if lse_convention != "harness":
+        result.lse = convert_lse(result.lse, inputs, "harness", lse_convention)
     return result
 
 
 @ieee_float32
 def baseline(inputs: Inputs, *, grads: bool = False,
              rows: list[torch.Tensor | None] | None = None,
-             block_elems: int = BLOCK_ELEMS) -> Outputs:
+             block_elems: int = BLOCK_ELEMS, widened: bool = False,
+             lse_convention: str = "harness") -> Outputs:
     """The same-precision baseline of a case (see the module docstring); lse in float32.
-    ``rows`` samples query rows as in :func:`reference`."""
+    ``rows`` samples query rows as in :func:`reference`; ``widened`` computes scores and
+    softmax in float32 (:func:`_widened_chunk`), the yardstick where the plain one overflows;
+    ``lse_convention`` as in :func:`reference` (the shift is added in float64, then rounded)."""
+    if inputs.q_descale is not None:  # fp8: the baseline that emulates fp8 P (harness.fp8)
+        if grads:
+            raise ValueError("fp8 cases are forward only: no fp8 baseline backward")
+        from harness.fp8 import fp8_baseline
+
+        return fp8_baseline(inputs, rows=rows, block_elems=block_elems)
+    chunk = _widened_chunk if widened else None
+    inputs = resolve_cache(inputs)
     case = inputs.case
     p = Params.of(case)
     slopes = inputs.alibi_slopes if case.alibi else None
@@ -500,21 +603,26 @@ def baseline(inputs: Inputs, *, grads: bool = False,
         q, k, v = piece.q_like(inputs.q), piece.kv_like(inputs.k), piece.kv_like(inputs.v)
         if q.shape[1] == 0 or k.shape[1] == 0:
             continue
+        sl = _piece_slopes(slopes, piece, index)
         chosen = rows[index] if rows is not None else None
         if chosen is not None:
-            o, lse = baseline_rows(q, k, v, chosen, p, slopes, block_elems=block_elems)
+            o, lse = baseline_rows(q, k, v, chosen, p, sl, block_elems=block_elems,
+                                   chunk=chunk)
             piece.put_q_rows(result.out, chosen, o)
             piece.put_lse_rows(result.lse, chosen, lse)
             continue
-        o, lse = baseline_forward(q, k, v, p, slopes, block_elems=block_elems)
+        o, lse = baseline_forward(q, k, v, p, sl, block_elems=block_elems, chunk=chunk)
         piece.put_q(result.out, o)
         piece.put_lse(result.lse, lse)
         if grads:
             do = piece.q_like(inputs.dout)
-            dq, dk, dv = baseline_backward(q, k, v, do, p, slopes, block_elems=block_elems)
+            dq, dk, dv = baseline_backward(q, k, v, do, p, sl, block_elems=block_elems,
+                                           chunk=chunk)
             piece.put_q(result.dq, dq)
             piece.put_kv(result.dk, dk)
             piece.put_kv(result.dv, dv)
+    if lse_convention != "harness":
+        result.lse = convert_lse(result.lse, inputs, "harness", lse_convention)
     return result
 
 
@@ -529,11 +637,78 @@ def dropout_variance(inputs: Inputs, *, dtype: torch.dtype | None = None,
     if case.alibi and inputs.alibi_slopes is not None:
         slopes = inputs.alibi_slopes.to(dtype)
     var = torch.zeros(inputs.q.shape, dtype=dtype, device=inputs.device)
-    for piece in inputs.sequences():
+    for index, piece in enumerate(inputs.sequences()):
         q, k, v = piece.q_like(inputs.q), piece.kv_like(inputs.k), piece.kv_like(inputs.v)
         if q.shape[1] == 0 or k.shape[1] == 0:
             continue
         q = q.to(dtype)  # keys and values are widened one block at a time
-        _, lse = attention_forward(q, k, v, p, slopes, block_elems=block_elems)
-        piece.put_q(var, dropout_variance_forward(q, k, v, lse, p, slopes, block_elems=block_elems))
+        sl = _piece_slopes(slopes, piece, index)
+        _, lse = attention_forward(q, k, v, p, sl, block_elems=block_elems)
+        piece.put_q(var, dropout_variance_forward(q, k, v, lse, p, sl, block_elems=block_elems))
     return var * (case.dropout_p / (1.0 - case.dropout_p))
+
+
+# ------------------------------------------------- whole probability matrices (small cases)
+
+
+def probabilities(q, k, p: Params, slopes=None):
+    """Exact softmax probabilities ``P`` of one uniform piece, all scores at once.
+
+    For small problems only (exact dropout judging, ``harness.dropout``): memory is
+    ``B * Hq * sq * sk`` elements of q's dtype, several times over.
+
+    Args:
+        q: ``(B, sq, Hq, d)``; its dtype is the computation's (float64 for the reference).
+        k: ``(B, sk, Hkv, d)``.
+        p: scale, window and softcap.
+        slopes: ALiBi slopes ``(Hq,)`` in q's dtype, or None.
+
+    Returns:
+        ``(P, t)``: ``P`` ``(B, Hq, sq, sk)``, zero at masked keys and in rows that see no key;
+        ``t = tanh(raw / softcap)`` of the same shape (the softcap backward's factor is
+        ``1 - t**2``), or None without softcap.
+    """
+    B, sq, Hq, d = q.shape
+    sk, Hkv = k.shape[1], k.shape[2]
+    qg = q.reshape(B, sq, Hkv, Hq // Hkv, d)
+    s, t, _ = _scores(qg, k.to(q.dtype), _row_index(sq, q.device), 0, sk - sq, p, slopes,
+                      p.masked)
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    lse = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse)
+    prob = torch.exp(s - lse).reshape(B, Hq, sq, sk)
+    return prob, None if t is None else t.reshape(B, Hq, sq, sk)
+
+
+def baseline_probabilities(q, k, p: Params, slopes=None, *, widened: bool = False):
+    """The baseline's softmax probabilities of one uniform piece, ``(B, Hq, sq, sk)`` in the
+    inputs' dtype: the math of the same-precision baseline (scores, softcap, ALiBi and softmax
+    at the kernel's dtype), differentiable. ``slopes`` is float32 ``(Hq,)``/``(B, Hq)`` or None.
+    ``widened``: scores and softmax in float32, ``P`` rounded to the dtype (as
+    :func:`_widened_chunk`), the yardstick where the plain one overflows."""
+    dtype = q.dtype
+    if widened:
+        q, k = q.float(), k.float()
+    B, sq, Hq, d = q.shape
+    sk, Hkv = k.shape[1], k.shape[2]
+    qg = (q * p.scale).reshape(B, sq, Hkv, Hq // Hkv, d)
+    s = torch.einsum("bihgd,bjhd->bhgij", qg, k)
+    if p.softcap:
+        s = torch.tanh(s / p.softcap) * p.softcap
+    rel = None
+    if slopes is not None or p.masked:
+        rel = _row_index(sq, q.device)[:, None] + (sk - sq) - _row_index(sk, q.device)[None, :]
+    if slopes is not None:
+        bias = -_per_head(slopes, Hkv, Hq // Hkv) * rel.abs().to(slopes.dtype)
+        s = s + bias.to(s.dtype)
+    prob = None
+    if p.masked:
+        visible = torch.ones_like(rel, dtype=torch.bool)
+        if p.left >= 0:
+            visible &= rel <= p.left
+        if p.right >= 0:
+            visible &= -rel <= p.right
+        s = s.masked_fill(~visible, -math.inf)
+        prob = torch.softmax(s, dim=-1).masked_fill(~visible.any(-1)[:, None], 0.0)
+    else:
+        prob = torch.softmax(s, dim=-1)
+    return prob.reshape(B, Hq, sq, sk).to(dtype)

@@ -8,20 +8,40 @@ multiples of 32, GQA/MQA with several kv heads, windows shorter than the sequenc
 ALiBi strong enough to change the output, long key sequences with few queries, and every entry
 point (dense, varlen with uneven and empty sequences, kv-cache, paged).
 
+It also draws the input space of issue 12: value distributions (``Case.values``: scaled,
+key-bias, sink, flat, large; scaled and key-bias in 16-bit dtypes most often), per-tensor
+layouts the backend claims (packed qkv/kv, v with strides unlike k's, a non-contiguous dout, a
+last dimension with stride 2), many tiny problems (batch x heads past 65,535 with one or two
+tokens) and decode against long keys (up to 16 queries, 16k to 128k+ keys).
+
 Shrinking moves every choice towards the simplest case (short sequences, one head, features off,
-the first dtype the backend supports), so the minimal failing case names the feature at fault.
-Cost is estimated before anything is allocated: the drawn lengths are scaled down until the
-forward FLOPs and the input bytes fit the budget.
+normal values, contiguous tensors, the first dtype the backend supports), so the minimal failing
+case names the feature at fault. Cost is estimated before anything is allocated: the drawn
+lengths are scaled down until the forward FLOPs and the input bytes fit the budget.
+
+No vacuous draws: a generated case in which an enabled feature cannot change the output (a mask
+or window that hides no key, a scale or ALiBi with at most one visible key per row, a softcap
+far above the scores, strides that coincide with contiguous ones) is redrawn
+(:func:`vacuous_features`, a cheap static rule per feature). Shrinking may still reach them.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
 from harness.backends.base import Capabilities
-from harness.case import DTYPES, Case
+from harness.case import (
+    DTYPES,
+    FP8_DTYPES,
+    LAYOUT_ENTRIES,
+    LAYOUT_FEATURES,
+    Case,
+    attended_pairs,
+)
+from harness.errors import InvalidCase
 
 #: Lengths where tiled kernels change code paths: tile edges and their neighbours.
 EDGE_LENGTHS = (1, 2, 63, 64, 65, 127, 128, 129, 255, 256, 257, 511, 512, 513)
@@ -29,17 +49,45 @@ EDGE_LENGTHS = (1, 2, 63, 64, 65, 127, 128, 129, 255, 256, 257, 511, 512, 513)
 HEAD_DIMS = (64, 32, 128, 8, 16, 40, 59, 80, 96, 111, 160, 192, 224, 256, 1, 3)
 
 
+#: Values distributions and their parameters (None = the distribution's default); normal first
+#: so shrinking moves there. Drawn with a 16-bit dtype: scaled and key-bias twice as often.
+VALUES_16BIT = ("normal", "normal", "scaled", "key-bias", "scaled", "key-bias", "sink", "flat",
+                "large")
+VALUES_32BIT = ("normal", "normal", "normal", "scaled", "key-bias", "sink", "flat", "large")
+VALUE_SCALES = {"scaled": (None, 3.0, 100.0, 30.0), "key-bias": (None, 100.0, 1000.0),
+                "sink": (None, 10.0, 100.0), "flat": (None, 1e-5), "large": (None, 20.0)}
+#: Layouts, the default first.
+LAYOUT_CHOICES = ("contiguous", "strided", "packed-qkv", "packed-kv", "v-transposed",
+                  "dout-strided", "lastdim-strided")
+#: Key lengths of the long-key decode shape: at and past 16k, 32k, 64k and 128k.
+DECODE_KEYS = (16384, 16385, 32769, 65536, 131072, 135168)
+#: Programs (batch x heads) at and past CUDA's 65,535 grid-dimension limit.
+GRID_PROGRAMS = (65535, 65536, 65537, 70000)
+
+
 @dataclass(frozen=True)
 class Budget:
-    """The largest case a profile draws: forward FLOPs and input bytes."""
+    """The largest case a profile draws: forward FLOPs and input bytes.
+
+    Attributes:
+        max_flops: forward FLOPs (``Case.flops_fwd``).
+        max_bytes: bytes of q, k, v and out (``Case.input_bytes``).
+        max_seqlen: longest sequence of the ordinary shapes.
+        max_decode_keys: longest key sequence of the long-key decode shape (0 = none).
+        grid: whether to draw many tiny problems (batch x heads past 65,535).
+    """
 
     max_flops: float = 2e8
     max_bytes: int = 64 << 20
     max_seqlen: int = 4096
+    max_decode_keys: int = 135168
+    grid: bool = True
 
 
 BUDGETS = {
-    "quick": Budget(max_flops=5e7, max_bytes=32 << 20, max_seqlen=4096),
+    # The quick budget fits a 16-query decode of 128k keys at head_dim 16 (1.4e8 FLOPs, 17 MB)
+    # and 70,000 tiny problems of 2 tokens at head_dim 16 in float32 (36 MB).
+    "quick": Budget(max_flops=1.5e8, max_bytes=48 << 20, max_seqlen=4096),
     "nightly": Budget(max_flops=5e9, max_bytes=1 << 30, max_seqlen=32768),
     "exhaustive": Budget(max_flops=5e10, max_bytes=4 << 30, max_seqlen=131072),
 }
@@ -56,11 +104,19 @@ def _length(draw, max_len: int) -> int:
 
 
 def _fit(case: Case, budget: Budget) -> Case | None:
-    """Scale sequence lengths down until the case fits the budget (None if it never does)."""
+    """Scale sequence lengths down until the case fits the budget (None if it never does).
+    Decode shapes (keys past 16 x the queries) lose queries first; packed-qkv halves both."""
     for _ in range(40):
         if case.flops_fwd() <= budget.max_flops and case.input_bytes() <= budget.max_bytes:
             return case
-        if case.entry == "varlen":
+        if case.layout == "packed-qkv" and case.entry == "dense":
+            if case.seqlen_q <= 1:
+                return None
+            n = case.seqlen_q // 2
+            case = case.replace(seqlen_q=n, seqlen_k=n)
+        elif case.entry != "varlen" and case.seqlen_q > 1 and 16 * case.seqlen_q < case.seqlen_k:
+            case = case.replace(seqlen_q=case.seqlen_q // 2)
+        elif case.entry == "varlen":
             seqlens_q = tuple(max(0, n // 2) for n in case.seqlens_q)
             seqlens_k = tuple(max(0, n // 2) for n in case.seqlens_k)
             if sum(seqlens_q) == 0 or sum(seqlens_k) == 0:
@@ -95,7 +151,10 @@ def cases(draw, capabilities: Capabilities | None = None, budget: Budget | None 
     if backward:
         entries = [e for e in entries if e != "kvcache"] or entries
     entry = draw(st.sampled_from(entries))
-    dtype = draw(st.sampled_from([d for d in DTYPES if d in caps.dtypes]))
+    # fp8 dtypes after the others (shrinking moves to 16-bit); forward only (issue 14).
+    fp8 = () if backward else FP8_DTYPES
+    claimed = [d for d in DTYPES + fp8 if d in caps.dtypes]
+    dtype = draw(st.sampled_from(claimed or [d for d in DTYPES if d in caps.dtypes]))
     dims = [d for d in HEAD_DIMS if (not caps.head_dim_max or d <= caps.head_dim_max)
             and d % caps.head_dim_multiple == 0]
     head_dim = draw(st.sampled_from(dims))
@@ -103,25 +162,227 @@ def cases(draw, capabilities: Capabilities | None = None, budget: Budget | None 
     group = draw(st.sampled_from((1, 2, 4, 3, 8))) if "gqa" in feats else 1
     batch = draw(st.integers(1, 3))
 
-    shape = draw(st.sampled_from(("pair", "square", "long-keys")))
+    shapes = ["pair", "square", "long-keys"]
+    if budget.max_decode_keys:
+        shapes.append("decode")
+    if budget.grid and "dense" in entries:
+        shapes.append("grid")
+    shape = draw(st.sampled_from(shapes))
     len_q, len_k = _length(draw, budget.max_seqlen), _length(draw, budget.max_seqlen)
     few_q = draw(st.integers(1, 8))
     many_k = draw(st.integers(1024, max(1024, budget.max_seqlen)))
+    decode_q = draw(st.integers(1, 16))
+    decode_k = draw(st.sampled_from([n for n in DECODE_KEYS if n <= budget.max_decode_keys]
+                                    or [1024]))
+    programs = draw(st.sampled_from(GRID_PROGRAMS))
+    grid_heads = draw(st.sampled_from((1, 8, 5)))
+    grid_len = draw(st.integers(1, 2))
     if shape == "long-keys":
         seqlen_q, seqlen_k = few_q, many_k
+    elif shape == "decode":
+        seqlen_q, seqlen_k = decode_q, decode_k
+        head_dim = min(head_dim, 16) if head_dim > 16 else head_dim
+        heads_kv, group = 1, min(group, 2)
+    elif shape == "grid":
+        # Many tiny problems: batch x heads at and past 65,535 programs, one or two tokens.
+        seqlen_q = seqlen_k = grid_len
+        heads_kv, group = grid_heads, 1
+        batch = -(-programs // grid_heads)
+        head_dim = min(head_dim, 16)
+        entry = "dense"
     else:
         seqlen_q, seqlen_k = len_q, (len_q if shape == "square" else len_k)
     if "seqlen_q>seqlen_k" not in feats and seqlen_q > seqlen_k:
         seqlen_q, seqlen_k = seqlen_k, seqlen_q
+    dims_ok = [d for d in dims if d <= head_dim] or dims
+    if head_dim not in dims:
+        head_dim = max(dims_ok)
 
     fields: dict = dict(batch=batch, heads_kv=heads_kv, heads_q=heads_kv * group,
                         head_dim=head_dim, dtype=dtype, entry=entry)
     fields.update(_feature_fields(draw, feats, fields))
     fields.update(_entry_fields(draw, entry, batch, seqlen_q, seqlen_k, caps))
+    fields.update(_value_layout_fields(draw, feats, fields))
+    fields.update(_fp8_fields(draw, fields))
     case = _fit(Case(**fields), budget)
     _assume_not(case is None)
+    case = _cache_fields(draw, case, caps)
+    if shape == "grid":  # one or two tokens: most masks are vacuous; drop them, keep the shape
+        case = without_vacuous(case)
     _assume_not(bool(caps.reasons(case, "backend")))  # exclusive pairs and the like: rare
+    _assume_not(bool(vacuous_features(case)))  # redraw: every enabled feature must matter
     return case
+
+
+def _value_layout_fields(draw, feats, fields) -> dict:
+    """Values and layout, both drawn every time (defaults first, so shrinking reaches normal
+    values and contiguous tensors); a layout the backend does not claim, or that does not
+    apply to the drawn case, falls back to the nearest one that does (packed-qkv -> packed-kv
+    -> contiguous)."""
+    out: dict = {}
+    sixteen = fields["dtype"] in ("float16", "bfloat16", *FP8_DTYPES)
+    values = draw(st.sampled_from(VALUES_16BIT if sixteen else VALUES_32BIT))
+    scales = {name: draw(st.sampled_from(choices)) for name, choices in VALUE_SCALES.items()}
+    layout = draw(st.sampled_from(LAYOUT_CHOICES))
+    if values != "normal":
+        from harness.case import VALUE_SCALE_DEFAULTS
+
+        chosen = scales[values]
+        if chosen is not None and _value_scale_fits(values, chosen, fields["dtype"]):
+            out.update(values=values, value_scale=chosen)
+        elif _value_scale_fits(values, VALUE_SCALE_DEFAULTS[values], fields["dtype"]):
+            out["values"] = values  # the distribution's default parameter
+    entry = fields["entry"]
+    if layout == "packed-qkv" and entry in LAYOUT_ENTRIES[layout] and "packed" in feats:
+        # q, k and v of one buffer: the keys take the queries' lengths and heads.
+        out.update(heads_q=fields["heads_kv"], seqlen_k=fields["seqlen_q"])
+        if entry == "varlen":
+            out["seqlens_k"] = fields["seqlens_q"]
+    if layout != "contiguous":
+        feature = LAYOUT_FEATURES[layout]
+        if feature not in feats or (layout in LAYOUT_ENTRIES
+                                    and entry not in LAYOUT_ENTRIES[layout]) \
+                or (fields.get("paged_block_size") and layout != "strided"):
+            layout = "contiguous"
+    if layout != "contiguous":
+        out["layout"] = layout
+    return out
+
+
+#: fp8 fixed scales as headroom factors: the scale maps 4 (about the largest |N(0, 1)| draw of
+#: a tensor) to ``max * headroom`` of the format. 1 fills the range; below 1 saturates (1/64:
+#: nearly everything clamps to +-max); above 1 pushes small values into subnormals.
+FP8_HEADROOM = (1.0, 0.25, 4.0, 1.0 / 64, 16.0)
+#: Largest finite value of each fp8 format (torch.finfo).
+FP8_MAX = {"float8_e4m3fn": 448.0, "float8_e4m3fnuz": 240.0, "float8_e5m2": 57344.0}
+
+
+def _fp8_fields(draw, fields) -> dict:
+    """fp8 scaling (issue 14), drawn every time and kept for fp8 dtypes only: amax scaling per
+    tensor first (shrinking moves there), per head, or fixed scales near the format's limits
+    (saturating, filling the range, reaching subnormals), one headroom per tensor. fp8 cases are
+    forward-only attention without dropout, on contiguous or strided tensors."""
+    recipe = draw(st.sampled_from(("per-tensor", "per-head", "fixed")))
+    headroom = [draw(st.sampled_from(FP8_HEADROOM)) for _ in "qkv"]
+    if fields["dtype"] not in FP8_DTYPES:
+        return {}
+    out: dict = {"dropout_p": 0.0}
+    if fields.get("layout", "contiguous") not in ("contiguous", "strided"):
+        out["layout"] = "contiguous"
+    if recipe == "per-head":
+        out["fp8_recipe"] = "per-head"
+    elif recipe == "fixed":
+        fmax = FP8_MAX[fields["dtype"]]
+        out["fp8_scales"] = tuple(float(f"{4.0 / (fmax * h):.3g}") for h in headroom)
+    return out
+
+
+#: feature -> the field values that turn it off (see :func:`without_vacuous`).
+FEATURE_OFF = {"causal": {"causal": False}, "window": {"window": (-1, -1)},
+               "scale": {"scale": None}, "softcap": {"softcap": 0.0},
+               "alibi": {"alibi": False, "alibi_slopes": "standard"},
+               "strided": {"layout": "contiguous"}, "v-transposed": {"layout": "contiguous"},
+               "dout-strided": {"layout": "contiguous"}}
+
+
+def without_vacuous(case: Case) -> Case:
+    """``case`` with the features :func:`vacuous_features` finds turned off (twice: turning
+    causal off can leave a window that is vacuous in turn)."""
+    for _ in range(2):
+        changes: dict = {}
+        for feature in vacuous_features(case):
+            changes.update(FEATURE_OFF.get(feature, {}))
+        if not changes:
+            break
+        if changes.get("causal") is False and case.window[1] == 0 and "window" not in changes:
+            changes["window"] = (case.window[0], -1) if case.window[0] >= 0 else (-1, -1)
+        case = case.replace(**changes)
+    return case
+
+
+def _value_scale_fits(values: str, scale: float, dtype: str) -> bool:
+    from harness.case import DTYPE_MAX
+
+    return values not in ("scaled", "large") or 8 * scale <= DTYPE_MAX.get(dtype, math.inf)
+
+
+# ------------------------------------------------------------------------- vacuous features
+
+
+def typical_score(case: Case) -> float:
+    """A static estimate of the largest |score| (after the softmax scale) of the case's values:
+    about 4 standard deviations of ``scale * q . k`` for N(0, 1) q and k, moved by the values
+    distribution (scaled/large multiply it by the factor squared, flat by the factor, key-bias
+    and sink add their score shift)."""
+    scale = case.scale if case.scale is not None else 1.0 / math.sqrt(case.head_dim)
+    base = 4.0 * scale * math.sqrt(case.head_dim)
+    t = case.value_scale_used
+    if case.values in ("scaled", "large"):
+        return base * t * t
+    if case.values == "flat":
+        return base * t
+    if case.values in ("key-bias", "sink"):
+        return base + t
+    return base
+
+
+def max_visible_keys(seqlen_q: int, seqlen_k: int, left: int, right: int) -> int:
+    """The most keys any query row sees under the bottom-right aligned window, in O(1): the
+    count is concave piecewise linear in the row, so its maximum is at an end or a corner."""
+    if seqlen_q <= 0 or seqlen_k <= 0:
+        return 0
+    off = seqlen_k - seqlen_q
+    candidates = {0, seqlen_q - 1}
+    if right >= 0:
+        candidates.add(seqlen_k - 1 - off - right)
+    if left >= 0:
+        candidates.add(left - off)
+    best = 0
+    for i in candidates:
+        i = min(max(i, 0), seqlen_q - 1)
+        hi = seqlen_k - 1 if right < 0 else min(seqlen_k - 1, i + off + right)
+        lo = 0 if left < 0 else max(0, i + off - left)
+        best = max(best, hi - lo + 1)
+    return best
+
+
+def vacuous_features(case: Case) -> list[str]:
+    """The features ``case`` turns on that cannot change its output, by a cheap static rule
+    each (no tensors): causal or a window that hides no key; scale or ALiBi where no row sees
+    two keys; softcap more than 4x the largest score (``typical_score``; tanh then moves the
+    scores by under 1/48 of their size, at most about 2% of a logit); ``strided``/
+    ``v-transposed``/``dout-strided`` whose strides coincide with the contiguous ones (one
+    sequence and one head)."""
+    out: list[str] = []
+    lengths = [pair for pair, _ in case.length_counts()]
+    left, right = case.mask_window
+    feats = case.features
+
+    def hides_keys(lo: int, hi: int, lo0: int, hi0: int) -> bool:
+        return any(attended_pairs(sq, sk, lo, hi) != attended_pairs(sq, sk, lo0, hi0)
+                   for sq, sk in lengths)
+
+    if "causal" in feats and not hides_keys(left, right, left, -1):
+        out.append("causal")
+    if "window" in feats:
+        right0 = 0 if case.causal else -1
+        if not hides_keys(left, right, -1, right0):
+            out.append("window")
+    visible = max((max_visible_keys(sq, sk, left, right) for sq, sk in lengths), default=0)
+    if "scale" in feats and visible <= 1:
+        out.append("scale")
+    if "alibi" in feats and visible <= 1:
+        out.append("alibi")
+    if "softcap" in feats and case.softcap > 4 * typical_score(case):
+        out.append("softcap")
+    one_sequence = case.batch == 1 or case.entry == "varlen"
+    if "strided" in feats and one_sequence and case.heads_q == 1 and case.heads_kv == 1:
+        out.append("strided")
+    if "v-transposed" in feats and one_sequence and case.heads_kv == 1:
+        out.append("v-transposed")
+    if "dout-strided" in feats and one_sequence and case.heads_q == 1:
+        out.append("dout-strided")
+    return out
 
 
 def _assume_not(condition: bool) -> None:
@@ -153,6 +414,86 @@ def _entry_fields(draw, entry, batch, seqlen_q, seqlen_k, caps) -> dict:
     return out
 
 
+#: Split counts drawn for ``num_splits`` (0 = the kernel's heuristic first, so shrinking
+#: reaches it; 1 forces the non-split path, the others split the keys).
+SPLITS = (0, 1, 3, 8)
+
+
+def _cache_fields(draw, case: Case, caps: Capabilities) -> Case:
+    """The kv-cache call's extras (issue 13), drawn every time after the case is fitted, each
+    kept only when the backend claims its feature and it applies: appends (1-16 new tokens),
+    rotary (half or all of head_dim, multiples of 16 as flash-attn's test draws them, both
+    styles), leftpad, batch-idx, forced splits, random or per-batch ALiBi slopes, and paged
+    KV through the varlen entry point; half the appends are a decode step (one query, one new
+    token; with GQA the decode the issue names). Off is drawn first, so shrinking turns each
+    off."""
+    feats = caps.features
+    append, new = draw(st.booleans()), draw(st.integers(1, 16))
+    decode_step = draw(st.booleans())  # one query appending one token: the serving decode step
+    rotary = draw(st.booleans())
+    rotary_fraction = draw(st.sampled_from((1.0, 0.5)))
+    interleaved = draw(st.booleans())
+    leftpad = draw(st.booleans())
+    pads = draw(st.lists(st.integers(0, 1 << 16), min_size=3, max_size=3))  # kvcache batch <= 3
+    batch_idx = draw(st.booleans())
+    splits = draw(st.sampled_from(SPLITS))
+    slopes = draw(st.sampled_from(("standard", "random", "random-per-batch")))
+    varlen_paged = draw(st.booleans())
+    block = draw(st.sampled_from((16, 64, 256)))
+    changes: dict = {}
+    if case.alibi and slopes != "standard":
+        per_batch = slopes == "random-per-batch" and "alibi-per-batch" in feats
+        changes["alibi_slopes"] = "random-per-batch" if per_batch else "random"
+    if case.entry == "varlen" and varlen_paged and "paged" in feats:
+        multiple = max(1, caps.paged_block_multiple)
+        changes["paged_block_size"] = block if multiple == 1 else multiple
+    if case.entry == "kvcache":
+        if append and decode_step and "append" in feats:
+            case, new = case.replace(seqlen_q=1), 1
+        changes.update(_kvcache_changes(case, feats, append and min(new, case.seqlen_k),
+                                        rotary, rotary_fraction, interleaved,
+                                        pads if leftpad else None, batch_idx))
+        if splits and "splits" in feats:
+            changes["num_splits"] = splits
+    if not changes:
+        return case
+    try:
+        return case.replace(**changes)
+    except InvalidCase:  # pragma: no cover - the rules above keep every change valid
+        return case
+
+
+def _kvcache_changes(case: Case, feats, new: int, rotary: bool, fraction: float,
+                     interleaved: bool, pads, batch_idx: bool) -> dict:
+    out: dict = {}
+    cap = case.seqlen_k
+    lengths = list(case.seqlens_k) if case.seqlens_k is not None else None
+    if new and "append" in feats:
+        out["seqlen_new"] = new
+        rotary_dim = int(fraction * case.head_dim) // 16 * 16
+        use_rotary = rotary and "rotary" in feats and rotary_dim > 0
+        # Causal/local rotary reads cos/sin rows up to cache_seqlens + seqlen_q - 1.
+        masked = case.has_mask and use_rotary
+        room = cap - (max(new, case.seqlen_q) if masked else new)
+        if room < 0:
+            use_rotary, room = False, cap - new
+        if lengths is not None:
+            lengths = [min(n, room) for n in lengths]
+        elif room < cap - new:
+            lengths = [room] * case.batch
+        if use_rotary:
+            out.update(rotary_dim=rotary_dim, rotary_interleaved=interleaved)
+    if lengths is not None:
+        out["seqlens_k"] = tuple(lengths)
+    if pads is not None and "leftpad" in feats:
+        current = case.replace(**out).cache_lengths() if out else case.cache_lengths()
+        out["cache_leftpad"] = tuple(pads[b % len(pads)] % (n + 1)
+                                     for b, n in enumerate(current))
+    if batch_idx and "batch-idx" in feats:
+        out["cache_batch_idx"] = True
+    return out
+
+
 def _feature_fields(draw, feats, fields) -> dict:
     """Features, each drawn every time (off first, so shrinking turns them off) and kept only
     when the backend claims it."""
@@ -163,7 +504,6 @@ def _feature_fields(draw, feats, fields) -> dict:
     softcap = draw(st.sampled_from((0.0, 0.5, 1.0, 2.5, 5.0)))
     alibi = draw(st.booleans())
     scale = draw(st.sampled_from((None, 0.05, 0.3, 1.0)))
-    layout = draw(st.sampled_from(("contiguous", "strided")))
     dropout_p = draw(st.sampled_from((0.0,) * 8 + (0.17, 0.3)))
     if "causal" in feats and causal:
         out["causal"] = True
@@ -178,8 +518,6 @@ def _feature_fields(draw, feats, fields) -> dict:
         out["alibi"] = True
     if "scale" in feats and scale is not None:
         out["scale"] = scale
-    if "strided" in feats:
-        out["layout"] = layout
     if "dropout" in feats and dropout_p and fields["entry"] != "kvcache":
         out["dropout_p"] = dropout_p
     return out

@@ -163,3 +163,39 @@ def test_rows_without_keys_matches_the_mask_row_by_row():
     varlen = Case(entry="varlen", batch=2, seqlen_q=4, seqlen_k=4, seqlens_q=(4, 2),
                   seqlens_k=(4, 0))
     assert varlen.rows_without_keys
+
+
+def test_dense_cases_are_constant_time_in_batch():
+    """A billion sequences of a million tokens: constructed, counted and planned (skipped with
+    its memory estimate) at once, without walking the batch (issue 11)."""
+    import time
+
+    from harness.backends import load_backend
+    from harness.dispatch import plan
+    from harness.target import from_facts
+
+    cpu = from_facts({"machine": "x86_64", "device_count": 0, "system_memory_bytes": 16 << 30})
+    backend = load_backend("sdpa-flash")
+    start = time.perf_counter()
+    case = Case(batch=1_000_000_000, seqlen_q=1_000_000, seqlen_k=1_000_000, causal=True)
+    assert case.total_q == case.total_k == 10**15
+    assert case.attended_pairs() == 10**9 * (10**6 * (10**6 + 1) // 2)
+    assert case.features == {"causal"} and not case.rows_without_keys
+    the_plan = plan(case, backend, cpu, ("fwd", "bwd"))
+    assert the_plan.run == () and "GiB" in the_plan.skips["fwd"]
+    assert time.perf_counter() - start < 0.5
+
+
+def test_length_counts_keep_per_sequence_lengths():
+    varlen = Case(entry="varlen", batch=3, seqlens_q=(17, 0, 64), seqlens_k=(33, 12, 60),
+                  causal=True)
+    assert varlen.sequence_lengths() == [(17, 33), (0, 12), (64, 60)]
+    assert varlen.total_q == 81 and varlen.total_k == 105
+    assert "seqlen_q>seqlen_k" in varlen.features
+    cache = Case(entry="kvcache", batch=2, seqlen_q=4, seqlen_k=64, seqlens_k=(0, 40),
+                 causal=True)
+    assert cache.sequence_lengths() == [(4, 0), (4, 40)]
+    assert cache.rows_without_keys  # the first sequence has no keys
+    assert cache.attended_pairs() == attended_pairs(4, 40, -1, 0)
+    dense = Case(batch=3, seqlen_q=5, seqlen_k=7)
+    assert dense.sequence_lengths() == [(5, 7)] * 3 and dense.total_q == 15

@@ -29,6 +29,8 @@ _NO_SOFTCAP = "softcap is not a parameter of SDPA"
 _NO_PAGED = "SDPA has no paged kv-cache"
 _NONDETERMINISTIC_BWD = ("torch's GPU SDPA kernels take no deterministic flag; their dq differed "
                          "between identical runs on an H200 (torch 2.11)")
+_FUSED_LASTDIM = ("torch's fused SDPA kernels require the last dimension to have stride 1 "
+                  "(only sdpa-math takes lastdim-strided)")
 _NO_MASK_CUDA = "{name} takes no attn_mask on GPUs, so {feature} cannot be expressed"
 
 
@@ -120,6 +122,9 @@ class SdpaBackend(Backend):
                                   "gqa": "this torch has no enable_gqa (torch >= 2.5)"})
         if self.name == "sdpa-math":
             return caps
+        # torch: "All fused kernels require the last dimension of the input to have stride 1"
+        caps = replace(caps, features=caps.features - {"lastdim-strided"},
+                       notes={**caps.notes, "lastdim-strided": _FUSED_LASTDIM})
         if self.device_type == "cpu":
             if self.name == "sdpa-flash":
                 return replace(caps, features=caps.features - {"dropout"},
@@ -235,3 +240,9 @@ def attn_mask(case: Case, slopes, dtype, device):
     bias = -slopes.view(1, -1, 1, 1).float() * rel.abs().float()
     bias = bias.masked_fill(~visible, -math.inf)
     return bias.to(dtype)
+
+
+def machine_facts(hip: str) -> dict[str, str]:
+    """SDPA's contribution to the machine fingerprint: on ROCm, the library serving its flash
+    and efficient kernels (:func:`rocm_fa_library`, key ``sdpa_rocm_library``)."""
+    return {"sdpa_rocm_library": rocm_fa_library()} if hip else {}

@@ -1,0 +1,671 @@
+"""Module backends (``FAMILY@TARGET``) and every family's call convention, on the CPU.
+
+The fakes in ``tests/fixtures/fakes`` imitate each family's API with its real signatures, record
+every call exactly as made, and answer with exact attention in the family's own return and lse
+conventions. So each test checks two things: the recorded call (positional and keyword
+arguments, layouts) and, through the harness's forward check, that the translated result is
+right. FlexAttention also runs for real (compiled by torch on this CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.backends import (
+    BUILTIN,
+    FAMILIES,
+    family_listing,
+    known_backends,
+    load_backend,
+    machine_facts,
+    spec_problem,
+)
+from harness.backends.aiter_fa import window_argument
+from harness.backends.flash_attn import FLAVOR_CAPABILITIES, FlashAttnBackend, detect_flavor
+from harness.backends.flex import lse_request, unpack
+from harness.case import Case
+from harness.checks import CaseRun
+from harness.errors import UsageError
+from harness.inputs import make_inputs
+from harness.profile import get_profile
+from harness.target import from_facts
+
+FAKES = Path(__file__).parent / "fixtures" / "fakes"
+CPU = from_facts({"machine": "x86_64", "device_count": 0})
+H100 = from_facts({"torch_version_cuda": "12.4", "device_count": 1, "device_name": "NVIDIA H100",
+                   "capability": [9, 0]})
+A100 = from_facts({"torch_version_cuda": "12.4", "device_count": 1, "device_name": "NVIDIA A100",
+                   "capability": [8, 0]})
+
+
+def fake(family: str, name: str):
+    """The backend ``family@tests/fixtures/fakes/<name>.py`` with its recorder cleared."""
+    backend = load_backend(f"{family}@{FAKES / name}.py")
+    backend.module.CALLS.clear()
+    return backend
+
+
+def fwd(case: Case, backend):
+    run = CaseRun(case, backend, CPU, seed=0, profile=get_profile("quick"), device="cpu")
+    return run.run("fwd")
+
+
+def calls(backend, name=None):
+    return [c for c in backend.module.CALLS.calls if name is None or c[0] == name]
+
+
+# ------------------------------------------------------------------- specs and listing
+
+
+def test_every_family_is_known_and_listed():
+    names = known_backends()
+    for family in FAMILIES:
+        if family == "sdpa":
+            assert {"sdpa-math", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn"} <= set(names)
+        else:
+            assert family in names and family in BUILTIN
+    assert names[:5] == ["flash-attn", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math"]
+    assert [row["family"] for row in family_listing()] == list(FAMILIES)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nope@x", "unknown family 'nope'"),
+    ("flash-attn@", "empty target after '@'"),
+    ("flash-attn@no_such_module_for_the_harness", "no such module 'no_such_module_for_the_"
+                                                   "harness'"),
+    ("flash-attn@missing/dir/fa.py", "no such file missing/dir/fa.py"),
+    ("sdpa@torch", "family 'sdpa' takes no module target"),
+])
+def test_bad_module_specs_are_one_line_usage_errors(spec, message):
+    with pytest.raises(UsageError) as info:
+        load_backend(spec)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert message in spec_problem(spec)
+
+
+def test_import_failures_name_the_first_line(tmp_path):
+    broken = tmp_path / "broken_fa.py"
+    broken.write_text("raise RuntimeError('boom\\nsecond line')\n")
+    with pytest.raises(UsageError) as info:
+        load_backend(f"flash-attn@{broken}")
+    assert str(info.value) == f"--backend flash-attn@{broken}: importing {broken} failed: " \
+                              "RuntimeError: boom"
+    dep = tmp_path / "needs_dep.py"
+    dep.write_text("import a_dependency_nobody_has\n")
+    with pytest.raises(UsageError) as info:
+        load_backend(f"flash-attn@{dep}")
+    assert "ModuleNotFoundError: No module named 'a_dependency_nobody_has'" in str(info.value)
+
+
+def test_a_module_name_that_imports_a_missing_dependency_is_not_no_such_module(tmp_path,
+                                                                              monkeypatch):
+    (tmp_path / "fa_with_dep.py").write_text("import a_dependency_nobody_has\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UsageError) as info:
+        load_backend("flash-attn@fa_with_dep")
+    assert "importing fa_with_dep failed: ModuleNotFoundError" in str(info.value)
+    assert spec_problem("flash-attn@fa_with_dep") == ""  # nothing heavy is imported to say so
+
+
+# ------------------------------------------------------ module backends: subsets, narrowing
+
+
+def _module(tmp_path, monkeypatch, name: str, body: str):
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(body))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return load_backend(f"flash-attn@{name}")
+
+
+def test_missing_entry_points_are_skips_with_the_function_name(tmp_path, monkeypatch):
+    backend = _module(tmp_path, monkeypatch, "dense_only_fa", """
+        def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
+                            window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                            deterministic=False, return_attn_probs=False):
+            return q
+        """)
+    assert backend.describe() == {"name": "flash-attn@dense_only_fa", "family": "flash-attn",
+                                  "flavor": "module", "version": ""}
+    assert backend.capabilities.entries == {"dense"}
+    varlen = Case(entry="varlen", batch=2, seqlens_q=(3, 4), seqlens_k=(3, 4), heads_q=1,
+                  head_dim=16)
+    why = "flash-attn@dense_only_fa has no flash_attn_varlen_func (the varlen entry point)"
+    assert backend.call_reasons(varlen, CPU) == [why]
+    assert backend.unsupported_reasons(varlen, CPU) == [why]
+
+
+def test_a_function_without_a_keyword_cannot_be_asked_for_its_feature(tmp_path, monkeypatch):
+    backend = _module(tmp_path, monkeypatch, "old_fa", """
+        def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
+                            return_attn_probs=False):
+            return q
+        """)
+    case = Case(batch=1, seqlen_q=8, heads_q=1, head_dim=16, softcap=3.0)
+    assert backend.call_reasons(case, CPU) == [
+        "flash-attn@old_fa: flash_attn_func takes no softcap argument, which softcap needs"]
+
+
+def test_declared_capabilities_narrow_and_never_widen(tmp_path, monkeypatch):
+    backend = _module(tmp_path, monkeypatch, "narrow_fa", """
+        ATTN_HARNESS_CAPABILITIES = {"dtypes": ["float32"], "features": ["causal", "gqa"],
+                                     "head_dim_max": 64, "backward": False,
+                                     "entries": ["dense", "varlen", "kvcache"]}
+        def flash_attn_func(q, k, v, **kwargs):
+            return q
+        """)
+    caps = backend.capabilities
+    assert caps.dtypes == {"float32"} and caps.features == {"causal", "gqa"}
+    assert caps.head_dim_max == 64 and caps.backward is False
+    assert caps.entries == {"dense"}, "declaring an entry point does not create its function"
+    case = Case(batch=1, seqlen_q=8, heads_q=1, head_dim=128, dtype="float16", window=(2, 2))
+    assert backend.unsupported_reasons(case, CPU) == [
+        "dtype=float16 is not supported by flash-attn@narrow_fa (float32)",
+        "head_dim=128 > 64",
+        "window is not claimed by flash-attn@narrow_fa (ATTN_HARNESS_CAPABILITIES)"]
+
+
+def test_bad_declared_capabilities_are_usage_errors(tmp_path, monkeypatch):
+    with pytest.raises(UsageError, match="unknown capability 'head_dim'"):
+        _module(tmp_path, monkeypatch, "bad_caps_fa", """
+            ATTN_HARNESS_CAPABILITIES = {"head_dim": 64}
+            def flash_attn_func(q, k, v):
+                return q
+            """)
+
+
+def test_a_module_may_declare_the_flavor_it_imitates(tmp_path, monkeypatch):
+    backend = _module(tmp_path, monkeypatch, "ck_like_fa", """
+        ATTN_HARNESS_FLAVOR = "rocm-ck"
+        def flash_attn_func(q, k, v, **kwargs):
+            return q
+        """)
+    assert backend.flavor == "rocm-ck"
+    case = Case(batch=1, seqlen_q=8, heads_q=1, head_dim=16, softcap=3.0)
+    assert "softcap is accepted and silently ignored by rocm-ck" in \
+        backend.unsupported_reasons(case, CPU)[0]
+
+
+def test_module_backends_run_on_the_cpu_but_the_installed_build_does_not():
+    module = fake("flash-attn", "fake_flash_attn2")
+    case = Case(batch=1, seqlen_q=8, heads_q=1, head_dim=16, dtype="float16")
+    assert module.availability() is None and module.call_reasons(case, CPU) == []
+    installed = FlashAttnBackend()
+    if installed.module is not None:  # pragma: no cover - flash-attn is not installed here
+        assert installed.availability().startswith("no GPU here")
+    else:
+        assert installed.availability() == ("flash-attn is not installed "
+                                             "(pip install 'attn-harness[flash-attn]')")
+    assert installed.call_reasons(case, CPU) == ["flash-attn does not run on cpu (runs on cuda)"]
+
+
+# ---------------------------------------------------------------- flash-attn (2.x) family
+
+
+def test_flash_attn_dense_call():
+    backend = fake("flash-attn", "fake_flash_attn2")
+    case = Case(batch=2, seqlen_q=33, seqlen_k=47, heads_q=4, heads_kv=2, head_dim=32,
+                dtype="float16", causal=True, alibi=True, scale=0.3)
+    verdict = fwd(case, backend)
+    assert verdict.status == "pass", verdict.reason
+    name, args, kwargs = calls(backend)[0]
+    assert name == "flash_attn_func" and len(args) == 3
+    assert [a.shape for a in args] == [(2, 33, 4, 32), (2, 47, 2, 32), (2, 47, 2, 32)]
+    assert set(kwargs) == {"softmax_scale", "causal", "window_size", "softcap", "alibi_slopes",
+                           "dropout_p", "deterministic", "return_attn_probs"}
+    assert kwargs["return_attn_probs"] is True and kwargs["deterministic"] is True
+    assert verdict.metrics["lse"]["mismatched"] == 0
+
+
+def test_flash_attn_varlen_positional_order_and_lse_layout():
+    backend = fake("flash-attn", "fake_flash_attn2")
+    case = Case(entry="varlen", batch=3, seqlens_q=(5, 0, 17), seqlens_k=(9, 4, 17), heads_q=4,
+                heads_kv=1, head_dim=32, dtype="float16", causal=True)
+    verdict = fwd(case, backend)
+    assert verdict.status == "pass", verdict.reason
+    name, args, kwargs = calls(backend)[0]
+    assert name == "flash_attn_varlen_func" and len(args) == 7
+    assert args[3].tolist() == [0, 5, 5, 22] and args[4].tolist() == [0, 9, 13, 30]
+    assert args[5:] == (17, 17) and "block_table" not in kwargs
+    assert verdict.metrics["lse"]["total"] == 4 * 22
+
+
+@pytest.mark.parametrize("entry, layout, function, n_args", [
+    ("dense", "packed-qkv", "flash_attn_qkvpacked_func", 1),
+    ("dense", "packed-kv", "flash_attn_kvpacked_func", 2),
+    ("varlen", "packed-qkv", "flash_attn_varlen_qkvpacked_func", 3),
+    ("varlen", "packed-kv", "flash_attn_varlen_kvpacked_func", 6),
+])
+def test_flash_attn_packed_layouts_use_the_packed_functions(entry, layout, function, n_args):
+    backend = fake("flash-attn", "fake_flash_attn2")
+    shape = dict(entry="varlen", seqlens_q=(6, 11), seqlens_k=(6, 11)) if entry == "varlen" \
+        else dict(seqlen_q=24, seqlen_k=24)
+    case = Case(batch=2, heads_q=2, head_dim=16, dtype="bfloat16", causal=True, layout=layout,
+                **shape)
+    verdict = fwd(case, backend)
+    assert verdict.status == "pass", verdict.reason
+    name, args, _ = calls(backend)[0]
+    assert name == function and len(args) == n_args
+    packed = args[0] if layout == "packed-qkv" else args[1]
+    assert packed.shape[-3] == (3 if layout == "packed-qkv" else 2)
+
+
+def test_flash_attn_packed_without_the_packed_function_uses_the_views(tmp_path, monkeypatch):
+    source = (FAKES / "fake_flash_attn2.py").read_text()
+    (tmp_path / "fa_no_packed.py").write_text(
+        source.replace("Path(__file__).parent", repr(str(FAKES)))
+        + "\ndel flash_attn_qkvpacked_func\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    backend = load_backend("flash-attn@fa_no_packed")
+    backend.module.CALLS.clear()
+    case = Case(batch=2, seqlen_q=24, heads_q=2, head_dim=16, dtype="float16", layout="packed-qkv")
+    assert fwd(case, backend).status == "pass"
+    assert calls(backend)[0][0] == "flash_attn_func"
+
+
+def test_flash_attn_paged_varlen_passes_pages_and_block_table():
+    backend = fake("flash-attn", "fake_flash_attn2")
+    case = Case(entry="varlen", batch=2, seqlens_q=(3, 5), seqlens_k=(40, 17), heads_q=2,
+                head_dim=16, dtype="float16", paged_block_size=16, causal=True)
+    inputs = make_inputs(case)
+    verdict = fwd(case, backend)
+    assert verdict.status == "pass", verdict.reason
+    name, args, kwargs = calls(backend)[0]
+    assert name == "flash_attn_varlen_func"
+    assert args[1].shape == inputs.k_pages.shape and torch.equal(args[1], inputs.k_pages)
+    assert torch.equal(kwargs["block_table"], inputs.block_table)
+
+
+def test_flash_attn_kvcache_append_writes_the_cache_in_place():
+    backend = fake("flash-attn", "fake_flash_attn2")
+    case = Case(entry="kvcache", batch=2, seqlen_q=2, seqlen_k=40, seqlens_k=(10, 20),
+                heads_q=4, heads_kv=2, head_dim=16, dtype="float32", seqlen_new=2, causal=True,
+                num_splits=3)
+    inputs = make_inputs(case)
+    before = inputs.k.clone()
+    outputs = backend.forward(inputs)
+    name, args, kwargs = calls(backend)[0]
+    assert name == "flash_attn_with_kvcache" and len(args) == 3 and args[1] is inputs.k
+    assert kwargs["k"] is inputs.k_new and kwargs["v"] is inputs.v_new
+    assert kwargs["num_splits"] == 3 and kwargs["return_softmax_lse"] is True
+    assert "rotary_interleaved" not in kwargs, "only passed when rotary is on"
+    assert torch.equal(inputs.k[0, 10:12], inputs.k_new[0]) and torch.equal(inputs.k[0, :10],
+                                                                            before[0, :10])
+    assert outputs.out.shape == inputs.q.shape and outputs.lse.shape == (2, 4, 2)
+
+
+def test_flash_attn_rotary_and_per_batch_alibi_reach_the_kernel():
+    backend = fake("flash-attn", "fake_flash_attn2")
+    case = Case(entry="kvcache", batch=2, seqlen_q=1, seqlen_k=64, seqlens_k=(10, 20),
+                heads_q=2, head_dim=32, dtype="float16", seqlen_new=1, rotary_dim=16,
+                rotary_interleaved=True, alibi=True, alibi_slopes="random-per-batch")
+    inputs = make_inputs(case)
+    backend.forward(inputs)
+    kwargs = calls(backend)[0][2]
+    assert kwargs["rotary_cos"] is inputs.rotary_cos and kwargs["rotary_sin"] is inputs.rotary_sin
+    assert kwargs["rotary_interleaved"] is True
+    assert kwargs["alibi_slopes"].shape == (2, 2)
+
+
+# ------------------------------------------------------------------------ flash-attn3
+
+
+@pytest.mark.parametrize("always_tuple", [False, True], ids=["out-or-tuple", "before-pr1851"])
+def test_fa3_both_return_conventions(always_tuple, monkeypatch):
+    backend = fake("flash-attn3", "fake_flash_attn3")
+    monkeypatch.setattr(backend.module, "ALWAYS_TUPLE", always_tuple)
+    case = Case(batch=2, seqlen_q=33, seqlen_k=47, heads_q=4, heads_kv=2, head_dim=32,
+                dtype="bfloat16", causal=True, window=(8, 0), softcap=4.0)
+    verdict = fwd(case, backend)
+    assert verdict.status == "pass", verdict.reason
+    assert verdict.metrics["lse"]["mismatched"] == 0
+    name, args, kwargs = calls(backend)[0]
+    assert name == "flash_attn_func" and len(args) == 3
+    assert set(kwargs) == {"softmax_scale", "causal", "window_size", "softcap", "deterministic",
+                           "return_attn_probs"}, "no dropout_p, no alibi_slopes"
+
+
+def test_fa3_has_no_dropout_or_alibi_and_no_paged_varlen():
+    backend = fake("flash-attn3", "fake_flash_attn3")
+    dropout = Case(batch=1, seqlen_q=8, heads_q=1, head_dim=16, dropout_p=0.1)
+    assert any("flash-attn3 has no dropout" in r for r in backend.unsupported_reasons(dropout, CPU))
+    alibi = dropout.replace(dropout_p=0.0, alibi=True)
+    assert any("flash-attn3 has no ALiBi" in r for r in backend.unsupported_reasons(alibi, CPU))
+    paged = Case(entry="varlen", batch=2, seqlens_q=(3, 5), seqlens_k=(40, 17), heads_q=2,
+                 head_dim=16, paged_block_size=16)
+    assert backend.call_reasons(paged, CPU) == [
+        f"flash-attn3@{FAKES}/fake_flash_attn3.py: flash_attn_varlen_func takes no page_table "
+        "argument, which paged needs"]
+
+
+def test_fa3_paged_kvcache_uses_page_table_of_any_block_size():
+    backend = fake("flash-attn3", "fake_flash_attn3")
+    case = Case(entry="kvcache", batch=2, seqlen_q=1, seqlen_k=50, seqlens_k=(50, 7),
+                heads_q=2, head_dim=16, dtype="float16", paged_block_size=5)
+    assert backend.unsupported_reasons(case, CPU) == []
+    verdict = fwd(case, backend)
+    assert verdict.status == "pass", verdict.reason
+    kwargs = calls(backend)[0][2]
+    assert "page_table" in kwargs and "block_table" not in kwargs
+
+
+def test_fa3_varlen_and_arch():
+    backend = fake("flash-attn3", "fake_flash_attn3")
+    case = Case(entry="varlen", batch=3, seqlens_q=(5, 1, 17), seqlens_k=(9, 4, 17), heads_q=4,
+                heads_kv=1, head_dim=32, dtype="float16", causal=True)
+    assert fwd(case, backend).status == "pass"
+    assert len(calls(backend)[0][1]) == 7
+    installed = load_backend("flash-attn3")
+    installed.flavor = "cuda"  # describe the Hopper build, installed or not
+    assert installed.unsupported_reasons(case.replace(), A100)[0] == (
+        "sm_80 is not Hopper (sm_90), which flash-attn3 needs (hopper/README.md)")
+    assert not any("Hopper" in r for r in installed.unsupported_reasons(case, H100))
+
+
+# ------------------------------------------------------------------------------ aiter
+
+
+def test_aiter_window_is_a_triple_and_deterministic_is_explicit():
+    backend = fake("aiter", "fake_aiter")
+    case = Case(batch=2, seqlen_q=40, seqlen_k=64, heads_q=4, heads_kv=2, head_dim=32,
+                dtype="float16", window=(7, 3), alibi=True)
+    verdict = fwd(case, backend)
+    assert verdict.status == "pass", verdict.reason
+    name, args, kwargs = calls(backend)[0]
+    assert name == "flash_attn_func" and len(args) == 3
+    assert kwargs["window_size"] == (7, 3, 0)
+    assert kwargs["deterministic"] is True and kwargs["return_lse"] is True
+    assert verdict.metrics["lse"]["mismatched"] == 0
+
+
+def test_aiter_softcap_is_logits_soft_cap_in_varlen_only():
+    backend = fake("aiter", "fake_aiter")
+    varlen = Case(entry="varlen", batch=2, seqlens_q=(6, 10), seqlens_k=(12, 5), heads_q=2,
+                  head_dim=32, dtype="bfloat16", softcap=5.0, causal=True)
+    verdict = fwd(varlen, backend)
+    assert verdict.status == "pass", verdict.reason
+    assert calls(backend)[0][2]["logits_soft_cap"] == 5.0
+    dense = Case(batch=1, seqlen_q=8, heads_q=1, head_dim=16, softcap=5.0)
+    assert backend.call_reasons(dense, CPU) == [
+        f"aiter@{FAKES}/fake_aiter.py: flash_attn_func takes no logits_soft_cap or softcap "
+        "argument, which softcap needs"]
+
+
+def test_aiter_has_no_kvcache_and_paged_varlen_takes_block_table():
+    backend = fake("aiter", "fake_aiter")
+    kv = Case(entry="kvcache", batch=1, seqlen_q=1, seqlen_k=8, heads_q=1, head_dim=16)
+    assert backend.call_reasons(kv, CPU) == [f"aiter@{FAKES}/fake_aiter.py has no kvcache entry "
+                                             "point"]
+    paged = Case(entry="varlen", batch=2, seqlens_q=(3, 5), seqlens_k=(40, 17), heads_q=2,
+                 head_dim=16, dtype="float16", paged_block_size=16)
+    assert fwd(paged, backend).status == "pass"
+    assert "block_table" in calls(backend)[0][2]
+
+
+def test_aiter_window_argument_follows_the_signature():
+    assert window_argument((4, 0), (-1, -1, 0)) == (4, 0, 0)
+    assert window_argument((4, 0), (-1, -1)) == (4, 0)
+
+
+# ------------------------------------------------------------------------------- vLLM
+
+
+def test_vllm_max_seqlen_q_comes_before_cu_seqlens_q():
+    backend = fake("vllm-flash-attn", "fake_vllm")
+    case = Case(entry="varlen", batch=3, seqlens_q=(5, 1, 17), seqlens_k=(9, 4, 17), heads_q=4,
+                heads_kv=2, head_dim=32, dtype="float16", causal=True)
+    verdict = fwd(case, backend)
+    assert verdict.status == "pass", verdict.reason
+    name, args, kwargs = calls(backend)[0]
+    assert name == "flash_attn_varlen_func" and len(args) == 6
+    assert args[3] == 17 and args[4].tolist() == [0, 5, 6, 23] and args[5] == 17
+    assert kwargs["cu_seqlens_k"].tolist() == [0, 9, 13, 30] and "seqused_k" not in kwargs
+    assert kwargs["return_softmax_lse"] is True
+
+
+def test_vllm_paged_varlen_uses_seqused_k():
+    backend = fake("vllm-flash-attn", "fake_vllm")
+    case = Case(entry="varlen", batch=2, seqlens_q=(3, 5), seqlens_k=(40, 17), heads_q=2,
+                head_dim=16, dtype="bfloat16", paged_block_size=16)
+    verdict = fwd(case, backend)
+    assert verdict.status == "pass", verdict.reason
+    kwargs = calls(backend)[0][2]
+    assert kwargs["cu_seqlens_k"] is None and kwargs["seqused_k"].tolist() == [40, 17]
+    assert kwargs["seqused_k"].dtype == torch.int32 and "block_table" in kwargs
+
+
+def test_vllm_is_inference_only_without_dense():
+    backend = fake("vllm-flash-attn", "fake_vllm")
+    assert backend.capabilities.backward is False and "dense" not in backend.capabilities.entries
+    dense = Case(batch=1, seqlen_q=8, heads_q=1, head_dim=16)
+    assert backend.call_reasons(dense, CPU) == [
+        f"vllm-flash-attn@{FAKES}/fake_vllm.py has no dense entry point"]
+
+
+# ---------------------------------------------------------------------------- xformers
+
+
+def test_xformers_bottom_right_causal_mask_object():
+    backend = fake("xformers", "fake_xformers")
+    case = Case(batch=2, seqlen_q=20, seqlen_k=50, heads_q=4, head_dim=32, dtype="float16",
+                causal=True, scale=0.2)
+    verdict = fwd(case, backend)
+    assert verdict.status == "pass", verdict.reason
+    _, args, kwargs = calls(backend)[0]
+    assert type(kwargs["attn_bias"]).__name__ == "LowerTriangularFromBottomRightMask"
+    assert kwargs["scale"] == 0.2 and args[0].shape == (2, 20, 4, 32)
+
+
+def test_xformers_gqa_goes_in_as_bmghk():
+    backend = fake("xformers", "fake_xformers")
+    case = Case(batch=2, seqlen_q=16, seqlen_k=24, heads_q=8, heads_kv=2, head_dim=16,
+                dtype="float32")
+    verdict = fwd(case, backend)
+    assert verdict.status == "pass", verdict.reason
+    q, k, _ = calls(backend)[0][1]
+    assert q.shape == (2, 16, 2, 4, 16) and k.shape == (2, 24, 2, 4, 16)
+    assert k.stride(3) == 0, "k is expanded over the heads of a group, not copied"
+
+
+def test_xformers_varlen_block_diagonal_from_bottom_right():
+    backend = fake("xformers", "fake_xformers")
+    case = Case(entry="varlen", batch=3, seqlens_q=(5, 2, 17), seqlens_k=(9, 4, 17), heads_q=2,
+                head_dim=32, dtype="bfloat16", causal=True)
+    verdict = fwd(case, backend)
+    assert verdict.status == "pass", verdict.reason
+    _, args, kwargs = calls(backend)[0]
+    bias = kwargs["attn_bias"]
+    assert type(bias).__name__ == "BlockDiagonalCausalFromBottomRightMask"
+    assert (bias.q_seqlen, bias.kv_seqlen) == ([5, 2, 17], [9, 4, 17])
+    assert args[0].shape == (1, 24, 2, 32)
+
+
+def test_xformers_window_and_alibi_are_an_aligned_tensor_bias():
+    backend = fake("xformers", "fake_xformers")
+    case = Case(batch=1, seqlen_q=30, seqlen_k=45, heads_q=2, head_dim=16, dtype="float32",
+                window=(6, 2), alibi=True)
+    verdict = fwd(case, backend)
+    assert verdict.status == "pass", verdict.reason
+    bias = calls(backend)[0][2]["attn_bias"]
+    assert bias.shape == (1, 2, 30, 45) and bias.stride(-2) % 8 == 0
+    softcap = case.replace(softcap=2.0, alibi=False)
+    assert "memory_efficient_attention has no softcap" in backend.unsupported_reasons(softcap,
+                                                                                     CPU)
+
+
+# ------------------------------------------------------------------------ flex-attention
+
+
+def test_flex_fake_block_mask_score_mod_and_return_lse():
+    backend = fake("flex-attention", "fake_flex")
+    case = Case(batch=2, seqlen_q=40, seqlen_k=24, heads_q=4, heads_kv=2, head_dim=16,
+                dtype="float32", causal=True, softcap=3.0, alibi=True)
+    verdict = fwd(case, backend)
+    assert verdict.status == "pass", verdict.reason
+    (mask_call,) = calls(backend, "create_block_mask")
+    assert mask_call[1][1:] == (None, None, 40, 24)
+    _, args, kwargs = calls(backend, "flex_attention")[0]
+    assert args[0].shape == (2, 4, 40, 16) and args[1].shape == (2, 2, 24, 16), "BHSD"
+    assert kwargs["enable_gqa"] is True and kwargs["return_lse"] is True
+    assert kwargs["score_mod"] is not None
+    assert verdict.metrics["lse"]["mismatched"] == 0
+
+
+def test_flex_fake_varlen_document_mask_and_lse_layout():
+    backend = fake("flex-attention", "fake_flex")
+    case = Case(entry="varlen", batch=3, seqlens_q=(5, 0, 17), seqlens_k=(9, 4, 11), heads_q=2,
+                head_dim=16, dtype="float32", window=(3, 1), alibi=True,
+                alibi_slopes="random-per-batch")
+    verdict = fwd(case, backend)
+    assert verdict.status == "pass", verdict.reason
+    args = calls(backend, "flex_attention")[0][1]
+    assert args[0].shape == (1, 2, 22, 16)
+    assert verdict.metrics["lse"]["mismatched"] == 0, "(1, H, total) came back as (H, total)"
+
+
+def test_flex_lse_request_follows_the_torch_api():
+    def new(q, k, v, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
+            return_lse=False, kernel_options=None, *, return_aux=None):
+        return q
+
+    class AuxRequest:
+        def __init__(self, lse=False):
+            self.lse = lse
+
+    newer = types.SimpleNamespace(flex_attention=new, AuxRequest=AuxRequest)
+    request = lse_request(newer)
+    assert list(request) == ["return_aux"] and request["return_aux"].lse is True
+    older = types.SimpleNamespace(flex_attention=lambda q, k, v, return_lse=False: q)
+    assert lse_request(older) == {"return_lse": True}
+    out, lse = object(), object()
+    assert unpack((out, types.SimpleNamespace(lse=lse))) == (out, lse)
+    assert unpack((out, lse)) == (out, lse) and unpack(out) == (out, None)
+
+
+def test_flex_attention_runs_compiled_on_this_cpu():
+    """The built-in backend for real: torch.compile(flex_attention) through inductor's C++
+    backend (each new shape compiles, about 5-20 s here). On the CPU torch supports inference
+    only and no lse, which the capabilities say."""
+    backend = load_backend("flex-attention")
+    assert backend.availability() is None, backend.availability()
+    if torch.cuda.is_available():  # pragma: no cover - this suite runs on CPUs
+        pytest.skip("the CPU flavor is what this test pins")
+    assert backend.flavor == "cpu" and backend.capabilities.backward is False
+    assert backend.capabilities.returns_lse is False
+    assert backend.capabilities.check_reasons("bwd", Case(batch=1, seqlen_q=8, heads_q=1),
+                                              backend.name) == [
+        "torch.compile on CPU only supports inference and `return_lse` is not supported yet "
+        "(torch/_inductor/kernel/flex/flex_cpu.py)"]
+    case = Case(batch=2, seqlen_q=40, seqlen_k=72, heads_q=4, heads_kv=2, head_dim=32,
+                dtype="float32", causal=True, softcap=4.0)
+    verdict = fwd(case, backend)
+    assert verdict.status == "pass", verdict.reason
+    assert backend.dynamic_failure == "", "the dynamic-shape graph compiled on this CPU"
+
+
+# ----------------------------------------------------------------------- machine facts
+
+
+def test_machine_facts_are_strings_and_rocm_library_only_on_rocm():
+    facts = machine_facts(hip="")
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in facts.items())
+    assert "sdpa_rocm_library" not in facts
+    assert machine_facts(hip="6.2.41133")["sdpa_rocm_library"] == "aotriton"
+
+
+def test_machine_facts_import_no_kernel_and_not_the_target_module():
+    code = ("import sys, json, harness.backends as b; f = b.machine_facts(); "
+            "print(json.dumps({'facts': f, 'mods': sorted(m for m in sys.modules if m.split('.')[0]"
+            " in ('flash_attn', 'flash_attn_interface', 'aiter', 'vllm', 'xformers') or "
+            "m == 'harness.target')}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["mods"] == []
+
+
+@pytest.mark.parametrize("bound, want", [
+    ("aiter.ops.triton._triton_kernels.flash_attn_triton_amd.interface_v2", "rocm-triton-aiter"),
+    ("flash_attn.flash_attn_triton_amd.interface_fa", "rocm-triton"),
+    ("flash_attn_2_cuda", "rocm-ck"),
+])
+def test_detect_flavor_from_the_bound_kernel_module(bound, want):
+    module = types.SimpleNamespace(flash_attn_gpu=types.SimpleNamespace(__name__=bound),
+                                   USE_TRITON_ROCM=False)
+    assert detect_flavor("6.2", {}, module) == want
+
+
+@pytest.mark.parametrize("hip, env, installed, want", [
+    ("", {}, {"cuda_extension": True}, "cuda"),
+    ("6.2", {}, {"cuda_extension": True}, "rocm-ck"),
+    # PR #2343: on HIP without flash_attn_2_cuda, flash-attn falls back to Triton, which on
+    # current upstream is AITER's (PR #2230) ...
+    ("6.2", {}, {"cuda_extension": False, "in_tree_triton": False, "aiter": True},
+     "rocm-triton-aiter"),
+    # ... and the in-tree one on 2.7/2.8
+    ("6.2", {}, {"cuda_extension": False, "in_tree_triton": True, "aiter": False}, "rocm-triton"),
+    ("6.2", {"FLASH_ATTENTION_TRITON_AMD_ENABLE": "TRUE"},
+     {"cuda_extension": True, "in_tree_triton": True, "aiter": True}, "rocm-triton"),
+    ("6.2", {"FLASH_ATTENTION_TRITON_AMD_ENABLE": "true"}, {"cuda_extension": True}, "rocm-ck"),
+])
+def test_detect_flavor_without_importing(hip, env, installed, want):
+    assert detect_flavor(hip, env, None, installed) == want
+
+
+def test_the_aiter_triton_flavor_has_cited_capabilities_and_amd_rules():
+    caps = FLAVOR_CAPABILITIES["rocm-triton-aiter"]
+    assert "window" not in caps.features and "unmeasured" in caps.notes["window"]
+    backend = FlashAttnBackend(module=load_backend(f"flash-attn@{FAKES}/fake_flash_attn2.py")
+                               .module, flavor="rocm-triton-aiter")
+    case = Case(batch=1, seqlen_q=8, heads_q=1, head_dim=16)
+    assert backend.unsupported_reasons(case, H100)[0].startswith(
+        "flash-attn rocm-triton-aiter does not run on nvidia devices")
+
+
+def test_lse_rows_without_keys_conventions_are_declared():
+    for family in FAMILIES.values():
+        cls = family.backend_class()
+        convention = getattr(cls, "convention", None)
+        if family.name == "sdpa":
+            continue
+        assert convention is not None, family.name
+        assert convention.lse_empty_rows in ("+inf", "-inf", "none") or \
+            convention.lse_empty_rows.startswith("+inf"), family.name
+        assert convention.lse_base in ("e", "2") and convention.source
+
+
+@pytest.mark.parametrize("layout", ["packed-qkv", "packed-kv"])
+def test_grads_of_a_packed_entry_point_are_read_from_the_buffer(layout):
+    """qkvpacked/kvpacked kernels use the buffer, not the q, k, v views of it: differentiating
+    with respect to the views finds them unused, module.grads reads them from the buffer."""
+    from harness.backends.module import grads
+
+    backend = fake("flash-attn", "fake_flash_attn2")
+    case = Case(batch=2, seqlen_q=12, heads_q=2, head_dim=8, dtype="float32", causal=True,
+                layout=layout)
+    used = make_inputs(case).with_grad()
+    out = backend.forward(used).out
+    assert calls(backend)[0][0] in ("flash_attn_qkvpacked_func", "flash_attn_kvpacked_func")
+    with pytest.raises(RuntimeError, match="appears to not have been used"):
+        torch.autograd.grad(out, (used.q, used.k, used.v), used.dout, retain_graph=True)
+    dq, dk, dv = grads(out, used, used.dout)
+    plain = [t.detach().clone().requires_grad_(True) for t in (used.q, used.k, used.v)]
+    module = backend.module
+    want = torch.autograd.grad(module.flash_attn_func(*plain, causal=True), plain, used.dout)
+    for got, expected in zip((dq, dk, dv), want, strict=True):
+        assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-6)
+
+
+def test_paged_varlen_is_forward_only():
+    backend = fake("flash-attn", "fake_flash_attn2")
+    case = Case(entry="varlen", batch=2, seqlens_q=(3, 5), seqlens_k=(40, 17), heads_q=2,
+                head_dim=16, paged_block_size=16)
+    assert backend.capabilities.check_reasons("bwd", case, backend.name)[0].startswith(
+        "a paged KV cache is forward-only")
