@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from harness import judge, reference
+from harness import fp8, judge, reference
 from harness.backends.base import Backend, Unsupported
 from harness.case import Case
 from harness.dispatch import Plan, estimated_bytes, usable_memory
@@ -467,6 +467,8 @@ def output_dtype(case: Case, backend: Backend) -> torch.dtype:
         chosen = declared(case)
         if chosen is not None:
             return chosen
+    if fp8.is_fp8(case.dtype):  # the case says what the kernel returns (bf16 FA3, fp32 AITER)
+        return TORCH_DTYPES[case.fp8_out]
     return TORCH_DTYPES[case.dtype]
 
 
@@ -481,6 +483,8 @@ def check_fwd(ctx: CheckContext) -> judge.Verdict:
         result, _ = ctx.call()
     rows = ctx.sampled_rows
     ref, base = ctx.sampled_reference if rows is not None else (ctx.reference, ctx.baseline)
+    if fp8.is_fp8(ctx.case.dtype):
+        return _fp8_fwd(ctx, result, ref, base)
     comparisons = [judge.compare("out", result.out, base.out, ref.out, k=judge.K_OUT,
                                  atol=ctx.atol, valid=ref.row_mask(ref.out))]
     if result.lse is not None:
@@ -515,6 +519,22 @@ def check_fwd(ctx: CheckContext) -> judge.Verdict:
         chosen = rows or reference.sample_rows(ctx.inputs, JURY_ROWS, ctx.rng_seed("jury-rows"))
         save_rows(ctx.jury_dir, ctx.case, ctx.backend.name, ctx.inputs, chosen, result.out, ref,
                   allowed, metrics["verdict_kind"])
+    return judge.Verdict("fwd", verdict.status, metrics, reason)
+
+
+def _fp8_fwd(ctx: CheckContext, result: Outputs, ref: Outputs, base: Outputs) -> judge.Verdict:
+    """FA3's rule for fp8 (:func:`harness.fp8.fp8_verdict`): against a baseline that emulates an
+    fp8 kernel (fp8 inputs, P rounded to fp8 before P V, fp32 accumulation), plus the mean rule,
+    the lse, and the cosine similarity AITER's tests use."""
+    lse = _lse_layout(result.lse, ref.lse) if result.lse is not None else None
+    verdict = fp8.fp8_verdict(ctx.case, Outputs(out=result.out, lse=lse), base, ref)
+    allowed = verdict.metrics.get("out", {}).get("allowed", 0.0)
+    effects = feature_effects(ctx) if ctx.sampled_rows is None else {}
+    note = judge.inert_note(effects, allowed)
+    reason = "; ".join(x for x in (verdict.reason, note) if x)
+    metrics = {**verdict.metrics, "feature_effect": effects,
+               "inert_features": judge.inert_features(effects, allowed),
+               "verdict_kind": "exact-fp8" if ctx.sampled_rows is None else "sampled-rows-fp8"}
     return judge.Verdict("fwd", verdict.status, metrics, reason)
 
 

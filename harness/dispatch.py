@@ -136,6 +136,10 @@ def plan(case: Case, backend: Backend, target: Target, checks: tuple[str, ...], 
     if call:
         return skip_all("; ".join(call))
     reasons = backend.unsupported_reasons(case, target)
+    if case.dtype.startswith("float8"):  # the fp8 format this target's kernels take
+        from harness.fp8 import fp8_reasons  # imports torch: only for fp8 cases
+
+        reasons = reasons + fp8_reasons(case, target)
     if reasons and not audit:  # every reason the backend does not take it, before sizes
         return skip_all("; ".join(reasons))
     need = estimated_bytes(case, tuple(wanted))

@@ -116,22 +116,53 @@ def test_ci_runs_on_push_and_pull_request_on_github_hosted_runners():
     assert any("download.pytorch.org/whl/cpu" in str(v) for v in workflow["env"].values())
 
 
+#: PyTorch's ROCm wheels and the ROCm release each was built for (facts.md, December 2026):
+#: torch 2.6 rocm6.1/6.2.4, 2.9 rocm6.4, 2.10 rocm7.1, 2.11 rocm7.1/7.2.
+TORCH_ROCM_WHEELS = {"2.6": ("6.1", "6.2.4"), "2.9": ("6.4",), "2.10": ("7.1",),
+                     "2.11": ("7.1", "7.2")}
+
+
 def test_nightly_matrix_covers_rocm_minors_archs_flavors_and_nvidia():
     jobs = load(WORKFLOWS / "nightly.yml")["jobs"]
     amd = jobs["amd"]["strategy"]["matrix"]
-    assert set(amd["arch"]) == {"gfx90a", "gfx942"}
+    assert set(amd["arch"]) == {"gfx90a", "gfx942", "gfx950"}
     assert set(amd["flavor"]) == {"rocm-ck", "rocm-triton"}
-    minors = {r for r in amd["rocm"] if re.fullmatch(r"6\.\d+", r)}
-    assert len(minors) >= 3
+    assert {"6.2", "6.3", "6.4", "7.0", "7.1", "7.2"} <= set(amd["rocm"])
+    minors = set(amd["rocm"])
     images = {inc["rocm"]: inc["image"] for inc in amd["include"]}
     for minor in minors:
         assert images[minor].startswith(f"rocm/pytorch:rocm{minor}"), images[minor]
+    # gfx950 arrived with ROCm 7.0: no 6.x leg for it
+    excluded = {(e["arch"], e["rocm"]) for e in amd["exclude"]}
+    assert {("gfx950", m) for m in minors if m.startswith("6.")} == excluded
     assert "self-hosted" in jobs["amd"]["runs-on"]
     assert set(jobs["nvidia"]["strategy"]["matrix"]["arch"]) == {"sm80", "sm90"}
     assert "self-hosted" in jobs["nvidia"]["runs-on"]
     assert jobs["cpu"]["runs-on"].startswith("ubuntu-")
     merge = jobs["merge"]
     assert merge["if"] == "always()" and set(merge["needs"]) == {"amd", "nvidia", "cpu"}
+
+
+def test_nightly_rocm_legs_pair_torch_with_the_rocm_it_was_built_for():
+    amd = load(WORKFLOWS / "nightly.yml")["jobs"]["amd"]
+    for leg in amd["strategy"]["matrix"]["include"]:
+        minor, torch, index = leg["rocm"], leg["torch"], leg["torch_index"]
+        image_rocm = re.match(r"rocm/pytorch:rocm([\d.]+)_.*_pytorch_release_([\d.]+)$",
+                              leg["image"])
+        assert image_rocm and image_rocm.group(1).startswith(minor), leg["image"]
+        if torch == "image":  # the image's own build: its tag names the pair
+            assert index == ""
+            continue
+        release = re.fullmatch(r"(\d+\.\d+)\.\*", torch).group(1)
+        wheel_rocm = index.rsplit("/rocm", 1)[1]
+        assert index.startswith("https://download.pytorch.org/whl/rocm")
+        assert wheel_rocm in TORCH_ROCM_WHEELS[release], (minor, torch, index)
+        assert wheel_rocm.startswith(minor), (minor, wheel_rocm)
+    steps = amd["steps"]
+    install = [s for s in steps if "torch==$ROCM_TORCH" in s.get("run", "")]
+    assert install and install[0]["if"] == "matrix.torch != 'image'"
+    assert steps.index(install[0]) < next(i for i, s in enumerate(steps)
+                                          if "./setup.sh" in s.get("run", ""))
 
 
 def test_nightly_legs_are_thin_harness_commands():

@@ -87,6 +87,8 @@ class Capabilities:
     def check_reasons(self, check: str, case: Case, who: str) -> list[str]:
         """Why a particular check cannot run for this case (beyond the case being unsupported)."""
         if check == "bwd":
+            if case.dtype.startswith("float8"):
+                return ["fp8 attention is forward only (no family claims an fp8 backward)"]
             if case.entry == "kvcache":
                 return ["the kvcache entry point is forward-only"]
             if case.entry == "varlen" and case.paged_block_size:
