@@ -174,7 +174,8 @@ def installed_layout(find_spec=importlib.util.find_spec) -> dict[str, bool]:
     """Which flash-attn pieces are installed, without importing flash_attn (or aiter).
 
     Returns:
-        ``cuda_extension``: a ``flash_attn_2_cuda`` extension exists; ``in_tree_triton``: the
+        ``flash_attn``: the package is installed; ``cuda_extension``: a ``flash_attn_2_cuda``
+        extension exists; ``in_tree_triton``: the
         flash_attn package has its own ``flash_attn_triton_amd``; ``aiter``: AITER is installed.
     """
     def found(name: str) -> Any:
@@ -187,7 +188,8 @@ def installed_layout(find_spec=importlib.util.find_spec) -> dict[str, bool]:
     in_tree = False
     for location in (getattr(spec, "submodule_search_locations", None) or []):
         in_tree = in_tree or (Path(location) / "flash_attn_triton_amd").is_dir()
-    return {"cuda_extension": found("flash_attn_2_cuda") is not None,
+    return {"flash_attn": spec is not None,
+            "cuda_extension": found("flash_attn_2_cuda") is not None,
             "in_tree_triton": in_tree, "aiter": found("aiter") is not None}
 
 
@@ -217,8 +219,10 @@ def detect_flavor(hip: str, environ: Any = os.environ, module: Any = None,
         triton = environ.get(TRITON_AMD_ENV, "") == "TRUE"
         if hip and not triton:
             installed = installed if installed is not None else installed_layout()
-            # PR #2343: on HIP without a compiled extension, flash-attn falls back to Triton.
-            triton = not installed.get("cuda_extension", True)
+            # PR #2343: on HIP without a compiled extension, flash-attn falls back to Triton
+            # (only a prediction for an installed flash-attn: an absent one has no fallback).
+            triton = installed.get("flash_attn", True) and not installed.get("cuda_extension",
+                                                                            True)
         if triton:
             installed = installed if installed is not None else installed_layout()
             if installed.get("aiter") and not installed.get("in_tree_triton"):
