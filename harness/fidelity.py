@@ -182,10 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "reported (default: 7)")
     parser.add_argument("--warmup-ms", type=float, default=None, metavar="MS",
                         help="warm-up budget per measurement (default: 25 on GPUs, as do_bench; "
-                             "50 on CPUs)")
+                             "on CPUs the harness's floor, harness.timing.CPU_WARMUP_S: 300)")
     parser.add_argument("--rep-ms", type=float, default=None, metavar="MS",
                         help="measurement budget per measurement (default: 100 on GPUs, as "
-                             "do_bench; 300 on CPUs)")
+                             "do_bench; on CPUs the harness's floor, CPU_BUDGET_S: 1000; the "
+                             "harness side never times less than that floor)")
     parser.add_argument("--graph", action="store_true",
                         help="time the harness side with CUDA/HIP graph replay (default: off)")
     return parser
@@ -203,8 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     target = detect()
     device_type = target.device_type
     device = torch.device(device_type)
-    warmup_ms = args.warmup_ms or (25.0 if device_type == "cuda" else 50.0)
-    rep_ms = args.rep_ms or (100.0 if device_type == "cuda" else 300.0)
+    from harness.timing import CPU_BUDGET_S, CPU_WARMUP_S
+
+    warmup_ms = args.warmup_ms or (25.0 if device_type == "cuda" else CPU_WARMUP_S * 1e3)
+    rep_ms = args.rep_ms or (100.0 if device_type == "cuda" else CPU_BUDGET_S * 1e3)
     passes = [p.strip() for p in args.passes.split(",") if p.strip()]
     try:
         cases = [parse_inline_case(text) for text in (args.case or DEFAULT_CASES[device_type])]

@@ -6,13 +6,19 @@ for every backend: the sample depends on the case and the seed only) together wi
 reference on those rows and the tolerance of the parity rule. After the run, :func:`deliberate`
 compares them. This matters most where the exact reference of every row is too expensive
 (row-sampled verdicts): there, agreement of independent kernels is the second witness.
+
+The jury owns only what it writes: :func:`prepare` makes a fresh, uniquely named directory
+(``<out>/jury/run-*``, with a marker file) and refuses a symlinked ``<out>/jury``, which would
+send the tensors outside ``--out``; :func:`deliberate` deletes the tensors it saved
+(``<case_id>/<backend>.pt``) and the directories it made once empty, nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import median
@@ -21,6 +27,35 @@ import torch
 from tabulate import tabulate
 
 from harness.case import Case
+from harness.errors import HarnessError
+
+#: Written into the directory :func:`prepare` makes: what it is, for anyone who finds it.
+MARKER = "ATTN_HARNESS_JURY"
+_CASE_DIR = re.compile(r"[0-9a-f]{12}")
+
+
+def prepare(out_dir: str | Path) -> Path:
+    """A fresh directory for this run's jury tensors: ``<out_dir>/jury/run-<unique>``.
+
+    Raises:
+        HarnessError: ``<out_dir>/jury`` is a symlink or not a directory.
+    """
+    root = Path(out_dir) / "jury"
+    _refuse_symlink(root)
+    if root.exists() and not root.is_dir():
+        raise HarnessError(f"{root} is a file, not a directory: move it away (the jury keeps "
+                           "its tensors there)")
+    root.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=root))
+    (run_dir / MARKER).write_text("output rows saved by attn-harness for the jury; deleted "
+                                  "once judged\n", encoding="utf-8")
+    return run_dir
+
+
+def _refuse_symlink(path: Path) -> None:
+    if path.is_symlink():
+        raise HarnessError(f"{path} is a symlink (to {path.readlink()}); the jury writes and "
+                           "deletes only inside --out: remove the link or choose another --out")
 
 
 def _slug(text: str) -> str:
@@ -32,6 +67,7 @@ def save_rows(directory: str | Path, case: Case, backend: str, inputs, rows, ker
     """Keep a backend's output (and the reference) on the sampled rows of ``case``."""
     from harness.reference import _row_mask
 
+    _refuse_symlink(Path(directory))
     mask = _row_mask(inputs, rows)
     if mask is None:
         mask = torch.ones(inputs.q.shape[:-2], dtype=torch.bool, device=inputs.device)
@@ -101,19 +137,40 @@ def judge_case(case_id: str, entries: list[dict]) -> JuryVerdict:
 
 
 def deliberate(directory: str | Path, *, keep: bool = False) -> list[JuryVerdict]:
-    """Judge every case that more than one backend left rows for; remove the tensors unless
-    ``keep``."""
+    """Judge every case that more than one backend left rows for; unless ``keep``, delete the
+    tensors (``<case_id>/*.pt``), the marker and the directories :func:`prepare` made, each only
+    once empty. Nothing else in ``directory`` is touched; a symlinked one is refused."""
     root = Path(directory)
+    _refuse_symlink(root)
+    if root.parent.name == "jury":
+        _refuse_symlink(root.parent)
     verdicts = []
     if not root.is_dir():
         return verdicts
-    for case_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        entries = [torch.load(p, weights_only=True) for p in sorted(case_dir.glob("*.pt"))]
+    case_dirs = sorted(p for p in root.iterdir()
+                       if _CASE_DIR.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
+    for case_dir in case_dirs:
+        files = sorted(p for p in case_dir.glob("*.pt") if p.is_file() and not p.is_symlink())
+        entries = [torch.load(p, weights_only=True) for p in files]
         if len(entries) >= 2:
             verdicts.append(judge_case(case_dir.name, entries))
+        if not keep:
+            for p in files:
+                p.unlink()
+            _rmdir_if_empty(case_dir)
     if not keep:
-        shutil.rmtree(root)
+        marker = root / MARKER
+        if marker.is_file() and not marker.is_symlink():
+            marker.unlink()
+        _rmdir_if_empty(root)
+        if root.parent.name == "jury":
+            _rmdir_if_empty(root.parent)
     return verdicts
+
+
+def _rmdir_if_empty(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty: it holds something that is not ours
+        path.rmdir()
 
 
 def write(verdicts: list[JuryVerdict], path: str | Path) -> None:

@@ -335,10 +335,13 @@ def shipped_path() -> Path:
 
 
 def default_paths() -> list[Path]:
-    """The shipped file, then the project's own ``./cases/known_issues.toml`` (which adds to
-    it), where that exists and is not the shipped file itself."""
+    """The shipped file, then the project's own ``known_issues.toml`` (which adds to it) in
+    :func:`harness.suites.project_dir` (``--cases-dir``, else ``./cases``), where that exists and
+    is not the shipped file itself."""
+    from harness.suites import project_dir
+
     paths = [shipped_path()]
-    project = Path.cwd() / "cases" / "known_issues.toml"
+    project = project_dir() / "known_issues.toml"
     if project.is_file() and project.resolve() != paths[0].resolve():
         paths.append(project)
     return paths

@@ -347,6 +347,13 @@ def run_tasks(tasks: Iterable[Task], sink: Callable[[Record], None], *, timeout_
             records, worker = _run_one(worker, task, timeout_s, sink, outcome)
             if progress:
                 progress(task, records)
+    except BaseException:
+        # Interrupted (Ctrl-C reaches only this process: the worker has its own session): do
+        # not wait for a kernel in flight, kill the worker's group.
+        if worker is not None:
+            worker.kill()
+            worker = None
+        raise
     finally:
         if worker is not None:
             worker.stop()
@@ -460,6 +467,9 @@ def run_tasks_on_devices(tasks: Iterable[Task], sink: Callable[[Record], None], 
         except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
             errors.append(exc)
             stop.set()
+            if worker is not None:
+                worker.kill()
+                worker = None
         finally:
             if worker is not None:
                 worker.stop()

@@ -100,16 +100,12 @@ def validate_options(values: dict[str, Any], where: str = "--") -> RunOptions:
         graph_replay=bool(values.get("graph-replay")), notes=tuple(notes))
 
 
-def validate_known_issues() -> None:
+def validate_known_issues() -> list[Any]:
     """Read every known-issues file now, in the main process: a broken one is bad input (exit
-    2 naming file, line and key), not one traceback per worker."""
+    2 naming file, line and key), not one traceback per worker. Returns the entries."""
     from harness import known_issues
 
-    validate = getattr(known_issues, "validate", None)
-    if validate is not None:
-        validate()
-    else:  # pragma: no cover - older known_issues without validate()
-        known_issues.load()
+    return list(known_issues.validate())
 
 
 def static_backend_problem(spec: str, where: str = "--") -> str:
@@ -326,9 +322,9 @@ def check_backend_versions(records: Iterable[Record], describe: dict[str, dict[s
 # ------------------------------------------------------------------------------------ report
 
 
-def write_report(records: Sequence[Record], out_dir: Path, *, jury_dir: Path | None = None,
-                 known: Sequence[Any] = ()) -> Path:
-    """Render ``out_dir/report.md`` (with plots and, when given, the jury's findings)."""
+def write_report(records: Sequence[Record], out_dir: Path) -> Path:
+    """Render ``out_dir/report.md``: plots, the jury's findings when a jury sat, and the known
+    issues that matched nothing in these records."""
     from harness import jury
     from harness.plot import write_plots
     from harness.report import render
@@ -339,7 +335,9 @@ def write_report(records: Sequence[Record], out_dir: Path, *, jury_dir: Path | N
     if jury_file.exists():
         extra.append(jury.section(jury.read(jury_file)))
     path = out_dir / "report.md"
-    path.write_text(render(records, plots=plots, extra_sections=extra), encoding="utf-8")
+    known = validate_known_issues()
+    path.write_text(render(records, plots=plots, extra_sections=extra, known_issues=known or None),
+                    encoding="utf-8")
     return path
 
 

@@ -17,9 +17,17 @@ The protocol is ``triton.testing.do_bench``'s (triton 3.x), step by step:
 What differs from do_bench, on purpose: we report the median, the quartiles (linear
 interpolation, as ``torch.quantile`` and do_bench's ``quantiles``) and the repetition count, where
 do_bench returns the mean by default (compare with ``return_mode="median"``); we demand at least
-``min_reps`` timed calls so that quartiles mean something; and on the CPU nothing is flushed
-(a 256 MB write costs more than most CPU problems take, and ``torch.utils.benchmark``, the CPU
-yardstick, does not flush either).
+``min_reps`` timed calls so that quartiles mean something.
+
+On the CPU the protocol is ``torch.utils.benchmark.Timer.blocked_autorange``'s instead
+(:func:`measure_blocked`), because a CPU shares its cores with everything else on the machine:
+a warm-up by time (at least :data:`CPU_WARMUP_S`: a fresh worker's first calls pay for the
+allocator's growth, page faults and the thread pool), then blocks of calls (each at least
+:data:`BLOCK_MS` long) until at least :data:`CPU_BUDGET_S` has passed; the median and quartiles
+are over the blocks' per-call times. Measured on a shared 2-core machine (issue 11), 0.25 s of
+back-to-back calls in a fresh worker read 25-40% slower than Timer and moved between runs by far
+more than their IQR: the calls sampled one moment of the machine's load. Nothing is flushed on
+the CPU (a 256 MB write costs more than most CPU problems take, and Timer does not flush either).
 
 Graph replay (``graph=True``): for tiny problems, where launching the kernels costs as much as
 running them, the call is captured once into a CUDA/HIP graph and every warm-up and timed call
@@ -44,6 +52,13 @@ FLUSH_BYTES = 256 * 1024 * 1024
 BWD_FACTOR = 2.5
 #: Calls timed together for the estimate (do_bench's number).
 ESTIMATE_CALLS = 5
+#: CPU floors, seconds: warm-up and measurement time of one timed function, whatever the profile
+#: asks (Timer's ``blocked_autorange(min_run_time=...)`` takes 0.2 s to size its blocks and
+#: ``min_run_time`` to measure; fidelity checks use 2 s).
+CPU_WARMUP_S = 0.3
+CPU_BUDGET_S = 1.0
+#: Shortest block of calls timed together on the CPU, milliseconds (Timer: min_run_time / 1000).
+BLOCK_MS = 2.0
 #: A graph capture: ``(fn, device) -> replay``.
 Capture = Callable[[Callable[[], object], Any], Callable[[], object]]
 
@@ -229,6 +244,55 @@ def measure(fn: Callable[[], object], clock: Clock, *, warmup_s: float = 0.05,
     return summarize([clock.elapsed_ms(a, b) for a, b in marks], method or clock.method, note)
 
 
+def measure_blocked(fn: Callable[[], object], clock: Clock, *, warmup_s: float = CPU_WARMUP_S,
+                    budget_s: float = CPU_BUDGET_S, min_reps: int = 5, max_reps: int = 100_000,
+                    block_ms: float = BLOCK_MS, method: str | None = None,
+                    note: str = "") -> Timing:
+    """Time ``fn()`` in blocks, as ``torch.utils.benchmark.Timer.blocked_autorange`` does (the
+    CPU protocol; see the module docstring).
+
+    Args:
+        fn: the call to time; its result is discarded.
+        clock: markers (:class:`HostClock`, or a fake in tests); its flush is not used.
+        warmup_s: warm-up time, seconds; at least one call.
+        budget_s: measurement time, seconds: blocks run until it has passed.
+        min_reps, max_reps: bounds on the number of blocks.
+        block_ms: shortest block, milliseconds; a block is ``ceil(block_ms / call)`` calls.
+        method: recorded in :attr:`Timing.method`; default ``clock.method + "+blocks"``.
+        note: carried into :attr:`Timing.note`.
+
+    Returns:
+        The median and quartiles of the blocks' per-call times; ``reps`` counts blocks.
+    """
+    fn()  # the first call: lazy initialisation, compilation
+    start = clock.mark()
+    calls = 0
+    while True:
+        fn()
+        calls += 1
+        spent_ms = clock.elapsed_ms(start, clock.mark())
+        if spent_ms >= warmup_s * 1e3 or calls >= max_reps:
+            break
+    per_call_ms = max(spent_ms / calls, 1e-6)
+    number = max(1, math.ceil(block_ms / per_call_ms))
+    times: list[float] = []
+    begin = clock.mark()
+    while True:
+        before = clock.mark()
+        for _ in range(number):
+            fn()
+        after = clock.mark()
+        times.append(clock.elapsed_ms(before, after) / number)
+        if len(times) >= max_reps:
+            break
+        if len(times) >= min_reps and clock.elapsed_ms(begin, after) >= budget_s * 1e3:
+            break
+    label = method or f"{clock.method}+blocks"
+    if number > 1:
+        label += f"-of-{number}"
+    return summarize(times, label, note)
+
+
 def capture_graph(fn: Callable[[], object], device) -> Callable[[], object]:
     """``fn`` captured into a CUDA/HIP graph; returns the graph's replay.
 
@@ -253,7 +317,7 @@ def capture_graph(fn: Callable[[], object], device) -> Callable[[], object]:
 def time_function(fn: Callable[[], object], device, *, warmup_s: float = 0.05,
                   budget_s: float = 0.25, min_reps: int = 5, max_reps: int = 100_000,
                   flush: bool | None = None, graph: bool = False, clock: Clock | None = None,
-                  capture: Capture | None = None) -> Timing:
+                  capture: Capture | None = None, blocked: bool | None = None) -> Timing:
     """Time ``fn()`` on ``device`` (see the module docstring for the method).
 
     Args:
@@ -267,12 +331,19 @@ def time_function(fn: Callable[[], object], device, *, warmup_s: float = 0.05,
             when capture is impossible, plain calls are timed and :attr:`Timing.note` says why.
         clock: markers to use instead of the device's own (tests pass a fake).
         capture: graph capture to use instead of :func:`capture_graph` (tests pass a fake).
+        blocked: time blocks of calls (:func:`measure_blocked`) instead of single calls;
+            default: on a CPU with its own clock.
+
+    On a CPU the warm-up and budget are at least :data:`CPU_WARMUP_S` and :data:`CPU_BUDGET_S`
+    and calls are timed in blocks (:func:`measure_blocked`); on GPUs, :func:`measure`.
     """
     import torch
 
     device = torch.device(device)
     gpu = device.type == "cuda"
     flush = gpu if flush is None else flush
+    if blocked is None:
+        blocked = not gpu and clock is None
     if clock is None:
         clock = DeviceClock(device, flush) if gpu else HostClock(flush)
     note = ""
@@ -280,6 +351,10 @@ def time_function(fn: Callable[[], object], device, *, warmup_s: float = 0.05,
     if graph:
         fn, note = _graph_or_reason(fn, device, gpu, capture)
         method += "" if note else "+graph"
+    if blocked:
+        return measure_blocked(fn, clock, warmup_s=max(warmup_s, CPU_WARMUP_S),
+                               budget_s=max(budget_s, CPU_BUDGET_S), min_reps=min_reps,
+                               max_reps=max_reps, note=note)
     return measure(fn, clock, warmup_s=warmup_s, budget_s=budget_s, min_reps=min_reps,
                    max_reps=max_reps, method=method, note=note)
 

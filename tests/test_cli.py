@@ -120,7 +120,7 @@ def test_resume_runs_only_what_is_missing(tmp_path):
 @pytest.mark.parametrize(("args", "message"), [
     (["run", "--checks", "fwd,speed"], "could not parse 'fwd,speed'"),
     (["run", "--timeout", "-1"], "could not parse '-1': must be > 0"),
-    (["run", "--profile", "fast"], "unknown profile"),
+    (["run", "--profile", "fast"], "could not parse 'fast': one of quick, nightly, exhaustive"),
     (["run", "--backend", "nope"], "--backend nope: unknown backend"),
     (["run", "--backend", "missing.py:f"], "no such file missing.py"),
     (["run", "--backend", f"{ZOO}:nope"], "has no function 'nope'"),

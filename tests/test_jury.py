@@ -77,3 +77,53 @@ def test_a_run_with_several_backends_writes_the_jury(tmp_path):
     assert verdict.outlier == f"{ZOO}:gqa_mapping"
     assert "## Jury" in (out / "report.md").read_text()
     assert not (out / "jury").exists()  # the tensors are gone once judged
+
+
+def _leave_rows(directory, case_id="0123456789ab"):
+    ref = torch.zeros(3, dtype=torch.float64)
+    for name, out in (("a", ref), ("b", ref + 1.0)):
+        path = directory / case_id / f"{name}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(_entry(name, out, ref), path)
+
+
+def test_a_symlinked_jury_directory_is_refused(tmp_path):
+    import pytest
+
+    from harness.errors import HarnessError
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious.txt").write_text("keep me")
+    _leave_rows(elsewhere)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "jury").symlink_to(elsewhere)
+    with pytest.raises(HarnessError, match=r"jury is a symlink .*remove the link") as info:
+        jury.prepare(out)
+    assert "\n" not in str(info.value)
+    with pytest.raises(HarnessError, match="is a symlink"):
+        jury.deliberate(out / "jury")
+    assert (elsewhere / "precious.txt").read_text() == "keep me"
+    assert len(list(elsewhere.glob("*/*.pt"))) == 2
+
+
+def test_the_jury_deletes_only_what_it_wrote(tmp_path):
+    out = tmp_path / "out"
+    (out / "jury" / "0123456789ab").mkdir(parents=True)
+    (out / "jury" / "notes.txt").write_text("mine")
+    (out / "jury" / "0123456789ab" / "mine.txt").write_text("mine too")
+    run_dir = jury.prepare(out)
+    assert run_dir.parent == out / "jury" and (run_dir / jury.MARKER).is_file()
+    assert jury.prepare(out) != run_dir  # every run its own directory
+    _leave_rows(run_dir)
+    (verdict,) = jury.deliberate(run_dir)
+    assert verdict.case_id == "0123456789ab"
+    assert not run_dir.exists()
+    assert (out / "jury" / "notes.txt").read_text() == "mine"
+    assert (out / "jury" / "0123456789ab" / "mine.txt").read_text() == "mine too"
+    # The old layout (tensors straight under <out>/jury): still only the tensors go.
+    _leave_rows(out / "jury")
+    assert len(jury.deliberate(out / "jury")) == 1
+    assert (out / "jury" / "0123456789ab" / "mine.txt").exists()
+    assert not list((out / "jury").glob("*/*.pt"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import replace
 
 import pytest
@@ -45,7 +47,7 @@ def test_version_ranges():
 
 
 def test_malformed_entries_are_named():
-    with pytest.raises(InvalidCase, match="k.toml, issue 1: 'link' is required"):
+    with pytest.raises(InvalidCase, match=r"k.toml, issue 1 \(x\): 'link' is required"):
         known_issues.parse({"issue": [{"id": "x", "backend": "b"}]}, "k.toml")
     with pytest.raises(InvalidCase, match="'when' has unknown case field 'softcaps'"):
         known_issues.parse({"issue": [{"id": "x", "backend": "b", "link": "l",
@@ -93,3 +95,108 @@ def test_a_derived_property_selects_cudnn_rows_without_keys():
     with pytest.raises(InvalidCase, match="rows_without_key"):
         known_issues.parse({"issue": [{"id": "x", "backend": "b", "link": "l",
                                        "when": {"rows_without_key": True}}]}, "f.toml")
+
+
+# ------------------------------------------------- files: validation, project entries, report
+
+GOOD = '''# a comment
+[[issue]]
+id = "first"
+backend = "sdpa-math"
+link = "l"
+when = { head_dim = 8 }
+
+[[issue]]
+id = "second"
+backend = "sdpa-math"
+link = "l"
+{line}
+'''
+
+
+@pytest.mark.parametrize(("bad", "where", "says"), [
+    ('when = { features = "causal" }', r"k\.toml:12, issue 2 \(second\)",
+     "'features' is 'causal'; it must be a list"),
+    ('when = { head_dim = ">=abc" }', r"k\.toml:12, issue 2 \(second\)",
+     "head_dim = '>=abc' is not a comparison like '>=128'"),
+    ('when = { causal = "yes" }', r"k\.toml:12, issue 2 \(second\)", "causal = 'yes' must be true"),
+    ('checks = "fwd"', r"k\.toml:12, issue 2 \(second\)", "'checks' is 'fwd'; it must be a list"),
+    ('flavour = ["cpu"]', r"k\.toml:12, issue 2 \(second\)",
+     "unknown key 'flavour' \\(did you mean 'flavors'"),
+    ('strict = 1', r"k\.toml:12, issue 2 \(second\)", "'strict' is 1"),
+    ('when = { features = ["causall"] }', r"k\.toml:12", "feature 'causall' is not one of"),
+    ('id = 3', r"k\.toml:11, issue 2:", "'id' is required"),
+    ('when = { head_dim = 64 ', r"k\.toml:12:\d+: not valid TOML", "fix the syntax"),
+])
+def test_a_broken_known_issues_file_names_file_line_and_key(tmp_path, bad, where, says):
+    path = tmp_path / "k.toml"
+    text = GOOD.replace('id = "second"\n', "") if bad.startswith("id =") else GOOD
+    path.write_text(text.replace("{line}", bad))
+    with pytest.raises(InvalidCase, match=where) as info:
+        known_issues.validate([path])
+    assert "\n" not in str(info.value)
+    assert re.search(says, str(info.value)), str(info.value)
+
+
+def test_a_good_file_validates_and_entries_know_their_line(tmp_path):
+    path = tmp_path / "k.toml"
+    path.write_text(GOOD.replace("{line}", 'when = { head_dim = [8, 16], softcap = ">0" }'))
+    first, second = known_issues.validate([path])
+    assert first.source.endswith("k.toml:3") and second.source.endswith("k.toml:9")
+
+
+def test_the_shipped_file_and_the_project_file_both_count(tmp_path, monkeypatch):
+    shipped = known_issues.load()
+    (tmp_path / "cases").mkdir()
+    (tmp_path / "cases" / "known_issues.toml").write_text(GOOD.replace("{line}", ""))
+    monkeypatch.chdir(tmp_path)
+    both = known_issues.load()
+    assert [i.id for i in both] == [i.id for i in shipped] + ["first", "second"]
+    assert known_issues.default_paths()[0] == known_issues.shipped_path()
+    assert known_issues.match(Case(seqlen_q=4, head_dim=8), {"name": "sdpa-math"},
+                              MI300X).id == "first"
+    (tmp_path / "cases" / "known_issues.toml").write_text(
+        GOOD.replace("{line}", "").replace('"second"', '"ck-softcap-ignored"'))
+    with pytest.raises(InvalidCase, match="'ck-softcap-ignored' is already the id"):
+        known_issues.validate()
+
+
+def test_records_carry_the_matched_entry_and_the_report_lists_the_rest(tmp_path, monkeypatch):
+    from harness.runner import Task, execute
+    from harness.target import detect
+
+    (tmp_path / "cases").mkdir()
+    (tmp_path / "cases" / "known_issues.toml").write_text(
+        GOOD.replace("{line}", "when = { head_dim = 512 }"))
+    monkeypatch.chdir(tmp_path)
+    case = Case(seqlen_q=4, heads_q=1, head_dim=8, dtype="float32")
+    records = [r for kind, r in execute(Task("t", case, "sdpa-math", ("fwd",)), detect(), {})
+               if kind == "record"]
+    (record,) = records
+    assert record.metrics["known_issue"] == "first"
+    assert record.status == "xpass"
+    assert "cases/known_issues.toml:3" in record.reason
+    stale = known_issues.unmatched(records, known_issues.load())
+    assert [i.id for i in stale] == ["second"]  # consulted (sdpa-math here), matched nothing
+    text = known_issues.section(records, known_issues.load())
+    assert "## Known issues that matched nothing" in text and "`second`" in text
+    assert "`first`" not in text and "ck-softcap-ignored" not in text  # other backends: silent
+    from harness.report import render
+
+    assert "`second`" in render(records, known_issues=known_issues.load())
+    assert "matched nothing" not in render(records)
+
+
+def test_cases_dir_known_issues_reach_the_workers(tmp_path, monkeypatch):
+    from harness import suites
+
+    (tmp_path / "known_issues.toml").write_text(GOOD.replace("{line}", ""))
+    monkeypatch.setenv(suites.PROJECT_DIR_ENV, "")  # restored after the test
+    try:
+        suites.set_project_dir(tmp_path)
+        assert known_issues.default_paths()[-1] == tmp_path.resolve() / "known_issues.toml"
+        inherited = os.environ[suites.PROJECT_DIR_ENV]  # what a spawned worker starts with
+    finally:
+        suites.set_project_dir(None)
+    monkeypatch.setenv(suites.PROJECT_DIR_ENV, inherited)  # in the worker: no set_project_dir
+    assert [i.id for i in known_issues.load()][-2:] == ["first", "second"]

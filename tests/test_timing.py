@@ -173,9 +173,52 @@ def test_failed_capture_falls_back_to_plain_calls_and_names_the_error():
     assert plain.calls > 0 and t.method == "fake" and t.median_ms == 2.0
 
 
-def test_cpu_default_clock_is_perf_counter_without_flush():
+def test_cpu_default_clock_is_perf_counter_in_blocks_without_flush(monkeypatch):
+    monkeypatch.setattr(timing, "CPU_WARMUP_S", 0.0)
+    monkeypatch.setattr(timing, "CPU_BUDGET_S", 0.0)
     t = time_function(lambda: None, "cpu", warmup_s=0.0, budget_s=0.0, min_reps=3)
-    assert t.method == "perf-counter" and t.reps == 3 and isinstance(t, Timing)
+    assert t.method.startswith("perf-counter+blocks-of-") and t.reps == 3
+    assert isinstance(t, Timing) and "flush" not in t.method
+
+
+def test_cpu_timing_has_floors_whatever_the_profile_asks(monkeypatch):
+    seen = {}
+
+    def fake_blocked(fn, clock, **kwargs):
+        seen.update(kwargs)
+        return summarize([1.0], "x")
+
+    monkeypatch.setattr(timing, "measure_blocked", fake_blocked)
+    time_function(lambda: None, "cpu", warmup_s=0.05, budget_s=0.25, min_reps=5)
+    assert seen["warmup_s"] == timing.CPU_WARMUP_S and seen["budget_s"] == timing.CPU_BUDGET_S
+    time_function(lambda: None, "cpu", warmup_s=1.0, budget_s=3.0, min_reps=5)
+    assert seen["warmup_s"] == 1.0 and seen["budget_s"] == 3.0
+
+
+def test_blocked_warms_up_by_time_and_times_blocks_until_the_budget():
+    clock = FakeClock()
+    kernel = FakeKernel(clock, 0.5)  # 0.5 ms a call -> blocks of 4 calls (2 ms)
+    t = timing.measure_blocked(kernel, clock, warmup_s=0.1, budget_s=0.2, min_reps=5)
+    assert t.method == "fake+blocks-of-4" and t.median_ms == 0.5
+    # 1 first call, 200 warm-up calls (0.1 s), then 4-call blocks until 0.2 s had passed
+    assert kernel.calls == 1 + 200 + 4 * t.reps and t.reps == 100
+    assert "flush" not in clock.log
+
+
+def test_blocked_quartiles_are_between_blocks_so_a_slow_phase_shows():
+    clock = FakeClock()
+    # a machine whose load doubles the call time for one block in four
+    kernel = FakeKernel(clock, *([10.0] * 3 + [20.0]))
+    t = timing.measure_blocked(kernel, clock, warmup_s=0.0, budget_s=0.4, min_reps=5)
+    assert t.method == "fake+blocks" and t.min_ms == 10.0
+    assert t.q3_ms > t.q1_ms and t.q3_ms >= 12.5  # the slow quarter widens the spread
+
+
+def test_blocked_times_slow_calls_at_least_min_reps_times():
+    clock = FakeClock()
+    kernel = FakeKernel(clock, 3000.0)  # a 3 s call: no budget fits it
+    t = timing.measure_blocked(kernel, clock, warmup_s=0.3, budget_s=1.0, min_reps=5)
+    assert t.reps == 5 and kernel.calls == 1 + 1 + 5
 
 
 def test_forward_flops_count_visible_pairs():

@@ -39,9 +39,7 @@ def _blockwise(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_
     qf = q.float().transpose(1, 2)  # (b, hq, sq, d)
     kf = _heads(k.float(), hq, bug).transpose(1, 2)
     vf = _heads(v.float(), hq, bug).transpose(1, 2)
-    left, right = window_size
-    if causal:
-        right = 0
+    left, right = _normalised_window(window_size, causal, sk)
     offset = 0 if bug == "topleft_causal" else sk - sq
     rows = torch.arange(sq, device=q.device)[:, None]
     m = torch.full((b, hq, sq, 1), -math.inf, device=q.device)
@@ -84,6 +82,22 @@ def _blockwise(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_
     if bug == "output_rounding":  # the epilogue stores through bfloat16
         out = out.to(torch.bfloat16).float()
     return out.to(out_dtype)
+
+
+def _normalised_window(window_size, causal: bool, sk: int) -> tuple[int, int]:
+    """The window as flash-attn's C++ layer reads it (csrc/flash_attn/flash_api.cpp): causal
+    fixes the right side to 0; a side >= seqlen_k is unbounded; then an unbounded side whose
+    partner is bounded becomes seqlen_k."""
+    left, right = window_size
+    if causal:
+        right = 0
+    left = -1 if left >= sk else left
+    right = -1 if right >= sk else right
+    if left < 0 <= right:
+        left = sk
+    elif right < 0 <= left:
+        right = sk
+    return left, right
 
 
 def _heads(t: torch.Tensor, hq: int, bug: str) -> torch.Tensor:
