@@ -390,3 +390,17 @@ def test_the_statistical_test_cannot_see_a_backward_with_another_mask():
     assert statistical.status == "pass", statistical.reason
     _, bwd = run_exact(context)
     assert bwd.verdict.status == "fail"
+
+
+def test_two_seeds_agreeing_on_one_key_is_chance_not_seed_independence():
+    """b1 q1 k1: two masks of one entry agree with probability p**2 + (1-p)**2 (0.72 at
+    p = 0.17), so their agreement must not fail a correct kernel (SDPA math did, found by
+    exploration)."""
+    from harness.runner import Task, execute
+    from harness.target import detect
+
+    case = Case(batch=1, seqlen_q=1, seqlen_k=1, heads_q=1, head_dim=64, dtype="float16",
+                dropout_p=0.17)
+    records = [r for kind, r in execute(Task("t", case, "sdpa-math", ("fwd",)), detect(), {})
+               if kind == "record"]
+    assert [r.status for r in records] == ["pass"], records[0].reason
