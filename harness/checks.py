@@ -226,8 +226,17 @@ class CheckContext:
 
     @cached_property
     def inputs(self) -> Inputs:
-        """The case's seeded inputs; never handed to the kernel (see :meth:`call`)."""
+        """The case's seeded inputs; never handed to the kernel (see :meth:`call`). fp8 cases
+        are drawn in float32 and quantised as a user would (:func:`harness.fp8.make_fp8_inputs`)."""
+        if fp8.is_fp8(self.case.dtype):
+            return fp8.make_fp8_inputs(self.case, self.device, self.seed)
         return make_inputs(self.case, self.device, self.seed)
+
+    @cached_property
+    def exact_inputs(self) -> Inputs:
+        """What the reference computes from: the inputs, or for fp8 their dequantised values
+        (input quantisation is not charged to the kernel)."""
+        return fp8.dequantised(self.inputs) if fp8.is_fp8(self.case.dtype) else self.inputs
 
     @property
     def lse_convention(self) -> str:
@@ -239,12 +248,13 @@ class CheckContext:
     @cached_property
     def reference(self) -> Outputs:
         """The exact forward (out, lse)."""
-        return reference.reference(self.inputs, lse_convention=self.lse_convention)
+        return reference.reference(self.exact_inputs, lse_convention=self.lse_convention)
 
     @cached_property
     def reference_grads(self) -> Outputs:
         """The exact forward and gradients for ``inputs.dout``."""
-        return reference.reference(self.inputs, grads=True, lse_convention=self.lse_convention)
+        return reference.reference(self.exact_inputs, grads=True,
+                                   lse_convention=self.lse_convention)
 
     @cached_property
     def baseline(self) -> Outputs:
@@ -255,6 +265,8 @@ class CheckContext:
         return self.yardstick(self.reference_grads, self._baseline(grads=True), grads=True)
 
     def _baseline(self, **kwargs) -> Outputs:
+        if fp8.is_fp8(self.case.dtype):  # emulates an fp8 kernel: P rounded to fp8 before P V
+            return fp8.fp8_baseline(self.inputs, rows=kwargs.get("rows"))
         return reference.baseline(self.inputs, lse_convention=self.lse_convention, **kwargs)
 
     @cached_property
@@ -269,7 +281,8 @@ class CheckContext:
     def sampled_reference(self) -> tuple[Outputs, Outputs]:
         """(reference, yardstick) on :attr:`sampled_rows` only."""
         rows = self.sampled_rows
-        ref = reference.reference(self.inputs, rows=rows, lse_convention=self.lse_convention)
+        ref = reference.reference(self.exact_inputs, rows=rows,
+                                  lse_convention=self.lse_convention)
         plain = self._baseline(rows=rows)
         return ref, self.yardstick(ref, plain, grads=False, rows=rows)
 
@@ -656,7 +669,7 @@ def feature_effects(ctx: CheckContext) -> dict[str, float]:
     ref = ctx.reference.out
     effects = {}
     for name, (params, alibi) in variants.items():
-        other = reference.reference(ctx.inputs, params=params, alibi=alibi).out
+        other = reference.reference(ctx.exact_inputs, params=params, alibi=alibi).out
         effects[name] = float((other - ref).abs().max())
     return effects
 

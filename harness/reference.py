@@ -531,11 +531,10 @@ def reference(inputs: Inputs, *, dtype: torch.dtype | None = None, params: Param
     if lse_convention not in LSE_CONVENTIONS:
         raise ValueError(f"lse_convention={lse_convention!r} is not one of "
                          f"{', '.join(LSE_CONVENTIONS)}")
+    if inputs.q_descale is not None:
+        raise ValueError("fp8 inputs: the exact reference is harness.fp8.fp8_reference (on the "
+                         "dequantised values)")
     inputs = resolve_cache(inputs)
-    if inputs.q_descale is not None:  # fp8: the exact values are fp8 * descale (harness.fp8)
-        from harness.fp8 import dequantised
-
-        inputs = dequantised(inputs)
     case = inputs.case
     dtype = dtype or reference_dtype(case.dtype, inputs.device)
     p = params or Params.of(case)
@@ -586,12 +585,9 @@ def baseline(inputs: Inputs, *, grads: bool = False,
     ``rows`` samples query rows as in :func:`reference`; ``widened`` computes scores and
     softmax in float32 (:func:`_widened_chunk`), the yardstick where the plain one overflows;
     ``lse_convention`` as in :func:`reference` (the shift is added in float64, then rounded)."""
-    if inputs.q_descale is not None:  # fp8: the baseline that emulates fp8 P (harness.fp8)
-        if grads:
-            raise ValueError("fp8 cases are forward only: no fp8 baseline backward")
-        from harness.fp8 import fp8_baseline
-
-        return fp8_baseline(inputs, rows=rows, block_elems=block_elems)
+    if inputs.q_descale is not None:
+        raise ValueError("fp8 inputs: the baseline is harness.fp8.fp8_baseline (it emulates fp8 "
+                         "P)")
     chunk = _widened_chunk if widened else None
     inputs = resolve_cache(inputs)
     case = inputs.case

@@ -41,7 +41,7 @@ def run_fa3(module, case: Case, inputs) -> Outputs:
 
 
 def judge(module, case: Case):
-    inputs = make_inputs(case)
+    inputs = fp8.make_fp8_inputs(case)
     return fp8.fp8_verdict(case, run_fa3(module, case, inputs), fp8.fp8_baseline(inputs),
                            fp8.fp8_reference(inputs))
 
@@ -90,20 +90,20 @@ def re_escape(text: str) -> str:
 
 
 def test_inputs_are_quantised_float32_draws_with_fa3_shaped_descales():
-    inputs = make_inputs(GQA)
+    inputs = fp8.make_fp8_inputs(GQA)
     assert inputs.q.dtype == torch.float8_e4m3fn and inputs.k.dtype == torch.float8_e4m3fn
     for name in "qkv":
         descale = getattr(inputs, f"{name}_descale")
         assert descale.shape == (2, 2) and descale.dtype == torch.float32
         # amax scaling: the largest magnitude lands on the format's max exactly
         assert float(getattr(inputs, name).float().abs().max()) == 448.0
-    again = make_inputs(GQA)
+    again = fp8.make_fp8_inputs(GQA)
     assert torch.equal(inputs.q.view(torch.uint8), again.q.view(torch.uint8))
 
 
 def test_dequantised_values_are_the_drawn_values_within_fp8_rounding():
     case = GQA
-    inputs = make_inputs(case)
+    inputs = fp8.make_fp8_inputs(case)
     twin = case.replace(dtype="float32")
     drawn = make_inputs(twin)  # the float32 draws the fp8 case quantises
     exact = fp8.dequantised(inputs).k
@@ -113,7 +113,7 @@ def test_dequantised_values_are_the_drawn_values_within_fp8_rounding():
 
 def test_per_head_scales_differ_by_head_and_batch_row():
     case = GQA.replace(fp8_recipe="per-head")
-    inputs = make_inputs(case)
+    inputs = fp8.make_fp8_inputs(case)
     assert len(set(inputs.k_descale.flatten().tolist())) == 4
     for b in range(2):
         for h in range(2):
@@ -122,13 +122,13 @@ def test_per_head_scales_differ_by_head_and_batch_row():
 
 def test_small_fixed_scales_saturate_at_the_format_max_with_both_signs():
     case = FNUZ.replace(fp8_scales=(0.001, 1.0, 1.0))
-    q = make_inputs(case).q.float()
+    q = fp8.make_fp8_inputs(case).q.float()
     assert float(q.max()) == 240.0 and float(q.min()) == -240.0
     assert float((q.abs() == 240.0).double().mean()) > 0.75  # P(|N(0, 1)| > 0.24) = 0.81
 
 
 def test_strided_fp8_inputs_keep_their_gaps():
-    inputs = make_inputs(GQA.replace(layout="strided"))
+    inputs = fp8.make_fp8_inputs(GQA.replace(layout="strided"))
     assert not inputs.q.is_contiguous() and inputs.q.dtype == torch.float8_e4m3fn
     size = inputs.q.untyped_storage().nbytes()
     storage = torch.empty(0, dtype=torch.float8_e4m3fn).set_(inputs.q.untyped_storage(), 0,
@@ -140,11 +140,11 @@ def test_strided_fp8_inputs_keep_their_gaps():
 def test_varlen_and_paged_kvcache_quantise_consistently():
     varlen = Case(batch=3, seqlens_q=(5, 0, 9), seqlens_k=(7, 4, 0), heads_q=2, head_dim=16,
                   entry="varlen", dtype="float8_e5m2", fp8_recipe="per-head")
-    inputs = make_inputs(varlen)
+    inputs = fp8.make_fp8_inputs(varlen)
     assert inputs.q.shape == (14, 2, 16) and inputs.q_descale.shape == (3, 2)
     paged = Case(batch=2, seqlen_q=3, seqlen_k=40, seqlens_k=(40, 17), heads_q=2, head_dim=16,
                  entry="kvcache", paged_block_size=16, dtype="float8_e4m3fn")
-    inputs = make_inputs(paged)
+    inputs = fp8.make_fp8_inputs(paged)
     table = inputs.block_table.long()
     assert torch.equal(inputs.k_pages[table[1, 0]].view(torch.uint8),
                        inputs.k[1, :16].view(torch.uint8))
@@ -156,7 +156,7 @@ def test_varlen_and_paged_kvcache_quantise_consistently():
 def test_reference_is_exact_attention_of_the_dequantised_values():
     case = Case(batch=1, seqlen_q=3, seqlen_k=5, heads_q=1, head_dim=8, dtype="float8_e4m3fn",
                 fp8_scales=(0.01, 0.02, 0.03))
-    inputs = make_inputs(case)
+    inputs = fp8.make_fp8_inputs(case)
     q = inputs.q.double() * inputs.q_descale.double()[0, 0]
     k = inputs.k.double() * inputs.k_descale.double()[0, 0]
     v = inputs.v.double() * inputs.v_descale.double()[0, 0]
@@ -169,7 +169,7 @@ def test_reference_is_exact_attention_of_the_dequantised_values():
 
 
 def test_baseline_errs_like_an_fp8_kernel_not_like_a_float32_one():
-    inputs = make_inputs(GQA)
+    inputs = fp8.make_fp8_inputs(GQA)
     ref = fp8.fp8_reference(inputs)
     base = fp8.fp8_baseline(inputs)
     fp32 = fp8.fp8_reference(inputs, dtype=torch.float32)
@@ -183,7 +183,7 @@ def test_baseline_errs_like_an_fp8_kernel_not_like_a_float32_one():
 def test_baseline_handles_masks_rows_without_keys_and_sampled_rows():
     case = Case(batch=1, seqlen_q=20, seqlen_k=6, heads_q=2, head_dim=16, causal=True,
                 dtype="float8_e4m3fn")
-    inputs = make_inputs(case)
+    inputs = fp8.make_fp8_inputs(case)
     base = fp8.fp8_baseline(inputs)
     ref = fp8.fp8_reference(inputs)
     assert torch.equal(base.out[:, :14], torch.zeros_like(base.out[:, :14]))
@@ -342,7 +342,7 @@ def test_strategies_draw_fp8_cases_only_for_backends_that_claim_them():
 def test_the_generic_reference_and_baseline_route_fp8_inputs_here():
     from harness.reference import baseline, reference
 
-    inputs = make_inputs(GQA)
+    inputs = fp8.make_fp8_inputs(GQA)
     torch.testing.assert_close(reference(inputs, dtype=torch.float64).out,
                                fp8.fp8_reference(inputs).out, rtol=0, atol=0)
     assert torch.equal(baseline(inputs).out, fp8.fp8_baseline(inputs).out)
