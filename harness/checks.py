@@ -221,6 +221,8 @@ class CheckContext:
         self.profile = profile
         self.jury_dir = jury_dir
         self.device = torch.device(device or ("cuda" if target.vendor != "cpu" else "cpu"))
+        #: tensor -> the yardstick used where the same-dtype baseline overflowed
+        self.yardsticks: dict[str, str] = {}
 
     # ----------------------------------------------------------------------- shared values
 
@@ -295,19 +297,33 @@ class CheckContext:
         softmax float32 computation errs several times more on ill-conditioned cases). There,
         per tensor, the larger error of the two correct float32 algorithms is the yardstick.
         """
-        if self.inputs.q.dtype != torch.float32:
-            return plain
-        blockwise = reference.reference(self.inputs, dtype=torch.float32, grads=grads, rows=rows,
-                                        lse_convention=self.lse_convention)
-        chosen = {}
-        for name in ("out", "lse", "dq", "dk", "dv"):
-            a, b, r = getattr(plain, name), getattr(blockwise, name), getattr(ref, name)
-            chosen[name] = a
-            if a is None or b is None or r is None:
-                continue
-            if _max_error(b, r) > _max_error(a, r):
-                chosen[name] = b
-        return Outputs(**chosen, rows=plain.rows)
+        chosen = plain
+        if self.inputs.q.dtype == torch.float32:
+            blockwise = self._blockwise32(grads, rows)
+            picked = {}
+            for name in ("out", "lse", "dq", "dk", "dv"):
+                a, b, r = getattr(plain, name), getattr(blockwise, name), getattr(ref, name)
+                picked[name] = a
+                if a is not None and b is not None and r is not None and \
+                        _max_error(b, r) > _max_error(a, r):
+                    picked[name] = b
+            chosen = Outputs(**picked, rows=plain.rows)
+        if fp8.is_fp8(self.case.dtype) or not judge.overflowed(chosen, ref):
+            return chosen
+        # The same-dtype baseline overflowed (fp16 scores past 65,504 under scaled or large
+        # values): its error is undefined. The yardstick is then the larger error of two correct
+        # algorithms that cannot overflow (docs/judging.md).
+        widened = reference.baseline(self.inputs, grads=grads, rows=rows, widened=True,
+                                     lse_convention=self.lse_convention)
+        chosen, replaced = judge.sound_baseline(ref, chosen, widened,
+                                                self._blockwise32(grads, rows))
+        self.yardsticks.update({name: ("widened baseline", "float32 blockwise")[i]
+                                for name, i in replaced.items()})
+        return chosen
+
+    def _blockwise32(self, grads: bool, rows) -> Outputs:
+        return reference.reference(self.exact_inputs, dtype=torch.float32, grads=grads,
+                                   rows=rows, lse_convention=self.lse_convention)
 
     def rng_seed(self, salt: str) -> int:
         return derive_seed(self.seed, self.case.case_id, salt)
@@ -511,6 +527,8 @@ def check_fwd(ctx: CheckContext) -> judge.Verdict:
     metrics = {**verdict.metrics, "feature_effect": effects,
                "inert_features": judge.inert_features(effects, allowed),
                "verdict_kind": "exact" if rows is None else "sampled-rows"}
+    if ctx.yardsticks:
+        metrics["yardstick"] = dict(ctx.yardsticks)
     reason = verdict.reason
     if getattr(ctx.case, "docstring_differs", False):
         metrics["docstring_differs"] = True
@@ -562,8 +580,10 @@ def check_bwd(ctx: CheckContext) -> judge.Verdict:
                                  getattr(ref, name), k=judge.K_GRAD, atol=ctx.atol)
                    for name in ("dq", "dk", "dv")]
     verdict = judge.parity_verdict("bwd", comparisons)
-    return judge.Verdict("bwd", verdict.status, {**verdict.metrics, "deterministic": False},
-                         verdict.reason)
+    metrics = {**verdict.metrics, "deterministic": False}
+    if ctx.yardsticks:
+        metrics["yardstick"] = dict(ctx.yardsticks)
+    return judge.Verdict("bwd", verdict.status, metrics, verdict.reason)
 
 
 @check("determinism")

@@ -51,10 +51,10 @@ HEAD_DIMS = (64, 32, 128, 8, 16, 40, 59, 80, 96, 111, 160, 192, 224, 256, 1, 3)
 
 #: Values distributions and their parameters (None = the distribution's default); normal first
 #: so shrinking moves there. Drawn with a 16-bit dtype: scaled and key-bias twice as often.
-VALUES_16BIT = ("normal", "normal", "scaled", "key-bias", "scaled", "key-bias", "sink", "flat",
-                "large")
+VALUES_16BIT = ("normal", "normal", "scaled", "key-bias", "scaled", "key-bias", "scaled", "sink",
+                "flat", "large", "large")
 VALUES_32BIT = ("normal", "normal", "normal", "scaled", "key-bias", "sink", "flat", "large")
-VALUE_SCALES = {"scaled": (None, 3.0, 100.0, 30.0), "key-bias": (None, 100.0, 1000.0),
+VALUE_SCALES = {"scaled": (None, 100.0, 3.0, 1000.0), "key-bias": (None, 100.0, 1000.0),
                 "sink": (None, 10.0, 100.0), "flat": (None, 1e-5), "large": (None, 20.0)}
 #: Layouts, the default first.
 LAYOUT_CHOICES = ("contiguous", "strided", "packed-qkv", "packed-kv", "v-transposed",
@@ -85,7 +85,7 @@ class Budget:
 
 
 BUDGETS = {
-    # The quick budget fits a 16-query decode of 128k keys at head_dim 16 (1.4e8 FLOPs, 17 MB)
+    # The quick budget fits an 8-query decode of 128k keys at head_dim 16 (1.4e8 FLOPs, 17 MB)
     # and 70,000 tiny problems of 2 tokens at head_dim 16 in float32 (36 MB).
     "quick": Budget(max_flops=1.5e8, max_bytes=48 << 20, max_seqlen=4096),
     "nightly": Budget(max_flops=5e9, max_bytes=1 << 30, max_seqlen=32768),
@@ -181,7 +181,7 @@ def cases(draw, capabilities: Capabilities | None = None, budget: Budget | None 
         seqlen_q, seqlen_k = few_q, many_k
     elif shape == "decode":
         seqlen_q, seqlen_k = decode_q, decode_k
-        head_dim = min(head_dim, 16) if head_dim > 16 else head_dim
+        head_dim = min(head_dim, 32)
         heads_kv, group = 1, min(group, 2)
     elif shape == "grid":
         # Many tiny problems: batch x heads at and past 65,535 programs, one or two tokens.
@@ -326,6 +326,20 @@ def typical_score(case: Case) -> float:
     return base
 
 
+def score_spread(case: Case) -> float:
+    """A static estimate of the standard deviation of one row's scores: ``scale * sqrt(d)``
+    for N(0, 1) q and k, times the factor squared for scaled and large values (key-bias and
+    sink shift scores more than they spread them, flat shrinks them)."""
+    scale = case.scale if case.scale is not None else 1.0 / math.sqrt(case.head_dim)
+    base = scale * math.sqrt(case.head_dim)
+    t = case.value_scale_used
+    if case.values in ("scaled", "large"):
+        return base * t * t
+    if case.values == "flat":
+        return base * t
+    return base
+
+
 def max_visible_keys(seqlen_q: int, seqlen_k: int, left: int, right: int) -> int:
     """The most keys any query row sees under the bottom-right aligned window, in O(1): the
     count is concave piecewise linear in the row, so its maximum is at an end or a corner."""
@@ -349,7 +363,9 @@ def max_visible_keys(seqlen_q: int, seqlen_k: int, left: int, right: int) -> int
 def vacuous_features(case: Case) -> list[str]:
     """The features ``case`` turns on that cannot change its output, by a cheap static rule
     each (no tensors): causal or a window that hides no key; scale or ALiBi where no row sees
-    two keys; softcap more than 4x the largest score (``typical_score``; tanh then moves the
+    two keys (softcap too); scale where the score spread (:func:`score_spread`) exceeds 100
+    (one-hot rows stay one-hot), ALiBi there when its largest bias is under a tenth of the
+    spread; softcap more than 4x the largest score (``typical_score``; tanh then moves the
     scores by under 1/48 of their size, at most about 2% of a logit); ``strided``/
     ``v-transposed``/``dout-strided`` whose strides coincide with the contiguous ones (one
     sequence and one head)."""
@@ -369,11 +385,15 @@ def vacuous_features(case: Case) -> list[str]:
         if not hides_keys(left, right, -1, right0):
             out.append("window")
     visible = max((max_visible_keys(sq, sk, left, right) for sq, sk in lengths), default=0)
-    if "scale" in feats and visible <= 1:
+    # Rows a score spread of over 100 makes one-hot stay one-hot under another scale, and
+    # under ALiBi biases a tenth of the spread (1 bounds every slope drawn).
+    spread = score_spread(case)
+    distance = max(sq + sk for sq, sk in lengths) if left < 0 else left + 1
+    if "scale" in feats and (visible <= 1 or spread > 100):
         out.append("scale")
-    if "alibi" in feats and visible <= 1:
+    if "alibi" in feats and (visible <= 1 or (spread > 100 and distance < spread / 10)):
         out.append("alibi")
-    if "softcap" in feats and case.softcap > 4 * typical_score(case):
+    if "softcap" in feats and (visible <= 1 or case.softcap > 4 * typical_score(case)):
         out.append("softcap")
     one_sequence = case.batch == 1 or case.entry == "varlen"
     if "strided" in feats and one_sequence and case.heads_q == 1 and case.heads_kv == 1:

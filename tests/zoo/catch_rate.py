@@ -5,6 +5,7 @@ A benchmark, not a test (pytest does not collect it). Run from the repository ro
 
     .venv/bin/python -m tests.zoo.catch_rate                       # every zoo kernel, quick profile
     .venv/bin/python -m tests.zoo.catch_rate --false-positives 2000 --backend sdpa-math
+    .venv/bin/python -m tests.zoo.catch_rate --zoo input-space     # issue 12's input-space zoo
 
 Each kernel is explored exactly as ``attn-harness run`` explores (same strategies, worker
 process, checks fwd,bwd,determinism, seed 0). Times are wall-clock on this machine and include
@@ -22,7 +23,12 @@ from harness.backends import load_backend
 from harness.explore import explore
 from harness.records import FAILING
 from harness.runner import ExplorationWorker, Task
+from tests.zoo.input_space_kernels import ZOO_INPUT_SPACE
 from tests.zoo.kernels import ZOO
+
+#: --zoo name -> (file, kernel -> expected checks).
+ZOOS = {"classic": ("tests/zoo/kernels.py", ZOO),
+        "input-space": ("tests/zoo/input_space_kernels.py", ZOO_INPUT_SPACE)}
 
 CHECKS = ("fwd", "bwd", "determinism")
 
@@ -41,9 +47,9 @@ def run_one(spec: str, examples: int, seed: int, profile: str):
 
 def catch_rate(args) -> int:
     rows, firsts = [], []
-    for name in sorted(ZOO):
-        result, wall = run_one(f"tests/zoo/kernels.py:{name}", args.examples, args.seed,
-                               args.profile)
+    path, zoo = ZOOS[args.zoo]
+    for name in sorted(zoo):
+        result, wall = run_one(f"{path}:{name}", args.examples, args.seed, args.profile)
         caught = result.minimal is not None
         if caught:
             firsts.append(result.seconds_to_first_failure + (wall - result.seconds))
@@ -55,9 +61,9 @@ def catch_rate(args) -> int:
                     if caught else f"| {name} | NO | - | - | - | - | - |")
         print(rows[-1], flush=True)
     print()
-    print(f"caught {len(firsts)} of {len(ZOO)}; median time to first failure "
+    print(f"caught {len(firsts)} of {len(zoo)}; median time to first failure "
           f"{statistics.median(firsts):.1f}s (worker start included)" if firsts else "caught none")
-    return 0 if len(firsts) == len(ZOO) else 1
+    return 0 if len(firsts) == len(zoo) else 1
 
 
 def false_positives(args) -> int:
@@ -84,6 +90,8 @@ def main(argv=None) -> int:
                         help="instead: explore N cases of --backend and count failures")
     parser.add_argument("--backend", default="tests/zoo/kernels.py:correct")
     parser.add_argument("--profile", default="quick")
+    parser.add_argument("--zoo", choices=sorted(ZOOS), default="classic",
+                        help="which zoo: the classic porting bugs or issue 12's input space")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.false_positives:

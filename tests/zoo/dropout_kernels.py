@@ -33,6 +33,21 @@ import torch
 _SYSTEM_RANDOM = random.SystemRandom()
 
 
+def _normalised_window(window_size, causal: bool, sk: int) -> tuple[int, int]:
+    """The window as flash-attn's C++ layer reads it (csrc/flash_attn/flash_api.cpp); the same
+    rule as tests/zoo/kernels.py's, repeated so this file loads by path on its own."""
+    left, right = window_size
+    if causal:
+        right = 0
+    left = -1 if left >= sk else left
+    right = -1 if right >= sk else right
+    if left < 0 <= right:
+        left = sk
+    elif right < 0 <= left:
+        right = sk
+    return left, right
+
+
 def _probabilities(q, k, scale, causal, window_size, softcap, alibi_slopes):
     """float32 softmax probabilities ``(b, hq, sq, sk)`` and ``tanh`` (softcap) or None."""
     b, sq, hq, _ = q.shape
@@ -48,9 +63,7 @@ def _probabilities(q, k, scale, causal, window_size, softcap, alibi_slopes):
            - torch.arange(sk, device=q.device)[None, :])
     if alibi_slopes is not None:
         s = s - alibi_slopes.float().reshape(-1, hq, 1, 1) * rel.abs()  # (hq,) or (b, hq)
-    left, right = window_size
-    if causal:
-        right = 0
+    left, right = _normalised_window(window_size, causal, sk)
     visible = torch.ones_like(rel, dtype=torch.bool)
     if left >= 0:
         visible &= rel <= left

@@ -57,7 +57,9 @@ def _blockwise(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_
         rel = rows + offset - torch.arange(j0, j1, device=q.device)[None, :]
         if alibi_slopes is not None and bug != "alibi_ignored":
             sign = 1.0 if bug == "alibi_missigned" else -1.0
-            s = s + sign * alibi_slopes.float().view(1, hq, 1, 1) * rel.abs()
+            slopes = alibi_slopes.float()  # (hq,) or per batch entry (b, hq)
+            slopes = slopes.view(1 if slopes.dim() == 1 else b, hq, 1, 1)
+            s = s + sign * slopes * rel.abs()
         visible = torch.ones_like(rel, dtype=torch.bool)
         if left >= 0:
             visible &= (rel < left) if bug == "window_off_by_one" else (rel <= left)
