@@ -5,7 +5,7 @@ A benchmark, not a test (pytest does not collect it). Run from the repository ro
 
     .venv/bin/python -m tests.zoo.catch_rate                       # every zoo kernel, quick profile
     .venv/bin/python -m tests.zoo.catch_rate --false-positives 2000 --backend sdpa-math
-    .venv/bin/python -m tests.zoo.catch_rate --zoo input-space     # issue 12's input-space zoo
+    .venv/bin/python -m tests.zoo.catch_rate --zoo input-space     # also: dropout, fa2, fp8
 
 Each kernel is explored exactly as ``attn-harness run`` explores (same strategies, worker
 process, checks fwd,bwd,determinism, seed 0). Times are wall-clock on this machine and include
@@ -18,6 +18,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from harness.backends import load_backend
 from harness.explore import explore
@@ -26,9 +27,40 @@ from harness.runner import ExplorationWorker, Task
 from tests.zoo.input_space_kernels import ZOO_INPUT_SPACE
 from tests.zoo.kernels import ZOO
 
-#: --zoo name -> (file, kernel -> expected checks).
-ZOOS = {"classic": ("tests/zoo/kernels.py", ZOO),
-        "input-space": ("tests/zoo/input_space_kernels.py", ZOO_INPUT_SPACE)}
+
+def _module_zoo(path: str) -> dict[str, object]:
+    """The ZOO table of a directory of module variants (loaded by path: tests/zoo/fa2 has no
+    package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("attn_harness_zoo_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ZOO
+
+
+def _dropout_zoo() -> dict[str, object]:
+    from tests.zoo.dropout_kernels import ZOO as DROPOUT
+
+    # "unseeded" is the kernel whose dropout is not seed-determined: the statistical fallback
+    # judges it, and it is correct, so it is not a bug to catch.
+    return {k: v for k, v in DROPOUT.items() if v != "recovery"}
+
+
+def _fp8_zoo() -> dict[str, object]:
+    return {p.stem: ("fwd",) for p in sorted(Path("tests/zoo/fp8").glob("*.py"))
+            if not p.stem.startswith("_")}
+
+
+#: --zoo name -> (kernel -> backend spec, kernel -> expected checks).
+ZOOS = {
+    "classic": (lambda k: f"tests/zoo/kernels.py:{k}", lambda: ZOO),
+    "input-space": (lambda k: f"tests/zoo/input_space_kernels.py:{k}", lambda: ZOO_INPUT_SPACE),
+    "dropout": (lambda k: f"tests/zoo/dropout_kernels.py:{k}", _dropout_zoo),
+    "fa2": (lambda k: f"flash-attn@tests/zoo/fa2/{k}.py",
+            lambda: _module_zoo("tests/zoo/fa2/ZOO.py")),
+    "fp8": (lambda k: f"flash-attn3@tests/zoo/fp8/{k}.py", _fp8_zoo),
+}
 
 CHECKS = ("fwd", "bwd", "determinism")
 
@@ -47,9 +79,10 @@ def run_one(spec: str, examples: int, seed: int, profile: str):
 
 def catch_rate(args) -> int:
     rows, firsts = [], []
-    path, zoo = ZOOS[args.zoo]
+    spec_of, table = ZOOS[args.zoo]
+    zoo = table()
     for name in sorted(zoo):
-        result, wall = run_one(f"{path}:{name}", args.examples, args.seed, args.profile)
+        result, wall = run_one(spec_of(name), args.examples, args.seed, args.profile)
         caught = result.minimal is not None
         if caught:
             firsts.append(result.seconds_to_first_failure + (wall - result.seconds))
@@ -91,7 +124,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="tests/zoo/kernels.py:correct")
     parser.add_argument("--profile", default="quick")
     parser.add_argument("--zoo", choices=sorted(ZOOS), default="classic",
-                        help="which zoo: the classic porting bugs or issue 12's input space")
+                        help="which zoo: the classic porting bugs (default), the input space, "
+                             "dropout masks, flash-attn module variants (fa2), fp8")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.false_positives:
