@@ -644,8 +644,8 @@ def test_lse_rows_without_keys_conventions_are_declared():
 @pytest.mark.parametrize("layout", ["packed-qkv", "packed-kv"])
 def test_grads_of_a_packed_entry_point_are_read_from_the_buffer(layout):
     """qkvpacked/kvpacked kernels use the buffer, not the q, k, v views of it: differentiating
-    with respect to the views finds them unused, module.grads reads them from the buffer."""
-    from harness.backends.module import grads
+    with respect to the views finds them unused; the checks read them from the buffer."""
+    from harness.checks import grad_leaves
 
     backend = fake("flash-attn", "fake_flash_attn2")
     case = Case(batch=2, seqlen_q=12, heads_q=2, head_dim=8, dtype="float32", causal=True,
@@ -655,7 +655,8 @@ def test_grads_of_a_packed_entry_point_are_read_from_the_buffer(layout):
     assert calls(backend)[0][0] in ("flash_attn_qkvpacked_func", "flash_attn_kvpacked_func")
     with pytest.raises(RuntimeError, match="appears to not have been used"):
         torch.autograd.grad(out, (used.q, used.k, used.v), used.dout, retain_graph=True)
-    dq, dk, dv = grads(out, used, used.dout)
+    leaves, unpack = grad_leaves(used)
+    dq, dk, dv = unpack(torch.autograd.grad(out, leaves, used.dout))
     plain = [t.detach().clone().requires_grad_(True) for t in (used.q, used.k, used.v)]
     module = backend.module
     want = torch.autograd.grad(module.flash_attn_func(*plain, causal=True), plain, used.dout)

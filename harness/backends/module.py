@@ -356,35 +356,3 @@ def same_storage(buffer: Any, *views: Any) -> bool:
     except (AttributeError, RuntimeError):
         return False
 
-
-def grads(out: Any, used: Any, dout: Any) -> tuple[Any, Any, Any]:
-    """``(dq, dk, dv)`` of ``out`` for inputs made by ``Inputs.with_grad``, packed layouts too.
-
-    With a packed layout the autograd leaf is the packed buffer and q, k, v (or k, v) are views
-    of it. A kernel called through a packed entry point (``flash_attn_qkvpacked_func``) uses the
-    buffer, not the views, so differentiating with respect to the views finds them unused. This
-    differentiates with respect to the buffer and reads each view's gradient at the view's own
-    place in it, which is right whichever of the two the kernel used.
-    """
-    import torch
-
-    names = ("q", "k", "v")
-    packed = getattr(used, "packed", None)
-    inside = [n for n in names
-              if packed is not None and packed.requires_grad and same_storage(packed,
-                                                                              getattr(used, n))]
-    leaves = ([packed] if inside else []) + [getattr(used, n) for n in names if n not in inside]
-    found = list(torch.autograd.grad(out, leaves, dout))
-    result: dict[str, Any] = {}
-    if inside:
-        dpacked = found.pop(0)
-        size = packed.untyped_storage().nbytes() // packed.element_size()
-        flat = dpacked.new_zeros(size)
-        flat.as_strided(packed.shape, packed.stride(), packed.storage_offset()).copy_(dpacked)
-        for n in inside:
-            t = getattr(used, n)
-            result[n] = flat.as_strided(t.shape, t.stride(), t.storage_offset()).clone()
-    for n in names:
-        if n not in inside:
-            result[n] = found.pop(0)
-    return result["q"], result["k"], result["v"]
