@@ -23,7 +23,7 @@ before the second matmul), which the baseline's error measures. An entry closer 
 cannot be told apart and do not count for the keep statistics (whether an entry counts depends
 on ``P`` only, so the kept fraction stays unbiased).
 
-Cost: ``ceil(seqlen_k / head_dim) + 2`` kernel calls (one repeat for seed-determinism, one with
+Cost: ``ceil(seqlen_k / head_dim) + 3`` kernel calls (one repeat for seed-determinism, two with
 another seed) and a few float64 copies of ``D``, so only cases within :data:`EXACT_MAX_CALLS`
 and :data:`EXACT_MAX_ENTRIES` are judged exactly; above them (and where two seeded calls
 differ) the statistical test of :func:`harness.judge.dropout_verdict` stays the judge, and
@@ -53,7 +53,7 @@ OTHER_SALT = "dropout-exact-other"
 #: Most entries of ``D(P)``, summed over the batch (``heads_q * seqlen_q * seqlen_k`` per
 #: sequence): 32 MiB of float64; the judge holds about ten such tensors at once.
 EXACT_MAX_ENTRIES = 1 << 22
-#: Most kernel calls to recover ``D(P)``: ``ceil(seqlen_k / head_dim) + 2``.
+#: Most kernel calls to recover ``D(P)``: ``ceil(seqlen_k / head_dim) + 3``.
 EXACT_MAX_CALLS = 34
 #: Standard errors out of the binomial test of the kept fraction (as the statistical tests).
 KEEP_SIGMAS = judge.DROPOUT_SIGMAS
@@ -68,7 +68,7 @@ def exact_cost(case: Case) -> tuple[int, int]:
     """``(kernel calls, entries of D(P))`` the exact judge of ``case`` needs."""
     lengths = case.sequence_lengths()
     longest = max((sk for _, sk in lengths), default=0)
-    calls = max(1, -(-longest // case.head_dim)) + 2
+    calls = max(1, -(-longest // case.head_dim)) + 3
     entries = sum(case.heads_q * sq * sk for sq, sk in lengths)
     return calls, entries
 
@@ -189,10 +189,14 @@ def recover(call: Callable[[torch.Tensor], torch.Tensor], inputs: Inputs,
     calls = 1 + blocks
     seed_dependent = None
     if other is not None:
+        # V = ones: each output is the row sum of D over every key, so the comparison sees the
+        # whole mask (an identity block shows only its own keys, possibly none that are visible).
+        ones = torch.ones(inputs.v.shape, dtype=inputs.v.dtype, device=inputs.v.device)
         with torch.no_grad():
-            elsewhere = other(first_v).detach()
-        calls += 1
-        seed_dependent = judge.bitwise_diff(first, elsewhere)[0] > 0
+            here = call(ones).detach()
+            elsewhere = other(ones).detach()
+        calls += 2
+        seed_dependent = judge.bitwise_diff(here, elsewhere)[0] > 0
     pieces = []
     for piece in inputs.sequences():
         sk = piece.kv_like(inputs.v).shape[1]

@@ -5,7 +5,6 @@ are the dropout zoo (tests/zoo/dropout_kernels.py) and SDPA's math backend on th
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -84,7 +83,7 @@ def test_a_correct_seeded_dropout_passes_exactly(name):
     assert d["exact"] is True and d["seed_dependent"] is True
     assert d["keep_rate_tested"] and abs(d["keep_z"]) < dropout.KEEP_SIGMAS
     assert d["head_pairs"] > 0 and d["batch_pairs"] > 0  # the distinctness tests had power
-    assert recovery.calls == -(-case.seqlen_k // case.head_dim) + 2
+    assert recovery.calls == -(-case.seqlen_k // case.head_dim) + 3
     assert bwd.metrics["dropout"]["exact"] is True
     json.dumps([fwd.metrics, bwd.metrics], allow_nan=False)  # records are strict JSON
     if case.rows_without_keys:
@@ -286,7 +285,7 @@ def test_reference_gradients_with_a_mask_equal_autograd_in_float64(name):
 def test_cost_and_the_limits_of_the_exact_judge():
     smoke = Case(batch=1, seqlen_q=64, seqlen_k=96, heads_q=2, head_dim=32, dropout_p=0.17,
                  dtype="float32")
-    assert dropout.exact_cost(smoke) == (3 + 2, 2 * 64 * 96)
+    assert dropout.exact_cost(smoke) == (3 + 3, 2 * 64 * 96)
     assert dropout.exact_refusal(smoke) == ""
     many_keys = smoke.replace(seqlen_k=4096)
     assert "kernel calls" in dropout.exact_refusal(many_keys)
@@ -295,14 +294,11 @@ def test_cost_and_the_limits_of_the_exact_judge():
     assert dropout.exact_refusal(smoke.replace(dropout_p=0.0)) == "the case has no dropout"
 
 
-def test_a_smoke_sized_case_costs_a_few_calls_and_little_time():
+def test_a_smoke_sized_case_costs_a_few_calls():
     case = Case(batch=1, seqlen_q=64, seqlen_k=96, heads_q=2, head_dim=32, dropout_p=0.17,
                 dtype="float32")
-    start = time.perf_counter()
     recovery, fwd, bwd = judge_kernel(SdpaBackend("sdpa-math", device_type="cpu").forward, case)
-    elapsed = time.perf_counter() - start
-    assert recovery.calls == 5 and fwd.status == bwd.status == "pass"
-    assert elapsed < 10.0
+    assert recovery.calls == 6 and fwd.status == bwd.status == "pass"
 
 
 @pytest.mark.parametrize("layout", ["strided", "packed-kv", "v-transposed"])
@@ -401,6 +397,20 @@ def test_two_seeds_agreeing_on_one_key_is_chance_not_seed_independence():
 
     case = Case(batch=1, seqlen_q=1, seqlen_k=1, heads_q=1, head_dim=64, dtype="float16",
                 dropout_p=0.17)
+    records = [r for kind, r in execute(Task("t", case, "sdpa-math", ("fwd",)), detect(), {})
+               if kind == "record"]
+    assert [r.status for r in records] == ["pass"], records[0].reason
+
+
+def test_the_seed_comparison_sees_keys_outside_the_first_identity_block():
+    """q1 k1024 window [1, -1]: the visible keys are the last two, outside V's first identity
+    block, whose output is all zero under any seed; the seed comparison must see them (SDPA math
+    was flagged as seed-independent here, found by exploration)."""
+    from harness.runner import Task, execute
+    from harness.target import detect
+
+    case = Case(batch=3, seqlen_q=1, seqlen_k=1024, heads_q=12, heads_kv=3, head_dim=64,
+                dtype="float16", window=(1, -1), dropout_p=0.17)
     records = [r for kind, r in execute(Task("t", case, "sdpa-math", ("fwd",)), detect(), {})
                if kind == "record"]
     assert [r.status for r in records] == ["pass"], records[0].reason
