@@ -270,7 +270,8 @@ def _session(config):
         from harness.session import PytestSession
 
         try:
-            state["session"] = PytestSession(state["options"])
+            worker = getattr(config, "workerinput", {}).get("workerid")
+            state["session"] = PytestSession(state["options"], worker_id=worker)
         except HarnessError as exc:  # e.g. FILE.py:FUNC without FUNC: one line, exit 4
             pytest.exit(f"ERROR: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
     return state["session"]

@@ -371,6 +371,8 @@ class PytestSession:
     rendered from this session's files only."""
 
     options: RunOptions
+    #: the pytest-xdist worker id (``gw0``) when this session is one, else None
+    worker_id: str | None = None
     backends: list[str] = field(default_factory=list)
     capabilities: dict[str, Any] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
@@ -400,8 +402,7 @@ class PytestSession:
         target = worker.outcome.target
         self._out = prepare_out_dir(self.options.out or Path("reports") / target["target_id"],
                                     "--attn-out")
-        name = f"results-{os.environ['PYTEST_XDIST_WORKER']}.jsonl" \
-            if os.environ.get("PYTEST_XDIST_WORKER") else "results.jsonl"
+        name = f"results-{self.worker_id}.jsonl" if self.worker_id else "results.jsonl"
         self._writer = RecordWriter(self._out / name)
 
     def suite_cases(self) -> list[tuple[str, Case]]:

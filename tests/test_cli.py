@@ -46,7 +46,9 @@ def test_default_run_passes_the_cpu_backends_on_the_smoke_suite(tmp_path):
             "reason"}
     assert all(keys <= set(r) for r in recs)
     statuses = {r["status"] for r in recs}
-    assert statuses <= {"pass", "skip"}
+    assert statuses <= {"pass", "skip", "xfail"}
+    # an xfail is a known issue (the CPU flash backward's precision), named in the record
+    assert all(r["metrics"].get("known_issue") for r in recs if r["status"] == "xfail")
     assert all(r["reason"] for r in recs if r["status"] == "skip")
     report = (tmp_path / "report.md").read_text()
     assert "## Verdicts" in report and "## Throughput" in report

@@ -7,6 +7,7 @@ decision shown is the one that machine would make.
 
 from __future__ import annotations
 
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,8 +36,17 @@ def _recorded(platform_id: str):
     raise KeyError(platform_id)
 
 
+#: A stand-in for an installed flash-attn: the entry points exist (dispatch never calls them).
+def _api(*args, **kwargs):  # takes every keyword, as flash-attn's functions do
+    raise AssertionError("dispatch never calls the kernel")
+
+
+_INSTALLED = types.SimpleNamespace(flash_attn_func=_api, flash_attn_varlen_func=_api,
+                                   flash_attn_with_kvcache=_api)
+
+
 def _flash_attn(flavor: str) -> FlashAttnBackend:
-    backend = FlashAttnBackend(module=object(), flavor=flavor)
+    backend = FlashAttnBackend(module=_INSTALLED, flavor=flavor)
     backend.availability = lambda: None  # as on that machine, where it imports and sees a GPU
     return backend
 

@@ -122,6 +122,9 @@ class FakeFlashAttn:
 
 def _run(case: Case, fake: FakeFlashAttn, flavor: str = "cuda", check: str = "fwd"):
     backend = FlashAttnBackend(module=fake, flavor=flavor)
+    # The fake computes causal-ALiBi lse in the distance form, not alibi.h's +slope*col form
+    # (tests/test_kvcache_reference.py and the flash_attn_ref fixture cover that convention).
+    backend.lse_convention = "harness"
     run = CaseRun(case, backend, CPU, seed=0, profile=get_profile("quick"), device="cpu")
     return run.run(check), run.inputs
 
