@@ -256,10 +256,12 @@ def _clone_view(t: torch.Tensor, copies: dict[tuple, torch.Tensor]) -> torch.Ten
 
 
 def _fresh_view(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` with the same geometry, differentiable with respect to the copy."""
-    if t.is_contiguous():
-        return t.detach().clone().requires_grad_(True)
+    """A copy of ``t`` with the same geometry, differentiable with respect to the copy: its
+    buffer as large as ``t``'s, gaps included (a strided tensor whose size-1 dimensions make it
+    "contiguous" to torch still has them)."""
     size = t.untyped_storage().nbytes() // t.element_size()
+    if t.is_contiguous() and t.storage_offset() == 0 and size == t.numel():
+        return t.detach().clone().requires_grad_(True)
     buf = torch.full((size,), math.nan, dtype=t.dtype, device=t.device)
     buf.as_strided(t.shape, t.stride(), t.storage_offset()).copy_(t.detach())
     buf.requires_grad_(True)

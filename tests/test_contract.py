@@ -91,3 +91,20 @@ def test_clone_keeps_geometry_and_shared_buffers():
     buffer.fill_(0.0)
     copy.q.copy_(elements)
     assert "outside the tensor's elements" in modified_inputs(inputs, copy)[0]
+
+
+@pytest.mark.parametrize("backend", ["sdpa-math", "sdpa-flash"])
+def test_a_strided_tensor_that_torch_calls_contiguous_keeps_its_gaps_in_the_backward(backend,
+                                                                                     target):
+    """One token and one kv head: k is (1, 1, 1, 64) with strides (512, 64, 256, 1), which torch
+    calls contiguous because every other dimension has size 1. The differentiable copy used to
+    compact it (``clone``), and the bytes check then read the shorter buffer as a kernel writing
+    into the gaps: a false "inputs modified in place" on bwd and determinism, found by
+    exploring sdpa-flash."""
+    case = Case(batch=1, seqlen_q=1, seqlen_k=1, heads_q=2, heads_kv=1, head_dim=64,
+                dtype="float16", layout="strided")
+    k = make_inputs(case).k
+    assert k.is_contiguous() and k.untyped_storage().nbytes() > k.numel() * k.element_size()
+    task = Task("test", case, backend, ("fwd", "bwd", "determinism"), seed=0)
+    out = {r.check: r for kind, r in execute(task, target, {}) if kind == "record"}
+    assert {r.status for r in out.values()} == {"pass"}, [r.reason for r in out.values()]
