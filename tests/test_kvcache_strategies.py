@@ -4,6 +4,7 @@ them, never for backends that do not, and shrink each of them away."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, Phase, find, given, settings
 
 from harness.backends.base import FEATURES, Capabilities
@@ -32,18 +33,14 @@ REACHED = {
 }
 
 
-def test_strategies_reach_every_kvcache_call():
-    reached: set[str] = set()
-
-    @settings(max_examples=600, database=None, deadline=None, phases=[Phase.generate],
-              derandomize=True,
-              suppress_health_check=list(HealthCheck))
-    @given(cases(ALL))
-    def draw(case):
-        reached.update(name for name, test in REACHED.items() if test(case))
-
-    draw()
-    assert reached == set(REACHED)
+@pytest.mark.parametrize("name", sorted(REACHED))
+def test_strategies_reach_every_kvcache_call(name):
+    # find() stops at the first case that reaches the call: rare calls (rotary needs a kv-cache
+    # case with an append and a head_dim rotary can take, about 1 draw in 100) are still found
+    # well inside the limit, whatever other tests drew before in this process.
+    find(cases(ALL), REACHED[name], settings=settings(
+        max_examples=3000, database=None, deadline=None, phases=[Phase.generate],
+        derandomize=True, suppress_health_check=list(HealthCheck)))
 
 
 def test_shrinking_turns_the_other_cache_features_off():
