@@ -751,13 +751,27 @@ def _dropout_statistics(ctx: CheckContext, check_name: str) -> judge.Verdict:
 PEAK_DTYPES = ("float16", "bfloat16")
 
 
+def peak_for_dtype(target: Target, dtype: str) -> float | None:
+    """The dense peak a case of ``dtype`` is measured against on ``target``: the fp16/bf16
+    figure for 16-bit cases, the table's fp8 figure for fp8 cases (None where none is
+    recorded), none for float32 (attention's float32 runs off the tensor cores' peak)."""
+    if dtype in PEAK_DTYPES:
+        return target.peak_tflops or None
+    if dtype in fp8.FP8_DTYPES and target.device_name:
+        from harness.target import peak_for
+
+        peak = peak_for(target.device_name)
+        return peak.fp8_tflops if peak else None
+    return None
+
+
 def _rate(timing, flops: float, target: Target, dtype: str) -> dict[str, Any]:
     rate = tflops(flops, timing.median_ms)
     out = {"time_ms": timing.median_ms, "tflops": rate, **{f"timing_{k}": v
                                                            for k, v in timing.to_dict().items()
                                                            if k != "median_ms"}}
-    fair = target.peak_tflops and dtype in PEAK_DTYPES
-    out["pct_peak"] = 100 * rate / target.peak_tflops if fair else None
+    peak = peak_for_dtype(target, dtype)
+    out["pct_peak"] = 100 * rate / peak if peak else None
     return out
 
 

@@ -169,16 +169,6 @@ def fp8_reasons(case: Case, target: Target) -> list[str]:
             "--audit runs it anyway"]
 
 
-def matrix_row(case: Case) -> tuple[str, str]:
-    """``(key, label)`` of the portability-matrix row a case belongs to: the e4m3fn and
-    e4m3fnuz versions of one problem share a row (``e4m3`` in the label), so an H100 or MI355X
-    (e4m3fn) and an MI300X (e4m3fnuz) appear side by side; every other case is its own row."""
-    if case.dtype in ("float8_e4m3fn", "float8_e4m3fnuz"):
-        twin = case.replace(dtype="float8_e4m3fn")
-        return "e4m3-" + twin.case_id, twin.label.replace(" e4m3fn ", " e4m3 ", 1)
-    return case.case_id, case.label
-
-
 # ----------------------------------------------------------------------------- inputs
 
 

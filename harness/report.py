@@ -184,31 +184,79 @@ class Cell:
     status: str
     checks: tuple[str, ...]
     ratio: float | None
+    #: Which variant of a shared row ran here (``e4m3fnuz out=f32``); empty for one-case rows.
+    variant: str = ""
 
     def text(self) -> str:
+        tag = f" `{self.variant}`" if self.variant else ""
         if self.status == "skip":
-            return "skip"
+            return "skip" + tag
         ratio = f" {_fmt(self.ratio, 2)}" if self.ratio is not None else ""
         if self.status in FAILING:
-            return f"**{self.status.upper()}** {'+'.join(self.checks)}{ratio}"
-        return f"{self.status}{ratio}"
+            return f"**{self.status.upper()}** {'+'.join(self.checks)}{ratio}{tag}"
+        return f"{self.status}{ratio}{tag}"
+
+
+_FP8_SHORT = {"float8_e4m3fn": "e4m3fn", "float8_e4m3fnuz": "e4m3fnuz"}
+_OUT_SHORT = {"bfloat16": "out=bf16", "float16": "out=f16", "float32": "out=f32"}
+
+
+def matrix_row(case: Case) -> tuple[str, str]:
+    """``(key, label)`` of the portability-matrix row a case belongs to. The e4m3fn and
+    e4m3fnuz versions of one fp8 problem share a row whatever output dtype the kernel returns
+    (``e4m3`` in the label, no ``out=``), so an H100 or MI355X (e4m3fn, FA3's bf16 out) and an
+    MI300X (e4m3fnuz, AITER's fp32 out) appear side by side (issue 14); every other case is its
+    own row."""
+    if case.dtype in _FP8_SHORT:
+        twin = case.replace(dtype="float8_e4m3fn", fp8_out="bfloat16")
+        return "e4m3-" + twin.case_id, twin.label.replace(" e4m3fn ", " e4m3 ", 1)
+    return case.case_id, case.label
+
+
+def _variant(case: Case) -> str:
+    return f"{_FP8_SHORT[case.dtype]} {_OUT_SHORT[case.fp8_out]}"
+
+
+def matrix_rows(view: View, checks: Iterable[str] = JUDGED) -> dict[str, tuple[str, str]]:
+    """``{case_id: (row key, row label)}`` for every case with a record of ``checks``: twins
+    share a row (see :func:`matrix_row`) unless some column ran more than one of them, which
+    then keeps its own rows rather than hiding one verdict under another."""
+    checks = frozenset(checks)
+    rows: dict[str, tuple[str, str]] = {}
+    per_column: dict[tuple[str, tuple[str, str]], set[str]] = defaultdict(set)
+    for r in view.records:
+        if r.check not in checks:
+            continue
+        if r.case_id not in rows:
+            rows[r.case_id] = matrix_row(case_of(r))
+        per_column[(rows[r.case_id][0], view.column(r))].add(r.case_id)
+    crowded = {key for (key, _), ids in per_column.items() if len(ids) > 1}
+    members = Counter(key for key, _ in rows.values())
+    for case_id, (key, _) in list(rows.items()):
+        if key in crowded or members[key] < 2:  # a lone fp8 case keeps its own row and label
+            rows[case_id] = (case_id, "")
+    return rows
 
 
 def matrix_cells(view: View) -> dict[str, dict[tuple[str, str], Cell]]:
-    """``{case_id: {(setup, backend): Cell}}`` over the judged checks (fwd, bwd, determinism)."""
+    """``{row: {(setup, backend): Cell}}`` over the judged checks (fwd, bwd, determinism);
+    a row is a case, or the fp8 twins :func:`matrix_rows` pairs."""
+    rows = matrix_rows(view)
+    shared = Counter(key for key, _ in rows.values())
     grouped: dict[str, dict[tuple[str, str], list[Record]]] = defaultdict(lambda: defaultdict(list))
     for r in view.records:
         if r.check in JUDGED:
-            grouped[r.case_id][view.column(r)].append(r)
+            grouped[rows[r.case_id][0]][view.column(r)].append(r)
     cells: dict[str, dict[tuple[str, str], Cell]] = {}
-    for case_id, columns in grouped.items():
+    for key, columns in grouped.items():
         for column, rs in columns.items():
             worst = min((r.status for r in rs), key=SEVERITY.index)
             failing = tuple(r.check for r in rs if r.status == worst) if worst in FAILING else ()
             ratios = [x for x in (finite_or_none(r.metrics.get("ratio")) for r in rs
                                   if r.status != "skip") if x is not None]
-            cells.setdefault(case_id, {})[column] = Cell(worst, failing,
-                                                         max(ratios) if ratios else None)
+            variant = _variant(case_of(rs[0])) if shared[key] > 1 else ""
+            cells.setdefault(key, {})[column] = Cell(worst, failing,
+                                                     max(ratios) if ratios else None, variant)
     return cells
 
 
@@ -216,32 +264,43 @@ def matrix_section(view: View) -> str:
     cells = matrix_cells(view)
     if not cells:
         return "## Portability matrix\n\nNo parity check (fwd, bwd, determinism) was recorded."
-    columns = sorted({c for per_case in cells.values() for c in per_case})
-    first = {}
+    rows_of = matrix_rows(view)
+    columns = sorted({c for per_row in cells.values() for c in per_row})
+    first: dict[str, Record] = {}
     for r in view.records:
-        first.setdefault(r.case_id, r)
-    order = sorted(cells, key=lambda cid: (first[cid].suite, natural_key(case_of(first[cid]).label),
-                                           cid))
+        if r.case_id in rows_of:
+            first.setdefault(rows_of[r.case_id][0], r)
+    labels = {key: label for key, label in rows_of.values() if label}
+
+    def label_of(key: str) -> str:
+        return labels.get(key) or case_of(first[key]).label
+
+    order = sorted(cells, key=lambda key: (first[key].suite, natural_key(label_of(key)), key))
     rows = []
-    for cid in order:
-        case = case_of(first[cid])
+    for key in order:
+        case = case_of(first[key])
         name = f" *{_cell(case.name)}*" if case.name else ""
-        rows.append([f"`{cid}` {_cell(case.label)}{name}",
-                     *[cells[cid][c].text() if c in cells[cid] else "–" for c in columns]])
+        shown = key if key in labels else first[key].case_id
+        rows.append([f"`{shown}` {_cell(label_of(key))}{name}",
+                     *[cells[key][c].text() if c in cells[key] else "–" for c in columns]])
     totals = []
     for c in columns:
-        counts = Counter(cells[cid][c].status for cid in cells if c in cells[cid])
+        counts = Counter(cells[key][c].status for key in cells if c in cells[key])
         totals.append(", ".join(f"{n} {s}" for s, n in sorted(counts.items(),
                                                              key=lambda kv: SEVERITY.index(kv[0]))))
     rows.append(["**cases**", *[f"**{t}**" for t in totals]])
-    only_timed = len({r.case_id for r in view.records} - set(cells))
+    only_timed = len({r.case_id for r in view.records} - set(rows_of))
     note = (f" {only_timed} case(s) were only timed (throughput) and are not in the matrix."
             if only_timed else "")
+    paired = (" The e4m3fn and e4m3fnuz versions of one fp8 problem share a row (`e4m3`), each "
+              "cell naming the format and output dtype it ran with, so NVIDIA/MI350 (e4m3fn) and "
+              "MI300 (e4m3fnuz) results line up." if any(k != v for k, (v, _) in rows_of.items())
+              else "")
     return ("## Portability matrix\n\nOne row per case, one column per setup and backend. A cell "
             "is the worst status of the case's parity checks there (fwd, bwd, determinism; skips "
             "count only when everything was skipped), the failing checks when it failed, and the "
             "worst error ratio `err / baseline_err` over fwd and bwd (the rule allows 2 and 3). "
-            f"`–`: not run there.{note}\n\n"
+            f"`–`: not run there.{paired}{note}\n\n"
             + _table(rows, ["case", *[_col(c) for c in columns]]))
 
 
@@ -324,13 +383,16 @@ def throughput_section(view: View) -> str:
         return "## Throughput\n\nNo throughput was measured."
     setups = sorted({view.setup(r) for r in timed})
     vendor = {label: t.get("vendor", "") for label, t in view.setups()}
+    # fp8 twins (e4m3fn on NVIDIA/MI350, e4m3fnuz on MI300) share a row, as in the matrix
+    rows_of = matrix_rows(view, ("throughput",))
     table: dict[tuple[str, str], dict[str, Record]] = defaultdict(dict)
     for r in timed:
-        table[(r.case_id, r.backend_name)][view.setup(r)] = r
+        table[(rows_of[r.case_id][0], r.backend_name)][view.setup(r)] = r
     rows = []
-    for (_, backend), by_setup in sorted(table.items(), key=lambda kv: (
+    for (key, backend), by_setup in sorted(table.items(), key=lambda kv: (
             kv[0][1], _shape_key(next(iter(kv[1].values()))))):
         case = case_of(next(iter(by_setup.values())))
+        label = next((lab for k, lab in rows_of.values() if k == key and lab), case.label)
         cells = []
         for s in setups:
             r = by_setup.get(s)
@@ -338,8 +400,9 @@ def throughput_section(view: View) -> str:
                 cells.append("–")
             else:
                 bwd = _rate(r, "bwd")
-                cells.append(_fmt(_rate(r, "fwd")) + (f" / {_fmt(bwd)}" if bwd else ""))
-        rows.append([_cell(case.label), f"`{backend}`", *cells, vendor_ratio(by_setup, vendor)])
+                tag = f" `{_variant(case_of(r))}`" if label != case.label else ""
+                cells.append(_fmt(_rate(r, "fwd")) + (f" / {_fmt(bwd)}" if bwd else "") + tag)
+        rows.append([_cell(label), f"`{backend}`", *cells, vendor_ratio(by_setup, vendor)])
     text = ("## Throughput\n\nTFLOP/s, forward / backward, at the median of repeated timed calls "
             "(device events and a 256 MB L2 flush per call on GPUs, `perf_counter` on CPUs). FLOPs "
             "as in flash-attn's benchmark: 4·batch·heads·head_dim·(visible query-key pairs), "

@@ -354,10 +354,64 @@ def test_the_generic_reference_and_baseline_refuse_fp8_inputs_and_say_where_to_g
 
 
 def test_e4m3fn_and_e4m3fnuz_versions_of_a_problem_share_a_matrix_row():
-    fn_key, fn_label = fp8.matrix_row(GQA)
-    fnuz_key, fnuz_label = fp8.matrix_row(GQA.replace(dtype="float8_e4m3fnuz"))
+    from harness.report import matrix_row
+
+    fn_key, fn_label = matrix_row(GQA)
+    fnuz_key, fnuz_label = matrix_row(GQA.replace(dtype="float8_e4m3fnuz", fp8_out="float32"))
     assert fn_key == fnuz_key and fn_label == fnuz_label
-    assert " e4m3 desc=amax/tensor" in fn_label
-    assert fp8.matrix_row(GQA.replace(dtype="float8_e5m2"))[0] != fn_key
+    assert " e4m3 desc=amax/tensor" in fn_label and "out=" not in fn_label
+    assert matrix_row(GQA.replace(dtype="float8_e5m2"))[0] != fn_key
     plain = Case(seqlen_q=4)
-    assert fp8.matrix_row(plain) == (plain.case_id, plain.label)
+    assert matrix_row(plain) == (plain.case_id, plain.label)
+
+
+def _fp8_record(target: dict, case: Case, status: str, ratio: float, backend: str,
+                tflops: float | None = None):
+    """A made-up record (SYNTHETIC: these machines did not run here) of ``case``."""
+    from harness.records import Record
+
+    check = "throughput" if tflops is not None else "fwd"
+    metrics = {"tflops": tflops, "time_ms": 1.0} if tflops is not None else {"ratio": ratio}
+    return Record(case_id=case.case_id, case=case.to_dict(), target=target, check=check,
+                  status=status, metrics=metrics,
+                  backend={"name": backend, "family": backend, "flavor": "", "version": "1"})
+
+
+H100 = {"vendor": "nvidia", "device_name": "NVIDIA H100 80GB HBM3", "arch": "sm_90",
+        "runtime": "CUDA", "runtime_version": "12.8", "torch": "2.8.0", "target_id": "h100-sxm",
+        "harness": "0.1.0"}
+MI300X = {"vendor": "amd", "device_name": "AMD Instinct MI300X", "arch": "gfx942",
+          "runtime": "ROCm", "runtime_version": "6.4", "torch": "2.8.0", "target_id": "mi300x",
+          "harness": "0.1.0"}
+
+
+def test_the_matrix_puts_nvidia_e4m3fn_and_mi300_e4m3fnuz_rows_side_by_side():
+    """Issue 14: one problem, FA3 on an H100 in e4m3fn (bf16 out) and AITER on an MI300X in
+    e4m3fnuz (fp32 out), is one matrix row and one throughput row with the AMD/NVIDIA ratio;
+    each cell names the format it ran."""
+    from harness.report import View, matrix_section, throughput_section
+
+    fn = GQA
+    fnuz = GQA.replace(dtype="float8_e4m3fnuz", fp8_out="float32")
+    records = [_fp8_record(H100, fn, "pass", 0.8, "flash-attn3"),
+               _fp8_record(MI300X, fnuz, "fail", 9.5, "flash-attn3"),
+               _fp8_record(H100, fn, "pass", 0, "flash-attn3", tflops=800.0),
+               _fp8_record(MI300X, fnuz, "pass", 0, "flash-attn3", tflops=600.0)]
+    view = View.of(records)
+    matrix = matrix_section(view)
+    rows = [line for line in matrix.splitlines() if " e4m3" in line and line.startswith("|")]
+    assert len(rows) == 1, matrix
+    assert "`e4m3fn out=bf16`" in rows[0] and "`e4m3fnuz out=f32`" in rows[0]
+    assert "**FAIL** fwd 9.5 " in rows[0] and "pass 0.8 " in rows[0]
+    assert "share a row" in matrix
+    timed = throughput_section(view)
+    trow = [line for line in timed.splitlines() if " e4m3 " in line and "0.75" in line]
+    assert len(trow) == 1, timed  # 600 / 800 in one row
+
+    # A column that ran both formats keeps two rows: one verdict must not hide the other.
+    both = records[:2] + [_fp8_record(H100, fnuz, "pass", 0.9, "flash-attn3")]
+    matrix = matrix_section(View.of(both))
+    assert len([line for line in matrix.splitlines() if "e4m3fn" in line]) == 2, matrix
+    # A lone fp8 case keeps its own label.
+    lone = matrix_section(View.of(records[:1]))
+    assert " e4m3fn " in lone and "`e4m3fn out=bf16`" not in lone

@@ -262,3 +262,22 @@ def test_throughput_check_rates_fwd_bwd_and_both_with_flash_attn_factors(monkeyp
     half = checks.CaseRun(case.replace(dtype="bfloat16"), load_backend("sdpa-math"), target,
                           seed=0, profile=get_profile("quick"), device="cpu").run("throughput")
     assert half.metrics["pct_peak"] == pytest.approx(100 * half.metrics["tflops"] / 100.0)
+
+
+def test_fp8_throughput_is_measured_against_the_fp8_peak():
+    """fp8 cases take the device's dense fp8 figure (issue 14), not the fp16/bf16 one; a device
+    without a recorded fp8 figure gets no percentage rather than a wrong one."""
+    from harness.checks import peak_for_dtype
+    from harness.target import Target, peak_for
+
+    h100 = Target(vendor="nvidia", device_name="NVIDIA H100 80GB HBM3", arch="sm_90",
+                  peak_tflops=989.4)
+    assert peak_for_dtype(h100, "bfloat16") == 989.4
+    assert peak_for_dtype(h100, "float8_e4m3fn") == peak_for("NVIDIA H100 80GB HBM3").fp8_tflops
+    assert peak_for_dtype(h100, "float8_e4m3fn") == pytest.approx(1978.9)
+    assert peak_for_dtype(h100, "float32") is None
+    a100 = Target(vendor="nvidia", device_name="NVIDIA A100-SXM4-80GB", arch="sm_80",
+                  peak_tflops=312.0)
+    assert peak_for_dtype(a100, "float8_e4m3fn") is None  # no fp8 tensor cores, none recorded
+    cpu = Target(vendor="cpu", device_name="AMD EPYC", arch="x86_64")
+    assert peak_for_dtype(cpu, "float8_e4m3fnuz") is None
