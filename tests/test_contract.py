@@ -108,3 +108,14 @@ def test_a_strided_tensor_that_torch_calls_contiguous_keeps_its_gaps_in_the_back
     task = Task("test", case, backend, ("fwd", "bwd", "determinism"), seed=0)
     out = {r.check: r for kind, r in execute(task, target, {}) if kind == "record"}
     assert {r.status for r in out.values()} == {"pass"}, [r.reason for r in out.values()]
+
+
+def test_sdpa_takes_per_batch_alibi_slopes(target):
+    """ALiBi slopes of shape (batch, heads) (flash-attn's other accepted shape) reached the SDPA
+    adapter's bias as a (1, batch*heads) view and raised a broadcast error on every check; found
+    by the 2,000-case false-positive sweep of sdpa-math."""
+    case = Case(batch=2, seqlen_q=1, seqlen_k=2, heads_q=1, head_dim=64, dtype="float16",
+                alibi=True, alibi_slopes="random-per-batch")
+    task = Task("test", case, "sdpa-math", ("fwd", "bwd", "determinism"), seed=0)
+    out = {r.check: r for kind, r in execute(task, target, {}) if kind == "record"}
+    assert {r.status for r in out.values()} == {"pass"}, [r.reason for r in out.values()]

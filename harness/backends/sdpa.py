@@ -221,7 +221,8 @@ def attn_mask(case: Case, slopes, dtype, device):
 
     Boolean ``(seqlen_q, seqlen_k)`` (True = attend) without ALiBi; with ALiBi an additive
     ``(1, heads_q, seqlen_q, seqlen_k)`` bias holding ``-slope * |i + sk - sq - j|`` where visible
-    and ``-inf`` elsewhere.
+    and ``-inf`` elsewhere; ``(batch, heads_q, ...)`` when the slopes are per batch entry
+    (``(batch, heads_q)``, flash-attn's other accepted shape).
     """
     import torch
 
@@ -237,7 +238,8 @@ def attn_mask(case: Case, slopes, dtype, device):
         visible &= -rel <= right
     if not case.alibi:
         return visible
-    bias = -slopes.view(1, -1, 1, 1).float() * rel.abs().float()
+    rows = slopes.shape[0] if slopes.dim() == 2 else 1
+    bias = -slopes.reshape(rows, case.heads_q, 1, 1).float() * rel.abs().float()
     bias = bias.masked_fill(~visible, -math.inf)
     return bias.to(dtype)
 
