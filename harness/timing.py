@@ -26,8 +26,13 @@ allocator's growth, page faults and the thread pool), then blocks of calls (each
 :data:`BLOCK_MS` long) until at least :data:`CPU_BUDGET_S` has passed; the median and quartiles
 are over the blocks' per-call times. Measured on a shared 2-core machine (issue 11), 0.25 s of
 back-to-back calls in a fresh worker read 25-40% slower than Timer and moved between runs by far
-more than their IQR: the calls sampled one moment of the machine's load. Nothing is flushed on
-the CPU (a 256 MB write costs more than most CPU problems take, and Timer does not flush either).
+more than their IQR: the calls sampled one moment of the machine's load. A check that times
+several calls (the throughput check's forward, backward and both) has them take turns in one
+window of at least :data:`CPU_WINDOW_S` (:func:`measure_interleaved`): each call's blocks are
+spread over the whole window, so its median and quartiles see the machine's slow swings (on
+the scale of seconds on a shared VM) instead of one stretch of them, for no more time than
+timing them one after another took. Nothing is flushed on the CPU (a 256 MB write costs more
+than most CPU problems take, and Timer does not flush either).
 
 Graph replay (``graph=True``): for tiny problems, where launching the kernels costs as much as
 running them, the call is captured once into a CUDA/HIP graph and every warm-up and timed call
@@ -59,6 +64,12 @@ CPU_WARMUP_S = 0.3
 CPU_BUDGET_S = 1.0
 #: Shortest block of calls timed together on the CPU, milliseconds (Timer: min_run_time / 1000).
 BLOCK_MS = 2.0
+#: CPU: the shortest window the timed functions of one check share, seconds, and the rounds it
+#: is cut into (:func:`measure_interleaved`). On a shared machine the speed wanders on a scale
+#: of seconds (1-s medians of one SDPA call ranged 28-49 ms over 40 s on our 2-core CI
+#: machine), so a function timed in one second-long stretch samples one moment of it.
+CPU_WINDOW_S = 2.0
+CPU_ROUNDS = 4
 #: A graph capture: ``(fn, device) -> replay``.
 Capture = Callable[[Callable[[], object], Any], Callable[[], object]]
 
@@ -291,6 +302,101 @@ def measure_blocked(fn: Callable[[], object], clock: Clock, *, warmup_s: float =
     if number > 1:
         label += f"-of-{number}"
     return summarize(times, label, note)
+
+
+def measure_interleaved(fns: dict[str, Callable[[], object]], clock: Clock, *,
+                        warmup_s: float = CPU_WARMUP_S, window_s: float = CPU_WINDOW_S,
+                        rounds: int = CPU_ROUNDS, min_reps: int = 5, max_reps: int = 100_000,
+                        block_ms: float = BLOCK_MS, note: str = "") -> dict[str, Timing]:
+    """Time several calls in blocks (as :func:`measure_blocked`), taking turns: the window is
+    cut into ``rounds`` rounds and each round gives every call an equal slice of blocks, so the
+    blocks of each call are spread over the whole window rather than one stretch of it. The
+    warm-up takes turns too.
+
+    Args:
+        fns: name -> the call to time; results are discarded.
+        clock: markers (:class:`HostClock`, or a fake in tests).
+        warmup_s: warm-up time of all the calls together, seconds; at least one call each.
+        window_s: measurement time of all the calls together, seconds.
+        rounds: turns each call gets in the window; more rounds follow until every call has
+            ``min_reps`` blocks.
+        min_reps, max_reps: bounds on the number of blocks per call.
+        block_ms: shortest block, milliseconds.
+        note: carried into every :attr:`Timing.note`.
+
+    Returns:
+        name -> the median and quartiles of that call's per-call block times; ``reps`` counts
+        its blocks, and ``method`` says ``interleaved``.
+    """
+    names = list(fns)
+    for name in names:
+        fns[name]()  # the first call: lazy initialisation, compilation
+    spent = dict.fromkeys(names, 0.0)
+    calls = dict.fromkeys(names, 0)
+    start = clock.mark()
+    while True:
+        for name in names:
+            before = clock.mark()
+            fns[name]()
+            spent[name] += clock.elapsed_ms(before, clock.mark())
+            calls[name] += 1
+        if clock.elapsed_ms(start, clock.mark()) >= warmup_s * 1e3 \
+                or min(calls.values()) >= max_reps:
+            break
+    number = {n: max(1, math.ceil(block_ms / max(spent[n] / calls[n], 1e-6))) for n in names}
+    slice_ms = window_s * 1e3 / max(1, rounds * len(names))
+    times: dict[str, list[float]] = {n: [] for n in names}
+    begin = clock.mark()
+    while True:
+        for name in names:
+            turn = clock.mark()
+            while len(times[name]) < max_reps:
+                before = clock.mark()
+                for _ in range(number[name]):
+                    fns[name]()
+                after = clock.mark()
+                times[name].append(clock.elapsed_ms(before, after) / number[name])
+                if clock.elapsed_ms(turn, after) >= slice_ms:
+                    break
+        enough = all(len(t) >= min_reps or len(t) >= max_reps for t in times.values())
+        if enough and clock.elapsed_ms(begin, clock.mark()) >= window_s * 1e3:
+            break
+        if all(len(t) >= max_reps for t in times.values()):
+            break
+    out = {}
+    for name in names:
+        label = f"{clock.method}+blocks"
+        if number[name] > 1:
+            label += f"-of-{number[name]}"
+        if len(names) > 1:
+            label += f"+interleaved-{len(names)}"
+        out[name] = summarize(times[name], label, note)
+    return out
+
+
+def time_functions(fns: dict[str, Callable[[], object]], device, *, warmup_s: float = 0.05,
+                   budget_s: float = 0.25, min_reps: int = 5, max_reps: int = 100_000,
+                   graph: bool = False, clock: Clock | None = None,
+                   capture: Capture | None = None) -> dict[str, Timing]:
+    """Time each of several calls on ``device``: on GPUs one after the other with
+    :func:`time_function` (the do_bench protocol, unchanged); on a CPU taking turns in one
+    window (:func:`measure_interleaved`) of at least :data:`CPU_WINDOW_S` and at least
+    ``budget_s`` per call, after a shared warm-up of at least :data:`CPU_WARMUP_S`."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" or clock is not None and not isinstance(clock, HostClock):
+        return {name: time_function(fn, device, warmup_s=warmup_s, budget_s=budget_s,
+                                    min_reps=min_reps, max_reps=max_reps, graph=graph,
+                                    clock=clock, capture=capture)
+                for name, fn in fns.items()}
+    note = ""
+    if graph:
+        _, note = _graph_or_reason(lambda: None, device, False, capture)
+    return measure_interleaved(fns, clock or HostClock(False),
+                               warmup_s=max(warmup_s, CPU_WARMUP_S),
+                               window_s=max(CPU_WINDOW_S, budget_s * len(fns)),
+                               min_reps=min_reps, max_reps=max_reps, note=note)
 
 
 def capture_graph(fn: Callable[[], object], device) -> Callable[[], object]:

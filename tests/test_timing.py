@@ -221,6 +221,65 @@ def test_blocked_times_slow_calls_at_least_min_reps_times():
     assert t.reps == 5 and kernel.calls == 1 + 1 + 5
 
 
+class DriftingKernel:
+    """A call of ``ms`` on a machine that becomes twice as slow after ``slow_after_ms`` of
+    the clock's time (load arriving mid-measurement, as on a shared CPU)."""
+
+    def __init__(self, clock: FakeClock, ms: float, slow_after_ms: float) -> None:
+        self.clock, self.ms, self.slow_after_ms, self.calls = clock, ms, slow_after_ms, 0
+
+    def __call__(self) -> None:
+        factor = 2.0 if self.clock.now_ms >= self.slow_after_ms else 1.0
+        self.clock.now_ms += self.ms * factor
+        self.calls += 1
+
+
+def test_interleaved_calls_take_turns_over_the_whole_window():
+    """Issue 11: timed one after another, the forward sampled only the fast first second and the
+    backward only the slow rest; taking turns, both see both phases, and each one's quartiles
+    cover the change."""
+    clock = FakeClock()
+    fwd, bwd = DriftingKernel(clock, 10.0, 1300.0), DriftingKernel(clock, 25.0, 1300.0)
+    t = timing.measure_interleaved({"fwd": fwd, "bwd": bwd}, clock, warmup_s=0.3,
+                                   window_s=2.0, rounds=4, min_reps=5)
+    assert set(t) == {"fwd", "bwd"}
+    for name, ms in (("fwd", 10.0), ("bwd", 25.0)):
+        assert t[name].min_ms == ms and t[name].q3_ms == 2 * ms  # both phases sampled
+        assert t[name].method.endswith("+interleaved-2")
+    sequential = FakeClock()
+    alone = timing.measure_blocked(DriftingKernel(sequential, 10.0, 1300.0), sequential,
+                                   warmup_s=0.3, budget_s=1.0, min_reps=5)
+    assert alone.q3_ms == alone.q1_ms == 10.0  # one stretch: the slow phase never shows
+
+
+def test_interleaved_gives_every_call_min_reps_blocks_and_equal_turns():
+    clock = FakeClock()
+    quick, slow = FakeKernel(clock, 0.5), FakeKernel(clock, 900.0)
+    t = timing.measure_interleaved({"quick": quick, "slow": slow}, clock, warmup_s=0.0,
+                                   window_s=0.4, rounds=4, min_reps=5)
+    assert t["slow"].reps == 5 and t["quick"].reps >= 5  # more rounds until both have five
+    assert t["quick"].method == "fake+blocks-of-4+interleaved-2"
+    assert t["quick"].median_ms == 0.5 and t["slow"].median_ms == 900.0
+
+
+def test_cpu_throughput_calls_share_one_window_with_floors(monkeypatch):
+    seen = {}
+
+    def fake(fns, clock, **kwargs):
+        seen.update(kwargs, names=tuple(fns))
+        return {n: summarize([1.0], "x") for n in fns}
+
+    monkeypatch.setattr(timing, "measure_interleaved", fake)
+    calls = {"fwd": lambda: None, "bwd": lambda: None, "fwd_bwd": lambda: None}
+    timing.time_functions(calls, "cpu", warmup_s=0.05, budget_s=0.25, min_reps=5)
+    assert seen["names"] == ("fwd", "bwd", "fwd_bwd")
+    assert seen["warmup_s"] == timing.CPU_WARMUP_S and seen["window_s"] == timing.CPU_WINDOW_S
+    timing.time_functions(calls, "cpu", warmup_s=1.0, budget_s=2.0, min_reps=5)
+    assert seen["warmup_s"] == 1.0 and seen["window_s"] == 6.0  # the profile's 2 s per call
+    graph = timing.time_functions({"fwd": lambda: None}, "cpu", graph=True, min_reps=1)
+    assert set(graph) == {"fwd"} and "graph replay unavailable" in seen["note"]
+
+
 def test_forward_flops_count_visible_pairs():
     full = Case(batch=2, seqlen_q=1024, heads_q=8, head_dim=64)
     causal = full.replace(causal=True)
@@ -239,12 +298,13 @@ def test_throughput_check_rates_fwd_bwd_and_both_with_flash_attn_factors(monkeyp
 
     seen = []
 
-    def fake_time_function(fn, device, **kwargs):
-        fn()  # the closures must be callable as built
-        seen.append(kwargs)
-        return Timing(2.0, 1.5, 2.5, 1.0, 7, "fake")
+    def fake_time_functions(fns, device, **kwargs):
+        for fn in fns.values():
+            fn()  # the closures must be callable as built
+        seen.append((tuple(fns), kwargs))
+        return {name: Timing(2.0, 1.5, 2.5, 1.0, 7, "fake") for name in fns}
 
-    monkeypatch.setattr(checks, "time_function", fake_time_function)
+    monkeypatch.setattr(checks, "time_functions", fake_time_functions)
     case = Case(batch=1, seqlen_q=16, heads_q=2, head_dim=8, dtype="float32", causal=True)
     target = Target(vendor="cpu", device_name="cpu", arch="x86_64", peak_tflops=100.0)
     run = checks.CaseRun(case, load_backend("sdpa-math"), target, seed=0,
@@ -258,7 +318,8 @@ def test_throughput_check_rates_fwd_bwd_and_both_with_flash_attn_factors(monkeyp
     assert m["fwd_bwd"]["tflops"] == pytest.approx(3.5 * flops / 2e-3 / 1e12)
     assert m["timing_iqr_ms"] == 1.0 and m["timing_reps"] == 7
     assert m["pct_peak"] is None  # float32 is not what the fp16/bf16 peak measures
-    assert len(seen) == 3 and all(k["graph"] is False for k in seen)
+    assert [names for names, _ in seen] == [("fwd", "bwd", "fwd_bwd")]  # timed together
+    assert all(k["graph"] is False for _, k in seen)
     half = checks.CaseRun(case.replace(dtype="bfloat16"), load_backend("sdpa-math"), target,
                           seed=0, profile=get_profile("quick"), device="cpu").run("throughput")
     assert half.metrics["pct_peak"] == pytest.approx(100 * half.metrics["tflops"] / 100.0)

@@ -7,7 +7,9 @@ Each round runs the harness CLI in a fresh process on one case (b2 q1024 k1024 h
 causal, sdpa-flash) and then, in another fresh process, times the same SDPA call (the harness's
 own forward on the harness's inputs) with `torch.utils.benchmark.Timer(...).blocked_autorange(
 min_run_time=2)` at the same thread count. It prints both medians, the harness's IQR and the
-ratio; interleaving the two keeps slow drifts of the machine out of the ratio.
+ratio, and whether Timer's median lies inside the harness's reported IQR (the spread a reader
+is given for that moment of the machine); interleaving the two keeps slow drifts of the machine
+out of the ratio, and the summary line gives the range each read across rounds.
 """
 
 from __future__ import annotations
@@ -59,14 +61,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    print("| round | harness median ms | harness IQR ms | Timer median ms | ratio |")
-    print("|---|---|---|---|---|")
+    print("| round | harness median ms | harness IQR ms | Timer median ms | ratio | Timer inside "
+          "the IQR |")
+    print("|---|---|---|---|---|---|")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.rounds):
             median, q1, q3 = harness_ms(Path(tmp) / f"run{i}")
             independent = timer_ms()
+            inside = q1 <= independent <= q3
+            rows.append((median, independent, inside))
             print(f"| {i + 1} | {median:.2f} | {q1:.2f}-{q3:.2f} | {independent:.2f} | "
-                  f"{median / independent:.3f} |", flush=True)
+                  f"{median / independent:.3f} | {'yes' if inside else 'no'} |", flush=True)
+    within = sum(abs(m / t - 1) <= 0.10 for m, t, _ in rows)
+    print(f"\nratio within 10%: {within} of {len(rows)}; Timer's median inside the harness's "
+          f"reported IQR: {sum(x for _, _, x in rows)} of {len(rows)}; across rounds the harness "
+          f"read {min(m for m, _, _ in rows):.2f}-{max(m for m, _, _ in rows):.2f} ms and Timer "
+          f"{min(t for _, t, _ in rows):.2f}-{max(t for _, t, _ in rows):.2f} ms")
     return 0
 
 
