@@ -278,6 +278,7 @@ def test_cpu_throughput_calls_share_one_window_with_floors(monkeypatch):
     assert seen["warmup_s"] == 1.0 and seen["window_s"] == 6.0  # the profile's 2 s per call
     graph = timing.time_functions({"fwd": lambda: None}, "cpu", graph=True, min_reps=1)
     assert set(graph) == {"fwd"} and "graph replay unavailable" in seen["note"]
+    assert seen["window_s"] == timing.CPU_BUDGET_S  # one call alone: the single-call floor
 
 
 def test_forward_flops_count_visible_pairs():
