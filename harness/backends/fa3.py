@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from harness.backends.base import DEFAULT_FEATURES, Capabilities
+from harness.backends.flash_attn import FEATURE_KEYWORDS as FLASH_ATTN_KEYWORDS
 from harness.backends.module import (
     Convention,
     ModuleBackend,
@@ -75,18 +76,12 @@ FLAVOR_CAPABILITIES: dict[str, Capabilities] = {
     ),
 }
 
-FEATURE_KEYWORDS = {
-    "scale": {"*": ("softmax_scale",)},
-    "causal": {"*": ("causal",)},
-    "window": {"*": ("window_size",)},
-    "softcap": {"*": ("softcap",)},
-    "paged": {"varlen": ("page_table",), "kvcache": ("page_table",)},
-    "append": {"kvcache": ("k",)},
-    "rotary": {"kvcache": ("rotary_cos",)},
-    "leftpad": {"kvcache": ("cache_leftpad",)},
-    "batch-idx": {"kvcache": ("cache_batch_idx",)},
-    "splits": {"*": ("num_splits",)},
-}
+#: flash-attn's keywords less dropout and ALiBi (FA3 has neither), paged KV through
+#: ``page_table`` and ``num_splits`` on every entry point.
+FEATURE_KEYWORDS = {**{k: v for k, v in FLASH_ATTN_KEYWORDS.items()
+                       if k not in ("dropout", "alibi", "alibi-per-batch")},
+                    "paged": {"varlen": ("page_table",), "kvcache": ("page_table",)},
+                    "splits": {"*": ("num_splits",)}}
 
 
 class FlashAttn3Backend(ModuleBackend):

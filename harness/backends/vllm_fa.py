@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from harness.backends.base import DEFAULT_FEATURES, Capabilities
+from harness.backends.flash_attn import FEATURE_KEYWORDS as FLASH_ATTN_KEYWORDS
 from harness.backends.module import (
     Convention,
     ModuleBackend,
@@ -54,20 +55,10 @@ FLAVOR_CAPABILITIES: dict[str, Capabilities] = {
     ),
 }
 
-FEATURE_KEYWORDS = {
-    "scale": {"*": ("softmax_scale",)},
-    "causal": {"*": ("causal",)},
-    "window": {"*": ("window_size",)},
-    "softcap": {"*": ("softcap",)},
-    "alibi": {"*": ("alibi_slopes",)},
-    "alibi-per-batch": {"*": ("alibi_slopes",)},
-    "paged": {"varlen": ("block_table",), "kvcache": ("block_table",)},
-    "append": {"kvcache": ("k",)},
-    "rotary": {"kvcache": ("rotary_cos",)},
-    "leftpad": {"kvcache": ("cache_leftpad",)},
-    "batch-idx": {"kvcache": ("cache_batch_idx",)},
-    "splits": {"*": ("num_splits",)},
-}
+#: flash-attn's keywords (vLLM's copy keeps its signatures), less dropout (inference only), with
+#: ``num_splits`` on both entry points.
+FEATURE_KEYWORDS = {**{k: v for k, v in FLASH_ATTN_KEYWORDS.items() if k != "dropout"},
+                    "splits": {"*": ("num_splits",)}}
 
 
 class VllmFlashAttnBackend(ModuleBackend):
