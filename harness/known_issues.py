@@ -413,13 +413,18 @@ def _cached(paths: tuple[str, ...]) -> tuple[KnownIssue, ...]:
 
 
 def match(case: Case, backend: dict[str, str], target,
-          paths: Path | str | Sequence[Path | str] | None = None) -> KnownIssue | None:
-    """The first known issue that applies, or None (``paths``: as :func:`load`)."""
+          paths: Path | str | Sequence[Path | str] | None = None, *,
+          check: str | None = None) -> KnownIssue | None:
+    """The first known issue that applies, or None (``paths``: as :func:`load`). With
+    ``check``, only entries that cover it: an entry narrowed to ``bwd`` must not hide a later
+    one about ``fwd`` of the same cases."""
     if paths is None:
         paths = default_paths()
     elif isinstance(paths, (str, Path)):
         paths = [paths]
     for issue in _cached(tuple(str(p) for p in paths)):
+        if check is not None and issue.checks and check not in issue.checks:
+            continue
         if issue.applies(case, backend, target):
             return issue
     return None

@@ -166,7 +166,6 @@ def execute(task: Task, target, backends: dict[str, Any]):
     yield ("backend", backend.describe())
     the_plan = plan(task.case, backend, target, task.checks, audit=task.audit,
                     max_gflop=task.max_gflop)
-    known = match(task.case, backend.describe(), target)
     order = [c for c in CHECK_ORDER if c in task.checks]
     profile = get_profile(task.profile)
     if task.graph_replay:
@@ -183,7 +182,8 @@ def execute(task: Task, target, backends: dict[str, Any]):
             target=target.to_dict(), check=verdict.check, status=verdict.status,
             metrics=_clean(verdict.metrics), reason=verdict.reason, suite=task.suite,
             seed=task.seed, time=now())
-        if known is not None and (not known.checks or record.check in known.checks):
+        known = match(task.case, backend.describe(), target, check=record.check)
+        if known is not None:
             # The id tells the report which entries matched (known_issues.unmatched).
             from dataclasses import replace
 

@@ -97,6 +97,23 @@ def test_a_derived_property_selects_cudnn_rows_without_keys():
                                        "when": {"rows_without_key": True}}]}, "f.toml")
 
 
+def test_an_entry_for_one_check_does_not_hide_an_entry_for_another():
+    """The shipped sdpa-flash entries: the backward one (every case) comes first and used to be
+    the only match, so the forward one for ill-conditioned float32 never applied and the case's
+    fwd failure stayed a failure."""
+    cpu_flash = {"name": "sdpa-flash", "flavor": "cpu", "version": "2.13.0+cpu"}
+    cpu = Target(vendor="cpu", device_name="AMD EPYC", arch="x86_64")
+    case = Case(batch=8193, seqlen_q=2, seqlen_k=2, heads_q=8, head_dim=16, dtype="float32",
+                window=(0, 7), layout="packed-kv", values="scaled", value_scale=100.0)
+    assert known_issues.match(case, cpu_flash, cpu, check="bwd").id == \
+        "torch-cpu-flash-backward-precision"
+    assert known_issues.match(case, cpu_flash, cpu, check="fwd").id == \
+        "torch-cpu-flash-forward-float32-ill-conditioned"
+    assert known_issues.match(case.replace(values="normal", value_scale=None), cpu_flash, cpu,
+                              check="fwd") is None  # well-conditioned float32 stays judged
+    assert known_issues.match(case, cpu_flash, cpu, check="determinism") is None
+
+
 # ------------------------------------------------- files: validation, project entries, report
 
 GOOD = '''# a comment

@@ -65,15 +65,29 @@ ZOOS = {
 CHECKS = ("fwd", "bwd", "determinism")
 
 
-def run_one(spec: str, examples: int, seed: int, profile: str):
+def run_one(spec: str, examples: int, seed: int, profile: str, progress: int = 0):
+    """Explore ``spec``; with ``progress``, print a line every ``progress`` cases (so a sweep
+    stopped early still says how far it got)."""
     caps = load_backend(spec).capabilities
     start = time.perf_counter()
+    seen: set[str] = set()
+    flagged: set[str] = set()
+
+    def on_record(record) -> None:
+        seen.add(record.case_id)
+        if record.status in FAILING:
+            flagged.add(record.case_id)
+        if progress and record.check == CHECKS[-1] and len(seen) % progress == 0:
+            print(f"  {len(seen)} cases in {time.perf_counter() - start:.0f}s, "
+                  f"{len(flagged)} flagged", flush=True)
+
     with ExplorationWorker(300.0) as worker:
         def run_case(case):
             return worker.run(Task("explore", case, spec, CHECKS, seed, profile=profile),
                               lambda r: None)
 
-        result = explore(spec, caps, run_case, profile=profile, examples=examples, seed=seed)
+        result = explore(spec, caps, run_case, profile=profile, examples=examples, seed=seed,
+                         on_record=on_record)
     return result, time.perf_counter() - start
 
 
@@ -100,7 +114,8 @@ def catch_rate(args) -> int:
 
 
 def false_positives(args) -> int:
-    result, wall = run_one(args.backend, args.false_positives, args.seed, args.profile)
+    result, wall = run_one(args.backend, args.false_positives, args.seed, args.profile,
+                           progress=50)
     distinct = len({r.case_id for r in result.records})
     failing = [r for r in result.records if r.status in FAILING]
     statuses: dict[str, int] = {}

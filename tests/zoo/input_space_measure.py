@@ -41,12 +41,12 @@ from harness.inputs import make_inputs
 CHECKS = ("fwd", "bwd", "determinism")
 
 
-def _strategies(before: bool):
+def _strategies(before: bool, revision: str = "HEAD"):
     if not before:
         import harness.strategies as module
 
         return module
-    text = subprocess.run(["git", "show", "HEAD:harness/strategies.py"], check=True,
+    text = subprocess.run(["git", "show", f"{revision}:harness/strategies.py"], check=True,
                           capture_output=True, text=True).stdout
     path = Path(tempfile.mkdtemp()) / "strategies_before.py"
     path.write_text(text)
@@ -96,7 +96,7 @@ def vacuous(args) -> int:
     caps = load_backend("tests/zoo/kernels.py:correct").capabilities
     runs = (("before", True), ("after", False))
     for label, before in [r for r in runs if args.only in ("", r[0])]:
-        cases = draw_cases(_strategies(before), caps, args.cases, args.seed)
+        cases = draw_cases(_strategies(before, args.before), caps, args.cases, args.seed)
         start = time.perf_counter()
         ok, counts = 0, {}
         with_features = 0
@@ -228,6 +228,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="tests/zoo/kernels.py:correct")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="vacuous: list inert cases")
+    parser.add_argument("--before", default="HEAD", metavar="REV",
+                        help="vacuous: the revision whose strategies are 'before' (default HEAD)")
     parser.add_argument("--only", choices=("", "before", "after"), default="",
                         help="vacuous: measure one of the two strategies only")
     parser.add_argument("--kernels", default="", help="catch: comma-separated zoo kernels")
