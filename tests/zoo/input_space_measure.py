@@ -82,7 +82,7 @@ def effective(case: Case) -> tuple[bool, list[str]]:
     inputs = make_inputs(case)
     ref = reference.reference(inputs)
     base = reference.baseline(inputs)
-    ctx = SimpleNamespace(case=case, inputs=inputs, reference=ref)
+    ctx = SimpleNamespace(case=case, inputs=inputs, exact_inputs=inputs, reference=ref)
     effects = checks.feature_effects(ctx)
     allowed = judge.compare("out", base.out, base.out, ref.out, k=judge.K_OUT,
                             atol=judge.ATOL[inputs.q.dtype]).allowed
