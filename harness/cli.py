@@ -293,7 +293,7 @@ def _explore(args, opts, specs, sink, done) -> list[str]:
             # Only generated cases and the minimal failure are recorded, not each shrink step.
             result = explore(spec, info["capabilities"], run_case, profile=opts.profile,
                              examples=opts.examples, seed=opts.seed, on_record=sink,
-                             regressions=opts.regressions)
+                             regressions=opts.regressions, backward="bwd" in checks)
             summaries.append(summary(result))
     return summaries
 

@@ -7,6 +7,15 @@ worker process), and on the first failing record lets hypothesis shrink to the s
 still fails. The minimal case is written to ``cases/regressions/`` as TOML, with the backend,
 target and error it failed with, and is reported with the command that replays it.
 
+The cases are drawn in phases (:func:`plan`): free draws first, so that a kernel wrong almost
+everywhere fails on a simple case; then a few cases inside each corner of the input space where
+reported bugs live (:data:`harness.strategies.CORNERS`: past the grid limit, past 16k keys,
+16-bit overflow, key-bias, packed, v strided unlike k, a strided dout, dropout), which free
+draws reach in a few cases of a hundred, so that every profile, the quick one's 20 cases
+included, visits each. A failure inside a corner shrinks inside it, and is then tried once
+outside it (normal values, contiguous tensors, no dropout): if it still fails, that is the
+minimal case reported, so a corner never takes credit for a bug it does not need.
+
 Settings profiles (``attn-quick``, ``attn-nightly``, ``attn-exhaustive``) are registered with
 hypothesis: no deadline (kernels compile on first use), an explicit seed (``--seed``) so a run
 is reproducible, and the example database under the ignored ``.hypothesis/`` directory locally,
@@ -24,8 +33,9 @@ from pathlib import Path
 
 from harness.backends.base import Capabilities
 from harness.case import Case
+from harness.profile import get_profile
 from harness.records import FAILING, Record
-from harness.strategies import BUDGETS, cases
+from harness.strategies import BUDGETS, cases, corners_for, outside_corner
 
 DATABASE_DIR = Path(".hypothesis") / "attn-harness"
 
@@ -54,6 +64,7 @@ class Exploration:
         shrink_steps: cases run while shrinking.
         regression: the TOML file the minimal case was written to.
         seconds: total wall time.
+        phases: the ``(corner, cases)`` plan it followed (:func:`plan`).
     """
 
     backend: str
@@ -65,14 +76,13 @@ class Exploration:
     shrink_steps: int = 0
     regression: Path | None = None
     seconds: float = 0.0
+    phases: list[tuple[str | None, int]] = field(default_factory=list)
 
 
 def settings_for(profile: str, examples: int | None = None):
     """The hypothesis settings of a profile (registered as ``attn-<profile>``)."""
     from hypothesis import HealthCheck, Phase, settings
     from hypothesis.database import DirectoryBasedExampleDatabase
-
-    from harness.profile import get_profile
 
     count = get_profile(profile).explore_examples if examples is None else examples
     database = None if os.environ.get("CI") else DirectoryBasedExampleDatabase(str(DATABASE_DIR))
@@ -91,6 +101,27 @@ def register_profiles() -> None:
         settings.register_profile(f"attn-{name}", settings_for(name))
 
 
+#: Share of the examples given to the corners (at least one case each, at most half of all).
+CORNER_SHARE = 0.2
+
+
+def plan(corners: list[str], examples: int, seed: int = 0) -> list[tuple[str | None, int]]:
+    """The phases of an exploration: ``(corner, cases)`` pairs, free draws (corner None) first.
+
+    The corners get :data:`CORNER_SHARE` of ``examples``, spread evenly, at least one case each
+    while they fit in half the examples; when fewer fit, the seed chooses which (rotating the
+    list), so runs with other seeds visit the others.
+    """
+    if examples <= 1 or not corners:
+        return [(None, max(1, examples))]
+    fit = min(len(corners), examples // 2)
+    shift = seed % len(corners)
+    chosen = (corners[shift:] + corners[:shift])[:fit]
+    share = max(len(chosen), min(examples // 2, round(CORNER_SHARE * examples)))
+    counts = [share // len(chosen) + (i < share % len(chosen)) for i in range(len(chosen))]
+    return [(None, examples - share)] + list(zip(chosen, counts, strict=True))
+
+
 def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case], list[Record]], *,
             profile: str = "quick", examples: int | None = None, seed: int = 0,
             on_record: Callable[[Record], None] | None = None, backward: bool = True,
@@ -105,7 +136,8 @@ def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case],
         examples: override the profile's example count.
         seed: hypothesis seed; the same seed draws the same cases.
         on_record: called with every record of the generate phase and of the minimal case.
-        backward: draw only cases with a backward (no kv-cache) when bwd is among the checks.
+        backward: whether the backward is judged (bwd among the checks): only then is the
+            strided-dout corner explored.
         regressions: where to write the minimal failing case (None: do not write).
     """
     from hypothesis import given
@@ -114,6 +146,9 @@ def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case],
     result = Exploration(backend=backend)
     start = time.perf_counter()
     state: dict = {"failed": False, "error": None}
+    budget = BUDGETS[profile]
+    count = get_profile(profile).explore_examples if examples is None else examples
+    result.phases = plan(corners_for(capabilities, budget, backward), count, seed)
 
     emitted: set[tuple[str, str]] = set()
 
@@ -128,37 +163,56 @@ def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case],
 
     seen: set[str] = set()
 
-    @hypothesis_seed(seed)
-    @settings_for(profile, examples)
-    @given(cases(capabilities, BUDGETS[profile], backward=False))
-    def body(case: Case) -> None:
-        if state.get("error") is not None:
-            return  # the harness itself broke: stop judging, re-raised below
-        if not state["failed"]:
-            if case.case_id in seen:  # a repeat teaches nothing: ask hypothesis for another
-                from hypothesis import reject
-
-                reject()
-            seen.add(case.case_id)
-        try:
-            records = run_case(case)
-        except Exception as exc:  # noqa: BLE001 - not a kernel failure: must not be shrunk
-            state["error"] = exc
-            return
-        if state["failed"]:
-            result.shrink_steps += 1
-        else:
-            result.examples += 1
-            for record in records:
-                emit(record)
-        if any(r.status in FAILING for r in records):
+    def phase(corner: str | None, n: int) -> None:
+        @hypothesis_seed(seed)
+        @settings_for(profile, n)
+        @given(cases(capabilities, budget, backward=False, corner=corner))
+        def body(case: Case) -> None:
+            if state.get("error") is not None:
+                return  # the harness itself broke: stop judging, re-raised below
             if not state["failed"]:
-                state["failed"] = True
-                result.seconds_to_first_failure = time.perf_counter() - start
-            raise CaseFailed(case, records)
+                if case.case_id in seen:  # a repeat teaches nothing: ask for another
+                    from hypothesis import reject
+
+                    reject()
+                seen.add(case.case_id)
+            try:
+                records = run_case(case)
+            except Exception as exc:  # noqa: BLE001 - not a kernel failure: must not be shrunk
+                state["error"] = exc
+                return
+            if state["failed"]:
+                result.shrink_steps += 1
+            else:
+                result.examples += 1
+                for record in records:
+                    emit(record)
+            if any(r.status in FAILING for r in records):
+                if not state["failed"]:
+                    state["failed"] = True
+                    result.seconds_to_first_failure = time.perf_counter() - start
+                raise CaseFailed(case, records)
+
+        body()
 
     try:
-        body()
+        for corner, n in result.phases:
+            try:
+                phase(corner, n)
+            except CaseFailed as exc:
+                case, records = exc.case, exc.records
+                twin = outside_corner(case, corner) if corner else None
+                if twin is not None and state.get("error") is None:
+                    try:
+                        twin_records = run_case(twin)
+                    except Exception as error:  # noqa: BLE001 - re-raised below
+                        state["error"], twin_records = error, []
+                    result.shrink_steps += 1
+                    if any(r.status in FAILING for r in twin_records):
+                        case, records = twin, twin_records
+                raise CaseFailed(case, records) from None
+            if state.get("error") is not None:
+                break
     except CaseFailed as exc:
         result.minimal = exc.case
         result.failing = [r for r in exc.records if r.status in FAILING]

@@ -442,7 +442,8 @@ class PytestSession:
 
         result = explore(spec, self.capabilities[spec], run_case, profile=self.options.profile,
                          examples=self.options.examples, seed=self.options.seed,
-                         on_record=self._sink, regressions=self.options.regressions)
+                         on_record=self._sink, regressions=self.options.regressions,
+                         backward="bwd" in checks)
         text = summary(result)
         if result.minimal is not None:
             self.findings.append(text)

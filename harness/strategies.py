@@ -64,10 +64,25 @@ SCALED_FP16 = (None, 100.0, 1000.0, 100.0)
 #: Layouts, the default first.
 LAYOUT_CHOICES = ("contiguous", "strided", "packed-qkv", "packed-kv", "v-transposed",
                   "dout-strided", "lastdim-strided")
-#: Key lengths of the long-key decode shape: at and past 16k, 32k, 64k and 128k.
-DECODE_KEYS = (16384, 16385, 32769, 65536, 131072, 135168)
-#: Programs (batch x heads) at and past CUDA's 65,535 grid-dimension limit.
-GRID_PROGRAMS = (65535, 65536, 65537, 70000)
+#: Key lengths of the long-key decode shape: just past and at 16k, past 32k, 64k and 128k (the
+#: first is where shrinking and a corner's first case land: one key past 16,384).
+DECODE_KEYS = (16385, 16384, 32769, 65536, 131072, 135168)
+#: Programs (batch x heads) just past and at CUDA's 65,535 grid-dimension limit, and beyond.
+GRID_PROGRAMS = (65536, 65535, 65537, 70000)
+
+#: Corners of the input space where reported bugs live, each a narrow region that free draws
+#: reach in only a few cases of a hundred: many tiny problems past the grid limit, decode past
+#: 16k keys, 16-bit scores past the format's range (scaled x100/x1000 or large inputs),
+#: log-sum-exps far outside float32's exp range (key-bias), q, k, v packed in one buffer, v with
+#: strides unlike k's, a non-contiguous dout, and dropout. :func:`cases` with ``corner=`` draws
+#: only cases inside one (everything else drawn as usual, dropout off outside its own corner,
+#: which would otherwise blunt the judge); exploration gives each corner a share of its cases
+#: (:func:`harness.explore.plan`), so a quick run of 20 cases visits every corner.
+CORNERS = ("grid", "decode", "overflow", "key-bias", "packed", "v-transposed", "dout-strided",
+           "dropout")
+#: Corner -> the layout it forces.
+CORNER_LAYOUTS = {"packed": "packed-qkv", "v-transposed": "v-transposed",
+                  "dout-strided": "dout-strided"}
 
 
 @dataclass(frozen=True)
@@ -141,13 +156,16 @@ def _fit(case: Case, budget: Budget) -> Case | None:
 
 @st.composite
 def cases(draw, capabilities: Capabilities | None = None, budget: Budget | None = None,
-          backward: bool = False) -> Case:
+          backward: bool = False, corner: str | None = None) -> Case:
     """Draw a case the capabilities allow, within the budget.
 
     Args:
         capabilities: what the backend claims; None means everything.
         budget: cost limits (default: the quick profile's).
         backward: only cases whose backward the backend can take (no kv-cache).
+        corner: draw only cases inside this one of :data:`CORNERS` (see
+            :func:`corners_for`); every choice is drawn as without it, and the corner overrides
+            the choices it fixes, so shrinking works as usual on the rest.
     """
     caps = capabilities or Capabilities()
     budget = budget or BUDGETS["quick"]
@@ -160,6 +178,8 @@ def cases(draw, capabilities: Capabilities | None = None, budget: Budget | None 
     fp8 = () if backward else FP8_DTYPES
     claimed = [d for d in DTYPES + fp8 if d in caps.dtypes]
     dtype = draw(st.sampled_from(claimed or [d for d in DTYPES if d in caps.dtypes]))
+    if corner is not None:
+        entry, dtype = _corner_entry_dtype(corner, entry, dtype, entries, caps)
     dims = [d for d in HEAD_DIMS if (not caps.head_dim_max or d <= caps.head_dim_max)
             and d % caps.head_dim_multiple == 0]
     head_dim = draw(st.sampled_from(dims))
@@ -173,6 +193,8 @@ def cases(draw, capabilities: Capabilities | None = None, budget: Budget | None 
     if budget.grid and "dense" in entries:
         shapes.append("grid")
     shape = draw(st.sampled_from(shapes))
+    if corner in ("grid", "decode"):
+        shape = corner
     len_q, len_k = _length(draw, budget.max_seqlen), _length(draw, budget.max_seqlen)
     few_q = draw(st.integers(1, 8))
     many_k = draw(st.integers(1024, max(1024, budget.max_seqlen)))
@@ -205,9 +227,9 @@ def cases(draw, capabilities: Capabilities | None = None, budget: Budget | None 
 
     fields: dict = dict(batch=batch, heads_kv=heads_kv, heads_q=heads_kv * group,
                         head_dim=head_dim, dtype=dtype, entry=entry)
-    fields.update(_feature_fields(draw, feats, fields))
+    fields.update(_feature_fields(draw, feats, fields, corner))
     fields.update(_entry_fields(draw, entry, batch, seqlen_q, seqlen_k, caps))
-    fields.update(_value_layout_fields(draw, feats, fields))
+    fields.update(_value_layout_fields(draw, feats, fields, corner))
     fields.update(_fp8_fields(draw, fields))
     case = _fit(Case(**fields), budget)
     _assume_not(case is None)
@@ -221,14 +243,87 @@ def cases(draw, capabilities: Capabilities | None = None, budget: Budget | None 
         # the values, which are rarer and where overflow lives, and drop the features.
         case = without_vacuous(case)
     _assume_not(bool(vacuous_features(case)))  # redraw: every enabled feature must matter
+    _assume_not(corner is not None and not in_corner(case, corner))
     return case
 
 
-def _value_layout_fields(draw, feats, fields) -> dict:
+def corners_for(capabilities: Capabilities | None, budget: Budget | None = None,
+                backward: bool = True) -> list[str]:
+    """The :data:`CORNERS` a backend with these capabilities can be explored in: the shapes the
+    budget draws, the layouts and dropout it claims, ``dout-strided`` only when the backward is
+    judged; every corner needs a 16-bit or float32 dtype (fp8 cases are plain forward calls)."""
+    caps = capabilities or Capabilities()
+    budget = budget or BUDGETS["quick"]
+    feats = caps.features
+    if not any(d in caps.dtypes for d in DTYPES):
+        return []
+    usable = {
+        "grid": budget.grid and "dense" in caps.entries,
+        "decode": bool(budget.max_decode_keys),
+        "overflow": any(d in caps.dtypes for d in ("float16", "bfloat16")),
+        "key-bias": True,
+        "packed": "packed" in feats and bool({"dense", "varlen"} & set(caps.entries)),
+        "v-transposed": "v-transposed" in feats,
+        "dout-strided": backward and "dout-strided" in feats
+        and bool({"dense", "varlen"} & set(caps.entries)),
+        "dropout": "dropout" in feats and bool({"dense", "varlen"} & set(caps.entries)),
+    }
+    return [c for c in CORNERS if usable[c]]
+
+
+def in_corner(case: Case, corner: str) -> bool:
+    """Whether ``case`` lies inside ``corner`` (one of :data:`CORNERS`)."""
+    if corner == "grid":
+        return case.entry == "dense" and case.batch * case.heads_q >= GRID_PROGRAMS[0]
+    if corner == "decode":
+        return case.seqlen_k >= DECODE_KEYS[0] and case.seqlen_q <= 16
+    if corner == "overflow":
+        return case.dtype in ("float16", "bfloat16") and (
+            case.values == "large" or (case.values == "scaled" and case.value_scale_used >= 100))
+    if corner == "key-bias":
+        return case.values == "key-bias"
+    if corner == "packed":
+        return case.layout in ("packed-qkv", "packed-kv")
+    if corner == "dropout":
+        return case.dropout_p > 0
+    return case.layout == CORNER_LAYOUTS[corner]
+
+
+def outside_corner(case: Case, corner: str) -> Case | None:
+    """``case`` with what puts it in ``corner`` undone (normal values, contiguous tensors, no
+    dropout), or None where the corner is the shape itself (grid, decode) or undoing it leaves
+    an invalid case: whether a failure found in a corner needs the corner at all."""
+    changes = {"overflow": {"values": "normal", "value_scale": None},
+               "key-bias": {"values": "normal", "value_scale": None},
+               "dropout": {"dropout_p": 0.0}}.get(corner)
+    if corner in CORNER_LAYOUTS:
+        changes = {"layout": "contiguous"}
+    if changes is None:
+        return None
+    try:
+        return case.replace(**changes)
+    except InvalidCase:
+        return None
+
+
+def _corner_entry_dtype(corner, entry, dtype, entries, caps) -> tuple[str, str]:
+    """The entry and dtype a corner needs: no kv-cache for packed tensors, a strided dout or
+    dropout; a 16-bit dtype (float16 first) for overflow; no fp8 in any corner."""
+    if corner in ("packed", "dout-strided", "dropout") and entry == "kvcache":
+        entry = next(e for e in ("dense", "varlen") if e in entries)
+    if corner == "overflow":
+        return entry, "float16" if "float16" in caps.dtypes else "bfloat16"
+    if dtype in FP8_DTYPES:
+        dtype = next(d for d in DTYPES if d in caps.dtypes)
+    return entry, dtype
+
+
+def _value_layout_fields(draw, feats, fields, corner=None) -> dict:
     """Values and layout, both drawn every time (defaults first, so shrinking reaches normal
     values and contiguous tensors); a layout the backend does not claim, or that does not
     apply to the drawn case, falls back to the nearest one that does (packed-qkv -> packed-kv
-    -> contiguous)."""
+    -> contiguous). A corner fixes the values (overflow: scaled x100/x1000 or large inputs in
+    float16, large in bfloat16; key-bias) or the layout (packed: q, k and v in one buffer)."""
     out: dict = {}
     sixteen = fields["dtype"] in ("float16", "bfloat16", *FP8_DTYPES)
     fp16 = fields["dtype"] == "float16"
@@ -237,6 +332,13 @@ def _value_layout_fields(draw, feats, fields) -> dict:
     scales = {name: draw(st.sampled_from(SCALED_FP16 if fp16 and name == "scaled" else choices))
               for name, choices in VALUE_SCALES.items()}
     layout = draw(st.sampled_from(LAYOUT_CHOICES))
+    if corner == "overflow":
+        values = "scaled" if fp16 and values != "large" else "large"
+        scales["scaled"] = scales["scaled"] or 100.0
+    elif corner == "key-bias":
+        values = "key-bias"
+    elif corner in CORNER_LAYOUTS:
+        layout = CORNER_LAYOUTS[corner]
     if values != "normal":
         from harness.case import VALUE_SCALE_DEFAULTS
 
@@ -295,7 +397,7 @@ FEATURE_OFF = {"causal": {"causal": False}, "window": {"window": (-1, -1)},
                "scale": {"scale": None}, "softcap": {"softcap": 0.0},
                "alibi": {"alibi": False, "alibi_slopes": "standard"},
                "strided": {"layout": "contiguous"}, "v-transposed": {"layout": "contiguous"},
-               "dout-strided": {"layout": "contiguous"}}
+               "dout-strided": {"layout": "contiguous"}, "packed": {"layout": "contiguous"}}
 
 
 def without_vacuous(case: Case) -> Case:
@@ -381,7 +483,7 @@ def vacuous_features(case: Case) -> list[str]:
     spread; softcap more than 4x the largest score (``typical_score``; tanh then moves the
     scores by under 1/48 of their size, at most about 2% of a logit); ``strided``/
     ``v-transposed``/``dout-strided`` whose strides coincide with the contiguous ones (one
-    sequence and one head)."""
+    sequence and one head); ``packed`` with one packed token."""
     out: list[str] = []
     lengths = [pair for pair, _ in case.length_counts()]
     left, right = case.mask_window
@@ -415,6 +517,10 @@ def vacuous_features(case: Case) -> list[str]:
         out.append("v-transposed")
     if "dout-strided" in feats and one_sequence and case.heads_q == 1:
         out.append("dout-strided")
+    # One packed token: its strides and the packed gradient coincide with separate tensors.
+    tokens = case.total_q if case.layout == "packed-qkv" else case.total_k
+    if "packed" in feats and tokens <= 1:
+        out.append("packed")
     return out
 
 
@@ -527,9 +633,9 @@ def _kvcache_changes(case: Case, feats, new: int, rotary: bool, fraction: float,
     return out
 
 
-def _feature_fields(draw, feats, fields) -> dict:
+def _feature_fields(draw, feats, fields, corner=None) -> dict:
     """Features, each drawn every time (off first, so shrinking turns them off) and kept only
-    when the backend claims it."""
+    when the backend claims it; dropout always on in its corner and off in the others."""
     out: dict = {}
     causal = draw(st.booleans())
     left = draw(st.sampled_from((-1, 0, 1, 3, 16, 64)))
@@ -538,6 +644,8 @@ def _feature_fields(draw, feats, fields) -> dict:
     alibi = draw(st.booleans())
     scale = draw(st.sampled_from((None, 0.05, 0.3, 1.0)))
     dropout_p = draw(st.sampled_from((0.0,) * 8 + (0.17, 0.3)))
+    if corner is not None:
+        dropout_p = (dropout_p or 0.17) if corner == "dropout" else 0.0
     if "causal" in feats and causal:
         out["causal"] = True
     if "window" in feats:
