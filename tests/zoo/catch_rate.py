@@ -65,7 +65,8 @@ ZOOS = {
 CHECKS = ("fwd", "bwd", "determinism")
 
 
-def run_one(spec: str, examples: int, seed: int, profile: str, progress: int = 0):
+def run_one(spec: str, examples: int, seed: int, profile: str, progress: int = 0,
+            timeout: float = 300.0):
     """Explore ``spec``; with ``progress``, print a line every ``progress`` cases (so a sweep
     stopped early still says how far it got)."""
     caps = load_backend(spec).capabilities
@@ -81,7 +82,7 @@ def run_one(spec: str, examples: int, seed: int, profile: str, progress: int = 0
             print(f"  {len(seen)} cases in {time.perf_counter() - start:.0f}s, "
                   f"{len(flagged)} flagged", flush=True)
 
-    with ExplorationWorker(300.0) as worker:
+    with ExplorationWorker(timeout) as worker:
         def run_case(case):
             return worker.run(Task("explore", case, spec, CHECKS, seed, profile=profile),
                               lambda r: None)
@@ -95,6 +96,8 @@ def catch_rate(args) -> int:
     rows, firsts = [], []
     spec_of, table = ZOOS[args.zoo]
     zoo = table()
+    if args.kernels:
+        zoo = {name: zoo[name] for name in args.kernels.split(",")}
     for name in sorted(zoo):
         result, wall = run_one(spec_of(name), args.examples, args.seed, args.profile)
         caught = result.minimal is not None
@@ -115,7 +118,7 @@ def catch_rate(args) -> int:
 
 def false_positives(args) -> int:
     result, wall = run_one(args.backend, args.false_positives, args.seed, args.profile,
-                           progress=50)
+                           progress=50, timeout=args.timeout)
     distinct = len({r.case_id for r in result.records})
     failing = [r for r in result.records if r.status in FAILING]
     statuses: dict[str, int] = {}
@@ -142,6 +145,12 @@ def main(argv=None) -> int:
                         help="which zoo: the classic porting bugs (default), the input space, "
                              "dropout masks, flash-attn module variants (fa2), fp8")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kernels", default="", metavar="A,B",
+                        help="only these kernels of the zoo (default: all)")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds one case's checks may take in the worker (default: 300; "
+                             "the pure-Python correct kernel needs more on one shared core for "
+                             "its largest decode cases)")
     args = parser.parse_args(argv)
     if args.false_positives:
         return false_positives(args)
