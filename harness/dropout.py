@@ -448,16 +448,28 @@ EXAMPLES = 8
 BATCH_UNITS_MAX = 64
 
 
+#: Most rows (heads of one batch entry, batch entries of one head) compared pairwise: a mask
+#: shared between rows shows among the first ones, and 65,536 tiny problems would otherwise
+#: cost 2 billion row comparisons.
+ROWS_MAX = 256
+
+
 def _identical_rows(keep: torch.Tensor, ok: torch.Tensor, need: int) -> tuple[int, list]:
     """``(pairs compared, [[i, j], ...] identical)`` over the rows of ``(U, N)`` masks: a pair
-    is compared when at least ``need`` entries are decided in both rows."""
+    is compared when at least ``need`` entries are decided in both rows. Only rows with that
+    many decided entries of their own can be (the first :data:`ROWS_MAX` of them)."""
+    rows = torch.nonzero(ok.sum(-1) >= max(need, 1)).flatten()[:ROWS_MAX]
+    if rows.numel() < 2:
+        return 0, []
+    keep, ok = keep[rows], ok[rows]
     tested_pairs, same = 0, []
     for i in range(keep.shape[0] - 1):
         joint = ok[i] & ok[i + 1:]
         differ = ((keep[i] != keep[i + 1:]) & joint).sum(-1)
         tested = joint.sum(-1) >= max(need, 1)
         tested_pairs += int(tested.sum())
-        same += [[i, i + 1 + int(j)] for j in torch.nonzero(tested & (differ == 0)).flatten()]
+        same += [[int(rows[i]), int(rows[i + 1 + int(j)])]
+                 for j in torch.nonzero(tested & (differ == 0)).flatten()]
     return tested_pairs, same
 
 

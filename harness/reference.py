@@ -14,6 +14,7 @@ of flash-attn's parity rule.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Iterator
@@ -341,6 +342,15 @@ class _RoundGrad(torch.autograd.Function):
         return grad.to(ctx.dtype).to(grad.dtype), None
 
 
+def _split_scale_chunk(qc, k, v, rows, off, p: Params, slopes):
+    """The baseline with the softmax scale split between q and k (``sqrt(scale)`` each, as
+    PyTorch's math SDPA does) instead of applied to q: the same math, another correct rounding
+    order, which on ill-conditioned float32 cases errs up to a few times the plain one."""
+    root = math.sqrt(p.scale)
+    return _baseline_chunk(qc * root, k * root, v, rows, off, dataclasses.replace(p, scale=1.0),
+                           slopes)
+
+
 def _widened_chunk(qc, k, v, rows, off, p: Params, slopes):
     """The baseline with flash-attn's precision split instead of plain PyTorch's: scores,
     softcap, ALiBi and softmax in float32 (so they cannot overflow at float16), ``P`` rounded to
@@ -580,15 +590,17 @@ def reference(inputs: Inputs, *, dtype: torch.dtype | None = None, params: Param
 def baseline(inputs: Inputs, *, grads: bool = False,
              rows: list[torch.Tensor | None] | None = None,
              block_elems: int = BLOCK_ELEMS, widened: bool = False,
-             lse_convention: str = "harness") -> Outputs:
+             split_scale: bool = False, lse_convention: str = "harness") -> Outputs:
     """The same-precision baseline of a case (see the module docstring); lse in float32.
     ``rows`` samples query rows as in :func:`reference`; ``widened`` computes scores and
     softmax in float32 (:func:`_widened_chunk`), the yardstick where the plain one overflows;
-    ``lse_convention`` as in :func:`reference` (the shift is added in float64, then rounded)."""
+    ``split_scale`` scales q and k by ``sqrt(scale)`` each (:func:`_split_scale_chunk`), one of
+    the float32 yardsticks; ``lse_convention`` as in :func:`reference` (the shift is added in
+    float64, then rounded)."""
     if inputs.q_descale is not None:
         raise ValueError("fp8 inputs: the baseline is harness.fp8.fp8_baseline (it emulates fp8 "
                          "P)")
-    chunk = _widened_chunk if widened else None
+    chunk = _widened_chunk if widened else _split_scale_chunk if split_scale else None
     inputs = resolve_cache(inputs)
     case = inputs.case
     p = Params.of(case)

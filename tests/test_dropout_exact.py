@@ -414,3 +414,22 @@ def test_the_seed_comparison_sees_keys_outside_the_first_identity_block():
     records = [r for kind, r in execute(Task("t", case, "sdpa-math", ("fwd",)), detect(), {})
                if kind == "record"]
     assert [r.status for r in records] == ["pass"], records[0].reason
+
+
+def test_rows_too_small_to_compare_are_never_compared():
+    # 65,536 tiny problems (2 x 2 entries each) cannot share a testable mask: before the rows
+    # were filtered, every pair of them was compared (2 billion row pairs, a minute a case).
+    need = dropout._identical_needed(0.3)
+    ok = torch.ones(65536, 4, dtype=torch.bool)
+    keep = torch.zeros(65536, 4, dtype=torch.bool)
+    assert dropout._identical_rows(keep, ok, need) == (0, [])
+    # Rows that can be tested still are, with their own indices, the first ROWS_MAX of them.
+    n = dropout.ROWS_MAX + 40
+    gen = torch.Generator().manual_seed(0)
+    keep = torch.rand(n, 4 * need, generator=gen) > 0.3
+    keep[17] = keep[3]
+    ok = torch.ones_like(keep)
+    ok[0] = False  # row 0 has nothing decided: skipped, indices keep their meaning
+    pairs, same = dropout._identical_rows(keep, ok, need)
+    assert same == [[3, 17]]
+    assert pairs == dropout.ROWS_MAX * (dropout.ROWS_MAX - 1) // 2

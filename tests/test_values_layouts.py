@@ -477,3 +477,30 @@ def test_clone_keeps_packing_and_strides():
     assert torch.equal(copy.q, inputs.q) and copy.v.stride() == inputs.v.stride()
     v_t = make_inputs(Case(**SMALL, layout="v-transposed"))
     assert v_t.clone().v.stride() == v_t.v.stride()
+
+
+def test_pytorchs_math_sdpa_rounding_order_is_a_float32_yardstick():
+    """Found by 566 generated cases of sdpa-math: on scores of about 1e4 (float32, large values)
+    SDPA's math path, which scales q and k by sqrt(scale) each, erred 2.37x the plain baseline
+    (scale on q) on one element of 19,008, and failed. Both are correct float32 algorithms; the
+    split-scale baseline reproduces the kernel's error exactly, and is now a yardstick."""
+    from harness.runner import Task, execute
+    from harness.suites import parse_inline_case
+    from harness.target import detect
+
+    case = parse_inline_case('{batch=2, seqlen_q=297, seqlen_k=297, heads_q=1, head_dim=32, '
+                             'dtype="float32", window=[1,0], values="large"}')
+    inputs = make_inputs(case)
+    ref = reference.reference(inputs)
+    split = reference.baseline(inputs, split_scale=True)
+    plain = reference.baseline(inputs)
+    kernel = load_backend("sdpa-math").forward(inputs).out
+
+    def err(t):
+        return float((t.double() - ref.out.double()).abs().max())
+
+    assert err(split.out) == err(kernel) > 2 * err(plain.out)
+    records = [r for kind, r in execute(Task("run", case, "sdpa-math", ("fwd",), 0,
+                                             profile="quick"), detect(), {})
+               if kind == "record"]
+    assert [r.status for r in records] == ["pass"], [r.reason for r in records]
