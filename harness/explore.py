@@ -65,6 +65,8 @@ class Exploration:
         regression: the TOML file the minimal case was written to.
         seconds: total wall time.
         phases: the ``(corner, cases)`` plan it followed (:func:`plan`).
+        unreachable: corners of the plan no case of which the backend's claims and the budget
+            allow.
     """
 
     backend: str
@@ -77,6 +79,7 @@ class Exploration:
     regression: Path | None = None
     seconds: float = 0.0
     phases: list[tuple[str | None, int]] = field(default_factory=list)
+    unreachable: list[str] = field(default_factory=list)
 
 
 def settings_for(profile: str, examples: int | None = None):
@@ -195,10 +198,18 @@ def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case],
 
         body()
 
+    from hypothesis.errors import Unsatisfiable
+
     try:
         for corner, n in result.phases:
             try:
                 phase(corner, n)
+            except Unsatisfiable:
+                if corner is None:
+                    raise
+                # e.g. head dims that are multiples of 32 cannot make 65,536 tiny problems fit
+                # the budget: the corner is out of this backend's reach, not a failure.
+                result.unreachable.append(corner)
             except CaseFailed as exc:
                 case, records = exc.case, exc.records
                 twin = outside_corner(case, corner) if corner else None
@@ -263,9 +274,11 @@ def write_regression(directory: Path, backend: str, case: Case, failing: list[Re
 def summary(result: Exploration) -> str:
     """One paragraph for the terminal."""
     distinct = len({r.case_id for r in result.records})
+    unreachable = (f" (no case of the {', '.join(result.unreachable)} corner(s) fits the "
+                   f"backend's claims and the budget)" if result.unreachable else "")
     if result.minimal is None:
         return (f"explored {result.examples} generated case(s) ({distinct} distinct) on "
-                f"{result.backend} in {result.seconds:.1f}s: no failure")
+                f"{result.backend} in {result.seconds:.1f}s: no failure{unreachable}")
     from harness.records import replay_command
 
     lines = [f"explored {result.backend}: case {result.examples} failed after "

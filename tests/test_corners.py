@@ -131,3 +131,16 @@ def test_one_packed_token_is_a_vacuous_layout():
     assert vacuous_features(Case(seqlen_q=2, layout="packed-qkv")) == []
     assert vacuous_features(Case(batch=2, seqlen_q=1, layout="packed-qkv")) == []
     assert vacuous_features(Case(seqlen_q=4, seqlen_k=1, layout="packed-kv")) == ["packed"]
+
+
+def test_a_corner_out_of_the_backends_reach_is_said_not_raised():
+    # Head dims in multiples of 32 cannot make 65,536 tiny problems fit the quick budget.
+    from dataclasses import replace
+
+    from harness.explore import summary
+
+    caps = replace(load_backend(CORRECT).capabilities, head_dim_multiple=32)
+    ran, result = _explored(caps, seed=0)
+    assert "grid" in result.unreachable and result.minimal is None
+    assert not any(in_corner(c, "grid") for c in ran)
+    assert "no case of the grid corner(s) fits" in summary(result)
