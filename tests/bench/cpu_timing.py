@@ -93,6 +93,10 @@ def main(argv=None) -> int:
     print(f"across rounds the harness read {min(medians):.2f}-{max(medians):.2f} ms and Timer "
           f"{min(timers):.2f}-{max(timers):.2f} ms; Timer's own reading moved by up to "
           f"{100 * drift:.0f}% between the two ends of one round")
+    steady = [(m, b, a) for m, _, _, b, a, _ in rows if abs(a / b - 1) <= 0.10]
+    agree = sum(abs(2 * m / (b + a) - 1) <= 0.10 for m, b, a in steady)
+    print(f"rounds in which Timer's two readings agree within 10% (the machine held still): "
+          f"{len(steady)}; the harness within 10% of them in {agree}")
     return 0
 
 
