@@ -195,6 +195,8 @@ def cases(draw, capabilities: Capabilities | None = None, budget: Budget | None 
     shape = draw(st.sampled_from(shapes))
     if corner in ("grid", "decode"):
         shape = corner
+    elif corner == "dropout" and shape in ("grid", "decode"):
+        shape = "pair"
     len_q, len_k = _length(draw, budget.max_seqlen), _length(draw, budget.max_seqlen)
     few_q = draw(st.integers(1, 8))
     many_k = draw(st.integers(1024, max(1024, budget.max_seqlen)))
@@ -221,6 +223,15 @@ def cases(draw, capabilities: Capabilities | None = None, budget: Budget | None 
         seqlen_q, seqlen_k = len_q, (len_q if shape == "square" else len_k)
     if "seqlen_q>seqlen_k" not in feats and seqlen_q > seqlen_k:
         seqlen_q, seqlen_k = seqlen_k, seqlen_q
+    if corner == "dropout":
+        # Power for every sub-test of the exact dropout judge: masks distinct across batch
+        # entries and across the heads of one GQA group need two of each and rows of enough
+        # decided entries (tens: harness.dropout.identical_masks).
+        batch, seqlen_q, seqlen_k = max(batch, 2), max(seqlen_q, 8), max(seqlen_k, 16)
+        if "gqa" in feats:
+            group = max(group, 2)
+        else:
+            heads_kv = max(heads_kv, 2)
     dims_ok = [d for d in dims if d <= head_dim] or dims
     if head_dim not in dims:
         head_dim = max(dims_ok)
