@@ -313,8 +313,9 @@ class CheckContext:
                 worst = _max_error(a, r)
                 for other in others:
                     b = getattr(other, name)
-                    if b is not None and _max_error(b, r) > worst:
-                        picked[name], worst = b, _max_error(b, r)
+                    err = _max_error(b, r) if b is not None else -math.inf
+                    if err > worst:
+                        picked[name], worst = b, err
             chosen = Outputs(**picked, rows=plain.rows)
         if fp8.is_fp8(self.case.dtype) or not judge.overflowed(chosen, ref):
             return chosen

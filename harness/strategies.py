@@ -285,9 +285,9 @@ def corners_for(capabilities: Capabilities | None, budget: Budget | None = None,
 def in_corner(case: Case, corner: str) -> bool:
     """Whether ``case`` lies inside ``corner`` (one of :data:`CORNERS`)."""
     if corner == "grid":
-        return case.entry == "dense" and case.batch * case.heads_q >= GRID_PROGRAMS[0]
+        return case.entry == "dense" and case.batch * case.heads_q >= min(GRID_PROGRAMS)
     if corner == "decode":
-        return case.seqlen_k >= DECODE_KEYS[0] and case.seqlen_q <= 16
+        return case.seqlen_k >= min(DECODE_KEYS) and case.seqlen_q <= 16
     if corner == "overflow":
         return case.dtype in ("float16", "bfloat16") and (
             case.values == "large" or (case.values == "scaled" and case.value_scale_used >= 100))
