@@ -48,3 +48,24 @@ def test_every_zoo_kernel_is_caught_by_the_expected_checks(kernel, target):
     assert set(ZOO[kernel]) <= caught, f"{kernel} caught by {sorted(caught)}"
     for record in result["fail"]:
         assert record.reason  # every failure says what and where
+
+
+def test_an_exploration_that_ended_on_a_timeout_is_not_a_catch():
+    """tests.zoo.catch_rate counts a kernel as caught only by a ``fail`` of an expected check:
+    the slow fixture kernel timing out on a huge case ends the exploration too."""
+    from types import SimpleNamespace
+
+    from harness.case import Case
+    from harness.explore import Exploration
+    from tests.zoo.catch_rate import is_caught
+
+    def ended_on(check, status):
+        record = SimpleNamespace(check=check, status=status)
+        return Exploration("k", minimal=Case(batch=1, seqlen_q=1, seqlen_k=1), failing=[record])
+
+    assert is_caught(ended_on("bwd", "fail"), ("fwd", "bwd"))
+    assert is_caught(ended_on("fwd", "fail"), "fwd")
+    assert not is_caught(ended_on("determinism", "timeout"), ("fwd", "bwd"))
+    assert not is_caught(ended_on("bwd", "timeout"), ("fwd", "bwd"))
+    assert not is_caught(ended_on("determinism", "fail"), ("bwd",))
+    assert not is_caught(Exploration("k"), ("fwd",))

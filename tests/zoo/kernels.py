@@ -1,9 +1,11 @@
 """The bug zoo: attention kernels with the classic porting bugs, for testing the harness.
 
 These are *test fixtures*, not kernels anyone should use. ``correct`` is a blockwise
-(FlashAttention-style, online softmax over key blocks of 64) implementation in float32 with
-flash-attn's signature and semantics; every other function is ``correct`` with one bug that has
-been seen in real ports. ``ZOO`` maps each buggy kernel to the checks expected to catch it.
+(FlashAttention-style, online softmax over key blocks of 64; past 4,096 keys at most 64 wider
+blocks, as split-key decode kernels do, since the Python loop is the cost) implementation in
+float32 with flash-attn's signature and semantics; every other function is ``correct`` with one
+bug that has been seen in real ports. ``ZOO`` maps each buggy kernel to the checks expected to
+catch it.
 
 Run one through the harness like any user kernel::
 
@@ -45,12 +47,13 @@ def _blockwise(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_
     m = torch.full((b, hq, sq, 1), -math.inf, device=q.device)
     denom = torch.zeros((b, hq, sq, 1), device=q.device, dtype=acc_dtype)
     acc = torch.zeros((b, hq, sq, d), device=q.device, dtype=acc_dtype)
-    n_blocks = sk // BLOCK if bug == "drop_key_tail" and sk > BLOCK else -(-sk // BLOCK)
+    block = max(BLOCK, -(-sk // (64 * BLOCK)) * BLOCK)
+    n_blocks = sk // block if bug == "drop_key_tail" and sk > block else -(-sk // block)
     order = list(range(n_blocks))
     if bug == "nondeterministic":  # like atomics: the merge order changes from call to call
         _SYSTEM_RANDOM.shuffle(order)
     for blk in order:
-        j0, j1 = blk * BLOCK, min(sk, (blk + 1) * BLOCK)
+        j0, j1 = blk * block, min(sk, (blk + 1) * block)
         s = qf @ kf[:, :, j0:j1].transpose(-1, -2) * scale
         if softcap and bug != "softcap_ignored":
             s = softcap * torch.tanh(s / softcap)
