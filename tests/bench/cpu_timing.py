@@ -10,8 +10,9 @@ bf16 causal, sdpa-flash), then Timer again: the two Timer readings bracket the h
 the ratio (the harness's median over the mean of the two) compares measurements of one stretch
 of the machine, and the Timers' difference says how far the machine itself moved in it. It
 prints whether that mean lies inside the harness's reported IQR and, over all rounds, how many
-rounds' IQRs hold the median of every round's median (whether a run's reported spread covers
-the run-to-run variation), and the range each timer read across rounds.
+rounds' IQRs hold the median of every round's median, how the IQR of the medians across rounds
+(the run-to-run variation) compares with the IQR one run reports, and the range each timer read
+across rounds.
 """
 
 from __future__ import annotations
@@ -93,6 +94,13 @@ def main(argv=None) -> int:
     print(f"across rounds the harness read {min(medians):.2f}-{max(medians):.2f} ms and Timer "
           f"{min(timers):.2f}-{max(timers):.2f} ms; Timer's own reading moved by up to "
           f"{100 * drift:.0f}% between the two ends of one round")
+    if len(rows) >= 2:
+        q = statistics.quantiles(medians, n=4, method="inclusive")
+        reported = statistics.median(q3 - q1 for _, q1, q3, *_ in rows)
+        print(f"run to run, the harness's medians spread over an IQR of {q[2] - q[0]:.2f} ms; "
+              f"the IQR one run reports is {reported:.2f} ms (the median over rounds): a run's "
+              f"spread is {'at least as wide as' if reported >= q[2] - q[0] else 'narrower than'}"
+              f" the run-to-run variation")
     steady = [(m, b, a) for m, _, _, b, a, _ in rows if abs(a / b - 1) <= 0.10]
     agree = sum(abs(2 * m / (b + a) - 1) <= 0.10 for m, b, a in steady)
     print(f"rounds in which Timer's two readings agree within 10% (the machine held still): "
