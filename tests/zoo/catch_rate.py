@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from harness.backends import load_backend
+from harness.case import case_from_dict
 from harness.explore import explore
 from harness.records import FAILING
 from harness.runner import ExplorationWorker, Task
@@ -142,6 +143,12 @@ def false_positives(args) -> int:
         statuses[r.status] = statuses.get(r.status, 0) + 1
     print(f"{args.backend}: {result.examples} generated cases ({distinct} distinct) in "
           f"{wall:.0f}s; records {statuses}; flagged: {len(failing)}")
+    peak = max(result.records, default=None,
+               key=lambda r: r.metrics.get("process_peak_rss_bytes", 0))
+    if peak is not None and peak.metrics.get("process_peak_rss_bytes"):
+        # the worker's lifetime peak: the first record that reaches it names the case
+        print(f"worker peak RSS {peak.metrics['process_peak_rss_bytes'] / 2**30:.1f} GiB, "
+              f"first reached on {case_from_dict(peak.case).label}")
     if result.minimal is not None:
         print(f"minimal failing case: {result.minimal.label}")
         for r in result.failing:
