@@ -82,15 +82,18 @@ def _forward(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_si
     keys = min(sk, KEY_LIMIT) if bug == "keys_past_16k" else sk
     # Blocks of 64 keys, or at most 64 blocks for long keys (the Python loop is the cost here).
     block = max(BLOCK, -(-keys // (64 * BLOCK)) * BLOCK)
-    for j0 in range(0, keys, block):
+    # split, not one slice per block: a slice's backward writes a zero tensor of the whole k
+    # (and v), so the gradient of n blocks cost n passes over them; split's is one cat
+    k_blocks, v_blocks = kf[:, :, :keys].split(block, dim=2), vf[:, :, :keys].split(block, dim=2)
+    for blk, j0 in enumerate(range(0, keys, block)):
         j1 = min(keys, j0 + block)
         if bug == "unscaled_fp16_scores":
             # the unscaled product held in a float16 register: inf past 65,504 (its rounding
             # is left out, so the kernel is exact wherever it does not overflow)
-            raw = qf @ kf[:, :, j0:j1].transpose(-1, -2)
+            raw = qf @ k_blocks[blk].transpose(-1, -2)
             s = torch.where(raw.abs() > 65504.0, raw.sign() * math.inf, raw) * scale
         else:
-            s = qf @ kf[:, :, j0:j1].transpose(-1, -2) * scale
+            s = qf @ k_blocks[blk].transpose(-1, -2) * scale
         if softcap:
             s = softcap * torch.tanh(s / softcap)
         rel = rows + offset - torch.arange(j0, j1, device=q.device)[None, :]
@@ -110,7 +113,7 @@ def _forward(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_si
         if dropout_p > 0:
             keep = torch.rand(p.shape, device=p.device) >= dropout_p
             p = p * keep / (1 - dropout_p)
-        acc = acc * alpha + p @ vf[:, :, j0:j1]
+        acc = acc * alpha + p @ v_blocks[blk]
         m = m_new
     if bug == "running_max_from_zero":  # 0/0 where every exp underflowed
         out = acc / denom

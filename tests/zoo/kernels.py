@@ -52,9 +52,12 @@ def _blockwise(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_
     order = list(range(n_blocks))
     if bug == "nondeterministic":  # like atomics: the merge order changes from call to call
         _SYSTEM_RANDOM.shuffle(order)
+    # split, not one slice per block: a slice's backward writes a zero tensor of the whole k
+    # (and v), so the gradient of n blocks cost n passes over them; split's is one cat
+    k_blocks, v_blocks = kf.split(block, dim=2), vf.split(block, dim=2)
     for blk in order:
         j0, j1 = blk * block, min(sk, (blk + 1) * block)
-        s = qf @ kf[:, :, j0:j1].transpose(-1, -2) * scale
+        s = qf @ k_blocks[blk].transpose(-1, -2) * scale
         if softcap and bug != "softcap_ignored":
             s = softcap * torch.tanh(s / softcap)
         rel = rows + offset - torch.arange(j0, j1, device=q.device)[None, :]
@@ -77,7 +80,7 @@ def _blockwise(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_
         if dropout_p > 0:
             keep = torch.rand(p.shape, device=p.device) >= dropout_p
             p = p * keep / (1 - dropout_p)
-        acc = (acc * alpha + p @ vf[:, :, j0:j1]).to(acc_dtype)
+        acc = (acc * alpha + p @ v_blocks[blk]).to(acc_dtype)
         m = m_new
     if bug == "nan_fully_masked":
         out = acc.float() / denom.float()
