@@ -297,12 +297,26 @@ def dropout_variance_forward(q, k, v, lse, p: Params, slopes=None, *,
 # ----------------------------------------------------------------------------- baseline
 
 
+def _einsum(equation: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.einsum`` at the operands' dtype, as the baseline's matmuls are.
+
+    A 16-bit matmul accumulates in float32 and rounds once at the end (cuBLAS, rocBLAS and
+    PyTorch's CPU kernels alike); a CPU without 16-bit matrix units runs it as a scalar loop,
+    4-7x slower than float32. There the product is taken in float32 and rounded to the dtype:
+    the same arithmetic up to the order of the float32 sums (about 0.1% of fp16 products differ
+    from PyTorch's CPU kernel by one ulp, as two BLAS libraries' would). Differentiable, with
+    the same precision in the backward (its products in float32, rounded to the dtype)."""
+    if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16):
+        return torch.einsum(equation, a.float(), b.float()).to(a.dtype)
+    return torch.einsum(equation, a, b)
+
+
 def _baseline_chunk(qc, k, v, rows, off, p: Params, slopes):
     """Plain attention of query rows ``rows`` in the inputs' own dtype; differentiable."""
     B, n, Hq, d = qc.shape
     Hkv = k.shape[2]
     qg = (qc * p.scale).reshape(B, n, Hkv, Hq // Hkv, d)
-    s = torch.einsum("bihgd,bjhd->bhgij", qg, k)
+    s = _einsum("bihgd,bjhd->bhgij", qg, k)
     if p.softcap:
         s = torch.tanh(s / p.softcap) * p.softcap
     rel = None
@@ -324,7 +338,7 @@ def _baseline_chunk(qc, k, v, rows, off, p: Params, slopes):
     else:
         lse = torch.logsumexp(s.float(), -1)
         prob = torch.softmax(s, dim=-1)
-    o = torch.einsum("bhgij,bjhd->bihgd", prob, v).reshape(B, n, Hq, d)
+    o = _einsum("bhgij,bjhd->bihgd", prob, v).reshape(B, n, Hq, d)
     return o, lse.reshape(B, Hq, n)
 
 
@@ -383,7 +397,7 @@ def _widened_chunk(qc, k, v, rows, off, p: Params, slopes):
     prob = torch.softmax(s, dim=-1)
     if visible is not None:
         prob = prob.masked_fill(~visible.any(-1)[:, None], 0.0)
-    o = torch.einsum("bhgij,bjhd->bihgd", prob.to(dtype), v).reshape(B, n, Hq, d)
+    o = _einsum("bhgij,bjhd->bihgd", prob.to(dtype), v).reshape(B, n, Hq, d)
     return o, lse.reshape(B, Hq, n)
 
 
