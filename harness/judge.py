@@ -44,6 +44,9 @@ class Comparison:
     reference_value: float = 0.0
     #: Half an ulp, at the kernel's dtype, of the largest judged |reference| (see :func:`compare`).
     rounding_floor: float = 0.0
+    #: The largest per-element allowance for score rounding on ill-conditioned rows that an
+    #: element needed (:func:`harness.reference.score_rounding`); 0 when none did.
+    score_slack: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -69,6 +72,7 @@ class Comparison:
             "mismatched": self.mismatched,
             "nonfinite": self.nonfinite,
             "total": self.total,
+            **({"score_slack": self.score_slack} if self.score_slack else {}),
         }
 
     def message(self) -> str:
@@ -86,10 +90,12 @@ class Comparison:
                          f"{self.baseline_err:.3g})")
         else:
             yardstick = f"baseline error {self.baseline_err:.3g}"
+        slack = (f" (+ up to {self.score_slack:.3g} per element where float32 score rounding "
+                 "leaves the softmax undetermined)" if self.score_slack else "")
         return (f"{self.name}: {self.mismatched} of {self.total} elements exceed the tolerance; "
                 f"worst |diff| {self.err:.3g} {where} (kernel {self.kernel_value:.6g}, reference "
                 f"{self.reference_value:.6g}); allowed {self.allowed:.3g} = k x {yardstick} + "
-                f"atol; ratio to baseline {ratio}")
+                f"atol{slack}; ratio to baseline {ratio}")
 
 
 def _finite(x: float | None) -> float | None:
@@ -99,7 +105,8 @@ def _finite(x: float | None) -> float | None:
 
 
 def compare(name: str, kernel: torch.Tensor, baseline: torch.Tensor, reference: torch.Tensor,
-            *, k: float, atol: float, valid: torch.Tensor | None = None) -> Comparison:
+            *, k: float, atol: float, valid: torch.Tensor | None = None,
+            slack: torch.Tensor | None = None) -> Comparison:
     """Judge ``kernel`` against ``reference`` with the baseline-relative rule.
 
     Args:
@@ -108,6 +115,9 @@ def compare(name: str, kernel: torch.Tensor, baseline: torch.Tensor, reference: 
         k: multiple of the baseline's error allowed.
         atol: absolute slack.
         valid: optional boolean mask of elements to judge (e.g. lse rows that see a key).
+        slack: optional per-element allowance added to the rule's (same shape): how far score
+            rounding alone may move a correct result on ill-conditioned rows
+            (:func:`harness.reference.score_rounding`).
 
     The baseline's error is floored at half an ulp, at the kernel's dtype, of the largest
     judged |reference|: the rounding any correct result at that dtype may need. flash-attn's
@@ -134,17 +144,23 @@ def compare(name: str, kernel: torch.Tensor, baseline: torch.Tensor, reference: 
     allowed = k * max(baseline_err, floor) + atol
     nonfinite_mask = valid & ~torch.isfinite(ker)
     nonfinite = int(nonfinite_mask.sum())
-    bad = nonfinite_mask | (diff > allowed)
+    extra = torch.zeros_like(ref) if slack is None else torch.where(
+        valid, slack.detach().to(ref.device, torch.float64), torch.zeros_like(ref))
+    excess = diff - allowed - extra
+    bad = nonfinite_mask | (excess > 0)
     mismatched = int(bad.sum())
+    # the slack an element needed: its diff beyond the rule's allowance, where it passed
+    needed = float(torch.where((diff > allowed) & ~bad, diff - allowed, 0.0).max()) \
+        if slack is not None else 0.0
     if nonfinite:
         flat = int(torch.nonzero(nonfinite_mask.flatten())[0])
         err = math.inf
     else:
-        flat = int(diff.flatten().argmax())
-        err = float(diff.flatten()[flat])
+        flat = int((excess if mismatched else diff).flatten().argmax())
+        err = float(diff.flatten()[flat]) if mismatched else float(diff.max())
     index = tuple(int(i) for i in unravel(flat, ref.shape))
     return Comparison(name, err, baseline_err, allowed, mismatched, nonfinite, total, index,
-                      float(ker.flatten()[flat]), float(ref.flatten()[flat]), floor)
+                      float(ker.flatten()[flat]), float(ref.flatten()[flat]), floor, needed)
 
 
 def rounding_floor(magnitude, dtype: torch.dtype) -> float:

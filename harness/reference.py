@@ -294,6 +294,83 @@ def dropout_variance_forward(q, k, v, lse, p: Params, slopes=None, *,
     return acc.permute(0, 3, 1, 2, 4).reshape(B, sq, Hq, d)
 
 
+def score_rounding_forward(q, k, v, out, lse, p: Params, slopes=None, *, unit: float,
+                           block_elems: int = BLOCK_ELEMS):
+    """How far a correct kernel's out and lse may move because its scores are rounded.
+
+    A kernel computes each score ``s_j = scale * q.k_j`` in floating point (float32 at least);
+    the sum's rounding error is about ``sqrt(d) * unit * scale * sum_i |q_i k_ji|`` (the
+    probabilistic bound of Higham and Mary, 2019), which on ill-conditioned rows (scores of
+    1e4-1e5 from products that cancel) reaches a tenth of a unit and beyond: too much for the
+    softmax to be determined at that precision. To first order a score error ``ds_j`` moves
+    ``out_c`` by ``sum_j P_j ds_j (v_jc - out_c)`` and the lse by ``sum_j P_j ds_j``. With
+    ``w_j = P_j |ds_j|``, the out bound is ``sqrt(sum_j w_j * sum_j w_j (v_jc - out_c)**2)``
+    (Cauchy-Schwarz: at least ``sum_j w_j |v_jc - out_c|``, and three matmuls instead of a
+    tensor per row, key and column), so a near one-hot row (``v_j = out`` for its one key) gets
+    almost none.
+
+    Returns ``(out_slack (B, sq, Hq, d), lse_slack (B, Hq, sq))`` in q's dtype; ``out`` and
+    ``lse`` from :func:`attention_forward`.
+    """
+    B, sq, Hq, d = q.shape
+    sk, Hkv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    off = sk - sq
+    rows = _row_index(sq, q.device)
+    qg = q.reshape(B, sq, Hkv, G, d)
+    gamma = math.sqrt(d) * unit * abs(p.scale)
+    lse = lse.reshape(B, Hkv, G, sq)
+    lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse)
+    sl = None if slopes is None else slopes.to(q.dtype)
+    first = q.new_zeros(B, Hkv, G, sq, d)  # sum_j w_j v_jc
+    second = q.new_zeros(B, Hkv, G, sq, d)  # sum_j w_j v_jc**2
+    weight = q.new_zeros(B, Hkv, G, sq)  # sum_j w_j
+    cq, ck = _chunk_sizes(B * Hq, sq, sk, block_elems)
+    for i0 in range(0, sq, cq):
+        i1 = min(sq, i0 + cq)
+        qb = qg[:, i0:i1]
+        for j0, j1, need_mask in _blocks(p, rows[i0:i1], sk, ck, off):
+            kb, vb = k[:, j0:j1].to(q.dtype), v[:, j0:j1].to(q.dtype)
+            s, _, _ = _scores(qb, kb, rows[i0:i1], j0, off, p, sl, need_mask)
+            prob = torch.exp(s - lse_safe[..., i0:i1, None])
+            w = prob * torch.einsum("bihgd,bjhd->bhgij", qb.abs(), kb.abs()) * gamma
+            first[:, :, :, i0:i1] += torch.einsum("bhgij,bjhd->bhgid", w, vb)
+            second[:, :, :, i0:i1] += torch.einsum("bhgij,bjhd->bhgid", w, vb * vb)
+            weight[:, :, :, i0:i1] += w.sum(-1)
+    o = out.reshape(B, sq, Hkv, G, d).permute(0, 2, 3, 1, 4)
+    spread = (second - 2 * o * first + o * o * weight[..., None]).clamp_min(0)
+    slack = torch.sqrt(weight[..., None] * spread)
+    return slack.permute(0, 3, 1, 2, 4).reshape(B, sq, Hq, d), weight.reshape(B, Hq, sq)
+
+
+@ieee_float32
+def score_rounding(inputs: Inputs, unit: float, *,
+                   block_elems: int = BLOCK_ELEMS) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`score_rounding_forward` over a whole case (every entry point): ``(out_slack,
+    lse_slack)`` in the reference's dtype and layouts (lse in the harness's convention; the
+    slack of a shifted lse is the same)."""
+    inputs = resolve_cache(inputs)
+    case = inputs.case
+    dtype = reference_dtype(case.dtype, inputs.device)
+    p = Params.of(case)
+    slopes = inputs.alibi_slopes.to(dtype) if case.alibi and inputs.alibi_slopes is not None \
+        else None
+    result = _empty_result(inputs, dtype, dtype, False)
+    out_slack, lse_slack = result.out.zero_(), result.lse.zero_()
+    for index, piece in enumerate(inputs.sequences()):
+        q, k, v = piece.q_like(inputs.q), piece.kv_like(inputs.k), piece.kv_like(inputs.v)
+        if q.shape[1] == 0 or k.shape[1] == 0:
+            continue
+        q = q.to(dtype)
+        sl = _piece_slopes(slopes, piece, index)
+        out, lse = attention_forward(q, k, v, p, sl, block_elems=block_elems)
+        o_s, l_s = score_rounding_forward(q, k, v, out, lse, p, sl, unit=unit,
+                                          block_elems=block_elems)
+        piece.put_q(out_slack, o_s)
+        piece.put_lse(lse_slack, l_s)
+    return out_slack, lse_slack
+
+
 # ----------------------------------------------------------------------------- baseline
 
 
