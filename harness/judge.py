@@ -47,6 +47,9 @@ class Comparison:
     #: The largest per-element allowance for score rounding on ill-conditioned rows that an
     #: element needed (:func:`harness.reference.score_rounding`); 0 when none did.
     score_slack: float = 0.0
+    #: With a score-rounding allowance: the largest error beyond each element's allowance (what
+    #: the ratio weighs, so a pass reads at most ``k``); None without one.
+    err_beyond_slack: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -59,8 +62,10 @@ class Comparison:
 
     @property
     def ratio(self) -> float | None:
-        """``err / yardstick``; None when the yardstick is zero."""
-        return self.err / self.yardstick if self.yardstick > 0 else None
+        """``err / yardstick`` (the error beyond the score-rounding allowance, where there is
+        one); None when the yardstick is zero."""
+        err = self.err if self.err_beyond_slack is None else self.err_beyond_slack
+        return err / self.yardstick if self.yardstick > 0 else None
 
     def metrics(self) -> dict[str, Any]:
         return {
@@ -72,7 +77,8 @@ class Comparison:
             "mismatched": self.mismatched,
             "nonfinite": self.nonfinite,
             "total": self.total,
-            **({"score_slack": self.score_slack} if self.score_slack else {}),
+            **({"score_slack": self.score_slack, "err_beyond_slack": self.err_beyond_slack}
+               if self.score_slack else {}),
         }
 
     def message(self) -> str:
@@ -159,8 +165,10 @@ def compare(name: str, kernel: torch.Tensor, baseline: torch.Tensor, reference: 
         flat = int((excess if mismatched else diff).flatten().argmax())
         err = float(diff.flatten()[flat]) if mismatched else float(diff.max())
     index = tuple(int(i) for i in unravel(flat, ref.shape))
+    beyond = None if slack is None or nonfinite else float((diff - extra).clamp_min(0).max())
     return Comparison(name, err, baseline_err, allowed, mismatched, nonfinite, total, index,
-                      float(ker.flatten()[flat]), float(ref.flatten()[flat]), floor, needed)
+                      float(ker.flatten()[flat]), float(ref.flatten()[flat]), floor, needed,
+                      beyond)
 
 
 def rounding_floor(magnitude, dtype: torch.dtype) -> float:
