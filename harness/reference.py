@@ -268,29 +268,39 @@ def attention_backward(q, k, v, out, lse, dout, p: Params, slopes=None, *,
     return dq.reshape(B, sq, Hq, d), dk, dv
 
 
+def _probability_blocks(q, k, v, lse, p: Params, slopes, block_elems: int):
+    """The exact probabilities of one uniform batch, block by block, from its lse: yields
+    ``(i0, i1, qb, kb, vb, prob)``, with q grouped ``(B, n, Hkv, G, d)``, the key block's k and
+    v in q's dtype and ``prob`` ``(B, Hkv, G, i1 - i0, ck)``. For the passes that need ``P``
+    after the forward (the dropout variance, the score-rounding allowance)."""
+    B, sq, Hq, d = q.shape
+    sk, Hkv = k.shape[1], k.shape[2]
+    off = sk - sq
+    rows = _row_index(sq, q.device)
+    qg = q.reshape(B, sq, Hkv, Hq // Hkv, d)
+    lse = lse.reshape(B, Hkv, Hq // Hkv, sq)
+    lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse)
+    sl = None if slopes is None else slopes.to(q.dtype)
+    cq, ck = _chunk_sizes(B * Hq, sq, sk, block_elems)
+    for i0 in range(0, sq, cq):
+        i1 = min(sq, i0 + cq)
+        qb = qg[:, i0:i1]
+        for j0, j1, need_mask in _blocks(p, rows[i0:i1], sk, ck, off):
+            kb, vb = k[:, j0:j1].to(q.dtype), v[:, j0:j1].to(q.dtype)
+            s, _, _ = _scores(qb, kb, rows[i0:i1], j0, off, p, sl, need_mask)
+            yield i0, i1, qb, kb, vb, torch.exp(s - lse_safe[..., i0:i1, None])
+
+
 def dropout_variance_forward(q, k, v, lse, p: Params, slopes=None, *,
                              block_elems: int = BLOCK_ELEMS):
     """``sum_j P_ij**2 * v_jd**2`` per output element: with inverted dropout of probability
     ``dp`` each kept term is scaled by ``1/(1-dp)``, so the output's variance is
     ``dp / (1 - dp)`` times this. ``lse`` comes from :func:`attention_forward`."""
     B, sq, Hq, d = q.shape
-    sk, Hkv = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    off = sk - sq
-    rows = _row_index(sq, q.device)
-    qg = q.reshape(B, sq, Hkv, G, d)
-    lse = lse.reshape(B, Hkv, G, sq)
-    lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse)
-    sl = None if slopes is None else slopes.to(q.dtype)
-    acc = q.new_zeros(B, Hkv, G, sq, d)
-    cq, ck = _chunk_sizes(B * Hq, sq, sk, block_elems)
-    for i0 in range(0, sq, cq):
-        i1 = min(sq, i0 + cq)
-        for j0, j1, need_mask in _blocks(p, rows[i0:i1], sk, ck, off):
-            kb, vb = k[:, j0:j1].to(q.dtype), v[:, j0:j1].to(q.dtype)
-            s, _, _ = _scores(qg[:, i0:i1], kb, rows[i0:i1], j0, off, p, sl, need_mask)
-            prob = torch.exp(s - lse_safe[..., i0:i1, None])
-            acc[:, :, :, i0:i1] += torch.einsum("bhgij,bjhd->bhgid", prob * prob, vb * vb)
+    Hkv = k.shape[2]
+    acc = q.new_zeros(B, Hkv, Hq // Hkv, sq, d)
+    for i0, i1, _, _, vb, prob in _probability_blocks(q, k, v, lse, p, slopes, block_elems):
+        acc[:, :, :, i0:i1] += torch.einsum("bhgij,bjhd->bhgid", prob * prob, vb * vb)
     return acc.permute(0, 3, 1, 2, 4).reshape(B, sq, Hq, d)
 
 
@@ -313,30 +323,17 @@ def score_rounding_forward(q, k, v, out, lse, p: Params, slopes=None, *, unit: f
     ``lse`` from :func:`attention_forward`.
     """
     B, sq, Hq, d = q.shape
-    sk, Hkv = k.shape[1], k.shape[2]
+    Hkv = k.shape[2]
     G = Hq // Hkv
-    off = sk - sq
-    rows = _row_index(sq, q.device)
-    qg = q.reshape(B, sq, Hkv, G, d)
     gamma = math.sqrt(d) * unit * abs(p.scale)
-    lse = lse.reshape(B, Hkv, G, sq)
-    lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse)
-    sl = None if slopes is None else slopes.to(q.dtype)
     first = q.new_zeros(B, Hkv, G, sq, d)  # sum_j w_j v_jc
     second = q.new_zeros(B, Hkv, G, sq, d)  # sum_j w_j v_jc**2
     weight = q.new_zeros(B, Hkv, G, sq)  # sum_j w_j
-    cq, ck = _chunk_sizes(B * Hq, sq, sk, block_elems)
-    for i0 in range(0, sq, cq):
-        i1 = min(sq, i0 + cq)
-        qb = qg[:, i0:i1]
-        for j0, j1, need_mask in _blocks(p, rows[i0:i1], sk, ck, off):
-            kb, vb = k[:, j0:j1].to(q.dtype), v[:, j0:j1].to(q.dtype)
-            s, _, _ = _scores(qb, kb, rows[i0:i1], j0, off, p, sl, need_mask)
-            prob = torch.exp(s - lse_safe[..., i0:i1, None])
-            w = prob * torch.einsum("bihgd,bjhd->bhgij", qb.abs(), kb.abs()) * gamma
-            first[:, :, :, i0:i1] += torch.einsum("bhgij,bjhd->bhgid", w, vb)
-            second[:, :, :, i0:i1] += torch.einsum("bhgij,bjhd->bhgid", w, vb * vb)
-            weight[:, :, :, i0:i1] += w.sum(-1)
+    for i0, i1, qb, kb, vb, prob in _probability_blocks(q, k, v, lse, p, slopes, block_elems):
+        w = prob * torch.einsum("bihgd,bjhd->bhgij", qb.abs(), kb.abs()) * gamma
+        first[:, :, :, i0:i1] += torch.einsum("bhgij,bjhd->bhgid", w, vb)
+        second[:, :, :, i0:i1] += torch.einsum("bhgij,bjhd->bhgid", w, vb * vb)
+        weight[:, :, :, i0:i1] += w.sum(-1)
     o = out.reshape(B, sq, Hkv, G, d).permute(0, 2, 3, 1, 4)
     spread = (second - 2 * o * first + o * o * weight[..., None]).clamp_min(0)
     slack = torch.sqrt(weight[..., None] * spread)
