@@ -331,24 +331,37 @@ class CheckContext:
         return chosen
 
     @cached_property
-    def score_slack(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per-element allowances (out, lse) for the rounding of the kernel's scores
-        (:func:`harness.reference.score_rounding`), or None where they cannot matter: when even
-        the largest possible one (Cauchy-Schwarz on the longest q and k rows) stays under a
-        tenth of the output's rounding floor, which is so for ordinary inputs in 16-bit dtypes.
-        """
+    def score_unit(self) -> float | None:
+        """The unit roundoff of the kernel's scores (float32 at least) where their rounding can
+        matter, else None: when even the largest possible allowance (Cauchy-Schwarz on the
+        longest q and k rows) stays under a tenth of the output's rounding floor, which is so
+        for ordinary inputs in 16-bit dtypes. fp8 has its own rule."""
         q, k, v = self.inputs.q, self.inputs.k, self.inputs.v
         if fp8.is_fp8(self.case.dtype) or 0 in (q.numel(), k.numel()):
             return None
-        unit = 2.0 ** -53 if q.dtype == torch.float64 else 2.0 ** -24  # scores in >= float32
+        unit = 2.0 ** -53 if q.dtype == torch.float64 else 2.0 ** -24
         d = q.shape[-1]
         scale = abs(reference.Params.of(self.case).scale)
         largest_v = float(v.float().abs().max())
         largest = (math.sqrt(d) * unit * scale * float(q.float().norm(dim=-1).max())
                    * float(k.float().norm(dim=-1).max()) * 2 * largest_v)
-        if not largest > 0.1 * judge.rounding_floor(largest_v, q.dtype):
-            return None
-        return reference.score_rounding(self.exact_inputs, unit)
+        return unit if largest > 0.1 * judge.rounding_floor(largest_v, q.dtype) else None
+
+    @cached_property
+    def score_slack(self) -> Outputs | None:
+        """Per-element allowances of out and lse for the rounding of the kernel's scores
+        (:func:`harness.reference.score_rounding`) on the rows the forward verdict judges, or
+        None where they cannot matter (:attr:`score_unit`)."""
+        unit = self.score_unit
+        return None if unit is None else reference.score_rounding(
+            self.exact_inputs, unit, rows=self.sampled_rows)
+
+    @cached_property
+    def score_slack_grads(self) -> Outputs | None:
+        """:attr:`score_slack` of dq, dk and dv for ``inputs.dout``."""
+        unit = self.score_unit
+        return None if unit is None else reference.score_rounding(
+            self.exact_inputs, unit, grads=True)
 
     def _blockwise32(self, grads: bool, rows) -> Outputs:
         return reference.reference(self.exact_inputs, dtype=torch.float32, grads=grads,
@@ -544,15 +557,16 @@ def check_fwd(ctx: CheckContext) -> judge.Verdict:
     if fp8.is_fp8(ctx.case.dtype):
         return _fp8_fwd(ctx, result, ref, base)
     # Where float32 score rounding leaves ill-conditioned rows undetermined (scores of 1e4-1e5
-    # from cancelling products), the allowance it implies (exact-reference verdicts only).
-    slack_out, slack_lse = (ctx.score_slack if rows is None else None) or (None, None)
+    # from cancelling products), the allowance it implies.
+    slack = ctx.score_slack
     comparisons = [judge.compare("out", result.out, base.out, ref.out, k=judge.K_OUT,
-                                 atol=ctx.atol, valid=ref.row_mask(ref.out), slack=slack_out)]
+                                 atol=ctx.atol, valid=ref.row_mask(ref.out),
+                                 slack=slack and slack.out)]
     if result.lse is not None:
         lse = _lse_layout(result.lse, ref.lse)
         comparisons.append(judge.compare("lse", lse, base.lse, ref.lse, k=judge.K_OUT,
                                          atol=ctx.atol, valid=torch.isfinite(ref.lse),
-                                         slack=slack_lse))
+                                         slack=slack and slack.lse))
     allowed = comparisons[0].allowed
     effects = feature_effects(ctx) if rows is None else {}
     note = judge.inert_note(effects, allowed)
@@ -608,9 +622,10 @@ def check_bwd(ctx: CheckContext) -> judge.Verdict:
     if ctx.case.dropout_p:
         return _dropout(ctx, "bwd")
     result = ctx.call_backward(deterministic=False)
-    ref, base = ctx.reference_grads, ctx.baseline_grads
+    ref, base, slack = ctx.reference_grads, ctx.baseline_grads, ctx.score_slack_grads
     comparisons = [judge.compare(name, getattr(result, name), getattr(base, name),
-                                 getattr(ref, name), k=judge.K_GRAD, atol=ctx.atol)
+                                 getattr(ref, name), k=judge.K_GRAD, atol=ctx.atol,
+                                 slack=slack and getattr(slack, name))
                    for name in ("dq", "dk", "dv")]
     verdict = judge.parity_verdict("bwd", comparisons)
     metrics = {**verdict.metrics, "deterministic": False}

@@ -268,22 +268,24 @@ def attention_backward(q, k, v, out, lse, dout, p: Params, slopes=None, *,
     return dq.reshape(B, sq, Hq, d), dk, dv
 
 
-def _probability_blocks(q, k, v, lse, p: Params, slopes, block_elems: int):
+def _probability_blocks(q, k, v, lse, p: Params, slopes, block_elems: int, *, rows=None,
+                        seqlen_q=None):
     """The exact probabilities of one uniform batch, block by block, from its lse: yields
     ``(i0, i1, qb, kb, vb, prob)``, with q grouped ``(B, n, Hkv, G, d)``, the key block's k and
     v in q's dtype and ``prob`` ``(B, Hkv, G, i1 - i0, ck)``. For the passes that need ``P``
-    after the forward (the dropout variance, the score-rounding allowance)."""
-    B, sq, Hq, d = q.shape
+    after the forward (the dropout variance, the score-rounding allowance). ``rows`` and
+    ``seqlen_q`` as in :func:`attention_forward`."""
+    B, n, Hq, d = q.shape
     sk, Hkv = k.shape[1], k.shape[2]
-    off = sk - sq
-    rows = _row_index(sq, q.device)
-    qg = q.reshape(B, sq, Hkv, Hq // Hkv, d)
-    lse = lse.reshape(B, Hkv, Hq // Hkv, sq)
+    off = sk - (n if seqlen_q is None else seqlen_q)
+    rows = _row_index(n, q.device) if rows is None else rows
+    qg = q.reshape(B, n, Hkv, Hq // Hkv, d)
+    lse = lse.reshape(B, Hkv, Hq // Hkv, n)
     lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse)
     sl = None if slopes is None else slopes.to(q.dtype)
-    cq, ck = _chunk_sizes(B * Hq, sq, sk, block_elems)
-    for i0 in range(0, sq, cq):
-        i1 = min(sq, i0 + cq)
+    cq, ck = _chunk_sizes(B * Hq, n, sk, block_elems)
+    for i0 in range(0, n, cq):
+        i1 = min(n, i0 + cq)
         qb = qg[:, i0:i1]
         for j0, j1, need_mask in _blocks(p, rows[i0:i1], sk, ck, off):
             kb, vb = k[:, j0:j1].to(q.dtype), v[:, j0:j1].to(q.dtype)
@@ -305,7 +307,7 @@ def dropout_variance_forward(q, k, v, lse, p: Params, slopes=None, *,
 
 
 def score_rounding_forward(q, k, v, out, lse, p: Params, slopes=None, *, unit: float,
-                           block_elems: int = BLOCK_ELEMS):
+                           rows=None, seqlen_q=None, block_elems: int = BLOCK_ELEMS):
     """How far a correct kernel's out and lse may move because its scores are rounded.
 
     A kernel computes each score ``s_j = scale * q.k_j`` in floating point (float32 at least);
@@ -319,53 +321,141 @@ def score_rounding_forward(q, k, v, out, lse, p: Params, slopes=None, *, unit: f
     tensor per row, key and column), so a near one-hot row (``v_j = out`` for its one key) gets
     almost none.
 
-    Returns ``(out_slack (B, sq, Hq, d), lse_slack (B, Hq, sq))`` in q's dtype; ``out`` and
-    ``lse`` from :func:`attention_forward`.
+    Returns ``(out_slack (B, n, Hq, d), lse_slack (B, Hq, n))`` in q's dtype; ``out`` and
+    ``lse`` from :func:`attention_forward` (``rows`` and ``seqlen_q`` as there).
     """
-    B, sq, Hq, d = q.shape
+    B, n, Hq, d = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
     gamma = math.sqrt(d) * unit * abs(p.scale)
-    first = q.new_zeros(B, Hkv, G, sq, d)  # sum_j w_j v_jc
-    second = q.new_zeros(B, Hkv, G, sq, d)  # sum_j w_j v_jc**2
-    weight = q.new_zeros(B, Hkv, G, sq)  # sum_j w_j
-    for i0, i1, qb, kb, vb, prob in _probability_blocks(q, k, v, lse, p, slopes, block_elems):
+    first = q.new_zeros(B, Hkv, G, n, d)  # sum_j w_j v_jc
+    second = q.new_zeros(B, Hkv, G, n, d)  # sum_j w_j v_jc**2
+    weight = q.new_zeros(B, Hkv, G, n)  # sum_j w_j
+    for i0, i1, qb, kb, vb, prob in _probability_blocks(q, k, v, lse, p, slopes, block_elems,
+                                                        rows=rows, seqlen_q=seqlen_q):
         w = prob * torch.einsum("bihgd,bjhd->bhgij", qb.abs(), kb.abs()) * gamma
         first[:, :, :, i0:i1] += torch.einsum("bhgij,bjhd->bhgid", w, vb)
         second[:, :, :, i0:i1] += torch.einsum("bhgij,bjhd->bhgid", w, vb * vb)
         weight[:, :, :, i0:i1] += w.sum(-1)
-    o = out.reshape(B, sq, Hkv, G, d).permute(0, 2, 3, 1, 4)
+    o = out.reshape(B, n, Hkv, G, d).permute(0, 2, 3, 1, 4)
     spread = (second - 2 * o * first + o * o * weight[..., None]).clamp_min(0)
     slack = torch.sqrt(weight[..., None] * spread)
-    return slack.permute(0, 3, 1, 2, 4).reshape(B, sq, Hq, d), weight.reshape(B, Hq, sq)
+    return slack.permute(0, 3, 1, 2, 4).reshape(B, n, Hq, d), weight.reshape(B, Hq, n)
+
+
+def score_rounding_backward(q, k, v, out, lse, dout, p: Params, slopes=None, *, unit: float,
+                            block_elems: int = BLOCK_ELEMS):
+    """How far a correct kernel's dq, dk and dv may move because its scores are rounded: the
+    backward's counterpart of :func:`score_rounding_forward`, to first order.
+
+    With raw score errors ``|dr_ij| <= e_ij = sqrt(d) * unit * scale * sum_c |q_ic k_jc|`` and
+    ``g = 1 - tanh(r / softcap)**2`` (1 without softcap), a score moves by at most
+    ``a_ij = g_ij e_ij`` and a probability by ``P_ij (a_ij + W_i)`` with ``W_i = sum_j P_ij
+    a_ij``. So ``dv = P^T dout`` moves by ``sum_i P_ij (a_ij + W_i) |dout_i|``; ``dS = g P (dP -
+    Delta)`` (``dP = dout v^T``, ``Delta_i = dout_i . out_i``, which moves by at most ``E_i =
+    sum_j P_ij a_ij |dP_ij - Delta_i|``) by ``A_ij = g P_ij ((a_ij + W_i) |dP_ij - Delta_i| +
+    E_i)`` plus, with softcap, ``2 |t_ij| g_ij e_ij / softcap`` times ``P_ij |dP_ij -
+    Delta_i|`` (the change of ``g``); and ``dq = scale dS k``, ``dk = scale dS^T q`` by
+    ``scale A |k|`` and ``scale A^T |q|``. Triangle bounds throughout: where the scores are
+    well conditioned every term is a few float32 units of the gradient.
+
+    Returns ``(dq_slack, dk_slack, dv_slack)`` shaped like ``(q, k, v)`` in q's dtype;
+    ``out`` and ``lse`` from :func:`attention_forward`.
+    """
+    B, sq, Hq, d = q.shape
+    sk, Hkv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    off = sk - sq
+    gamma = math.sqrt(d) * unit * abs(p.scale)
+    rows = _row_index(sq, q.device)
+    qg, dog = q.reshape(B, sq, Hkv, G, d), dout.reshape(B, sq, Hkv, G, d)
+    delta = (dout * out).sum(-1).reshape(B, sq, Hkv, G).permute(0, 2, 3, 1)
+    lse = lse.reshape(B, Hkv, G, sq)
+    lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse)
+    sl = None if slopes is None else slopes.to(q.dtype)
+    dq, dk, dv = torch.zeros_like(qg), torch.zeros_like(k), torch.zeros_like(v)
+    cq, ck = _chunk_sizes(B * Hq, sq, sk, block_elems)
+
+    def terms(qb, dob, rb, i0, i1, j0, j1, need_mask):
+        kb, vb = k[:, j0:j1], v[:, j0:j1]
+        s, t, _ = _scores(qb, kb, rb, j0, off, p, sl, need_mask)
+        prob = torch.exp(s - lse_safe[..., i0:i1, None])
+        e = torch.einsum("bihgd,bjhd->bhgij", qb.abs(), kb.abs()) * gamma
+        g = 1 - t * t if t is not None else None
+        a = e if g is None else g * e
+        r = (torch.einsum("bihgd,bjhd->bhgij", dob, vb) - delta[..., i0:i1, None]).abs()
+        return kb, prob, e, g, t, a, r
+
+    for i0 in range(0, sq, cq):
+        i1 = min(sq, i0 + cq)
+        qb, dob, rb = qg[:, i0:i1], dog[:, i0:i1], rows[i0:i1]
+        weight = q.new_zeros(B, Hkv, G, i1 - i0, 1)  # W_i
+        moved = q.new_zeros(B, Hkv, G, i1 - i0, 1)  # E_i
+        blocks = list(_blocks(p, rb, sk, ck, off))
+        for j0, j1, need_mask in blocks:
+            _, prob, _, _, _, a, r = terms(qb, dob, rb, i0, i1, j0, j1, need_mask)
+            weight += (prob * a).sum(-1, keepdim=True)
+            moved += (prob * a * r).sum(-1, keepdim=True)
+        for j0, j1, need_mask in blocks:
+            kb, prob, e, g, t, a, r = terms(qb, dob, rb, i0, i1, j0, j1, need_mask)
+            dprob = prob * (a + weight)
+            big_a = dprob * r + prob * moved
+            if g is not None:
+                big_a = g * big_a + prob * r * (2 * t.abs() * g * e / p.softcap)
+            dv[:, j0:j1] += torch.einsum("bhgij,bihgd->bjhd", dprob, dob.abs())
+            dq[:, i0:i1] += torch.einsum("bhgij,bjhd->bihgd", big_a, kb.abs()) * abs(p.scale)
+            dk[:, j0:j1] += torch.einsum("bhgij,bihgd->bjhd", big_a, qb.abs()) * abs(p.scale)
+    return dq.reshape(B, sq, Hq, d), dk, dv
 
 
 @ieee_float32
-def score_rounding(inputs: Inputs, unit: float, *,
-                   block_elems: int = BLOCK_ELEMS) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`score_rounding_forward` over a whole case (every entry point): ``(out_slack,
-    lse_slack)`` in the reference's dtype and layouts (lse in the harness's convention; the
-    slack of a shifted lse is the same)."""
+def score_rounding(inputs: Inputs, unit: float, *, grads: bool = False,
+                   rows: list[torch.Tensor | None] | None = None,
+                   block_elems: int = BLOCK_ELEMS) -> Outputs:
+    """:func:`score_rounding_forward` (and with ``grads`` :func:`score_rounding_backward` for
+    ``inputs.dout``) over a whole case, every entry point: the allowances as an
+    :class:`Outputs` in the reference's dtype and layouts (lse in the harness's convention; the
+    slack of a shifted lse is the same). ``rows`` as in :func:`reference` (forward only)."""
+    if rows is not None and grads:
+        raise ValueError("row sampling is for the forward only")
     inputs = resolve_cache(inputs)
     case = inputs.case
     dtype = reference_dtype(case.dtype, inputs.device)
     p = Params.of(case)
     slopes = inputs.alibi_slopes.to(dtype) if case.alibi and inputs.alibi_slopes is not None \
         else None
-    result = _empty_result(inputs, dtype, dtype, False)
-    out_slack, lse_slack = result.out.zero_(), result.lse.zero_()
+    result = _empty_result(inputs, dtype, dtype, grads)
+    result.lse.zero_()
+    result.rows = _row_mask(inputs, rows)
     for index, piece in enumerate(inputs.sequences()):
         q, k, v = piece.q_like(inputs.q), piece.kv_like(inputs.k), piece.kv_like(inputs.v)
         if q.shape[1] == 0 or k.shape[1] == 0:
             continue
         q = q.to(dtype)
         sl = _piece_slopes(slopes, piece, index)
+        chosen = rows[index] if rows is not None else None
+        if chosen is not None:
+            out, lse = attention_forward(q[:, chosen], k, v, p, sl, rows=chosen,
+                                         seqlen_q=q.shape[1], block_elems=block_elems)
+            o_s, l_s = score_rounding_forward(q[:, chosen], k, v, out, lse, p, sl, unit=unit,
+                                              rows=chosen, seqlen_q=q.shape[1],
+                                              block_elems=block_elems)
+            piece.put_q_rows(result.out, chosen, o_s)
+            piece.put_lse_rows(result.lse, chosen, l_s)
+            continue
         out, lse = attention_forward(q, k, v, p, sl, block_elems=block_elems)
         o_s, l_s = score_rounding_forward(q, k, v, out, lse, p, sl, unit=unit,
                                           block_elems=block_elems)
-        piece.put_q(out_slack, o_s)
-        piece.put_lse(lse_slack, l_s)
-    return out_slack, lse_slack
+        piece.put_q(result.out, o_s)
+        piece.put_lse(result.lse, l_s)
+        if grads:
+            do = piece.q_like(inputs.dout).to(dtype)
+            dq, dk, dv = score_rounding_backward(q, k.to(dtype), v.to(dtype), out, lse, do, p,
+                                                 sl, unit=unit, block_elems=block_elems)
+            piece.put_q(result.dq, dq)
+            piece.put_kv(result.dk, dk)
+            piece.put_kv(result.dv, dv)
+    return result
 
 
 # ----------------------------------------------------------------------------- baseline

@@ -539,7 +539,7 @@ def test_the_score_rounding_allowance_leaves_wrong_kernels_failing():
     case = parse_inline_case(SCORE_ROUNDING_CASE)
     inputs = make_inputs(case)
     ref = reference.reference(inputs)
-    slack_out, _ = reference.score_rounding(inputs, 2.0 ** -24)
+    slack_out = reference.score_rounding(inputs, 2.0 ** -24).out
     # large only on the few rows whose top scores are within the rounding of each other
     assert 0 < float(slack_out.max()) < 2 and float((slack_out > 0.01).double().mean()) < 1e-4
     base = reference.baseline(inputs, widened=True)
@@ -560,3 +560,93 @@ def _context(case):
 
     return CheckContext(case, load_backend("sdpa-math"), detect(), seed=0,
                         profile=get_profile("quick"), device="cpu")
+
+
+def _perturbed_backward(q, k, v, dout, scale, softcap, noise):
+    """Gradients in float64 of attention whose raw scores are moved by ``noise`` (the
+    rounding of some other summation order), by the textbook backward; q, k, v, dout
+    ``(B, s, H, d)`` with one kv head per query head."""
+    r = torch.einsum("bihd,bjhd->bhij", q, k) * scale + noise
+    t = torch.tanh(r / softcap) if softcap else None
+    s = softcap * t if softcap else r
+    prob = torch.softmax(s, dim=-1)
+    out = torch.einsum("bhij,bjhd->bihd", prob, v)
+    dp = torch.einsum("bihd,bjhd->bhij", dout, v)
+    delta = (dout * out).sum(-1).permute(0, 2, 1)[..., None]
+    ds = prob * (dp - delta)
+    if softcap:
+        ds = ds * (1 - t * t)
+    return (torch.einsum("bhij,bjhd->bihd", ds, k) * scale,
+            torch.einsum("bhij,bihd->bjhd", ds, q) * scale,
+            torch.einsum("bhij,bihd->bjhd", prob, dout))
+
+
+@pytest.mark.parametrize("softcap", [0.0, 30.0])
+def test_the_backward_score_rounding_allowance_bounds_what_score_rounding_moves(softcap):
+    """Gradients computed from scores moved by as much as their float32 rounding may move
+    them (a kernel summing in another order) stay within the backward allowance of the exact
+    gradients, element by element (first order: 5% for the second-order terms); unmoved
+    scores give the exact gradients."""
+    case = case_from_dict({"batch": 2, "seqlen_q": 24, "seqlen_k": 40, "heads_q": 2,
+                           "head_dim": 32, "dtype": "float16", "softcap": softcap,
+                           "values": "scaled", "value_scale": 300.0})
+    inputs = make_inputs(case)
+    unit = 2.0 ** -24
+    slack = reference.score_rounding(inputs, unit, grads=True)
+    q, k, v, dout = (x.double() for x in (inputs.q, inputs.k, inputs.v, inputs.dout))
+    scale = 1 / math.sqrt(32)
+    exact = _perturbed_backward(q, k, v, dout, scale, softcap, 0.0)
+    ref = reference.reference(inputs, grads=True)
+    for name, got in zip(("dq", "dk", "dv"), exact, strict=True):
+        torch.testing.assert_close(got, getattr(ref, name), rtol=1e-9, atol=1e-9)
+    bound = math.sqrt(32) * unit * scale * torch.einsum("bihd,bjhd->bhij", q.abs(), k.abs())
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for _ in range(8):
+        noise = bound * (2 * torch.rand(bound.shape, generator=gen, dtype=torch.float64) - 1)
+        moved = _perturbed_backward(q, k, v, dout, scale, softcap, noise)
+        for name, got, want in zip(("dq", "dk", "dv"), moved, exact, strict=True):
+            allowance = getattr(slack, name)
+            assert bool(((got - want).abs() <= 1.05 * allowance + 1e-12).all()), name
+            worst = max(worst, float(((got - want).abs() / allowance.clamp_min(1e-30)).max()))
+    assert worst > 0.05  # the allowance is not vacuous: score rounding moves them that much
+
+
+def test_the_backward_allowance_leaves_wrong_gradients_failing_and_is_absent_normally():
+    """On the same ill-conditioned inputs a gradient off by far more than score rounding can
+    move it (one query's dq exchanged with its neighbour's) still fails, and ordinary
+    16-bit inputs get no allowance. (Most rows of the case are one-hot, so their dq and dk
+    are zero: the wrong gradient is dv, each key given the other key's.)"""
+    from harness.suites import parse_inline_case
+
+    case = parse_inline_case(SCORE_ROUNDING_CASE)
+    ctx = _context(case)
+    slack = ctx.score_slack_grads
+    assert slack is not None and slack.dq.shape == ctx.inputs.q.shape
+    assert slack.dk.shape == slack.dv.shape == ctx.inputs.k.shape
+    ref, base = ctx.reference_grads, ctx.baseline_grads
+    wrong = ref.dv.flip(1).half()
+    verdict = judge.compare("dv", wrong, base.dv, ref.dv, k=judge.K_GRAD, atol=1e-5,
+                            slack=slack.dv)
+    assert not verdict.ok and verdict.mismatched > 0.4 * verdict.total
+    plain = parse_inline_case('{batch=2, seqlen_q=64, seqlen_k=64, heads_q=2, head_dim=64, '
+                              'dtype="float16"}')
+    assert _context(plain).score_slack_grads is None
+
+
+def test_the_score_rounding_allowance_of_sampled_rows_is_that_of_the_whole_case():
+    """Cases over the exact-reference limit are judged on sampled rows: their allowance is
+    computed on those rows only and equals the whole case's there."""
+    case = case_from_dict({"batch": 2, "seqlen_q": 50, "seqlen_k": 70, "heads_q": 4,
+                           "heads_kv": 2, "head_dim": 16, "dtype": "bfloat16",
+                           "window": [8, 3], "values": "scaled", "value_scale": 30.0})
+    inputs = make_inputs(case)
+    whole = reference.score_rounding(inputs, 2.0 ** -24)
+    rows = reference.sample_rows(inputs, 10, seed=3)
+    sampled = reference.score_rounding(inputs, 2.0 ** -24, rows=rows)
+    mask = sampled.rows
+    assert mask is not None and 0 < int(mask.sum()) < mask.numel()
+    torch.testing.assert_close(sampled.out[mask], whole.out[mask], rtol=1e-12, atol=0)
+    assert float(whole.out[mask].max()) > 0
+    lse_mask = mask[:, None, :].expand_as(sampled.lse)  # lse is (batch, heads, seqlen_q)
+    torch.testing.assert_close(sampled.lse[lse_mask], whole.lse[lse_mask], rtol=1e-12, atol=0)
