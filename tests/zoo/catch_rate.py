@@ -17,6 +17,7 @@ wall-clock on this machine and include the worker's start.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -141,6 +142,11 @@ def false_positives(args) -> int:
     statuses: dict[str, int] = {}
     for r in result.records:
         statuses[r.status] = statuses.get(r.status, 0) + 1
+    if args.records:  # to count distinct cases over sweeps of several seeds
+        with open(args.records, "w", encoding="utf-8") as fh:
+            for r in result.records:
+                fh.write(json.dumps({"case_id": r.case_id, "check": r.check,
+                                     "status": r.status}) + "\n")
     print(f"{args.backend}: {result.examples} generated cases ({distinct} distinct) in "
           f"{wall:.0f}s; records {statuses}; flagged: {len(failing)}")
     peak = max(result.records, default=None,
@@ -170,6 +176,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kernels", default="", metavar="A,B",
                         help="only these kernels of the zoo (default: all)")
+    parser.add_argument("--records", default="", metavar="FILE",
+                        help="with --false-positives: write each record's case_id, check and "
+                             "status to FILE (JSON lines)")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds one case's checks may take in the worker (default: 300)")
     args = parser.parse_args(argv)
