@@ -242,10 +242,11 @@ def _run(args, opts, cases, target, specs, resolved, notes, worker) -> int:
 
             run_tasks_on_devices(tasks, writer.write, devices=devices, timeout_s=opts.timeout,
                                  progress=progress, first_worker=worker)
+            worker = None
         else:
-            run_tasks(tasks, writer.write, timeout_s=opts.timeout, progress=progress,
-                      first_worker=worker)
-        findings = _explore(args, opts, specs, writer.write, done)
+            worker = run_tasks(tasks, writer.write, timeout_s=opts.timeout, progress=progress,
+                               first_worker=worker, keep_worker=True).worker
+        findings = _explore(args, opts, specs, writer.write, done, worker)
     if jury_dir is not None:
         deliberate(jury_dir, out_dir, keep_previous=bool(args.resume))
     records = read_records(results)
@@ -266,18 +267,23 @@ def _drop_crashed(results: Path) -> None:
     results.write_text("".join(r.to_json() + "\n" for r in kept), encoding="utf-8")
 
 
-def _explore(args, opts, specs, sink, done) -> list[str]:
-    """Run the profile's exploration for every backend; returns one summary per backend."""
+def _explore(args, opts, specs, sink, done, worker=None) -> list[str]:
+    """Run the profile's exploration for every backend; returns one summary per backend.
+
+    ``worker``: the suite's worker, still running, which the exploration goes on in (and
+    stops)."""
+    from harness.runner import ExplorationWorker
     from harness.session import explore_checks, make_task
 
     checks = explore_checks(opts)
     if opts.examples <= 0 or args.case or not checks:
+        if worker is not None:
+            worker.stop()
         return []
     from harness.explore import explore, summary
-    from harness.runner import ExplorationWorker
 
     summaries = []
-    with ExplorationWorker(opts.timeout) as runner:
+    with ExplorationWorker(opts.timeout, worker=worker) as runner:
         resolved = runner.resolve(specs)
         for spec in specs:
             info = resolved[spec]

@@ -55,6 +55,8 @@ class Outcome:
     counts: dict[str, int] = field(default_factory=dict)
     records: list[Record] = field(default_factory=list)
     target: dict[str, Any] = field(default_factory=dict)
+    #: the worker left running for the caller (``run_tasks(keep_worker=True)``), if one lived
+    worker: Worker | None = field(default=None, repr=False, compare=False)
 
     def add(self, record: Record) -> None:
         self.counts[record.status] = self.counts.get(record.status, 0) + 1
@@ -330,10 +332,12 @@ class Worker:
 def run_tasks(tasks: Iterable[Task], sink: Callable[[Record], None], *, timeout_s: float,
               progress: Callable[[Task, list[Record]], None] | None = None,
               device_index: int | None = None, env: dict[str, str] | None = None,
-              first_worker: Worker | None = None) -> Outcome:
+              first_worker: Worker | None = None, keep_worker: bool = False) -> Outcome:
     """Run tasks in worker processes, calling ``sink`` with each record as it arrives.
 
-    ``first_worker`` (already started) is used until it is lost; fresh workers follow.
+    ``first_worker`` (already started) is used until it is lost; fresh workers follow. With
+    ``keep_worker`` the last live worker is not stopped but handed back as ``Outcome.worker``
+    (the exploration goes on in it: no second start, and the kernels' compiled code is kept).
     """
     outcome = Outcome()
     worker: Worker | None = first_worker
@@ -354,9 +358,10 @@ def run_tasks(tasks: Iterable[Task], sink: Callable[[Record], None], *, timeout_
             worker.kill()
             worker = None
         raise
-    finally:
-        if worker is not None:
-            worker.stop()
+    if keep_worker:
+        outcome.worker = worker
+    elif worker is not None:
+        worker.stop()
     return outcome
 
 
@@ -508,11 +513,13 @@ class ExplorationWorker:
     returns the case's records from this session.
     """
 
-    def __init__(self, timeout_s: float, env: dict[str, str] | None = None) -> None:
+    def __init__(self, timeout_s: float, env: dict[str, str] | None = None, *,
+                 worker: Worker | None = None) -> None:
+        """``worker``: a started worker to go on in (it is stopped with this one)."""
         self.timeout_s = timeout_s
         self.env = env
-        self.worker: Worker | None = None
-        self.outcome = Outcome()
+        self.worker: Worker | None = worker
+        self.outcome = Outcome(target=worker.target if worker is not None else {})
         self.kept: dict[tuple[str, str, str], Record] = {}
 
     def _ensure(self) -> Worker:

@@ -311,3 +311,26 @@ def test_a_worker_whose_main_process_was_killed_ends_quietly(tmp_path):
     time.sleep(0.5)
     text = err.read_text()
     assert "Traceback" not in text and "BrokenPipeError" not in text, text
+
+
+def test_the_exploration_goes_on_in_the_suites_worker_and_stops_it():
+    """``attn-harness run`` hands the suite's worker to the exploration: one process start
+    and, for compiled backends (flex-attention), their compiled graphs kept; a worker lost to a
+    crash is still replaced, and the exploration stops the one it was given."""
+    from harness.runner import ExplorationWorker, Task, run_tasks
+
+    outcome = run_tasks([Task("t", TINY, "sdpa-math", ("fwd",))], lambda r: None,
+                        timeout_s=120, keep_worker=True)
+    worker = outcome.worker
+    assert worker is not None and worker.process.is_alive()
+    pid = worker.process.pid
+    with ExplorationWorker(120, worker=worker) as runner:
+        records = runner.run(Task("explore", TINY, "sdpa-math", ("fwd", "bwd")), lambda r: None)
+        assert [r.status for r in records] == ["pass", "pass"]
+        assert runner.worker is worker and worker.process.pid == pid
+        crashed = runner.run(Task("explore", TINY, f"{KERNELS}:fork_then_abort", ("fwd",)),
+                             lambda r: None)
+        assert [r.status for r in crashed] == ["crash"]
+        assert runner.worker is None or runner.worker.process.pid != pid
+    worker.process.join(10)
+    assert not worker.process.is_alive()
