@@ -350,14 +350,15 @@ def score_rounding_backward(q, k, v, out, lse, dout, p: Params, slopes=None, *, 
 
     With raw score errors ``|dr_ij| <= e_ij = sqrt(d) * unit * scale * sum_c |q_ic k_jc|`` and
     ``g = 1 - tanh(r / softcap)**2`` (1 without softcap), a score moves by at most
-    ``a_ij = g_ij e_ij`` and a probability by ``P_ij (a_ij + W_i)`` with ``W_i = sum_j P_ij
-    a_ij``. So ``dv = P^T dout`` moves by ``sum_i P_ij (a_ij + W_i) |dout_i|``; ``dS = g P (dP -
-    Delta)`` (``dP = dout v^T``, ``Delta_i = dout_i . out_i``, which moves by at most ``E_i =
-    sum_j P_ij a_ij |dP_ij - Delta_i|``) by ``A_ij = g P_ij ((a_ij + W_i) |dP_ij - Delta_i| +
-    E_i)`` plus, with softcap, ``2 |t_ij| g_ij e_ij / softcap`` times ``P_ij |dP_ij -
-    Delta_i|`` (the change of ``g``); and ``dq = scale dS k``, ``dk = scale dS^T q`` by
-    ``scale A |k|`` and ``scale A^T |q|``. Triangle bounds throughout: where the scores are
-    well conditioned every term is a few float32 units of the gradient.
+    ``a_ij = g_ij e_ij`` and a probability, ``P_ij sum_l P_il (ds_ij - ds_il)``, by ``p_ij =
+    P_ij (a_ij (1 - 2 P_ij) + W_i)`` with ``W_i = sum_j P_ij a_ij`` (0 for a row's only key;
+    never more than ``max(P_ij, 1 - P_ij)``). So ``dv = P^T dout`` moves by ``sum_i p_ij
+    |dout_i|``; ``dS = g P (dP - Delta)`` (``dP = dout v^T``, ``Delta_i = dout_i . out_i``,
+    which moves by at most ``E_i = sum_j P_ij a_ij |dP_ij - Delta_i|``) by ``A_ij = g (p_ij
+    |dP_ij - Delta_i| + P_ij E_i)`` plus, with softcap, ``2 |t_ij| g_ij e_ij / softcap``
+    times ``P_ij |dP_ij - Delta_i|`` (the change of ``g``); and ``dq = scale dS k``, ``dk =
+    scale dS^T q`` by ``scale A |k|`` and ``scale A^T |q|``. Triangle bounds throughout: where
+    the scores are well conditioned every term is a few float32 units of the gradient.
 
     Returns ``(dq_slack, dk_slack, dv_slack)`` shaped like ``(q, k, v)`` in q's dtype;
     ``out`` and ``lse`` from :func:`attention_forward`.
@@ -398,7 +399,10 @@ def score_rounding_backward(q, k, v, out, lse, dout, p: Params, slopes=None, *, 
             moved += (prob * a * r).sum(-1, keepdim=True)
         for j0, j1, need_mask in blocks:
             kb, prob, e, g, t, a, r = terms(qb, dob, rb, i0, i1, j0, j1, need_mask)
-            dprob = prob * (a + weight)
+            # |dP_ij| = P_ij |sum_l P_il (ds_ij - ds_il)| <= P_ij (a_ij (1 - 2 P_ij) + W_i), and
+            # no probability leaves [0, 1]: a row's only key gets none
+            dprob = torch.minimum(prob * (a * (1 - 2 * prob) + weight).clamp_min(0),
+                                  torch.maximum(prob, 1 - prob))
             big_a = dprob * r + prob * moved
             if g is not None:
                 big_a = g * big_a + prob * r * (2 * t.abs() * g * e / p.softcap)

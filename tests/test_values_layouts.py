@@ -650,3 +650,25 @@ def test_the_score_rounding_allowance_of_sampled_rows_is_that_of_the_whole_case(
     assert float(whole.out[mask].max()) > 0
     lse_mask = mask[:, None, :].expand_as(sampled.lse)  # lse is (batch, heads, seqlen_q)
     torch.testing.assert_close(sampled.lse[lse_mask], whole.lse[lse_mask], rtol=1e-12, atol=0)
+
+
+def test_a_rows_only_key_gets_no_backward_allowance_so_a_wrong_dv_fails_there():
+    """With one key a row's probability is 1 whatever its score: score rounding cannot move
+    dv. A first bound (``P (a + W)``) gave dv an allowance of |dout| there, and the zoo's
+    ``unscaled_fp16_scores`` (scores overflowed to -inf, dv = 0) passed its bwd at
+    ``b1 q1 k1 h1 d64 f16 vals=scaled1000``; it fails now."""
+    from harness.runner import Task, execute
+    from harness.suites import parse_inline_case
+    from harness.target import detect
+
+    case = parse_inline_case('{batch=1, seqlen_q=1, seqlen_k=1, heads_q=1, head_dim=64, '
+                             'dtype="float16", values="scaled", value_scale=1000.0}')
+    inputs = make_inputs(case)
+    slack = reference.score_rounding(inputs, 2.0 ** -24, grads=True)
+    assert float(slack.dv.abs().max()) == 0.0
+    spec = "tests/zoo/input_space_kernels.py:unscaled_fp16_scores"
+    records = {r.check: r for kind, r in execute(Task("run", case, spec, ("fwd", "bwd"), 0,
+                                                      profile="quick"), detect(), {})
+               if kind == "record"}
+    assert records["bwd"].status == "fail", records["bwd"].reason
+    assert records["bwd"].metrics["dv"]["mismatched"] > 0
