@@ -31,8 +31,12 @@ several calls (the throughput check's forward, backward and both) has them take 
 window of at least :data:`CPU_WINDOW_S` (:func:`measure_interleaved`): each call's blocks are
 spread over the whole window, so its median and quartiles see the machine's slow swings (on
 the scale of seconds on a shared VM) instead of one stretch of them, for no more time than
-timing them one after another took. Nothing is flushed on the CPU (a 256 MB write costs more
-than most CPU problems take, and Timer does not flush either).
+timing them one after another took. Each call's blocks are also summarized over each half of
+the window: where the halves differ as two runs that ``compare`` calls a change do (medians by
+more than :data:`STEADY_SPREAD`, IQRs apart), the window goes on for as long again and the
+record says so (``timing_drift``, and a note), since a rerun may read anywhere between them.
+Nothing is flushed on the CPU (a 256 MB
+write costs more than most CPU problems take, and Timer does not flush either).
 
 Graph replay (``graph=True``): for tiny problems, where launching the kernels costs as much as
 running them, the call is captured once into a CUDA/HIP graph and every warm-up and timed call
@@ -46,6 +50,7 @@ for the forward (``Case.flops_fwd``), 2.5x that for the backward, 3.5x for both.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -70,6 +75,12 @@ BLOCK_MS = 2.0
 #: machine), so a function timed in one second-long stretch samples one moment of it.
 CPU_WINDOW_S = 2.0
 CPU_ROUNDS = 4
+#: CPU: a call whose medians over the first and the second half of its window differ by more
+#: than this fraction, their IQRs apart, was timed while the machine's speed moved
+#: (:func:`measure_interleaved` then extends the window and says so). The slow stretches of our
+#: shared 2-core VM last seconds at 1.4-1.6x the quiet time of one SDPA call; in quiet windows
+#: the halves differed by up to 15% for the few-block calls (fwd+bwd), their IQRs overlapping.
+STEADY_SPREAD = 0.15
 #: A graph capture: ``(fn, device) -> replay``.
 Capture = Callable[[Callable[[], object], Any], Callable[[], object]]
 
@@ -84,7 +95,11 @@ class Timing:
         min_ms: fastest call.
         reps: number of timed calls.
         method: how calls were timed, e.g. ``cuda-events+l2-flush+graph``, ``perf-counter``.
-        note: why a requested method was not used (e.g. graph replay unavailable); empty otherwise.
+        note: why a requested method was not used (e.g. graph replay unavailable), or that the
+            machine's speed moved while it was timed; empty otherwise.
+        drift: CPU rounds (:func:`measure_interleaved`): the median of the second half of
+            the rounds over that of the first, less 1 (how far the machine's speed moved while
+            the call was timed); None where calls were not timed in rounds.
     """
 
     median_ms: float
@@ -94,6 +109,7 @@ class Timing:
     reps: int
     method: str
     note: str = ""
+    drift: float | None = None
 
     @property
     def iqr_ms(self) -> float:
@@ -103,8 +119,9 @@ class Timing:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["iqr_ms"] = self.iqr_ms
-        if not self.note:
-            del out["note"]
+        for key in ("note", "drift"):
+            if out[key] in ("", None):
+                del out[key]
         return out
 
 
@@ -307,11 +324,21 @@ def measure_blocked(fn: Callable[[], object], clock: Clock, *, warmup_s: float =
 def measure_interleaved(fns: dict[str, Callable[[], object]], clock: Clock, *,
                         warmup_s: float = CPU_WARMUP_S, window_s: float = CPU_WINDOW_S,
                         rounds: int = CPU_ROUNDS, min_reps: int = 5, max_reps: int = 100_000,
-                        block_ms: float = BLOCK_MS, note: str = "") -> dict[str, Timing]:
+                        block_ms: float = BLOCK_MS, extend_s: float = 0.0,
+                        steady: float = STEADY_SPREAD, note: str = "") -> dict[str, Timing]:
     """Time several calls in blocks (as :func:`measure_blocked`), taking turns: the window is
     cut into ``rounds`` rounds and each round gives every call an equal slice of blocks, so the
     blocks of each call are spread over the whole window rather than one stretch of it. The
     warm-up takes turns too.
+
+    Each call's blocks are also summarized over the first and over the second half of its
+    rounds. Where the two differ as ``attn-harness compare`` says two runs differ (medians by
+    more than ``steady``, interquartile ranges apart: the machine's speed moved while it was
+    timed, and a slow stretch of a shared machine lasts seconds), the rounds go on for up to
+    ``extend_s`` more, so that the quartiles sample more of the machine's states, and the
+    call's :attr:`Timing.note` says how the halves read (:attr:`Timing.drift`, the second
+    half's median over the first's less 1, is recorded in any case). A slow second or two
+    inside one half moves that half's median little.
 
     Args:
         fns: name -> the call to time; results are discarded.
@@ -322,6 +349,9 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], clock: Clock, *,
             ``min_reps`` blocks.
         min_reps, max_reps: bounds on the number of blocks per call.
         block_ms: shortest block, milliseconds.
+        extend_s: more measurement time, seconds, for a window whose rounds disagree.
+        steady: the largest ``|drift|`` (second half's median over the first's, less 1) that
+            counts as steady whatever the halves' quartiles.
         note: carried into every :attr:`Timing.note`.
 
     Returns:
@@ -345,24 +375,64 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], clock: Clock, *,
             break
     number = {n: max(1, math.ceil(block_ms / max(spent[n] / calls[n], 1e-6))) for n in names}
     slice_ms = window_s * 1e3 / max(1, rounds * len(names))
-    times: dict[str, list[float]] = {n: [] for n in names}
+    #: name -> one list of per-call block times per round
+    turns: dict[str, list[list[float]]] = {n: [] for n in names}
+
+    def blocks(name: str) -> int:
+        return sum(len(t) for t in turns[name])
+
+    def halves(name: str, seconds: float) -> tuple[Timing | None, Timing | None, float]:
+        """The call's blocks in the first and in the second half of its rounds, summarized,
+        and the window's length."""
+        done = [t for t in turns[name] if t]
+        if len(done) < 2:
+            return (None, None, seconds)
+        cut = (len(done) + 1) // 2
+        return (summarize([t for turn in done[:cut] for t in turn], ""),
+                summarize([t for turn in done[cut:] for t in turn], ""), seconds)
+
+    def drift(look) -> float:
+        first, second, _ = look
+        return second.median_ms / first.median_ms - 1 if first and first.median_ms > 0 else 0.0
+
+    def unsteady(look) -> bool:
+        """The halves differ as two runs do that ``attn-harness compare`` calls a change: by
+        more than ``steady``, with interquartile ranges that do not overlap."""
+        first, second, _ = look
+        return bool(first) and abs(drift(look)) > steady and (
+            second.q1_ms > first.q3_ms or second.q3_ms < first.q1_ms)
+
+    #: name -> the halves of the window as first judged, and of the whole, extension included
+    looks: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names}
     begin = clock.mark()
+    limit_ms = window_s * 1e3
     while True:
         for name in names:
             turn = clock.mark()
-            while len(times[name]) < max_reps:
+            times: list[float] = []
+            while blocks(name) + len(times) < max_reps:
                 before = clock.mark()
                 for _ in range(number[name]):
                     fns[name]()
                 after = clock.mark()
-                times[name].append(clock.elapsed_ms(before, after) / number[name])
+                times.append(clock.elapsed_ms(before, after) / number[name])
                 if clock.elapsed_ms(turn, after) >= slice_ms:
                     break
-        enough = all(len(t) >= min_reps or len(t) >= max_reps for t in times.values())
-        if enough and clock.elapsed_ms(begin, clock.mark()) >= window_s * 1e3:
+            turns[name].append(times)
+        if all(blocks(n) >= max_reps for n in names):
             break
-        if all(len(t) >= max_reps for t in times.values()):
+        if any(blocks(n) < min_reps for n in names):
+            continue
+        elapsed_ms = clock.elapsed_ms(begin, clock.mark())
+        if elapsed_ms >= window_s * 1e3 and not looks[names[0]]:
+            for name in names:
+                looks[name].append(halves(name, elapsed_ms / 1e3))
+            if any(unsteady(look[0]) for look in looks.values()):
+                limit_ms = (window_s + extend_s) * 1e3  # unsteady: sample more of the machine
+        if elapsed_ms >= limit_ms:
             break
+    elapsed_s = clock.elapsed_ms(begin, clock.mark()) / 1e3
+    extended = limit_ms > window_s * 1e3
     out = {}
     for name in names:
         label = f"{clock.method}+blocks"
@@ -370,7 +440,22 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], clock: Clock, *,
             label += f"-of-{number[name]}"
         if len(names) > 1:
             label += f"+interleaved-{len(names)}"
-        out[name] = summarize(times[name], label, note)
+        looks[name].append(halves(name, elapsed_s))
+        shifted = [look for look in looks[name] if unsteady(look)]
+        look = max(shifted or looks[name], key=lambda x: abs(drift(x)))
+        first, second, seconds = look
+        moved = drift(look)
+        text = note
+        if shifted:
+            more = f", then timed {elapsed_s - seconds:.1f} s more" if extended else ""
+            text = "; ".join(filter(None, [note, (
+                f"unsteady: {first.median_ms:.4g} ms (IQR {first.q1_ms:.4g}-{first.q3_ms:.4g}) "
+                f"in the first half of a {seconds:.1f} s window and {second.median_ms:.4g} ms "
+                f"(IQR {second.q1_ms:.4g}-{second.q3_ms:.4g}) in the second ({moved:+.0%})"
+                f"{more}; the machine's speed moved while it was timed, and a rerun may read "
+                f"anywhere in that range")]))
+        timing = summarize([t for turn in turns[name] for t in turn], label, text)
+        out[name] = dataclasses.replace(timing, drift=moved)
     return out
 
 
@@ -382,7 +467,8 @@ def time_functions(fns: dict[str, Callable[[], object]], device, *, warmup_s: fl
     :func:`time_function` (the do_bench protocol, unchanged); on a CPU taking turns in one
     window (:func:`measure_interleaved`) of at least :data:`CPU_WINDOW_S` (one call alone:
     :data:`CPU_BUDGET_S`) and at least ``budget_s`` per call, after a shared warm-up of at
-    least :data:`CPU_WARMUP_S`."""
+    least :data:`CPU_WARMUP_S`; a window whose rounds disagree by more than
+    :data:`STEADY_SPREAD` goes on for as long again, and says so."""
     import torch
 
     device = torch.device(device)
@@ -396,10 +482,11 @@ def time_functions(fns: dict[str, Callable[[], object]], device, *, warmup_s: fl
         _, note = _graph_or_reason(lambda: None, device, False, capture)
     # One call alone keeps the single-call floor (CPU_BUDGET_S): the window is for sharing.
     floor = CPU_WINDOW_S if len(fns) > 1 else CPU_BUDGET_S
+    window_s = max(floor, budget_s * len(fns))
     return measure_interleaved(fns, clock or HostClock(False),
-                               warmup_s=max(warmup_s, CPU_WARMUP_S),
-                               window_s=max(floor, budget_s * len(fns)),
-                               min_reps=min_reps, max_reps=max_reps, note=note)
+                               warmup_s=max(warmup_s, CPU_WARMUP_S), window_s=window_s,
+                               extend_s=window_s, min_reps=min_reps, max_reps=max_reps,
+                               note=note)
 
 
 def capture_graph(fn: Callable[[], object], device) -> Callable[[], object]:

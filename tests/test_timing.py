@@ -252,6 +252,69 @@ def test_interleaved_calls_take_turns_over_the_whole_window():
     assert alone.q3_ms == alone.q1_ms == 10.0  # one stretch: the slow phase never shows
 
 
+class EpisodeKernel:
+    """A call of ``ms`` that takes ``factor`` times as long while the clock is inside
+    ``[from_ms, to_ms)``: a slow stretch of a shared machine."""
+
+    def __init__(self, clock: FakeClock, ms: float, from_ms: float, to_ms: float,
+                 factor: float = 1.5) -> None:
+        self.clock, self.ms, self.span, self.factor, self.calls = clock, ms, (from_ms, to_ms), \
+            factor, 0
+
+    def __call__(self) -> None:
+        slow = self.span[0] <= self.clock.now_ms < self.span[1]
+        self.clock.now_ms += self.ms * (self.factor if slow else 1.0)
+        self.calls += 1
+
+
+def test_a_window_whose_halves_disagree_goes_on_and_says_the_machine_moved():
+    """Issue 11: a run that began in a slow stretch of the machine reported 41 ms with an IQR
+    of 40.6-41.4 while the machine's quiet time was 28 ms. A window in which the speed moves is
+    extended by as long again, so that its median rests on more of the machine's states, and
+    the record says how its halves read."""
+    clock = FakeClock()
+    # slow (x1.5) for the first second of the 2 s window
+    fwd = EpisodeKernel(clock, 28.0, 0.0, 1400.0)
+    bwd = EpisodeKernel(clock, 50.0, 0.0, 1400.0)
+    t = timing.measure_interleaved({"fwd": fwd, "bwd": bwd}, clock, warmup_s=0.3,
+                                   window_s=2.0, rounds=4, min_reps=5, extend_s=2.0)
+    assert clock.now_ms >= 300 + 4000  # extended: warm-up, then 4 s of rounds
+    for name, ms in (("fwd", 28.0), ("bwd", 50.0)):
+        assert t[name].drift < -0.15  # the second half was quicker
+        assert t[name].median_ms == ms and t[name].q3_ms < 1.5 * ms  # 3 of 4 s were quiet
+        assert t[name].note.startswith(f"unsteady: {1.5 * ms:.4g} ms (IQR ")
+        assert "in the second (-33%), then timed 2.0 s more" in t[name].note
+        assert "s more; the machine's speed moved" in t[name].note
+        assert t[name].to_dict()["drift"] == t[name].drift
+
+
+def test_a_steady_window_is_not_extended_and_a_short_blip_is_no_drift():
+    clock = FakeClock()
+    steady = FakeKernel(clock, 28.0)
+    t = timing.measure_interleaved({"fwd": steady}, clock, warmup_s=0.3, window_s=2.0,
+                                   rounds=4, min_reps=5, extend_s=2.0)["fwd"]
+    assert t.drift == 0.0 and t.note == "" and clock.now_ms < 300 + 2000 + 2 * 28.0
+    assert "note" not in t.to_dict()
+    blip = FakeClock()
+    # one slow quarter-second in the first half: that half's median does not move
+    kernel = EpisodeKernel(blip, 28.0, 700.0, 950.0, factor=2.0)
+    t = timing.measure_interleaved({"fwd": kernel}, blip, warmup_s=0.3, window_s=2.0,
+                                   rounds=4, min_reps=5, extend_s=2.0)["fwd"]
+    assert t.drift == 0.0 and t.note == "" and blip.now_ms < 300 + 2000 + 2 * 56.0
+    assert t.median_ms == t.q3_ms == 28.0
+
+
+def test_the_drift_note_keeps_a_note_given_before():
+    clock = FakeClock()
+    fwd = EpisodeKernel(clock, 10.0, 0.0, 1000.0, factor=2.0)
+    t = timing.measure_interleaved({"fwd": fwd}, clock, warmup_s=0.0, window_s=2.0,
+                                   rounds=4, min_reps=5, extend_s=0.0, note="graph replay "
+                                   "unavailable: cpu is not a CUDA/HIP device")
+    assert t["fwd"].note.startswith("graph replay unavailable: cpu is not a CUDA/HIP device; "
+                                    "unsteady: ")
+    assert clock.now_ms < 2100  # extend_s=0: not extended
+
+
 def test_interleaved_gives_every_call_min_reps_blocks_and_equal_turns():
     clock = FakeClock()
     quick, slow = FakeKernel(clock, 0.5), FakeKernel(clock, 900.0)
@@ -274,6 +337,7 @@ def test_cpu_throughput_calls_share_one_window_with_floors(monkeypatch):
     timing.time_functions(calls, "cpu", warmup_s=0.05, budget_s=0.25, min_reps=5)
     assert seen["names"] == ("fwd", "bwd", "fwd_bwd")
     assert seen["warmup_s"] == timing.CPU_WARMUP_S and seen["window_s"] == timing.CPU_WINDOW_S
+    assert seen["extend_s"] == seen["window_s"]  # an unsteady window goes on as long again
     timing.time_functions(calls, "cpu", warmup_s=1.0, budget_s=2.0, min_reps=5)
     assert seen["warmup_s"] == 1.0 and seen["window_s"] == 6.0  # the profile's 2 s per call
     graph = timing.time_functions({"fwd": lambda: None}, "cpu", graph=True, min_reps=1)
