@@ -104,6 +104,18 @@ def test_a_move_inside_the_spread_or_under_the_threshold_is_not_flagged():
     assert throughput_move({}, before, 0.10) is None
 
 
+def test_a_move_timed_while_the_machine_moved_says_so():
+    before = {"time_ms": 10.0, "timing_q1_ms": 9.9, "timing_q3_ms": 10.1}
+    slow = {"time_ms": 12.5, "timing_q1_ms": 12.4, "timing_q3_ms": 12.6, "timing_drift": 0.2,
+            "timing_note": "unsteady: 11 ms (IQR 10.9-11.1) in the first half of a 2.0 s window"}
+    kind, detail, *_ = throughput_move(slow, before, 0.10)
+    assert kind == "regression"
+    assert detail.endswith("; the current run was timed while the machine's speed moved "
+                           "(its timing note)")
+    _, steady, *_ = throughput_move({**slow, "timing_note": ""}, before, 0.10)
+    assert "machine" not in steady
+
+
 def test_bwd_and_fwd_bwd_moves_are_compared_too(baseline):
     current = list(baseline)
     i = pick(current, check="throughput", seqlen=2048)
