@@ -452,8 +452,7 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], clock: Clock, *,
                 f"unsteady: {first.median_ms:.4g} ms (IQR {first.q1_ms:.4g}-{first.q3_ms:.4g}) "
                 f"in the first half of a {seconds:.1f} s window and {second.median_ms:.4g} ms "
                 f"(IQR {second.q1_ms:.4g}-{second.q3_ms:.4g}) in the second ({moved:+.0%})"
-                f"{more}; the machine's speed moved while it was timed, and a rerun may read "
-                f"anywhere in that range")]))
+                f"{more}; the machine's speed moved: a rerun may read anywhere between")]))
         timing = summarize([t for turn in turns[name] for t in turn], label, text)
         out[name] = dataclasses.replace(timing, drift=moved)
     return out

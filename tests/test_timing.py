@@ -284,7 +284,8 @@ def test_a_window_whose_halves_disagree_goes_on_and_says_the_machine_moved():
         assert t[name].median_ms == ms and t[name].q3_ms < 1.5 * ms  # 3 of 4 s were quiet
         assert t[name].note.startswith(f"unsteady: {1.5 * ms:.4g} ms (IQR ")
         assert "in the second (-33%), then timed 2.0 s more" in t[name].note
-        assert "s more; the machine's speed moved" in t[name].note
+        assert t[name].note.endswith("s more; the machine's speed moved: a rerun may read "
+                                     "anywhere between")
         assert t[name].to_dict()["drift"] == t[name].drift
 
 
