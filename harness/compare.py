@@ -46,6 +46,7 @@ from harness.records import (
     setup_fingerprint,
     setup_labels,
 )
+from harness.timing import shifted
 
 #: Rank of each status; higher is worse. ``skip`` is absent: it is not a result.
 RANK = vocab.RANK
@@ -261,19 +262,18 @@ def throughput_move(now: dict, before: dict, threshold: float):
     if a is None or b is None:
         return None
     (a1, am, a3), (b1, bm, b3) = a, b
+    direction = shifted(a, b, threshold)
+    if not direction:
+        return None
     change = bm / am - 1
     text = (f"{am:.4g} ms (IQR {a1:.4g}-{a3:.4g})", f"{bm:.4g} ms (IQR {b1:.4g}-{b3:.4g})")
     moved = [side for side, m in (("baseline", before), ("current", now))
              if "unsteady" in str(m.get("timing_note", ""))]
     caveat = (f"; the {' and '.join(moved)} run{'s were' if len(moved) > 1 else ' was'} timed "
               f"while the machine's speed moved (its timing note)" if moved else "")
-    if change > threshold and b1 > a3:
-        return ("regression", f"median time {change:+.1%} (slower); interquartile ranges do not "
-                              f"overlap (threshold {threshold:.0%}){caveat}", *text)
-    if -change > threshold and b3 < a1:
-        return ("improvement", f"median time {change:+.1%} (faster); interquartile ranges do not "
-                               f"overlap (threshold {threshold:.0%}){caveat}", *text)
-    return None
+    kind, way = ("regression", "slower") if direction > 0 else ("improvement", "faster")
+    return (kind, f"median time {change:+.1%} ({way}); interquartile ranges do not overlap "
+                  f"(threshold {threshold:.0%}){caveat}", *text)
 
 
 def render_markdown(c: Comparison, *, level: int = 1) -> str:

@@ -142,6 +142,23 @@ def summarize(times_ms: list[float], method: str, note: str = "") -> Timing:
                   ordered[0], len(ordered), method, note)
 
 
+def shifted(before: tuple[float, float, float], after: tuple[float, float, float],
+            threshold: float) -> int:
+    """+1 when ``after`` is slower than ``before`` beyond their spread, -1 when faster, else 0.
+
+    Each is ``(q1, median, q3)`` in milliseconds. Beyond the spread = the medians differ by more
+    than ``threshold`` (relative) and the interquartile ranges do not overlap: the rule by which
+    ``attn-harness compare`` calls two runs a change, and a CPU window's halves unsteady.
+    """
+    (a1, am, a3), (b1, bm, b3) = before, after
+    change = bm / am - 1
+    if change > threshold and b1 > a3:
+        return 1
+    if -change > threshold and b3 < a1:
+        return -1
+    return 0
+
+
 def tflops(flops: float, time_ms: float) -> float:
     """TFLOP/s for ``flops`` done in ``time_ms`` milliseconds."""
     return flops / (time_ms * 1e-3) / 1e12
@@ -396,14 +413,14 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], clock: Clock, *,
         return second.median_ms / first.median_ms - 1 if first and first.median_ms > 0 else 0.0
 
     def unsteady(look) -> bool:
-        """The halves differ as two runs do that ``attn-harness compare`` calls a change: by
-        more than ``steady``, with interquartile ranges that do not overlap."""
+        """The halves differ as two runs do that ``attn-harness compare`` calls a change."""
         first, second, _ = look
-        return bool(first) and abs(drift(look)) > steady and (
-            second.q1_ms > first.q3_ms or second.q3_ms < first.q1_ms)
+        return bool(first) and first.median_ms > 0 and shifted(
+            (first.q1_ms, first.median_ms, first.q3_ms),
+            (second.q1_ms, second.median_ms, second.q3_ms), steady) != 0
 
     #: name -> the halves of the window as first judged, and of the whole, extension included
-    looks: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names}
+    looks: dict[str, list[tuple[Timing | None, Timing | None, float]]] = {n: [] for n in names}
     begin = clock.mark()
     limit_ms = window_s * 1e3
     while True:
@@ -441,12 +458,12 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], clock: Clock, *,
         if len(names) > 1:
             label += f"+interleaved-{len(names)}"
         looks[name].append(halves(name, elapsed_s))
-        shifted = [look for look in looks[name] if unsteady(look)]
-        look = max(shifted or looks[name], key=lambda x: abs(drift(x)))
+        apart = [look for look in looks[name] if unsteady(look)]
+        look = max(apart or looks[name], key=lambda x: abs(drift(x)))
         first, second, seconds = look
         moved = drift(look)
         text = note
-        if shifted:
+        if apart:
             more = f", then timed {elapsed_s - seconds:.1f} s more" if extended else ""
             text = "; ".join(filter(None, [note, (
                 f"unsteady: {first.median_ms:.4g} ms (IQR {first.q1_ms:.4g}-{first.q3_ms:.4g}) "
