@@ -16,6 +16,7 @@ from pathlib import Path
 
 from harness import __version__, options
 from harness.errors import HarnessError, UsageError
+from harness.vocab import TIMED, gradients
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -28,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def device_list(value: str):
-    from harness.devices import parse_devices
+    from harness.run.devices import parse_devices
 
     try:
         return parse_devices(value)
@@ -90,10 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("results", nargs="+", metavar="RESULTS.jsonl")
     compare.add_argument("--baseline", nargs="+", required=True, metavar="RESULTS.jsonl",
                          help="the results to compare against (required)")
-    compare.add_argument("--slowdown", type=options.positive, default=0.10, metavar="FRACTION",
+    compare.add_argument("--slowdown", type=options.parse_positive, default=0.10,
+                         metavar="FRACTION",
                          help="relative change of a median time that may count, when the "
                               "interquartile ranges do not overlap (default: 0.10)")
-    compare.add_argument("--ratio-growth", type=options.positive, default=0.25, metavar="FRACTION",
+    compare.add_argument("--ratio-growth", type=options.parse_positive, default=0.25,
+                         metavar="FRACTION",
                          help="relative growth of err/baseline_err that counts, when it also "
                               "grows by more than 0.1 (default: 0.25)")
     compare.add_argument("--allow-missing", action="store_true",
@@ -131,14 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_options(args):
-    """The run options of ``args`` as the session's :class:`~harness.session.RunOptions`."""
-    from harness.session import validate_options
+    """The run options of ``args`` as the session's :class:`~harness.run.session.RunOptions`."""
+    from harness.run.session import validate_options
 
     return validate_options(options.option_values(lambda dest: getattr(args, dest), ""))
 
 
 def cmd_run(args) -> int:
-    from harness.session import collect_cases
+    from harness.run.session import collect_cases
 
     opts = run_options(args)  # known issues and backend specs checked before anything starts
     cases, notes = collect_cases(opts, args.case or ())  # every case file validated here too
@@ -150,8 +153,8 @@ def cmd_run(args) -> int:
             raise UsageError("--devices runs one worker process per GPU, --no-isolation runs in "
                              "this process: drop one of them")
         return _run_in_process(args, opts, cases)
-    from harness.runner import Worker, WorkerDied
-    from harness.session import choose_backends
+    from harness.run.session import choose_backends
+    from harness.run.worker import Worker, WorkerDied
 
     worker = Worker()
     try:
@@ -176,7 +179,7 @@ def _devices(spec, target: dict, notes: list[str]) -> list[int]:
     """The device indices of ``--devices`` on this machine; [] means one worker as usual."""
     if spec is None:
         return []
-    from harness.devices import resolve_devices
+    from harness.run.devices import resolve_devices
 
     devices = resolve_devices(spec, int(target.get("device_count") or 0), target["vendor"])
     if not devices:
@@ -187,16 +190,15 @@ def _devices(spec, target: dict, notes: list[str]) -> list[int]:
 
 
 def _out_dir(opts, target: dict) -> Path:
-    from harness.session import prepare_out_dir
+    from harness.run.session import prepare_out_dir
 
     return prepare_out_dir(opts.out or Path("reports") / target["target_id"])
 
 
 def _run(args, opts, cases, target, specs, resolved, notes, worker) -> int:
-    from harness import jury
-    from harness.records import RecordWriter, read_records
-    from harness.runner import run_tasks
-    from harness.session import (
+    from harness.results import jury
+    from harness.results.records import RecordWriter, read_records
+    from harness.run.session import (
         check_backend_versions,
         count_statuses,
         deliberate,
@@ -205,6 +207,7 @@ def _run(args, opts, cases, target, specs, resolved, notes, worker) -> int:
         resume_records,
         write_report,
     )
+    from harness.run.worker import run_tasks
 
     out_dir = _out_dir(opts, target)
     results = out_dir / "results.jsonl"
@@ -238,7 +241,7 @@ def _run(args, opts, cases, target, specs, resolved, notes, worker) -> int:
     devices = getattr(args, "device_indices", None)
     with RecordWriter(results, append=bool(args.resume)) as writer:
         if devices:
-            from harness.runner import run_tasks_on_devices
+            from harness.run.worker import run_tasks_on_devices
 
             run_tasks_on_devices(tasks, writer.write, devices=devices, timeout_s=opts.timeout,
                                  progress=progress, first_worker=worker)
@@ -261,7 +264,7 @@ def _run(args, opts, cases, target, specs, resolved, notes, worker) -> int:
 
 def _drop_crashed(results: Path) -> None:
     """--retry-crashed: the crash and timeout records leave the file; their checks run again."""
-    from harness.records import read_records
+    from harness.results.records import read_records
 
     kept = [r for r in read_records(results) if r.status not in ("crash", "timeout")]
     results.write_text("".join(r.to_json() + "\n" for r in kept), encoding="utf-8")
@@ -272,15 +275,15 @@ def _explore(args, opts, specs, sink, done, worker=None) -> list[str]:
 
     ``worker``: the suite's worker, still running, which the exploration goes on in (and
     stops)."""
-    from harness.runner import ExplorationWorker
-    from harness.session import explore_checks, make_task
+    from harness.run.session import explore_checks, make_task
+    from harness.run.worker import ExplorationWorker
 
     checks = explore_checks(opts)
     if opts.examples <= 0 or args.case or not checks:
         if worker is not None:
             worker.stop()
         return []
-    from harness.explore import explore, summary
+    from harness.run.explore import explore, summary
 
     summaries = []
     with ExplorationWorker(opts.timeout, worker=worker) as runner:
@@ -299,7 +302,7 @@ def _explore(args, opts, specs, sink, done, worker=None) -> list[str]:
             # Only generated cases and the minimal failure are recorded, not each shrink step.
             result = explore(spec, info["capabilities"], run_case, profile=opts.profile,
                              examples=opts.examples, seed=opts.seed, on_record=sink,
-                             regressions=opts.regressions, backward="bwd" in checks)
+                             regressions=opts.regressions, backward=gradients(checks))
             summaries.append(summary(result))
     return summaries
 
@@ -321,7 +324,7 @@ class _Progress:
         parts = []
         for r in records:
             text = f"{r.check} {self.SYMBOLS[r.status]}"
-            if r.check == "throughput" and r.status == "pass":
+            if r.check in TIMED and r.status == "pass":
                 tf = r.metrics.get("tflops")
                 text = f"{r.check} {tf * 1e3:.3g} GFLOP/s" if tf else text
             parts.append(text)
@@ -332,10 +335,10 @@ class _Progress:
 
 def _run_in_process(args, opts, cases) -> int:
     from harness.backends import known_backends, load_backend
-    from harness.machine import detect
-    from harness.records import RecordWriter, read_records
-    from harness.runner import run_in_process
-    from harness.session import failed, make_task, write_report
+    from harness.results.records import RecordWriter, read_records
+    from harness.run.machine import detect
+    from harness.run.session import failed, make_task, write_report
+    from harness.run.worker import run_in_process
 
     target = detect().to_dict()
     specs = list(opts.backends) or [s for s in known_backends()
@@ -356,7 +359,7 @@ def _run_in_process(args, opts, cases) -> int:
 
 def cmd_info(args) -> int:
     from harness.backends import known_backends
-    from harness.runner import Worker
+    from harness.run.worker import Worker
 
     worker = Worker()
     try:
@@ -398,14 +401,14 @@ def cmd_info(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from harness.plot import PlotOutcome, write_plots
-    from harness.records import read_many
-    from harness.report import render
+    from harness.results.plot import PlotOutcome, write_plots
+    from harness.results.records import read_many
+    from harness.results.report import render
 
     records = read_many(args.results, require_records=True)
     baseline = read_many(args.baseline, require_records=True) if args.baseline else None
     if args.output:
-        from harness.session import prepare_output_file
+        from harness.run.session import prepare_output_file
 
         out = prepare_output_file(Path(args.output))
         plots = write_plots(records, out.parent)
@@ -413,7 +416,7 @@ def cmd_report(args) -> int:
         written = ", ".join(name for _, name in plots.files)
         print(f"wrote {out}" + (f" and {written} next to it" if written else ""), file=sys.stderr)
     else:
-        from harness.plot import sweeps
+        from harness.results.plot import sweeps
 
         plots = (PlotOutcome(skipped="plots are written only next to a report file (-o FILE.md)")
                  if sweeps(records) else write_plots(records, "."))  # nothing to draw: no file
@@ -425,9 +428,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from harness.compare import Thresholds, compare, render_markdown
-    from harness.records import read_many
-    from harness.session import prepare_output_file
+    from harness.results.compare import Thresholds, compare, render_markdown
+    from harness.results.records import read_many
+    from harness.run.session import prepare_output_file
 
     output = prepare_output_file(Path(args.output)) if args.output else None
     current = read_many(args.results, require_records=True)

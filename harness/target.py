@@ -142,7 +142,7 @@ class Target:
         memory_bytes: memory of one device (system memory on the CPU).
         torch, triton: package versions (empty when absent).
         libraries: what the backend families contribute (:func:`harness.backends.machine_facts`
-            through :func:`harness.machine.detect`): kernel package versions and builds, e.g.
+            through :func:`harness.run.machine.detect`): kernel package versions and builds, e.g.
             ``flash_attn``, ``flash_attn_flavor``, ``sdpa_rocm_library``. This module knows no
             backend.
         harness, git_revision, python: the harness build and interpreter.

@@ -1,11 +1,12 @@
 """The harness's vocabulary, declared once: record statuses and the registry of checks.
 
-Every other module derives from these two tables: the CLI's and the plugin's ``--checks``
-choices, the records schema's enums (``tests/test_vocab.py`` checks that the schema file agrees),
-the report's columns and matrix, the known-issue keys, compare's ranks and the runner's order.
-Adding a check is one :data:`CHECKS` entry here plus its judging function, registered with
-:func:`harness.checks.check` (the only module that imports torch for it). This module imports
-nothing heavy, so light paths (the plugin's option parsing, the schema, case files) can use it.
+Every other module derives from these two tables: the CLI's and the plugin's ``--checks`` choices,
+the records schema's enums (``tests/test_vocab.py`` checks that the schema file agrees), the
+report's columns and matrix, the known-issue keys, compare's ranks and the runner's order. Adding a
+check is one :data:`CHECKS` entry here plus its judging function, registered with
+:func:`harness.checks.context.check` (the only module that imports torch for it). This module
+imports nothing heavy, so light paths (the plugin's option parsing, the schema, case files) can use
+it.
 """
 
 from __future__ import annotations
@@ -63,19 +64,30 @@ RANK: dict[str, int] = {s.value: s.rank for s in Status if s.rank is not None}
 SEVERITY: tuple[str, ...] = tuple(s.value for s in _SEVERITY)
 
 
+#: Work of a backward pass in forward passes (flash-attn's benchmark counts the backward as 2.5
+#: forwards: ``benchmarks/benchmark_flash_attention.py``).
+BWD_FLOP_FACTOR = 2.5
+
+
 @dataclass(frozen=True)
 class CheckSpec:
-    """What a check is and what it needs; its judging function lives in :mod:`harness.checks`.
+    """What a check is and what it needs; the framework reads these flags, so a new check is
+    one entry here and one function registered under its name with
+    :func:`harness.checks.registry.check`.
 
     Attributes:
         name: the name on the command line, in records and in known issues.
         summary: one line for ``--help`` and the README.
         judged: it judges numbers (a parity check: in the portability matrix, in known issues,
-            its ratio compared); throughput only times.
-        reference: needs the exact reference.
-        baseline: needs the same-precision baseline.
-        gradients: runs a backward pass.
-        timing: times calls (skipped by exploration, which searches for wrong numbers).
+            its ratio compared); a timing check only times.
+        reference: needs the exact reference (planned memory: its float64 copies).
+        baseline: needs the same-precision baseline (planned memory: its outputs).
+        gradients: runs a backward pass: refused where a case or backend has none (fp8, the
+            kv-cache entry, a paged varlen cache, a backend without backward), planned with
+            the gradients' memory, its work counted as forward + backward, and exploration
+            explores the corners only a backward reaches (a strided dout).
+        timing: times calls: skipped by exploration (which hunts wrong numbers), shown in the
+            report's throughput table and plots, and compared by time, not by status alone.
         ratio: records ``metrics["ratio"]`` (err / baseline_err) that compare watches.
     """
 
@@ -88,6 +100,11 @@ class CheckSpec:
     timing: bool = False
     ratio: bool = False
 
+    @property
+    def work(self) -> float:
+        """Forward passes of work one call of the check does: 1, or 1 + the backward's."""
+        return 1 + BWD_FLOP_FACTOR if self.gradients else 1.0
+
 
 #: The registry, in the order checks run and appear.
 CHECKS: dict[str, CheckSpec] = {spec.name: spec for spec in (
@@ -99,15 +116,54 @@ CHECKS: dict[str, CheckSpec] = {spec.name: spec for spec in (
     CheckSpec("throughput", "median time and TFLOP/s", judged=False, timing=True),
 )}
 
-CHECK_NAMES: tuple[str, ...] = tuple(CHECKS)
+CHECK_NAMES: tuple[str, ...] = ()
 #: Checks that judge numbers (the portability matrix, known issues, xpass).
-JUDGED: tuple[str, ...] = tuple(n for n, c in CHECKS.items() if c.judged)
+JUDGED: tuple[str, ...] = ()
 #: Checks whose error ratio compare watches.
-RATIO_CHECKS: tuple[str, ...] = tuple(n for n, c in CHECKS.items() if c.ratio)
+RATIO_CHECKS: tuple[str, ...] = ()
 #: Checks exploration runs (it hunts for wrong numbers, not for speed).
-EXPLORED: tuple[str, ...] = tuple(n for n, c in CHECKS.items() if not c.timing)
+EXPLORED: tuple[str, ...] = ()
+#: Checks that time calls (the report's throughput table, compare's time rules).
+TIMED: tuple[str, ...] = ()
+
+
+def _derive() -> None:
+    global CHECK_NAMES, JUDGED, RATIO_CHECKS, EXPLORED, TIMED
+    CHECK_NAMES = tuple(CHECKS)
+    JUDGED = tuple(n for n, c in CHECKS.items() if c.judged)
+    RATIO_CHECKS = tuple(n for n, c in CHECKS.items() if c.ratio)
+    EXPLORED = tuple(n for n, c in CHECKS.items() if not c.timing)
+    TIMED = tuple(n for n, c in CHECKS.items() if c.timing)
+
+
+_derive()
+
+
+def register(spec: CheckSpec) -> CheckSpec:
+    """Declare one more check (after the shipped ones). Other modules take the derived tuples
+    when they are imported, so a check must be declared before the rest of the harness is
+    imported (the shipped checks are declared above)."""
+    if spec.name in CHECKS:
+        raise ValueError(f"check {spec.name!r} is declared already")
+    CHECKS[spec.name] = spec
+    _derive()
+    return spec
+
+
+def gradients(checks) -> bool:
+    """Whether any of ``checks`` (names) runs a backward pass."""
+    return any(CHECKS[c].gradients for c in checks if c in CHECKS)
 
 
 def check_order(name: str) -> int:
     """Position of a check in :data:`CHECKS` (for sorting)."""
     return CHECK_NAMES.index(name)
+
+
+# ------------------------------------------------------------------------------- features
+
+#: Features a case can turn on (``harness.case.Case.features``); backends claim a subset
+#: (``harness.backends.base.Capabilities.features``) and known issues name them.
+FEATURES = ("causal", "window", "softcap", "alibi", "dropout", "gqa", "scale", "strided", "paged",
+            "seqlen_q>seqlen_k", "packed", "v-transposed", "dout-strided", "lastdim-strided",
+            "append", "rotary", "leftpad", "batch-idx", "splits", "alibi-per-batch")

@@ -188,7 +188,7 @@ def after() -> Harness:
 
 def _has_cache_after() -> bool:
     try:
-        from harness.reference import cache_after  # noqa: F401
+        from harness.exact.reference import cache_after  # noqa: F401
     except ImportError:
         return False
     return True

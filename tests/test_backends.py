@@ -28,9 +28,9 @@ from harness.backends.base import Capabilities
 from harness.backends.sdpa import SdpaBackend, rocm_fa_library
 from harness.backends.user import FunctionBackend, load_function
 from harness.case import Case
-from harness.checks import CaseRun
+from harness.checks.context import CaseRun
 from harness.errors import UsageError
-from harness.profile import get_profile
+from harness.options import get_profile
 from harness.target import from_facts
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -76,7 +76,7 @@ def test_sdpa_flash_on_cpu_claims_no_dropout():
 
 def test_torch_refusal_becomes_the_skip_reason():
     """Run anyway (as --audit does): torch's own warning text is the reason, not a warning."""
-    from harness.inputs import make_inputs
+    from harness.exact.inputs import make_inputs
 
     case = Case(batch=1, seqlen_q=8, seqlen_k=8, heads_q=1, head_dim=16, dtype="float32",
                 dropout_p=0.1)
@@ -211,7 +211,7 @@ def test_a_kernel_without_the_parameter_cannot_be_audited():
 
 def _cli_run(tmp_path, backend: str, *extra: str):
     from harness.cli import main
-    from harness.records import read_records
+    from harness.results.records import read_records
 
     out = tmp_path / backend.rsplit(":", 1)[-1]
     code = main(["run", "--backend", backend, "--case", SOFTCAP.to_inline_toml(),

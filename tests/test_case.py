@@ -8,8 +8,8 @@ import random
 import pytest
 
 from harness.case import Case, attended_pairs, case_from_dict
+from harness.case.suites import parse_inline_case
 from harness.errors import InvalidCase
-from harness.suites import parse_inline_case
 
 # Pinned ids: the canonical form must not drift between versions, machines or Pythons, or
 # results from different machines stop lining up. Changing these is a schema change.
@@ -171,7 +171,7 @@ def test_dense_cases_are_constant_time_in_batch():
     import time
 
     from harness.backends import load_backend
-    from harness.dispatch import plan
+    from harness.checks.plan import plan
     from harness.target import from_facts
 
     cpu = from_facts({"machine": "x86_64", "device_count": 0, "system_memory_bytes": 16 << 30})

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
+from harness.case.suites import load_file, load_suite, parse_inline_case, resolve_suite
 from harness.errors import InvalidCase
-from harness.suites import load_file, load_suite, parse_inline_case, resolve_suite
 
 
 def write(tmp_path, text, name="s.toml"):

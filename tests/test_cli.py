@@ -25,7 +25,7 @@ def records(out_dir: Path) -> list[dict]:
 
 
 def test_default_run_passes_the_cpu_backends_on_the_smoke_suite(tmp_path):
-    from harness.suites import load_suite
+    from harness.case.suites import load_suite
 
     # The whole default job: about 155 s on a quiet 2-core CPU with torch.compile's cache warm,
     # 7 minutes and more with it cold (flex-attention's graphs) on a core shared with the other
@@ -174,7 +174,7 @@ def test_exploration_shrinks_a_failure_and_writes_a_replayable_regression(tmp_pa
     assert result.returncode == 1
     assert "shrunk in" in result.stderr and "written to" in result.stderr
     (written,) = regressions.glob("*.toml")
-    from harness.suites import load_file
+    from harness.case.suites import load_file
 
     (case,) = load_file(written).cases
     assert "window" in case.features and case.seqlen_q <= 2 and case.heads_q == 1

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.compare import Thresholds, compare, render_markdown, throughput_move
-from harness.records import Record, RecordWriter, read_many
+from harness.results.compare import Thresholds, compare, render_markdown, throughput_move
+from harness.results.records import Record, RecordWriter, read_many
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "results"
 THREE = [FIXTURES / f for f in ("synthetic-rocm6.2-gfx942-mi300x-ck.jsonl",

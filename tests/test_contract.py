@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from harness.case import Case
-from harness.checks import clone_inputs, modified_inputs
-from harness.inputs import make_inputs
-from harness.runner import Task, execute
+from harness.checks.context import clone_inputs, modified_inputs
+from harness.exact.inputs import make_inputs
+from harness.run.worker import Task, execute
 from harness.target import detect
 
 KERNELS = "tests/fixtures/kernels/misbehaving.py"

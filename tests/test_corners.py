@@ -14,9 +14,9 @@ from hypothesis import seed as hypothesis_seed
 
 from harness.backends import load_backend
 from harness.case import Case
-from harness.explore import explore, plan
-from harness.records import Record
-from harness.strategies import (
+from harness.results.records import Record
+from harness.run.explore import explore, plan
+from harness.run.strategies import (
     BUDGETS,
     CORNERS,
     cases,
@@ -137,7 +137,7 @@ def test_a_corner_out_of_the_backends_reach_is_said_not_raised():
     # Head dims in multiples of 32 cannot make 65,536 tiny problems fit the quick budget.
     from dataclasses import replace
 
-    from harness.explore import summary
+    from harness.run.explore import summary
 
     caps = replace(load_backend(CORRECT).capabilities, head_dim_multiple=32)
     ran, result = _explored(caps, seed=0)

@@ -11,7 +11,8 @@ import json
 import pytest
 
 from harness.cli import main
-from harness.devices import (
+from harness.errors import UsageError
+from harness.run.devices import (
     VENDOR_ENV,
     apply_env,
     detect_vendor,
@@ -21,7 +22,6 @@ from harness.devices import (
     resolve_devices,
     xdist_slot,
 )
-from harness.errors import UsageError
 
 pytest_plugins = ["pytester"]
 

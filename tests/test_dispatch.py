@@ -21,7 +21,7 @@ except ModuleNotFoundError:  # Python 3.10
 from harness.backends import BUILTIN, load_backend
 from harness.backends.flash_attn import FlashAttnBackend
 from harness.case import Case
-from harness.dispatch import plan
+from harness.checks.plan import plan
 from harness.target import from_facts
 
 CPU = from_facts({"machine": "x86_64", "device_count": 0, "system_memory_bytes": 16 << 30})
@@ -161,7 +161,7 @@ def test_a_case_no_backend_here_supports_gets_every_backends_reason():
 
 def test_run_records_a_skip_per_backend_for_an_unsupported_case(tmp_path):
     from harness.cli import main
-    from harness.records import read_records
+    from harness.results.records import read_records
 
     case = Case(entry="kvcache", batch=2, seqlen_q=4, seqlen_k=64, heads_q=4, head_dim=64)
     argv = ["run", "--case", case.to_inline_toml(), "--checks", "fwd", "--out", str(tmp_path),

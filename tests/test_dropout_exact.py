@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 
-from harness import dropout, judge, reference
 from harness.backends.sdpa import SdpaBackend
 from harness.backends.user import FunctionBackend
 from harness.case import Case
-from harness.inputs import make_inputs
-from harness.outputs import Outputs
+from harness.exact import dropout, judge, reference
+from harness.exact.inputs import make_inputs
+from harness.exact.outputs import Outputs
 from tests.zoo import dropout_kernels, kernels
 
 SEED = 1234
@@ -326,14 +326,14 @@ def test_identity_values_hold_one_unit_vector_per_key_of_the_block():
 
 
 class Context:
-    """Imitates the lead's CheckContext: seeded calls keyed by a salt (harness.checks)."""
+    """Imitates the lead's CheckContext: seeded calls keyed by a salt (harness.checks.context)."""
 
     def __init__(self, forward, case, seed=0):
         self.forward, self.case, self.seed = forward, case, seed
         self.inputs = make_inputs(case, "cpu", seed)
 
     def call(self, inputs, rng="kernel"):
-        from harness.inputs import derive_seed
+        from harness.exact.inputs import derive_seed
 
         torch.manual_seed(derive_seed(self.seed, self.case.case_id, rng))
         return self.forward(inputs)
@@ -392,7 +392,7 @@ def test_two_seeds_agreeing_on_one_key_is_chance_not_seed_independence():
     """b1 q1 k1: two masks of one entry agree with probability p**2 + (1-p)**2 (0.72 at
     p = 0.17), so their agreement must not fail a correct kernel (SDPA math did, found by
     exploration)."""
-    from harness.runner import Task, execute
+    from harness.run.worker import Task, execute
     from harness.target import detect
 
     case = Case(batch=1, seqlen_q=1, seqlen_k=1, heads_q=1, head_dim=64, dtype="float16",
@@ -406,7 +406,7 @@ def test_the_seed_comparison_sees_keys_outside_the_first_identity_block():
     """q1 k1024 window [1, -1]: the visible keys are the last two, outside V's first identity
     block, whose output is all zero under any seed; the seed comparison must see them (SDPA math
     was flagged as seed-independent here, found by exploration)."""
-    from harness.runner import Task, execute
+    from harness.run.worker import Task, execute
     from harness.target import detect
 
     case = Case(batch=3, seqlen_q=1, seqlen_k=1024, heads_q=12, heads_kv=3, head_dim=64,

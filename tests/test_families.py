@@ -32,10 +32,10 @@ from harness.backends.aiter_fa import window_argument
 from harness.backends.flash_attn import FLAVOR_CAPABILITIES, FlashAttnBackend, detect_flavor
 from harness.backends.flex import lse_request, unpack
 from harness.case import Case
-from harness.checks import CaseRun
+from harness.checks.context import CaseRun
 from harness.errors import UsageError
-from harness.inputs import make_inputs
-from harness.profile import get_profile
+from harness.exact.inputs import make_inputs
+from harness.options import get_profile
 from harness.target import from_facts
 
 FAKES = Path(__file__).parent / "fixtures" / "fakes"
@@ -646,7 +646,7 @@ def test_lse_rows_without_keys_conventions_are_declared():
 def test_grads_of_a_packed_entry_point_are_read_from_the_buffer(layout):
     """qkvpacked/kvpacked kernels use the buffer, not the q, k, v views of it: differentiating
     with respect to the views finds them unused; the checks read them from the buffer."""
-    from harness.checks import grad_leaves
+    from harness.checks.context import grad_leaves
 
     backend = fake("flash-attn", "fake_flash_attn2")
     case = Case(batch=2, seqlen_q=12, heads_q=2, head_dim=8, dtype="float32", causal=True,

@@ -1,11 +1,12 @@
-"""python -m harness.fidelity: its plumbing and output (the numbers themselves are a benchmark)."""
+"""python -m harness.run.fidelity: its plumbing and output (the numbers themselves are a
+benchmark)."""
 
 from __future__ import annotations
 
 import sys
 
-from harness import fidelity
-from harness.fidelity import TOLERANCE, Row, table, within
+from harness.run import fidelity
+from harness.run.fidelity import TOLERANCE, Row, table, within
 
 
 def test_tolerances_are_the_targets():
@@ -40,7 +41,7 @@ def test_a_cpu_run_compares_with_torch_timer_without_importing_triton(monkeypatc
 def test_a_bad_case_is_one_line_and_exit_2(capsys):
     assert fidelity.main(["--case", "{heads_q = 0}"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("python -m harness.fidelity: error: ") and err.count("\n") == 1
+    assert err.startswith("python -m harness.run.fidelity: error: ") and err.count("\n") == 1
 
 
 def test_a_kernel_that_raises_is_a_note_and_the_others_are_still_timed(tmp_path, capsys):

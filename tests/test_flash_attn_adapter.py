@@ -24,11 +24,11 @@ import torch
 
 from harness.backends.flash_attn import FlashAttnBackend
 from harness.case import Case
-from harness.checks import CaseRun, audit_verdict
-from harness.dispatch import Plan
-from harness.inputs import make_inputs
-from harness.profile import get_profile
-from harness.reference import Params, attention_forward
+from harness.checks.context import CaseRun, audit_verdict
+from harness.checks.plan import Plan
+from harness.exact.inputs import make_inputs
+from harness.exact.reference import Params, attention_forward
+from harness.options import get_profile
 from harness.target import from_facts
 
 CPU = from_facts({"machine": "x86_64", "device_count": 0})

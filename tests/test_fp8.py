@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import fp8
 from harness.case import Case
 from harness.errors import InvalidCase
-from harness.inputs import make_inputs
-from harness.outputs import Outputs
+from harness.exact import fp8
+from harness.exact.inputs import make_inputs
+from harness.exact.outputs import Outputs
 from harness.target import Target
 
 TESTS = Path(__file__).resolve().parent
@@ -308,7 +308,7 @@ def test_strategies_draw_fp8_cases_only_for_backends_that_claim_them():
     from hypothesis import HealthCheck, Phase, find, given, settings
 
     from harness.backends.base import Capabilities
-    from harness.strategies import Budget, cases
+    from harness.run.strategies import Budget, cases
 
     caps = Capabilities.from_mapping(REF.ATTN_HARNESS_CAPABILITIES, "fixture")
     budget = Budget(max_flops=2e7, max_bytes=16 << 20, max_seqlen=1024, max_decode_keys=0,
@@ -346,20 +346,20 @@ def test_strategies_draw_fp8_cases_only_for_backends_that_claim_them():
 
 def test_the_generic_reference_and_baseline_refuse_fp8_inputs_and_say_where_to_go():
     """fp8 builds on the generic reference, not the reverse (no import cycle): the checks route
-    fp8 cases to harness.fp8, and the generic functions point there."""
-    from harness.reference import baseline, reference
+    fp8 cases to harness.exact.fp8, and the generic functions point there."""
+    from harness.exact.reference import baseline, reference
 
     inputs = fp8.make_fp8_inputs(GQA)
-    with pytest.raises(ValueError, match="harness.fp8.fp8_reference"):
+    with pytest.raises(ValueError, match="harness.exact.fp8.fp8_reference"):
         reference(inputs)
-    with pytest.raises(ValueError, match="harness.fp8.fp8_baseline"):
+    with pytest.raises(ValueError, match="harness.exact.fp8.fp8_baseline"):
         baseline(inputs)
     with pytest.raises(ValueError, match="make_fp8_inputs"):
         make_inputs(GQA)
 
 
 def test_e4m3fn_and_e4m3fnuz_versions_of_a_problem_share_a_matrix_row():
-    from harness.report import matrix_row
+    from harness.results.report import matrix_row
 
     fn_key, fn_label = matrix_row(GQA)
     fnuz_key, fnuz_label = matrix_row(GQA.replace(dtype="float8_e4m3fnuz", fp8_out="float32"))
@@ -373,7 +373,7 @@ def test_e4m3fn_and_e4m3fnuz_versions_of_a_problem_share_a_matrix_row():
 def _fp8_record(target: dict, case: Case, status: str, ratio: float, backend: str,
                 tflops: float | None = None):
     """A made-up record (SYNTHETIC: these machines did not run here) of ``case``."""
-    from harness.records import Record
+    from harness.results.records import Record
 
     check = "throughput" if tflops is not None else "fwd"
     metrics = {"tflops": tflops, "time_ms": 1.0} if tflops is not None else {"ratio": ratio}
@@ -394,7 +394,7 @@ def test_the_matrix_puts_nvidia_e4m3fn_and_mi300_e4m3fnuz_rows_side_by_side():
     """Issue 14: one problem, FA3 on an H100 in e4m3fn (bf16 out) and AITER on an MI300X in
     e4m3fnuz (fp32 out), is one matrix row and one throughput row with the AMD/NVIDIA ratio;
     each cell names the format it ran."""
-    from harness.report import View, matrix_section, throughput_section
+    from harness.results.report import View, matrix_section, throughput_section
 
     fn = GQA
     fnuz = GQA.replace(dtype="float8_e4m3fnuz", fp8_out="float32")

@@ -1,6 +1,7 @@
-"""The harness's modules form no import cycle, counting every import (module level and inside
-functions; only ``if TYPE_CHECKING:`` blocks are annotations, not imports), and the plugin module
-imports nothing of the harness at module level."""
+"""The package's layout is its architecture: stages as subpackages, each importing only the
+stages below it, at most seven layers from the vocabulary to the front ends, and no import cycle.
+Every import counts (module level and inside functions; only ``if TYPE_CHECKING:`` blocks are
+annotations, not imports). The pytest plugin imports only the library's light options."""
 
 from __future__ import annotations
 
@@ -97,6 +98,70 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+#: The layers, bottom up: a module may import modules of a lower layer, and of its own
+#: subpackage (the top-level modules of a layer count as one unit). The CLI and the plugin sit side
+#: by side on top (the plugin is outside the package and checked on its own below).
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("harness", "harness.vocab", "harness.errors", "harness.options", "harness.target"),
+    ("harness.case",),
+    ("harness.exact",),
+    ("harness.backends", "harness.results"),
+    ("harness.checks",),
+    ("harness.run",),
+    ("harness.cli", "harness.parity"),
+)
+
+
+#: Modules kept at the top of the package as stable import paths for backend plugins
+#: (``from harness.outputs import Outputs``), with the unit they belong to.
+PLUGIN_PATHS = {"harness.inputs": "harness.exact", "harness.outputs": "harness.exact"}
+
+
+def unit(module: str) -> str:
+    """The unit of ``LAYERS`` a module belongs to (its subpackage, or itself at the top)."""
+    if module in PLUGIN_PATHS:
+        return PLUGIN_PATHS[module]
+    for units in LAYERS:
+        for name in sorted(units, key=len, reverse=True):
+            if module == name or (name != "harness" and module.startswith(name + ".")):
+                return name
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS in {__file__}")
+
+
+def layer(module: str) -> int:
+    name = unit(module)
+    return next(i for i, units in enumerate(LAYERS) if name in units)
+
+
+def upward(edges: dict[str, set[str]]) -> list[str]:
+    """Imports that reach a layer above their own, or a sibling unit of the same layer (two
+    units side by side know nothing of each other; the top-level core modules are one unit)."""
+    bad = []
+    for module, targets in sorted(edges.items()):
+        for target in sorted(targets):
+            a, b = layer(module), layer(target)
+            same_unit = unit(module) == unit(target) or (a == b == 0)
+            if b > a or (b == a and not same_unit):
+                bad.append(f"{module} (layer {a}) imports {target} (layer {b})")
+    return bad
+
+
+def depth(edges: dict[str, set[str]]) -> int:
+    """Layers of the import graph: the longest chain of imports between distinct units."""
+    units = {unit(m) for m in edges}
+    between: dict[str, set[str]] = {u: set() for u in units}
+    for module, targets in edges.items():
+        between[unit(module)].update(unit(t) for t in targets if unit(t) != unit(module))
+    memo: dict[str, int] = {}
+
+    def longest(u: str) -> int:
+        if u not in memo:
+            memo[u] = 1 + max((longest(v) for v in between[u]), default=0)
+        return memo[u]
+
+    return max(longest(u) for u in units)
+
+
 def test_no_import_cycle_among_harness_modules():
     assert cycles(graph()) == []
 
@@ -105,14 +170,42 @@ def test_the_cycle_finder_finds_cycles():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+def test_each_stage_imports_only_the_stages_below_it():
+    assert upward(graph()) == []
+
+
+def test_the_import_graph_has_at_most_seven_layers():
+    assert depth(graph()) <= 7
+
+
+def test_the_layer_check_sees_an_upward_import():
+    edges = {"harness.case.model": {"harness.run.session"}, "harness.run.session": set(),
+             "harness.exact.reference": {"harness.backends.base"},
+             "harness.backends.base": set()}
+    assert upward(edges) == [
+        "harness.case.model (layer 1) imports harness.run.session (layer 5)",
+        "harness.exact.reference (layer 2) imports harness.backends.base (layer 3)"]
+    assert upward({"harness.results.report": {"harness.backends.base"}}) == [
+        "harness.results.report (layer 3) imports harness.backends.base (layer 3)"]
+
+
 def test_the_fingerprint_knows_no_backend():
     edges = graph()
     assert not {m for m in edges["harness.target"] if m.startswith("harness.backends")}
 
 
-def test_the_plugin_module_imports_nothing_of_the_harness_at_module_level():
+def test_the_plugin_imports_only_the_light_options_at_module_level():
     tree = ast.parse((REPO / "attn_harness_pytestplugin.py").read_text(encoding="utf-8"))
     top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     names = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
     names += [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
-    assert not [n for n in names if n.split(".")[0] in ("harness", "torch", "hypothesis")]
+    assert {n for n in names if n.split(".")[0] in ("harness", "torch", "hypothesis")} == {
+        "harness.errors", "harness.options"}
+
+
+def test_nothing_in_the_package_imports_the_plugin():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert "attn_harness_pytestplugin" not in names, path

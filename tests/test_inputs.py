@@ -7,7 +7,7 @@ import math
 import torch
 
 from harness.case import Case
-from harness.inputs import alibi_slopes, derive_seed, make_inputs
+from harness.exact.inputs import alibi_slopes, derive_seed, make_inputs
 
 
 def test_same_seed_same_values_other_seed_other_values():

@@ -64,13 +64,13 @@ def installed(wheel, tmp_path_factory) -> Path:
 
 def test_the_wheel_carries_suites_known_issues_schema_and_parity_tests(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    shipped_suites = {p.name for p in (REPO / "harness" / "cases").glob("*.toml")}
+    shipped_suites = {p.name for p in (REPO / "harness" / "case" / "library").glob("*.toml")}
     assert shipped_suites >= {"smoke.toml", "edge.toml", "models.toml", "known_issues.toml"}
     for name in shipped_suites:
-        assert f"harness/cases/{name}" in names, name
-    for path in (REPO / "harness" / "cases" / "regressions").glob("*.toml"):
-        assert f"harness/cases/regressions/{path.name}" in names
-    for name in ("harness/schema/records.schema.json", "harness/py.typed",
+        assert f"harness/case/library/{name}" in names, name
+    for path in (REPO / "harness" / "case" / "library" / "regressions").glob("*.toml"):
+        assert f"harness/case/library/regressions/{path.name}" in names
+    for name in ("harness/results/schema/records.schema.json", "harness/py.typed",
                  "harness/parity/test_cases.py", "harness/parity/test_explore.py",
                  "attn_harness_pytestplugin.py"):
         assert name in names, name
@@ -108,14 +108,16 @@ UNRELATED_TEST = '''
 import sys
 
 
-def test_nothing_of_the_harness_is_imported():
-    loaded = [m for m in sys.modules if m == "harness" or m.startswith("harness.")
-              or m in ("torch", "hypothesis")]
-    assert loaded == []
+def test_only_the_light_options_are_imported():
+    # The plugin registers the options the library declares (harness.options imports only the
+    # vocabulary and the errors); nothing heavy, no suite, no backend.
+    loaded = sorted(m for m in sys.modules if m == "harness" or m.startswith("harness.")
+                    or m in ("torch", "hypothesis", "tabulate"))
+    assert loaded == ["harness", "harness.errors", "harness.options", "harness.vocab"]
 '''
 
 
-def test_an_unrelated_project_imports_nothing_of_the_harness(installed, tmp_path):
+def test_an_unrelated_project_imports_only_the_options(installed, tmp_path):
     (tmp_path / "test_unrelated.py").write_text(UNRELATED_TEST)
     python = installed / "python"
     help_text = _run([python, "-m", "pytest", "--help"], cwd=tmp_path).stdout

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from harness import judge
+from harness.exact import judge
 
 
 def test_rule_allows_k_times_baseline_error_plus_atol():

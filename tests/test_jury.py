@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from harness import checks, jury
 from harness.case import Case
-from harness.runner import Task, execute
+from harness.checks import context as checks
+from harness.results import jury
+from harness.run.worker import Task, execute
 from harness.target import detect
 
 ZOO = "tests/zoo/kernels.py"

@@ -8,11 +8,10 @@ from dataclasses import replace
 
 import pytest
 
-from harness import known_issues
-from harness.case import Case
+from harness.case import Case, known_issues
 from harness.errors import InvalidCase
-from harness.records import Record
-from harness.runner import expected_failure
+from harness.results.records import Record
+from harness.run.worker import expected_failure
 from harness.target import Target
 
 CK = {"name": "flash-attn", "flavor": "rocm-ck", "version": "2.7.4"}
@@ -179,7 +178,7 @@ def test_the_shipped_file_and_the_project_file_both_count(tmp_path, monkeypatch)
 
 
 def test_records_carry_the_matched_entry_and_the_report_lists_the_rest(tmp_path, monkeypatch):
-    from harness.runner import Task, execute
+    from harness.run.worker import Task, execute
     from harness.target import detect
 
     (tmp_path / "cases").mkdir()
@@ -198,14 +197,14 @@ def test_records_carry_the_matched_entry_and_the_report_lists_the_rest(tmp_path,
     text = known_issues.section(records, known_issues.load())
     assert "## Known issues that matched nothing" in text and "`second`" in text
     assert "`first`" not in text and "ck-softcap-ignored" not in text  # other backends: silent
-    from harness.report import render
+    from harness.results.report import render
 
     assert "`second`" in render(records, known_issues=known_issues.load())
     assert "matched nothing" not in render(records)
 
 
 def test_cases_dir_known_issues_reach_the_workers(tmp_path, monkeypatch):
-    from harness import suites
+    from harness.case import suites
 
     (tmp_path / "known_issues.toml").write_text(GOOD.replace("{line}", ""))
     monkeypatch.setenv(suites.PROJECT_DIR_ENV, "")  # restored after the test

@@ -18,9 +18,9 @@ import torch
 
 from harness.case import Case
 from harness.errors import InvalidCase
-from harness.inputs import make_inputs
-from harness.kvcache import convert_lse, lse_alibi_shift, resolve_cache
-from harness.reference import Params, baseline, cache_after, reference
+from harness.exact.inputs import make_inputs
+from harness.exact.kvcache import convert_lse, lse_alibi_shift, resolve_cache
+from harness.exact.reference import Params, baseline, cache_after, reference
 
 # ----------------------------------------------------------------- independent computation
 
@@ -494,8 +494,8 @@ def test_baseline_lse_follows_the_convention_too():
 
 
 def test_sampled_rows_and_toml_round_trip_with_every_cache_field():
-    from harness.reference import sample_rows
-    from harness.suites import parse_inline_case
+    from harness.case.suites import parse_inline_case
+    from harness.exact.reference import sample_rows
 
     case = Case(**{**KV, "seqlen_q": 40}, seqlen_new=3, cache_leftpad=(4, 0, 9), rotary_dim=16,
                 rotary_interleaved=True, cache_batch_idx=True, num_splits=2, alibi=True,

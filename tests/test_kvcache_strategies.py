@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, find, given, settings
 
 from harness.backends.base import FEATURES, Capabilities
-from harness.strategies import cases
+from harness.run.strategies import cases
 
 ALL = Capabilities(entries=frozenset({"dense", "varlen", "kvcache"}),
                    features=frozenset(FEATURES))

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from harness.case import Case
-from harness.plot import family_key, family_title, file_name, sweeps, write_plots
-from harness.records import read_many
+from harness.results.plot import family_key, family_title, file_name, sweeps, write_plots
+from harness.results.records import read_many
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "results"
 THREE = sorted(FIXTURES.glob("synthetic-*.jsonl"))

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from harness.case import Case
 from harness.errors import RecordsError
-from harness.records import (
+from harness.results.records import (
     ANNOTATION_KEYWORDS,
     ENFORCED_KEYWORDS,
     SCHEMA_PATH,
@@ -35,8 +35,8 @@ SAMPLES = REPO / "reports" / "samples"
 @pytest.fixture(scope="module")
 def real_records() -> list[dict]:
     """Records of a real (tiny) run in this process: every check, a pass and a skip."""
-    from harness.profile import get_profile
-    from harness.runner import Task, execute
+    from harness.options import get_profile
+    from harness.run.worker import Task, execute
     from harness.target import detect
 
     tiny = get_profile("quick")
@@ -79,9 +79,9 @@ def test_schema_is_valid_versioned_and_shipped():
     jsonschema.Draft202012Validator.check_schema(schema)
     assert schema["properties"]["schema"]["const"] == SCHEMA_VERSION
     assert schema["$id"].endswith(f":{SCHEMA_VERSION}")
-    assert SCHEMA_PATH == REPO / "harness" / "schema" / "records.schema.json"
+    assert SCHEMA_PATH == REPO / "harness" / "results" / "schema" / "records.schema.json"
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert '"schema/*.json"' in pyproject
+    assert '"results/schema/*.json"' in pyproject
 
 
 def _keywords(node, found: set[str]) -> set[str]:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from harness.case import Case
-from harness.inputs import make_inputs
-from harness.reference import (
+from harness.exact.inputs import make_inputs
+from harness.exact.reference import (
     Params,
     attention_backward,
     attention_forward,
@@ -144,8 +144,8 @@ def test_baseline_is_the_same_math_in_low_precision():
 MEMORY_SCRIPT = """
 import json, resource, sys, torch
 from harness.case import Case
-from harness.inputs import make_inputs
-from harness.reference import reference, baseline
+from harness.exact.inputs import make_inputs
+from harness.exact.reference import reference, baseline
 case = Case(batch=1, seqlen_q={n}, heads_q=2, head_dim=64, dtype="float32")
 inputs = make_inputs(case, "cpu", seed=0)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -174,7 +174,7 @@ def test_reference_and_baseline_run_without_tf32_and_restore_the_setting(monkeyp
     # TF32 would make a float32 reference as inexact as the 16-bit kernels it judges.
     import torch
 
-    from harness import reference as ref_module
+    from harness.exact import reference as ref_module
 
     seen = []
     probe = ref_module.ieee_float32(lambda: seen.append(torch.backends.cuda.matmul.allow_tf32))
@@ -191,7 +191,7 @@ def test_the_cpu_baseline_multiplies_as_a_16_bit_matmul_does(dtype):
     """On a CPU the baseline's 16-bit products are taken in float32 and rounded once (what a
     16-bit matmul computes, and 4-7x faster there than PyTorch's scalar 16-bit loop): results
     and gradients stay at the dtype and within one ulp of PyTorch's own 16-bit einsum."""
-    from harness.reference import _einsum
+    from harness.exact.scores import matmul as _einsum
 
     torch.manual_seed(0)
     a = torch.randn(3, 40, 2, 64).to(dtype).requires_grad_(True)

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.plot import PlotOutcome
-from harness.records import FAILING, Record, read_many, read_records
-from harness.report import SEVERITY, View, matrix_cells, render, replay_command
+from harness.results.plot import PlotOutcome
+from harness.results.records import FAILING, Record, read_many, read_records
+from harness.results.report import SEVERITY, View, matrix_cells, render, replay_command
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures" / "results"

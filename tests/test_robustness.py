@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import records as recs
 from harness.case import Case, case_from_dict
+from harness.case.suites import parse_inline_case
 from harness.errors import HarnessError, InvalidCase, RecordsError
-from harness.records import Record, RecordWriter, read_many, read_records
-from harness.suites import parse_inline_case
+from harness.results import records as recs
+from harness.results.records import Record, RecordWriter, read_many, read_records
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,7 +45,7 @@ def _record(case: Case, **changes) -> Record:
 
 
 def test_a_name_beyond_the_bmp_survives_toml_and_the_replay_command():
-    from harness.report import replay_command
+    from harness.results.report import replay_command
 
     case = Case(batch=2, seqlen_q=17, heads_q=2, causal=True, name=EMOJI_NAME, source="\u2603")
     inline = case.to_inline_toml()
@@ -197,7 +197,7 @@ def test_an_empty_or_missing_results_file_is_bad_input_for_report_and_compare(tm
 
 
 def test_an_empty_run_against_a_full_baseline_regresses():
-    from harness.compare import compare, render_markdown
+    from harness.results.compare import compare, render_markdown
 
     baseline = read_records(H100)
     result = compare([], baseline)
@@ -252,7 +252,7 @@ def _pids(path: Path) -> list[int]:
 def test_a_kernel_that_forks_then_aborts_is_a_crash_and_its_child_is_gone(tmp_path):
     import time
 
-    from harness.runner import Task, run_tasks
+    from harness.run.worker import Task, run_tasks
 
     pids = tmp_path / "pids"
     task = Task("t", TINY, f"{KERNELS}:fork_then_abort", ("fwd", "bwd"))
@@ -269,7 +269,7 @@ def test_a_kernel_that_forks_then_aborts_is_a_crash_and_its_child_is_gone(tmp_pa
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_children_a_kernel_leaves_behind_do_not_outlive_the_run(tmp_path):
-    from harness.runner import Task, run_tasks
+    from harness.run.worker import Task, run_tasks
 
     pids = tmp_path / "pids"
     task = Task("t", TINY, f"{KERNELS}:fork_then_return", ("fwd",))
@@ -283,7 +283,7 @@ def test_children_a_kernel_leaves_behind_do_not_outlive_the_run(tmp_path):
 SCRIPT = """
 import os, signal, sys, time
 from harness.case import Case
-from harness.runner import Task, Worker
+from harness.run.worker import Task, Worker
 
 pids = sys.argv[1]
 worker = Worker(None, {"ATTN_TEST_PID_FILE": pids, "ATTN_TEST_SLEEP_S": "2"})
@@ -317,7 +317,7 @@ def test_the_exploration_goes_on_in_the_suites_worker_and_stops_it():
     """``attn-harness run`` hands the suite's worker to the exploration: one process start
     and, for compiled backends (flex-attention), their compiled graphs kept; a worker lost to a
     crash is still replaced, and the exploration stops the one it was given."""
-    from harness.runner import ExplorationWorker, Task, run_tasks
+    from harness.run.worker import ExplorationWorker, Task, run_tasks
 
     outcome = run_tasks([Task("t", TINY, "sdpa-math", ("fwd",))], lambda r: None,
                         timeout_s=120, keep_worker=True)

@@ -10,7 +10,7 @@ import threading
 
 from harness.case import Case
 from harness.cli import _devices
-from harness.runner import Task, Worker, run_tasks_on_devices
+from harness.run.worker import Task, Worker, run_tasks_on_devices
 
 CASES = [Case(seqlen_q=16 + i, heads_q=2, head_dim=16, dtype="float32") for i in range(5)]
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from harness.case import CHECKS
-from harness.dispatch import MEMORY_HEADROOM, estimated_bytes, work_reasons
-from harness.suites import load_file
+from harness.case.suites import load_file
+from harness.checks.plan import MEMORY_HEADROOM, estimated_bytes, work_reasons
 from harness.target import Target
+from harness.vocab import CHECK_NAMES as CHECKS
 
-CASES_DIR = Path(__file__).resolve().parent.parent / "harness" / "cases"
+CASES_DIR = Path(__file__).resolve().parent.parent / "harness" / "case" / "library"
 FILES = sorted(p for p in CASES_DIR.glob("*.toml") if p.name != "known_issues.toml")
 #: The machine "(cpu-sized)" promises: 2 cores, 24 GiB, the default limits.
 CPU_24G = Target(vendor="cpu", device_name="2-core CPU", arch="x86_64", memory_bytes=24 * 2**30)

@@ -11,9 +11,17 @@ import statistics
 import pytest
 import torch
 
-from harness import timing
 from harness.case import Case
-from harness.timing import Timing, measure, quantile, repetitions, summarize, tflops, time_function
+from harness.checks import timing
+from harness.checks.timing import (
+    Timing,
+    measure,
+    quantile,
+    repetitions,
+    summarize,
+    tflops,
+    time_function,
+)
 
 
 class FakeClock:
@@ -357,9 +365,9 @@ def test_forward_flops_count_visible_pairs():
 
 def test_throughput_check_rates_fwd_bwd_and_both_with_flash_attn_factors(monkeypatch):
     """check_throughput's arithmetic, with time_function replaced by a fixed 2 ms."""
-    from harness import checks
     from harness.backends import load_backend
-    from harness.profile import get_profile
+    from harness.checks import context as checks
+    from harness.options import get_profile
     from harness.target import Target
 
     seen = []
@@ -394,7 +402,7 @@ def test_throughput_check_rates_fwd_bwd_and_both_with_flash_attn_factors(monkeyp
 def test_fp8_throughput_is_measured_against_the_fp8_peak():
     """fp8 cases take the device's dense fp8 figure (issue 14), not the fp16/bf16 one; a device
     without a recorded fp8 figure gets no percentage rather than a wrong one."""
-    from harness.checks import peak_for_dtype
+    from harness.checks.context import peak_for_dtype
     from harness.target import Target, peak_for
 
     h100 = Target(vendor="nvidia", device_name="NVIDIA H100 80GB HBM3", arch="sm_90",

@@ -10,13 +10,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, find, given, settings
 
-from harness import judge, reference
 from harness.backends import load_backend
 from harness.backends.base import DEFAULT_FEATURES, FEATURES, Capabilities
 from harness.case import Case, case_from_dict
 from harness.errors import InvalidCase
-from harness.inputs import make_inputs
-from harness.strategies import (
+from harness.exact import judge, reference
+from harness.exact.inputs import make_inputs
+from harness.run.strategies import (
     BUDGETS,
     cases,
     max_visible_keys,
@@ -127,7 +127,7 @@ def test_inputs_are_seeded_and_identical_across_draws():
 
 def test_normal_inputs_did_not_change():
     """The normal/contiguous and strided paths draw exactly as before issue 12."""
-    from harness.inputs import _draw, derive_seed
+    from harness.exact.inputs import _draw, derive_seed
 
     for layout in ("contiguous", "strided"):
         case = Case(**SMALL, layout=layout)
@@ -484,8 +484,8 @@ def test_pytorchs_math_sdpa_rounding_order_is_a_float32_yardstick():
     SDPA's math path, which scales q and k by sqrt(scale) each, erred 2.37x the plain baseline
     (scale on q) on one element of 19,008, and failed. Both are correct float32 algorithms; the
     split-scale baseline reproduces the kernel's error exactly, and is now a yardstick."""
-    from harness.runner import Task, execute
-    from harness.suites import parse_inline_case
+    from harness.case.suites import parse_inline_case
+    from harness.run.worker import Task, execute
     from harness.target import detect
 
     case = parse_inline_case('{batch=2, seqlen_q=297, seqlen_k=297, heads_q=1, head_dim=32, '
@@ -517,8 +517,8 @@ def test_float32_score_rounding_on_ill_conditioned_rows_is_allowed_for():
     they move by about 0.08 (u * sum|q k|), which moves the softmax's split and the output by
     0.0855 where the float32 yardsticks happened to err 0.0025: a correct kernel failed at 34x.
     The allowance for score rounding covers that row and only rows like it."""
-    from harness.runner import Task, execute
-    from harness.suites import parse_inline_case
+    from harness.case.suites import parse_inline_case
+    from harness.run.worker import Task, execute
     from harness.target import detect
 
     case = parse_inline_case(SCORE_ROUNDING_CASE)
@@ -534,7 +534,7 @@ def test_float32_score_rounding_on_ill_conditioned_rows_is_allowed_for():
 def test_the_score_rounding_allowance_leaves_wrong_kernels_failing():
     """The allowance is per element and first order in the score rounding: a kernel off by far
     more than it on those same inputs still fails, and on ordinary inputs there is none."""
-    from harness.suites import parse_inline_case
+    from harness.case.suites import parse_inline_case
 
     case = parse_inline_case(SCORE_ROUNDING_CASE)
     inputs = make_inputs(case)
@@ -554,8 +554,8 @@ def test_the_score_rounding_allowance_leaves_wrong_kernels_failing():
 
 
 def _context(case):
-    from harness.checks import CheckContext
-    from harness.profile import get_profile
+    from harness.checks.context import CheckContext
+    from harness.options import get_profile
     from harness.target import detect
 
     return CheckContext(case, load_backend("sdpa-math"), detect(), seed=0,
@@ -617,7 +617,7 @@ def test_the_backward_allowance_leaves_wrong_gradients_failing_and_is_absent_nor
     move it (one query's dq exchanged with its neighbour's) still fails, and ordinary
     16-bit inputs get no allowance. (Most rows of the case are one-hot, so their dq and dk
     are zero: the wrong gradient is dv, each key given the other key's.)"""
-    from harness.suites import parse_inline_case
+    from harness.case.suites import parse_inline_case
 
     case = parse_inline_case(SCORE_ROUNDING_CASE)
     ctx = _context(case)
@@ -657,8 +657,8 @@ def test_a_rows_only_key_gets_no_backward_allowance_so_a_wrong_dv_fails_there():
     dv. A first bound (``P (a + W)``) gave dv an allowance of |dout| there, and the zoo's
     ``unscaled_fp16_scores`` (scores overflowed to -inf, dv = 0) passed its bwd at
     ``b1 q1 k1 h1 d64 f16 vals=scaled1000``; it fails now."""
-    from harness.runner import Task, execute
-    from harness.suites import parse_inline_case
+    from harness.case.suites import parse_inline_case
+    from harness.run.worker import Task, execute
     from harness.target import detect
 
     case = parse_inline_case('{batch=1, seqlen_q=1, seqlen_k=1, heads_q=1, head_dim=64, '

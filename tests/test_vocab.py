@@ -8,8 +8,9 @@ import re
 
 import pytest
 
-from harness import checks, vocab
-from harness.records import load_schema
+from harness import vocab
+from harness.checks import context as checks
+from harness.results.records import load_schema
 from tests.conftest import REPO
 
 
@@ -37,7 +38,7 @@ def test_statuses_derive_rank_failing_and_severity():
 
 
 def test_the_option_parser_takes_its_choices_from_the_registry():
-    from harness.options import checks as parse
+    from harness.options import parse_checks as parse
 
     assert parse("fwd,bwd") == ("fwd", "bwd")
     assert parse(",".join(vocab.CHECK_NAMES)) == vocab.CHECK_NAMES

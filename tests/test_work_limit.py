@@ -7,9 +7,9 @@ import pytest
 
 from harness.backends import load_backend
 from harness.case import Case
+from harness.checks.plan import CPU_MAX_GFLOP, plan, work_flops, work_limit_gflop, work_reasons
 from harness.cli import main
-from harness.dispatch import CPU_MAX_GFLOP, plan, work_flops, work_limit_gflop, work_reasons
-from harness.runner import Task, execute
+from harness.run.worker import Task, execute
 from harness.target import Target
 
 CPU = Target(vendor="cpu", device_name="test CPU", arch="x86_64", memory_bytes=24 * 2**30)

@@ -7,8 +7,8 @@ from collections import defaultdict
 
 import pytest
 
-from harness.runner import Task, execute
-from harness.suites import load_suite
+from harness.case.suites import load_suite
+from harness.run.worker import Task, execute
 from harness.target import detect
 from tests.zoo.kernels import ZOO
 
@@ -56,7 +56,7 @@ def test_an_exploration_that_ended_on_a_timeout_is_not_a_catch():
     from types import SimpleNamespace
 
     from harness.case import Case
-    from harness.explore import Exploration
+    from harness.run.explore import Exploration
     from tests.zoo.catch_rate import is_caught
 
     def ended_on(check, status):

@@ -115,7 +115,7 @@ class AiterBackend(ModuleBackend):
         return list(dict.fromkeys(reasons))
 
     def forward(self, inputs, *, deterministic: bool = True):
-        from harness.outputs import Outputs
+        from harness.exact.outputs import Outputs
 
         case = inputs.case
         sig = self.signature(case.entry)

@@ -14,16 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from harness.case import DTYPES, ENTRIES, FP8_DTYPES, Case
 from harness.errors import UsageError
+from harness.vocab import CHECKS, FEATURES
 
 if TYPE_CHECKING:
-    from harness.inputs import Inputs
-    from harness.outputs import Outputs
+    from harness.exact.inputs import Inputs
+    from harness.exact.outputs import Outputs
     from harness.target import Target
 
-#: Features a case can turn on (see ``Case.features``).
-FEATURES = ("causal", "window", "softcap", "alibi", "dropout", "gqa", "scale", "strided", "paged",
-            "seqlen_q>seqlen_k", "packed", "v-transposed", "dout-strided", "lastdim-strided",
-            "append", "rotary", "leftpad", "batch-idx", "splits", "alibi-per-batch")
 #: What a backend claims unless it says otherwise: everything but a last dimension with stride
 #: != 1, which flash-attn's kernels cannot read (its Python API copies such tensors, see
 #: ``maybe_contiguous`` in flash_attn/flash_attn_interface.py); SDPA takes it.
@@ -85,17 +82,22 @@ class Capabilities:
         return out
 
     def check_reasons(self, check: str, case: Case, who: str) -> list[str]:
-        """Why a particular check cannot run for this case (beyond the case being unsupported)."""
-        if check == "bwd":
-            if case.dtype.startswith("float8"):
-                return ["fp8 attention is forward only (no family claims an fp8 backward)"]
-            if case.entry == "kvcache":
-                return ["the kvcache entry point is forward-only"]
-            if case.entry == "varlen" and case.paged_block_size:
-                return ["a paged KV cache is forward-only (flash-attn's varlen backward takes no "
-                        "block_table: csrc/flash_attn/flash_api.cpp, mha_varlen_bwd)"]
-            if not self.backward:
-                return [self.notes.get("backward", f"{who} has no backward")]
+        """Why a particular check cannot run for this case (beyond the case being unsupported):
+        a check that takes gradients (``CheckSpec.gradients``) needs a backward."""
+        spec = CHECKS.get(check)
+        return self.backward_reasons(case, who) if spec is not None and spec.gradients else []
+
+    def backward_reasons(self, case: Case, who: str) -> list[str]:
+        """Why the case's backward cannot be taken on ``who``; empty when it can."""
+        if case.dtype.startswith("float8"):
+            return ["fp8 attention is forward only (no family claims an fp8 backward)"]
+        if case.entry == "kvcache":
+            return ["the kvcache entry point is forward-only"]
+        if case.entry == "varlen" and case.paged_block_size:
+            return ["a paged KV cache is forward-only (flash-attn's varlen backward takes no "
+                    "block_table: csrc/flash_attn/flash_api.cpp, mha_varlen_bwd)"]
+        if not self.backward:
+            return [self.notes.get("backward", f"{who} has no backward")]
         return []
 
     @classmethod
@@ -137,7 +139,7 @@ class Backend:
     capabilities: Capabilities = Capabilities()
     #: torch device types it can run on ("cpu", "cuda"; ROCm reports "cuda").
     device_types: tuple[str, ...] = ("cpu", "cuda")
-    #: The log-sum-exp the kernel returns (harness.kvcache.LSE_CONVENTIONS): ``harness``, or
+    #: The log-sum-exp the kernel returns (harness.exact.kvcache.LSE_CONVENTIONS): ``harness``, or
     #: ``flash-attn`` for the original's causal-ALiBi form (csrc/flash_attn/src/alibi.h: +slope *
     #: col, lse larger by slope * (row + seqlen_k - seqlen_q)), which its ports must match.
     lse_convention: str = "harness"

@@ -131,7 +131,7 @@ class FlashAttn3Backend(ModuleBackend):
         return list(dict.fromkeys(reasons))
 
     def forward(self, inputs, *, deterministic: bool = True):
-        from harness.outputs import Outputs
+        from harness.exact.outputs import Outputs
 
         case = inputs.case
         common: dict[str, Any] = {"softmax_scale": case.scale, "causal": case.causal,

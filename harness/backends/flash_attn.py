@@ -381,7 +381,7 @@ class FlashAttnBackend(ModuleBackend):
         return (name, buffer) if same_storage(buffer, *views) else None
 
     def forward(self, inputs, *, deterministic: bool = True):
-        from harness.outputs import Outputs
+        from harness.exact.outputs import Outputs
 
         case = inputs.case
         common: dict[str, Any] = {
@@ -435,7 +435,7 @@ class FlashAttnBackend(ModuleBackend):
     def _kvcache(self, inputs, common: dict[str, Any]):
         """flash_attn_with_kvcache: appends (k=, v=) write into the cache tensors of ``inputs``
         in place, which is what the cache check reads afterwards."""
-        from harness.outputs import Outputs
+        from harness.exact.outputs import Outputs
 
         case = inputs.case
         paged = bool(case.paged_block_size)

@@ -153,7 +153,7 @@ class FlexAttentionBackend(ModuleBackend):
 
     def forward(self, inputs, *, deterministic: bool = True):
 
-        from harness.outputs import Outputs
+        from harness.exact.outputs import Outputs
 
         case = inputs.case
         if case.entry == "varlen":

@@ -15,8 +15,9 @@ import re
 import warnings
 from dataclasses import replace
 
-from harness.backends.base import FEATURES, Backend, Capabilities, Unsupported
+from harness.backends.base import Backend, Capabilities, Unsupported
 from harness.case import Case
+from harness.vocab import FEATURES
 
 KERNELS = {
     "sdpa-math": "MATH",
@@ -179,7 +180,7 @@ class SdpaBackend(Backend):
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        from harness.outputs import Outputs
+        from harness.exact.outputs import Outputs
 
         case = inputs.case
         q = inputs.q.transpose(1, 2)

@@ -132,7 +132,7 @@ class FunctionBackend(Backend):
     def forward(self, inputs, *, deterministic: bool = True):
         import torch
 
-        from harness.outputs import Outputs
+        from harness.exact.outputs import Outputs
 
         case = inputs.case
         kwargs: dict[str, Any] = {}

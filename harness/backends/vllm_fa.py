@@ -99,7 +99,7 @@ class VllmFlashAttnBackend(ModuleBackend):
     def forward(self, inputs, *, deterministic: bool = True):
         import torch
 
-        from harness.outputs import Outputs
+        from harness.exact.outputs import Outputs
 
         case = inputs.case
         sig = self.signature(case.entry)

@@ -110,7 +110,7 @@ class XformersBackend(ModuleBackend):
         return reasons
 
     def forward(self, inputs, *, deterministic: bool = True):
-        from harness.outputs import Outputs
+        from harness.exact.outputs import Outputs
 
         case = inputs.case
         xops = self._module

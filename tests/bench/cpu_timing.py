@@ -40,8 +40,8 @@ TIMER = f"""
 import torch
 from torch.utils.benchmark import Timer
 from harness.backends import load_backend
-from harness.inputs import make_inputs
-from harness.suites import parse_inline_case
+from harness.exact.inputs import make_inputs
+from harness.case.suites import parse_inline_case
 case = parse_inline_case({CASE!r})
 backend = load_backend("sdpa-flash")
 inputs = make_inputs(case, torch.device("cpu"), 0)

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from harness.backends import load_backend
 from harness.case import case_from_dict
-from harness.explore import explore
-from harness.records import FAILING
-from harness.runner import ExplorationWorker, Task
+from harness.results.records import FAILING
+from harness.run.explore import explore
+from harness.run.worker import ExplorationWorker, Task
 from tests.zoo.input_space_kernels import ZOO_INPUT_SPACE
 from tests.zoo.kernels import ZOO
 

@@ -10,12 +10,12 @@ A benchmark, not a test (pytest does not collect it). Run from the repository ro
 last commit (``git show HEAD:harness/strategies.py``, "before") and of the working tree
 ("after"), and counts the cases in which every enabled feature is effective: its removal changes
 the exact reference output by more than the parity rule's tolerance (the feature-effect logic of
-``harness.checks.feature_effects``) for causal, window, softcap, alibi and scale; the static rule
-of ``harness.strategies.vacuous_features`` for the strided layouts.
+``harness.checks.context.feature_effects``) for causal, window, softcap, alibi and scale; the
+static rule of ``harness.run.strategies.vacuous_features`` for the strided layouts.
 
-``catch`` and ``false-positives`` explore in this process (``harness.runner.execute`` per case,
+``catch`` and ``false-positives`` explore in this process (``harness.run.worker.execute`` per case,
 checks fwd, bwd, determinism, seed 0, the quick profile's strategies) with the sound yardstick
-of ``harness.judge.sound_baseline`` patched into the checks' yardstick: a stand-in until
+of ``harness.exact.judge.sound_baseline`` patched into the checks' yardstick: a stand-in until
 ``harness/checks.py`` wires it in (see the closing report of issue 12).
 """
 
@@ -33,17 +33,17 @@ from types import SimpleNamespace
 
 import torch
 
-from harness import judge, reference
 from harness.backends import load_backend
 from harness.case import Case
-from harness.inputs import make_inputs
+from harness.exact import judge, reference
+from harness.exact.inputs import make_inputs
 
 CHECKS = ("fwd", "bwd", "determinism")
 
 
 def _strategies(before: bool, revision: str = "HEAD"):
     if not before:
-        import harness.strategies as module
+        import harness.run.strategies as module
 
         return module
     text = subprocess.run(["git", "show", f"{revision}:harness/strategies.py"], check=True,
@@ -76,8 +76,8 @@ def draw_cases(module, caps, n: int, seed: int = 0) -> list[Case]:
 
 def effective(case: Case) -> tuple[bool, list[str]]:
     """Whether every feature the case turns on changes its output; the ones that do not."""
-    from harness import checks
-    from harness.strategies import vacuous_features
+    from harness.checks import context as checks
+    from harness.run.strategies import vacuous_features
 
     inputs = make_inputs(case)
     ref = reference.reference(inputs)
@@ -119,8 +119,8 @@ def vacuous(args) -> int:
 
 
 def patch_yardstick() -> None:
-    """Wrap the checks' yardstick with :func:`harness.judge.sound_baseline`."""
-    from harness import checks
+    """Wrap the checks' yardstick with :func:`harness.exact.judge.sound_baseline`."""
+    from harness.checks import context as checks
 
     owner = next((c for c in vars(checks).values()
                   if isinstance(c, type) and hasattr(c, "yardstick")), None)
@@ -147,8 +147,8 @@ def explore_in_process(spec: str, examples: int, seed: int, *, without: tuple[st
     elsewhere from masking the one measured); ``shrink=False``: stop at the first failure."""
     import dataclasses
 
-    from harness import explore as explore_module
-    from harness.runner import Task, execute
+    from harness.run import explore as explore_module
+    from harness.run.worker import Task, execute
     from harness.target import detect
 
     target, backends = detect(), {}
@@ -204,7 +204,7 @@ def catch(args) -> int:
 
 
 def false_positives(args) -> int:
-    from harness.records import FAILING
+    from harness.results.records import FAILING
 
     patch_yardstick()
     result, wall = explore_in_process(args.backend, args.examples, args.seed)

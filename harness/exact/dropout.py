@@ -15,7 +15,7 @@ Tolerance of ``D(P)``: for V = identity, ``D(P)`` *is* the kernel's output, so i
 forward's parity rule, ``k = 2`` times the error of the same-dtype baseline (softmax at the
 kernel's dtype, scaled by ``1/(1-p)`` at that dtype, as flash-attn's tests' ``attention_ref``
 with ``upcast=False``) on ``P/(1-p)``, floored at half an ulp of the largest ``P/(1-p)``
-(:func:`harness.judge.rounding_floor`), plus ``judge.ATOL``; for float32 the float32 exact
+(:func:`harness.exact.judge.rounding_floor`), plus ``judge.ATOL``; for float32 the float32 exact
 computation's error is taken when larger, as the fwd check does. An ulp floor alone would be
 too strict: 16-bit kernels round the scores as well as ``P`` (flash-attn rounds ``P`` to 16 bits
 before the second matmul), which the baseline's error measures. An entry closer to 0 than to
@@ -26,7 +26,7 @@ on ``P`` only, so the kept fraction stays unbiased).
 Cost: ``ceil(seqlen_k / head_dim) + 3`` kernel calls (one repeat for seed-determinism, two with
 another seed) and a few float64 copies of ``D``, so only cases within :data:`EXACT_MAX_CALLS`
 and :data:`EXACT_MAX_ENTRIES` are judged exactly; above them (and where two seeded calls
-differ) the statistical test of :func:`harness.judge.dropout_verdict` stays the judge, and
+differ) the statistical test of :func:`harness.exact.judge.dropout_verdict` stays the judge, and
 :func:`mark_statistical` records why.
 """
 
@@ -40,10 +40,11 @@ from typing import Any
 
 import torch
 
-from harness import judge, reference
 from harness.case import Case
-from harness.inputs import Inputs
-from harness.outputs import Outputs
+from harness.exact import judge, reference
+from harness.exact.inputs import Inputs
+from harness.exact.outputs import Outputs
+from harness.exact.scores import Params
 
 #: The ``rng`` salt of the seeded calls: the recovery's forward calls and the backward that is
 #: judged against them must share it.
@@ -229,7 +230,7 @@ def reference_probabilities(inputs: Inputs, dtype: torch.dtype | None = None
                             ) -> list[torch.Tensor]:
     """Per piece, the exact softmax probabilities ``(B, Hq, sq, sk)`` (default float64)."""
     dtype = dtype or _exact_dtype(inputs)
-    p = reference.Params.of(inputs.case)
+    p = Params.of(inputs.case)
     out = []
     for _, (q, k, _, _), slopes in _piece_tensors(inputs, dtype):
         out.append(reference.probabilities(q.to(dtype), k, p, slopes)[0])
@@ -239,8 +240,8 @@ def reference_probabilities(inputs: Inputs, dtype: torch.dtype | None = None
 @reference.ieee_float32
 def baseline_dropped(inputs: Inputs, *, widened: bool = False) -> list[torch.Tensor]:
     """Per piece, the baseline's ``P / (1 - p)`` at the kernel's dtype (every entry kept);
-    ``widened``: softmax in float32 (:func:`harness.reference.baseline_probabilities`)."""
-    p = reference.Params.of(inputs.case)
+    ``widened``: softmax in float32 (:func:`harness.exact.reference.baseline_probabilities`)."""
+    p = Params.of(inputs.case)
     factor = torch.tensor(1.0 / (1.0 - inputs.case.dropout_p), dtype=inputs.q.dtype,
                           device=inputs.device)
     out = []
@@ -275,7 +276,7 @@ def reference_gradients(inputs: Inputs, keep: list[torch.Tensor], *,
     """
     case = inputs.case
     dtype = dtype or _exact_dtype(inputs)
-    p = reference.Params.of(case)
+    p = Params.of(case)
     rate = 1.0 - case.dropout_p
     result = Outputs(out=torch.zeros(inputs.q.shape, dtype=dtype, device=inputs.device),
                      dq=torch.zeros(inputs.q.shape, dtype=dtype, device=inputs.device),
@@ -315,7 +316,7 @@ def baseline_gradients(inputs: Inputs, keep: list[torch.Tensor], *,
     ``widened``: scores and softmax in float32, ``P`` rounded to the dtype (where the plain
     math overflows)."""
     case = inputs.case
-    p = reference.Params.of(case)
+    p = Params.of(case)
     dt, dev = inputs.q.dtype, inputs.device
     result = Outputs(out=torch.zeros(inputs.q.shape, dtype=dt, device=dev),
                      dq=torch.zeros(inputs.q.shape, dtype=dt, device=dev),

@@ -1,9 +1,9 @@
 """What changed between a run and a baseline: status flips, error-ratio growth, throughput moves.
 
 Records are matched by setup, backend (with flavor), case and check. Setups are paired by their
-fingerprint (:func:`harness.records.setup_fingerprint`); a setup left unpaired is then paired with
-the baseline setup of the same target id, and failing that with the one of the same vendor,
-architecture and device, when exactly one such baseline setup is left: that is how a ROCm or
+fingerprint (:func:`harness.results.records.setup_fingerprint`); a setup left unpaired is then
+paired with the baseline setup of the same target id, and failing that with the one of the same
+vendor, architecture and device, when exactly one such baseline setup is left: that is how a ROCm or
 torch upgrade on one machine is compared with the night before.
 
 Rules (the defaults are :class:`Thresholds`'s; every one is documented in the output):
@@ -38,7 +38,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from harness import vocab
-from harness.records import (
+from harness.results.records import (
     Record,
     backend_label,
     case_of,
@@ -46,7 +46,7 @@ from harness.records import (
     setup_fingerprint,
     setup_labels,
 )
-from harness.timing import shifted
+from harness.results.stats import shifted
 
 #: Rank of each status; higher is worse. ``skip`` is absent: it is not a result.
 RANK = vocab.RANK
@@ -150,7 +150,7 @@ def compare(current: Iterable[Record], baseline: Iterable[Record],
         allow_missing: baseline records the run lacks are notices, not regressions (the case
             or backend was dropped deliberately).
     """
-    from harness.records import merge_records
+    from harness.results.records import merge_records
 
     current, _ = merge_records(current)
     baseline, _ = merge_records(baseline)
@@ -228,12 +228,12 @@ def changes_between(now: Record, before: Record, setup: str, th: Thresholds) -> 
                               f"err / baseline_err grew {r_now / r_before - 1:+.0%} "
                               f"(threshold +{th.ratio_growth:.0%} and +{th.ratio_growth_abs:g})"
                               if r_before > 0 else "grew from 0"))
-    if now.check == "throughput" and now.status == "pass" and before.status == "pass":
+    if now.check in vocab.TIMED and now.status == "pass" and before.status == "pass":
         for name, sub in PASSES:
             moved = throughput_move(_metrics(now, sub), _metrics(before, sub), th.slowdown)
             if moved is not None:
                 kind, detail, a, b = moved
-                out.append(change(kind, "throughput", f"throughput {name}", a, b, detail))
+                out.append(change(kind, "throughput", f"{now.check} {name}", a, b, detail))
     return out
 
 

@@ -18,48 +18,22 @@ import dataclasses
 import functools
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
 from harness.case import Case
-from harness.inputs import Inputs
-from harness.kvcache import (  # noqa: F401 - cache_after and LSE_CONVENTIONS are re-exported
+from harness.exact.inputs import Inputs
+from harness.exact.kvcache import (  # noqa: F401 - cache_after and LSE_CONVENTIONS are re-exported
     LSE_CONVENTIONS,
     cache_after,
     convert_lse,
     resolve_cache,
 )
-from harness.outputs import Outputs
+from harness.exact.outputs import Outputs
+from harness.exact.scores import Params, Precision, logits, matmul
 
 #: Scores held at once by the reference (per block) and the baseline (per query-row chunk).
 BLOCK_ELEMS = 1 << 22
-
-
-@dataclass(frozen=True)
-class Params:
-    """Scalar attention parameters, with causal folded into the window.
-
-    Attributes:
-        scale: softmax scale.
-        left, right: bottom-right aligned window; -1 = unbounded.
-        softcap: tanh cap of the scaled scores; 0 = off.
-    """
-
-    scale: float
-    left: int = -1
-    right: int = -1
-    softcap: float = 0.0
-
-    @classmethod
-    def of(cls, case: Case) -> Params:
-        left, right = case.mask_window
-        scale = case.scale if case.scale is not None else 1.0 / math.sqrt(case.head_dim)
-        return cls(scale=scale, left=left, right=right, softcap=case.softcap)
-
-    @property
-    def masked(self) -> bool:
-        return self.left >= 0 or self.right >= 0
 
 
 def ieee_float32(fn):
@@ -122,41 +96,6 @@ def _block_visibility(p: Params, r0: int, r1: int, j0: int, j1: int, off: int) -
     return "some"
 
 
-def _scores(qb, kb, rows, j0, off, p: Params, slopes, need_mask: bool):
-    """Scores of one block, ``(B, Hkv, G, cq, ck)``, with softcap, ALiBi and mask applied.
-
-    Returns the scores, ``tanh(raw / softcap)`` (for the backward; None without softcap) and
-    the visibility mask (None when every entry is visible).
-    """
-    s = torch.einsum("bihgd,bjhd->bhgij", qb, kb) * p.scale
-    t = None
-    if p.softcap:
-        t = torch.tanh(s / p.softcap)
-        s = t * p.softcap
-    rel = None
-    if slopes is not None or need_mask:
-        cols = torch.arange(j0, j0 + kb.shape[1], device=s.device)
-        rel = rows[:, None] + off - cols[None, :]
-    if slopes is not None:
-        s = s - _per_head(slopes, s.shape[1], s.shape[2]) * rel.abs().to(s.dtype)
-    visible = None
-    if need_mask:
-        visible = torch.ones_like(rel, dtype=torch.bool)
-        if p.left >= 0:
-            visible &= rel <= p.left
-        if p.right >= 0:
-            visible &= -rel <= p.right
-        s = s.masked_fill(~visible, -math.inf)
-    return s, t, visible
-
-
-def _per_head(slopes: torch.Tensor, hkv: int, group: int) -> torch.Tensor:
-    """ALiBi slopes ``(Hq,)`` or per sequence ``(B, Hq)`` shaped to broadcast over scores
-    ``(B, Hkv, G, i, j)``."""
-    lead = slopes.shape[0] if slopes.dim() == 2 else 1
-    return slopes.reshape(lead, hkv, group, 1, 1)
-
-
 def _piece_slopes(slopes: torch.Tensor | None, piece, index: int) -> torch.Tensor | None:
     """The slopes of one piece of the batch: per-sequence ``(batch, Hq)`` slopes are cut to the
     piece's sequences (``index`` is its place in :meth:`Inputs.sequences`)."""
@@ -213,7 +152,8 @@ def attention_forward(q, k, v, p: Params, slopes=None, *, rows=None, seqlen_q=No
         l_sum = q.new_zeros(B, Hkv, G, i1 - i0)
         acc = q.new_zeros(B, Hkv, G, i1 - i0, d)
         for j0, j1, need_mask in _blocks(p, rb, sk, ck, off):
-            s, _, _ = _scores(qb, k[:, j0:j1].to(q.dtype), rb, j0, off, p, sl, need_mask)
+            s, _, _ = logits(qb, k[:, j0:j1].to(q.dtype), p, rows=rb, off=off, j0=j0, slopes=sl,
+                             need_mask=need_mask)
             m_new = torch.maximum(m, s.amax(-1))
             m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
             e = torch.exp(s - m_safe[..., None])
@@ -256,7 +196,7 @@ def attention_backward(q, k, v, out, lse, dout, p: Params, slopes=None, *,
         lse_b, delta_b = lse_safe[..., i0:i1, None], delta[..., i0:i1, None]
         for j0, j1, need_mask in _blocks(p, rb, sk, ck, off):
             kb, vb = k[:, j0:j1].to(q.dtype), v[:, j0:j1].to(q.dtype)
-            s, t, _ = _scores(qb, kb, rb, j0, off, p, sl, need_mask)
+            s, t, _ = logits(qb, kb, p, rows=rb, off=off, j0=j0, slopes=sl, need_mask=need_mask)
             prob = torch.exp(s - lse_b)
             dv[:, j0:j1] += torch.einsum("bhgij,bihgd->bjhd", prob, dob)
             dp = torch.einsum("bihgd,bjhd->bhgij", dob, vb)
@@ -289,7 +229,8 @@ def _probability_blocks(q, k, v, lse, p: Params, slopes, block_elems: int, *, ro
         qb = qg[:, i0:i1]
         for j0, j1, need_mask in _blocks(p, rows[i0:i1], sk, ck, off):
             kb, vb = k[:, j0:j1].to(q.dtype), v[:, j0:j1].to(q.dtype)
-            s, _, _ = _scores(qb, kb, rows[i0:i1], j0, off, p, sl, need_mask)
+            s, _, _ = logits(qb, kb, p, rows=rows[i0:i1], off=off, j0=j0, slopes=sl,
+                             need_mask=need_mask)
             yield i0, i1, qb, kb, vb, torch.exp(s - lse_safe[..., i0:i1, None])
 
 
@@ -379,7 +320,7 @@ def score_rounding_backward(q, k, v, out, lse, dout, p: Params, slopes=None, *, 
 
     def terms(qb, dob, rb, i0, i1, j0, j1, need_mask):
         kb, vb = k[:, j0:j1], v[:, j0:j1]
-        s, t, _ = _scores(qb, kb, rb, j0, off, p, sl, need_mask)
+        s, t, _ = logits(qb, kb, p, rows=rb, off=off, j0=j0, slopes=sl, need_mask=need_mask)
         prob = torch.exp(s - lse_safe[..., i0:i1, None])
         e = torch.einsum("bihgd,bjhd->bhgij", qb.abs(), kb.abs()) * gamma
         g = 1 - t * t if t is not None else None
@@ -465,63 +406,25 @@ def score_rounding(inputs: Inputs, unit: float, *, grads: bool = False,
 # ----------------------------------------------------------------------------- baseline
 
 
-def _einsum(equation: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``torch.einsum`` at the operands' dtype, as the baseline's matmuls are.
-
-    A 16-bit matmul accumulates in float32 and rounds once at the end (cuBLAS, rocBLAS and
-    PyTorch's CPU kernels alike); a CPU without 16-bit matrix units runs it as a scalar loop,
-    4-7x slower than float32. There the product is taken in float32 and rounded to the dtype:
-    the same arithmetic up to the order of the float32 sums (about 0.1% of fp16 products differ
-    from PyTorch's CPU kernel by one ulp, as two BLAS libraries' would). Differentiable, with
-    the same precision in the backward (its products in float32, rounded to the dtype)."""
-    if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16):
-        return torch.einsum(equation, a.float(), b.float()).to(a.dtype)
-    return torch.einsum(equation, a, b)
-
-
-def _baseline_chunk(qc, k, v, rows, off, p: Params, slopes):
-    """Plain attention of query rows ``rows`` in the inputs' own dtype; differentiable."""
+def _plain_chunk(qc, k, v, rows, off, p: Params, slopes, precision: Precision):
+    """Attention of query rows ``rows`` written the plain way (one softmax over all keys), with
+    the logits at ``precision`` and ``P @ V`` at the inputs' dtype; differentiable."""
     B, n, Hq, d = qc.shape
     Hkv = k.shape[2]
-    qg = (qc * p.scale).reshape(B, n, Hkv, Hq // Hkv, d)
-    s = _einsum("bihgd,bjhd->bhgij", qg, k)
-    if p.softcap:
-        s = torch.tanh(s / p.softcap) * p.softcap
-    rel = None
-    if slopes is not None or p.masked:
-        cols = torch.arange(k.shape[1], device=s.device)
-        rel = rows[:, None] + off - cols[None, :]
-    if slopes is not None:
-        bias = -_per_head(slopes, Hkv, Hq // Hkv) * rel.abs().to(slopes.dtype)
-        s = s + bias.to(s.dtype)
-    if p.masked:
-        visible = torch.ones_like(rel, dtype=torch.bool)
-        if p.left >= 0:
-            visible &= rel <= p.left
-        if p.right >= 0:
-            visible &= -rel <= p.right
-        s = s.masked_fill(~visible, -math.inf)
-        lse = torch.logsumexp(s.float(), -1)
-        prob = torch.softmax(s, dim=-1).masked_fill(~visible.any(-1)[:, None], 0.0)
-    else:
-        lse = torch.logsumexp(s.float(), -1)
-        prob = torch.softmax(s, dim=-1)
-    o = _einsum("bhgij,bjhd->bihgd", prob, v).reshape(B, n, Hq, d)
+    qg = qc.reshape(B, n, Hkv, Hq // Hkv, d)
+    s, _, seen = logits(qg, k, p, rows=rows, off=off, slopes=slopes, precision=precision)
+    lse = torch.logsumexp(s.float(), -1)
+    prob = torch.softmax(s, dim=-1)
+    if seen is not None:  # rows that see no key: 0, not the NaN of a softmax over -inf
+        prob = prob.masked_fill(~seen.any(-1)[:, None], 0.0)
+    o = matmul("bhgij,bjhd->bihgd", prob.to(qc.dtype), v).reshape(B, n, Hq, d)
     return o, lse.reshape(B, Hq, n)
 
 
-class _RoundGrad(torch.autograd.Function):
-    """Identity forward; the backward rounds the gradient to ``dtype`` (as a kernel that
-    stores dS at the input dtype before its dq/dk matmuls does)."""
-
-    @staticmethod
-    def forward(ctx, x, dtype):
-        ctx.dtype = dtype
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.to(ctx.dtype).to(grad.dtype), None
+def _baseline_chunk(qc, k, v, rows, off, p: Params, slopes):
+    """Plain attention of query rows ``rows`` in the inputs' own dtype (the logits at
+    :attr:`Precision.BASELINE`); differentiable."""
+    return _plain_chunk(qc, k, v, rows, off, p, slopes, Precision.BASELINE)
 
 
 def _split_scale_chunk(qc, k, v, rows, off, p: Params, slopes):
@@ -537,36 +440,9 @@ def _widened_chunk(qc, k, v, rows, off, p: Params, slopes):
     """The baseline with flash-attn's precision split instead of plain PyTorch's: scores,
     softcap, ALiBi and softmax in float32 (so they cannot overflow at float16), ``P`` rounded to
     the inputs' dtype before ``P @ V`` at that dtype, and in the backward ``dS`` rounded to it
-    before the dq/dk products. Differentiable; ``(out, lse float32)`` like
-    :func:`_baseline_chunk`."""
-    dtype = qc.dtype
-    B, n, Hq, d = qc.shape
-    Hkv = k.shape[2]
-    qg = (qc.float() * p.scale).reshape(B, n, Hkv, Hq // Hkv, d)
-    s = torch.einsum("bihgd,bjhd->bhgij", qg, k.float())
-    s = _RoundGrad.apply(s, dtype)
-    if p.softcap:
-        s = torch.tanh(s / p.softcap) * p.softcap
-    rel = None
-    if slopes is not None or p.masked:
-        cols = torch.arange(k.shape[1], device=s.device)
-        rel = rows[:, None] + off - cols[None, :]
-    if slopes is not None:
-        s = s - _per_head(slopes.float(), Hkv, Hq // Hkv) * rel.abs().float()
-    visible = None
-    if p.masked:
-        visible = torch.ones_like(rel, dtype=torch.bool)
-        if p.left >= 0:
-            visible &= rel <= p.left
-        if p.right >= 0:
-            visible &= -rel <= p.right
-        s = s.masked_fill(~visible, -math.inf)
-    lse = torch.logsumexp(s, -1)
-    prob = torch.softmax(s, dim=-1)
-    if visible is not None:
-        prob = prob.masked_fill(~visible.any(-1)[:, None], 0.0)
-    o = _einsum("bhgij,bjhd->bihgd", prob.to(dtype), v).reshape(B, n, Hq, d)
-    return o, lse.reshape(B, Hq, n)
+    before the dq/dk products (:attr:`Precision.WIDENED`). Differentiable; ``(out, lse
+    float32)`` like :func:`_baseline_chunk`."""
+    return _plain_chunk(qc, k, v, rows, off, p, slopes, Precision.WIDENED)
 
 
 def _baseline_rows(B: int, Hq: int, sk: int, block_elems: int) -> int:
@@ -702,7 +578,7 @@ def reference(inputs: Inputs, *, dtype: torch.dtype | None = None, params: Param
 
     kv-cache cases attend the cache as it is after the call: appended keys and values, rotary
     q and keys, ``cache_batch_idx`` and ``cache_leftpad`` as flash-attn applies them
-    (:func:`harness.kvcache.resolve_cache`); :func:`cache_after` gives the cache itself.
+    (:func:`harness.exact.kvcache.resolve_cache`); :func:`cache_after` gives the cache itself.
 
     Args:
         inputs: the case's tensors.
@@ -724,8 +600,8 @@ def reference(inputs: Inputs, *, dtype: torch.dtype | None = None, params: Param
         raise ValueError(f"lse_convention={lse_convention!r} is not one of "
                          f"{', '.join(LSE_CONVENTIONS)}")
     if inputs.q_descale is not None:
-        raise ValueError("fp8 inputs: the exact reference is harness.fp8.fp8_reference (on the "
-                         "dequantised values)")
+        raise ValueError("fp8 inputs: the exact reference is harness.exact.fp8.fp8_reference "
+                         "(on the dequantised values)")
     inputs = resolve_cache(inputs)
     case = inputs.case
     dtype = dtype or reference_dtype(case.dtype, inputs.device)
@@ -780,8 +656,8 @@ def baseline(inputs: Inputs, *, grads: bool = False,
     the float32 yardsticks; ``lse_convention`` as in :func:`reference` (the shift is added in
     float64, then rounded)."""
     if inputs.q_descale is not None:
-        raise ValueError("fp8 inputs: the baseline is harness.fp8.fp8_baseline (it emulates fp8 "
-                         "P)")
+        raise ValueError("fp8 inputs: the baseline is harness.exact.fp8.fp8_baseline (it "
+                         "emulates fp8 P)")
     chunk = _widened_chunk if widened else _split_scale_chunk if split_scale else None
     inputs = resolve_cache(inputs)
     case = inputs.case
@@ -844,7 +720,7 @@ def dropout_variance(inputs: Inputs, *, dtype: torch.dtype | None = None,
 def probabilities(q, k, p: Params, slopes=None):
     """Exact softmax probabilities ``P`` of one uniform piece, all scores at once.
 
-    For small problems only (exact dropout judging, ``harness.dropout``): memory is
+    For small problems only (exact dropout judging, ``harness.exact.dropout``): memory is
     ``B * Hq * sq * sk`` elements of q's dtype, several times over.
 
     Args:
@@ -861,8 +737,8 @@ def probabilities(q, k, p: Params, slopes=None):
     B, sq, Hq, d = q.shape
     sk, Hkv = k.shape[1], k.shape[2]
     qg = q.reshape(B, sq, Hkv, Hq // Hkv, d)
-    s, t, _ = _scores(qg, k.to(q.dtype), _row_index(sq, q.device), 0, sk - sq, p, slopes,
-                      p.masked)
+    s, t, _ = logits(qg, k.to(q.dtype), p, rows=_row_index(sq, q.device), off=sk - sq,
+                     slopes=slopes)
     lse = torch.logsumexp(s, -1, keepdim=True)
     lse = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse)
     prob = torch.exp(s - lse).reshape(B, Hq, sq, sk)
@@ -871,34 +747,17 @@ def probabilities(q, k, p: Params, slopes=None):
 
 def baseline_probabilities(q, k, p: Params, slopes=None, *, widened: bool = False):
     """The baseline's softmax probabilities of one uniform piece, ``(B, Hq, sq, sk)`` in the
-    inputs' dtype: the math of the same-precision baseline (scores, softcap, ALiBi and softmax
-    at the kernel's dtype), differentiable. ``slopes`` is float32 ``(Hq,)``/``(B, Hq)`` or None.
-    ``widened``: scores and softmax in float32, ``P`` rounded to the dtype (as
-    :func:`_widened_chunk`), the yardstick where the plain one overflows."""
-    dtype = q.dtype
-    if widened:
-        q, k = q.float(), k.float()
+    inputs' dtype: the math of the same-precision baseline (the logits at
+    :attr:`Precision.BASELINE`, the softmax at the kernel's dtype), differentiable. ``slopes`` is
+    float32 ``(Hq,)``/``(B, Hq)`` or None. ``widened``: logits and softmax in float32, ``P``
+    rounded to the dtype (as :func:`_widened_chunk`), the yardstick where the plain one
+    overflows."""
     B, sq, Hq, d = q.shape
     sk, Hkv = k.shape[1], k.shape[2]
-    qg = (q * p.scale).reshape(B, sq, Hkv, Hq // Hkv, d)
-    s = torch.einsum("bihgd,bjhd->bhgij", qg, k)
-    if p.softcap:
-        s = torch.tanh(s / p.softcap) * p.softcap
-    rel = None
-    if slopes is not None or p.masked:
-        rel = _row_index(sq, q.device)[:, None] + (sk - sq) - _row_index(sk, q.device)[None, :]
-    if slopes is not None:
-        bias = -_per_head(slopes, Hkv, Hq // Hkv) * rel.abs().to(slopes.dtype)
-        s = s + bias.to(s.dtype)
-    prob = None
-    if p.masked:
-        visible = torch.ones_like(rel, dtype=torch.bool)
-        if p.left >= 0:
-            visible &= rel <= p.left
-        if p.right >= 0:
-            visible &= -rel <= p.right
-        s = s.masked_fill(~visible, -math.inf)
-        prob = torch.softmax(s, dim=-1).masked_fill(~visible.any(-1)[:, None], 0.0)
-    else:
-        prob = torch.softmax(s, dim=-1)
-    return prob.reshape(B, Hq, sq, sk).to(dtype)
+    qg = q.reshape(B, sq, Hkv, Hq // Hkv, d)
+    s, _, seen = logits(qg, k, p, rows=_row_index(sq, q.device), off=sk - sq, slopes=slopes,
+                        precision=Precision.WIDENED if widened else Precision.BASELINE)
+    prob = torch.softmax(s, dim=-1)
+    if seen is not None:
+        prob = prob.masked_fill(~seen.any(-1)[:, None], 0.0)
+    return prob.reshape(B, Hq, sq, sk).to(q.dtype)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from harness.backends.base import Backend
 from harness.case import DTYPE_BYTES, Case
-from harness.reference import BLOCK_ELEMS
+from harness.exact.reference import BLOCK_ELEMS
 from harness.target import Target
 from harness.vocab import CHECKS
 
@@ -18,7 +18,7 @@ from harness.vocab import CHECKS
 MEMORY_HEADROOM = 0.8
 
 #: Default work limit on a CPU, GFLOP per pass (flash-attn's count; a backward pass counts
-#: 1 + BWD_FACTOR times the forward). Measured on a 2-core x86 machine with torch 2.13: the
+#: ``CheckSpec.work`` times the forward). Measured on a 2-core x86 machine with torch 2.13: the
 #: float64 reference runs prefill at about 2 GFLOP/s, but decode (one query row against a long
 #: cache) at about 0.2 GFLOP/s, bound by memory, and SDPA's CPU kernels are as slow there; a
 #: judged check computes the kernel, the reference, the baseline and one more reference per
@@ -49,18 +49,24 @@ class Plan:
 def estimated_bytes(case: Case, checks: tuple[str, ...]) -> int:
     """Peak memory the harness needs for the case: inputs and outputs at the case's dtype (and
     the kernel's own copy), the reference's float64 queries and output (everything, with the
-    gradients, when ``bwd`` runs) and a few blocks of scores."""
+    gradients, when a check takes gradients) and a few blocks of scores. What each check needs
+    comes from its registry entry (``CheckSpec.reference``, ``.baseline``, ``.gradients``)."""
     es = DTYPE_BYTES[case.dtype]
     base = case.input_bytes()
     q_elems = case.total_q * case.heads_q * case.head_dim
     kv_elems = (base - 2 * q_elems * es) // es  # k and v, at the cache capacity
-    judged = any(CHECKS[c].reference for c in checks)  # these compute the reference
+    specs = [CHECKS[c] for c in checks]
+    judged = any(s.reference for s in specs)  # these compute the reference
     # The forward reference widens q and its output to float64; keys go one block at a time.
     ref = 8 * 2 * q_elems if judged else 0
-    # The backward reference widens everything and keeps dq, dk, dv (and the baseline's).
     grads = 0
-    if "bwd" in checks and case.entry != "kvcache":
-        grads = 8 * 2 * (q_elems + kv_elems) + 2 * base
+    if case.entry != "kvcache":  # the kv-cache entry has no backward
+        # The backward reference widens everything and keeps dq, dk, dv; the baseline's
+        # gradients come at the case's dtype.
+        if any(s.gradients and s.reference for s in specs):
+            grads += 8 * 2 * (q_elems + kv_elems)
+        if any(s.gradients and s.baseline for s in specs):
+            grads += 2 * base
     blocks = 6 * BLOCK_ELEMS * 8 if judged else 0
     return base * 2 + ref + grads + blocks
 
@@ -81,11 +87,9 @@ def usable_memory(target: Target) -> int:
 
 
 def work_flops(case: Case, check: str) -> int:
-    """FLOPs of one pass of ``check``: the forward, or forward + backward for ``bwd``."""
-    from harness.timing import BWD_FACTOR
-
-    flops = case.flops_fwd()
-    return int(flops * (1 + BWD_FACTOR)) if check == "bwd" else flops
+    """FLOPs of one pass of ``check``: the forward's times the check's ``CheckSpec.work`` (a
+    check with gradients does forward + backward)."""
+    return int(case.flops_fwd() * CHECKS[check].work)
 
 
 def work_limit_gflop(target: Target, max_gflop: float | None) -> float:
@@ -107,7 +111,7 @@ def work_reasons(case: Case, target: Target, checks: tuple[str, ...],
     for check in checks:
         gflop = work_flops(case, check) / 1e9
         if gflop > limit:
-            what = "forward + backward" if check == "bwd" else "forward"
+            what = "forward + backward" if CHECKS[check].gradients else "forward"
             amount = f"{gflop:,.0f}" if gflop >= 10 else f"{gflop:.2g}"
             out[check] = (f"needs about {amount} GFLOP per {what} pass, more than the "
                           f"{limit:g} GFLOP limit {where} (--max-gflop N raises it, 0 removes it)")
@@ -137,7 +141,7 @@ def plan(case: Case, backend: Backend, target: Target, checks: tuple[str, ...], 
         return skip_all("; ".join(call))
     reasons = backend.unsupported_reasons(case, target)
     if case.dtype.startswith("float8"):  # the fp8 format this target's kernels take
-        from harness.fp8 import fp8_reasons  # imports torch: only for fp8 cases
+        from harness.exact.fp8 import fp8_reasons  # imports torch: only for fp8 cases
 
         reasons = reasons + fp8_reasons(case, target)
     if reasons and not audit:  # every reason the backend does not take it, before sizes

@@ -1,6 +1,7 @@
-"""This machine's fingerprint: the platform facts of :mod:`harness.target` and what every
-backend family contributes (:func:`harness.backends.machine_facts`), joined at the edge, so the
-fingerprint knows no backend and the backends know no fingerprint code."""
+"""Probing this machine: :func:`detect` reads the platform facts (:func:`harness.target.probe`)
+and every backend family's library facts (:func:`harness.backends.machine_facts`) and joins them
+into the :class:`~harness.target.Target` value, so the value knows no backend and the backends
+know no fingerprint code."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.case import Case
-from harness.records import Record, now
+from harness.results.records import Record, now
 from harness.vocab import CHECK_NAMES, JUDGED
 
 #: Seconds a fresh worker may take to import torch and probe the device.
@@ -109,7 +109,7 @@ def _worker_main(conn, device_index: int | None, env: dict[str, str]) -> None:
     _own_process_group()
     os.environ.update(env)
     try:
-        from harness.machine import detect
+        from harness.run.machine import detect
 
         target = detect(device_index or 0)
         if device_index is not None and target.vendor != "cpu":
@@ -157,10 +157,10 @@ def resolve(specs: Iterable[str], backends: dict[str, Any]) -> dict[str, dict[st
 def execute(task: Task, target, backends: dict[str, Any]):
     """Run a task in this process, yielding ``begin`` and ``record`` messages."""
     from harness.backends import load_backend
-    from harness.checks import CHECK_ORDER, run_plan
-    from harness.dispatch import plan
-    from harness.known_issues import match
-    from harness.profile import get_profile
+    from harness.case.known_issues import match
+    from harness.checks.context import CHECK_ORDER, run_plan
+    from harness.checks.plan import plan
+    from harness.options import get_profile
 
     backend = backends.get(task.backend)
     if backend is None:
@@ -559,7 +559,7 @@ class ExplorationWorker:
 
 def run_in_process(tasks: Iterable[Task], sink: Callable[[Record], None]) -> Outcome:
     """Run tasks here, without isolation (for debugging and notebooks)."""
-    from harness.machine import detect
+    from harness.run.machine import detect
 
     target = detect()
     outcome = Outcome(target=target.to_dict())

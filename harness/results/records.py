@@ -2,8 +2,8 @@
 
 Each line has the keys ``schema, case_id, case, backend, target, check, status, metrics,
 reason`` (plus ``suite``, ``seed`` and ``time``). The versioned JSON Schema is
-``harness/schema/records.schema.json``; :func:`record_from_dict` enforces that very file with a
-small validator of its own (the keywords the schema uses, nothing more), so any JSON Schema
+``harness/results/schema/records.schema.json``; :func:`record_from_dict` enforces that very file
+with a small validator of its own (the keywords the schema uses, nothing more), so any JSON Schema
 validator and the harness accept exactly the same records, while the harness's errors stay one
 line naming the file, the line and the field. :func:`read_records` then checks the case itself
 (``harness.case.case_from_dict``: cross-field rules no schema can state).
@@ -85,7 +85,7 @@ def now() -> str:
 
 @functools.lru_cache(maxsize=1)
 def load_schema() -> dict[str, Any]:
-    """The records JSON Schema (``harness/schema/records.schema.json``)."""
+    """The records JSON Schema (``harness/results/schema/records.schema.json``)."""
     return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
 
 

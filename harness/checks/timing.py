@@ -58,8 +58,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from harness.results.stats import quantile, shifted
+
 FLUSH_BYTES = 256 * 1024 * 1024
-BWD_FACTOR = 2.5
 #: Calls timed together for the estimate (do_bench's number).
 ESTIMATE_CALLS = 5
 #: CPU floors, seconds: warm-up and measurement time of one timed function, whatever the profile
@@ -125,14 +126,6 @@ class Timing:
         return out
 
 
-def quantile(ordered: list[float], q: float) -> float:
-    """The ``q`` quantile of sorted values by linear interpolation (``torch.quantile``'s rule)."""
-    pos = q * (len(ordered) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
 def summarize(times_ms: list[float], method: str, note: str = "") -> Timing:
     """Median, quartiles and minimum of a list of times (milliseconds)."""
     if not times_ms:
@@ -140,23 +133,6 @@ def summarize(times_ms: list[float], method: str, note: str = "") -> Timing:
     ordered = sorted(times_ms)
     return Timing(statistics.median(ordered), quantile(ordered, 0.25), quantile(ordered, 0.75),
                   ordered[0], len(ordered), method, note)
-
-
-def shifted(before: tuple[float, float, float], after: tuple[float, float, float],
-            threshold: float) -> int:
-    """+1 when ``after`` is slower than ``before`` beyond their spread, -1 when faster, else 0.
-
-    Each is ``(q1, median, q3)`` in milliseconds. Beyond the spread = the medians differ by more
-    than ``threshold`` (relative) and the interquartile ranges do not overlap: the rule by which
-    ``attn-harness compare`` calls two runs a change, and a CPU window's halves unsteady.
-    """
-    (a1, am, a3), (b1, bm, b3) = before, after
-    change = bm / am - 1
-    if change > threshold and b1 > a3:
-        return 1
-    if -change > threshold and b3 < a1:
-        return -1
-    return 0
 
 
 def tflops(flops: float, time_ms: float) -> float:

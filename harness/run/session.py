@@ -1,9 +1,9 @@
 """One session for both front ends: options, backend choice, tasks, records and the report.
 
-``attn-harness run`` and the pytest plugin translate their options into one :class:`RunOptions`
-(:func:`validate_options`) and then share everything else here: which backends run
-(:func:`choose_backends`), the one task factory (:func:`make_task`), the cases and their
-deduplication (:func:`collect_cases`), where results go and whether they may be resumed
+``attn-harness run`` and the pytest plugin translate their options into one
+:class:`~harness.options.RunOptions` (:func:`validate_options`) and then share everything else here:
+which backends run (:func:`choose_backends`), the one task factory (:func:`make_task`), the cases
+and their deduplication (:func:`collect_cases`), where results go and whether they may be resumed
 (:func:`prepare_out_dir`, :func:`resume_records`), and the report with its jury
 (:func:`write_report`). :class:`PytestSession` is the plugin's state on top of the same pieces.
 """
@@ -19,42 +19,9 @@ from typing import Any
 
 from harness.case import Case
 from harness.errors import HarnessError, RecordsError, UsageError
-from harness.records import Record, RecordWriter
-from harness.vocab import CHECK_NAMES, EXPLORED, FAILING
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """What a run is asked to do, whichever front end asked (see ``attn_harness_pytestplugin``
-    for each option's meaning and default)."""
-
-    backends: tuple[str, ...] = ()
-    suites: tuple[str, ...] = ()
-    cases_dir: Path | None = None
-    profile: str = "quick"
-    checks: tuple[str, ...] = CHECK_NAMES
-    seed: int = 0
-    explore: int | None = None
-    timeout_s: float | None = None
-    max_gflop: float | None = None
-    audit: bool = False
-    out: Path | None = None
-    regressions: Path = Path("cases/regressions")
-    graph_replay: bool = False
-    notes: tuple[str, ...] = ()
-
-    @property
-    def timeout(self) -> float:
-        """The per-check time limit in force (the profile's when not given); inf = none."""
-        from harness.profile import get_profile
-
-        return self.timeout_s if self.timeout_s is not None else get_profile(self.profile).timeout_s
-
-    @property
-    def examples(self) -> int:
-        from harness.profile import get_profile
-
-        return get_profile(self.profile).explore_examples if self.explore is None else self.explore
+from harness.options import RunOptions
+from harness.results.records import Record, RecordWriter
+from harness.vocab import CHECK_NAMES, EXPLORED, FAILING, gradients
 
 
 def _unique(values: Iterable[str] | None, what: str, notes: list[str]) -> tuple[str, ...]:
@@ -78,7 +45,7 @@ def validate_options(values: dict[str, Any], where: str = "--") -> RunOptions:
     cases_dir = Path(values["cases-dir"]) if values.get("cases-dir") else None
     if cases_dir is not None and not cases_dir.is_dir():
         raise UsageError(f"{where}cases-dir {cases_dir}: no such directory")
-    from harness import suites
+    from harness.case import suites
 
     suites.set_project_dir(cases_dir)
     suite_specs = _unique(values.get("suite"), "--suite", notes)
@@ -103,7 +70,7 @@ def validate_options(values: dict[str, Any], where: str = "--") -> RunOptions:
 def validate_known_issues() -> list[Any]:
     """Read every known-issues file now, in the main process: a broken one is bad input (exit
     2 naming file, line and key), not one traceback per worker. Returns the entries."""
-    from harness import known_issues
+    from harness.case import known_issues
 
     return list(known_issues.validate())
 
@@ -196,7 +163,7 @@ def collect_cases(options: RunOptions, inline: Sequence[str] = ()) -> tuple[
 
     Suites default to ``smoke`` unless inline cases (``--case``) are given.
     """
-    from harness.suites import iter_cases, parse_inline_case
+    from harness.case.suites import iter_cases, parse_inline_case
 
     explicit = [("inline", parse_inline_case(text)) for text in inline]
     suites = list(options.suites) or ([] if explicit else ["smoke"])
@@ -216,8 +183,8 @@ def collect_cases(options: RunOptions, inline: Sequence[str] = ()) -> tuple[
 
 def make_task(suite: str, case: Case, spec: str, options: RunOptions, *,
               checks: Sequence[str] | None = None, jury_dir: str = ""):
-    """The one place a :class:`harness.runner.Task` is built."""
-    from harness.runner import Task
+    """The one place a :class:`harness.run.worker.Task` is built."""
+    from harness.run.worker import Task
 
     return Task(suite=suite, case=case, backend=spec,
                 checks=tuple(options.checks if checks is None else checks), seed=options.seed,
@@ -272,8 +239,8 @@ def resume_records(results: Path, target: dict[str, Any], options: RunOptions, *
     field that differs. ``retry_crashed`` drops crash and timeout records so they run again. A
     torn last line (a run killed mid-write) is dropped, and said.
     """
-    from harness import records as recs
-    from harness.records import setup_fingerprint
+    from harness.results import records as recs
+    from harness.results.records import setup_fingerprint
 
     reader = getattr(recs, "read_for_resume", None)
     notes: list[str] = []
@@ -325,9 +292,9 @@ def check_backend_versions(records: Iterable[Record], describe: dict[str, dict[s
 def write_report(records: Sequence[Record], out_dir: Path) -> Path:
     """Render ``out_dir/report.md``: plots, the jury's findings when a jury sat, and the known
     issues that matched nothing in these records."""
-    from harness import jury
-    from harness.plot import write_plots
-    from harness.report import render
+    from harness.results import jury
+    from harness.results.plot import write_plots
+    from harness.results.report import render
 
     plots = write_plots(records, out_dir)
     extra = []
@@ -343,7 +310,7 @@ def write_report(records: Sequence[Record], out_dir: Path) -> Path:
 
 def deliberate(jury_dir: Path, out_dir: Path, *, keep_previous: bool = False) -> None:
     """Compare the backends' saved rows and write ``out_dir/jury.jsonl``."""
-    from harness import jury
+    from harness.results import jury
 
     verdicts = jury.deliberate(jury_dir)
     if verdicts or not keep_previous:
@@ -385,7 +352,7 @@ class PytestSession:
     _cases: list[tuple[str, Case]] | None = None
 
     def __post_init__(self) -> None:
-        from harness.runner import ExplorationWorker
+        from harness.run.worker import ExplorationWorker
 
         self._runner = ExplorationWorker(self.options.timeout)
         worker = self._runner
@@ -428,7 +395,7 @@ class PytestSession:
         """Explore a backend; fail with the minimal case when something fails."""
         import pytest
 
-        from harness.explore import explore, summary
+        from harness.run.explore import explore, summary
 
         if self.unavailable.get(spec):
             pytest.skip(f"{spec} is unavailable: {self.unavailable[spec]}")
@@ -443,7 +410,7 @@ class PytestSession:
         result = explore(spec, self.capabilities[spec], run_case, profile=self.options.profile,
                          examples=self.options.examples, seed=self.options.seed,
                          on_record=self._sink, regressions=self.options.regressions,
-                         backward="bwd" in checks)
+                         backward=gradients(checks))
         text = summary(result)
         if result.minimal is not None:
             self.findings.append(text)
@@ -472,7 +439,7 @@ class PytestSession:
 def report_from_files(directory: Path, *, since: float = 0.0) -> Path | None:
     """Render ``report.md`` from the results files a session (or its xdist workers) wrote since
     ``since`` (a time.time()); older files in the directory are not merged in."""
-    from harness.records import read_many
+    from harness.results.records import read_many
 
     files = sorted(p for p in directory.glob("results*.jsonl")
                    if p.stat().st_mtime >= since - 1 and p.stat().st_size > 0)
@@ -489,7 +456,7 @@ def outcome(records: list[Record], case: Case, spec: str) -> None:
     """pytest's verdict for a case's records: fail, skip, strict xfail, or pass."""
     import pytest
 
-    from harness.records import replay_command
+    from harness.results.records import replay_command
 
     failing = [r for r in records if r.status in FAILING]
     if failing:

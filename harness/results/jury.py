@@ -65,7 +65,7 @@ def _slug(text: str) -> str:
 def save_rows(directory: str | Path, case: Case, backend: str, inputs, rows, kernel_out,
               ref, allowed: float, kind: str) -> Path:
     """Keep a backend's output (and the reference) on the sampled rows of ``case``."""
-    from harness.reference import _row_mask
+    from harness.exact.reference import _row_mask
 
     _refuse_symlink(Path(directory))
     mask = _row_mask(inputs, rows)

@@ -77,7 +77,7 @@ GRID_PROGRAMS = (65536, 65535, 65537, 70000)
 #: strides unlike k's, a non-contiguous dout, and dropout. :func:`cases` with ``corner=`` draws
 #: only cases inside one (everything else drawn as usual, dropout off outside its own corner,
 #: which would otherwise blunt the judge); exploration gives each corner a share of its cases
-#: (:func:`harness.explore.plan`), so a quick run of 20 cases visits every corner.
+#: (:func:`harness.run.explore.plan`), so a quick run of 20 cases visits every corner.
 CORNERS = ("grid", "decode", "overflow", "key-bias", "packed", "v-transposed", "dout-strided",
            "dropout")
 #: Corner -> the layout it forces.
@@ -226,7 +226,7 @@ def cases(draw, capabilities: Capabilities | None = None, budget: Budget | None 
     if corner == "dropout":
         # Power for every sub-test of the exact dropout judge: masks distinct across batch
         # entries and across the heads of one GQA group need two of each and rows of enough
-        # decided entries (tens: harness.dropout.identical_masks).
+        # decided entries (tens: harness.exact.dropout.identical_masks).
         batch, seqlen_q, seqlen_k = max(batch, 2), max(seqlen_q, 8), max(seqlen_k, 16)
         if "gqa" in feats:
             group = max(group, 2)

@@ -28,7 +28,7 @@ from harness.vocab import CHECK_NAMES as CHECKS
 DTYPES = ("float16", "bfloat16", "float32")
 #: fp8 element types (issue 14), forward only: OCP e4m3fn (NVIDIA sm_89+, gfx950), e4m3fnuz
 #: (gfx942) and OCP e5m2. Kept out of DTYPES so that no backend claims them by default; the
-#: formats each target takes, the scaling and the rule are in :mod:`harness.fp8`.
+#: formats each target takes, the scaling and the rule are in :mod:`harness.exact.fp8`.
 FP8_DTYPES = ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2")
 #: How the quantisation scales are chosen: one per tensor (q, k, v), or one per (batch, kv head)
 #: of each tensor (the shape of FA3's q_descale/k_descale/v_descale).
@@ -111,7 +111,7 @@ class Case:
             k's), ``dout-strided`` (a non-contiguous output gradient) or ``lastdim-strided``
             (q, k, v with last-dimension stride 2; SDPA takes it, flash-attn kernels do not).
         values: the value distribution of q and k: normal (N(0, 1)), scaled, key-bias, sink,
-            flat or large (see :data:`VALUE_SCALE_DEFAULTS` and ``harness.inputs``).
+            flat or large (see :data:`VALUE_SCALE_DEFAULTS` and ``harness.exact.inputs``).
         value_scale: the distribution's parameter (scaled/large: the factor; key-bias: the
             offset's size; sink: the sink's score lead; flat: q's factor); None = its default.
         seqlen_new: kvcache only: new keys and values per sequence, appended through ``k=``/``v=``
@@ -737,8 +737,8 @@ def _value_layout_problems(case: Case) -> list[str]:
         if case.values == "normal":
             p.append(f"value_scale={scale!r} needs a values distribution other than 'normal' "
                      f"(one of {', '.join(VALUES[1:])})")
-    # fp8 inputs are drawn in float32 and divided by their scale before the cast (harness.fp8):
-    # any magnitude is representable, and fixed scales saturate by design.
+    # fp8 inputs are drawn in float32 and divided by their scale before the cast
+    # (harness.exact.fp8): any magnitude is representable, and fixed scales saturate by design.
     limit = None if case.dtype in FP8_DTYPES else DTYPE_MAX.get(case.dtype)
     if limit and case.values in ("scaled", "large") and 8 * case.value_scale_used > limit:
         p.append(f"value_scale={case.value_scale_used:g} makes {case.values} inputs overflow "

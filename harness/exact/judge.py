@@ -45,7 +45,7 @@ class Comparison:
     #: Half an ulp, at the kernel's dtype, of the largest judged |reference| (see :func:`compare`).
     rounding_floor: float = 0.0
     #: The largest per-element allowance for score rounding on ill-conditioned rows that an
-    #: element needed (:func:`harness.reference.score_rounding`); 0 when none did.
+    #: element needed (:func:`harness.exact.reference.score_rounding`); 0 when none did.
     score_slack: float = 0.0
     #: With a score-rounding allowance: the largest error beyond each element's allowance (what
     #: the ratio weighs, so a pass reads at most ``k``); None without one.
@@ -123,7 +123,7 @@ def compare(name: str, kernel: torch.Tensor, baseline: torch.Tensor, reference: 
         valid: optional boolean mask of elements to judge (e.g. lse rows that see a key).
         slack: optional per-element allowance added to the rule's (same shape): how far score
             rounding alone may move a correct result on ill-conditioned rows
-            (:func:`harness.reference.score_rounding`).
+            (:func:`harness.exact.reference.score_rounding`).
 
     The baseline's error is floored at half an ulp, at the kernel's dtype, of the largest
     judged |reference|: the rounding any correct result at that dtype may need. flash-attn's
@@ -431,7 +431,7 @@ def dropout_verdict(check: str, samples: dict[str, list[torch.Tensor]],
 # ------------------------------------------------------- yardstick where the baseline overflows
 
 
-#: Tensors the parity rule judges, in the order of :class:`~harness.outputs.Outputs`.
+#: Tensors the parity rule judges, in the order of :class:`~harness.exact.outputs.Outputs`.
 JUDGED = ("out", "lse", "dq", "dk", "dv")
 
 
@@ -439,7 +439,7 @@ def overflowed(plain, reference) -> list[str]:
     """Names of the tensors where the same-dtype baseline ``plain`` is NaN/Inf at an element
     whose exact ``reference`` is finite (scores past float16's 65,504, say): its error there is
     undefined, so it cannot be the parity rule's yardstick. Both are
-    :class:`~harness.outputs.Outputs`; missing tensors are skipped."""
+    :class:`~harness.exact.outputs.Outputs`; missing tensors are skipped."""
     names = []
     for name in JUDGED:
         base, ref = getattr(plain, name), getattr(reference, name)
@@ -463,10 +463,10 @@ def sound_baseline(reference, plain, *fallbacks):
     cancellation error where rows are one-hot).
 
     Returns:
-        ``(chosen, replaced)``: an :class:`~harness.outputs.Outputs` and, per tensor taken from
-        a fallback, its index in ``fallbacks`` (record it: ``metrics["yardstick"]``).
+        ``(chosen, replaced)``: an :class:`~harness.exact.outputs.Outputs` and, per tensor taken
+        from a fallback, its index in ``fallbacks`` (record it: ``metrics["yardstick"]``).
     """
-    from harness.outputs import Outputs
+    from harness.exact.outputs import Outputs
 
     chosen = Outputs(out=plain.out, lse=plain.lse, dq=plain.dq, dk=plain.dk, dv=plain.dv,
                      rows=plain.rows)

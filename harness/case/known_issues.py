@@ -1,4 +1,4 @@
-"""Known failures: ``harness/cases/known_issues.toml``, plus a project's own
+"""Known failures: ``harness/case/library/known_issues.toml``, plus a project's own
 ``./cases/known_issues.toml``, which adds entries to the shipped ones.
 
 Each ``[[issue]]`` names a backend (and optionally flavors, a version range, architectures) and a
@@ -38,7 +38,7 @@ from typing import Any
 
 from harness.case import FIELD_NAMES, Case
 from harness.errors import InvalidCase
-from harness.vocab import JUDGED
+from harness.vocab import FEATURES, JUDGED
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,7 +46,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 #: The shipped file (kept for callers that name it; :func:`default_paths` adds the project's).
-DEFAULT_PATH = Path(__file__).resolve().parent / "cases" / "known_issues.toml"
+DEFAULT_PATH = Path(__file__).resolve().parent / "library" / "known_issues.toml"
 #: Case properties a ``when`` may test besides the fields.
 DERIVED = ("rows_without_keys",)
 _OPS = {">=": operator.ge, "<=": operator.le, "!=": operator.ne, "==": operator.eq,
@@ -181,7 +181,6 @@ def _scalar_ok(kind: str, value: Any) -> bool:
 def when_problem(key: str, want: Any) -> str | None:
     """Why ``when = { key = want }`` can never mean what it says, or None when it is fine."""
     if key == "features":
-        from harness.backends.base import FEATURES
 
         if not isinstance(want, list) or not all(isinstance(f, str) for f in want):
             return (f"'features' is {want!r}; it must be a list of feature names, e.g. "
@@ -328,17 +327,17 @@ def _fail(where: str, text: str, index: int | None, issue_id: Any, key: str, mes
 
 
 def shipped_path() -> Path:
-    """The known issues that ship with the package (``harness/cases/known_issues.toml``)."""
+    """The known issues that ship with the package (``harness/case/library/known_issues.toml``)."""
     from importlib import resources
 
-    return Path(str(resources.files("harness").joinpath("cases", "known_issues.toml")))
+    return Path(str(resources.files("harness.case").joinpath("library", "known_issues.toml")))
 
 
 def default_paths() -> list[Path]:
     """The shipped file, then the project's own ``known_issues.toml`` (which adds to it) in
-    :func:`harness.suites.project_dir` (``--cases-dir``, else ``./cases``), where that exists and
-    is not the shipped file itself."""
-    from harness.suites import project_dir
+    :func:`harness.case.suites.project_dir` (``--cases-dir``, else ``./cases``), where that exists
+    and is not the shipped file itself."""
+    from harness.case.suites import project_dir
 
     paths = [shipped_path()]
     project = project_dir() / "known_issues.toml"
@@ -439,7 +438,7 @@ def unmatched(records: Iterable[Any], issues: Iterable[KnownIssue]) -> list[Know
     An entry is consulted when some record's backend and machine are the entry's (backend,
     flavors, versions, archs, targets) and, for an entry narrowed by ``checks``, the record is
     one of those checks. It matched when a record carries its id in ``metrics["known_issue"]``
-    (set by :func:`harness.runner.execute`). Entries for other backends or machines are not
+    (set by :func:`harness.run.worker.execute`). Entries for other backends or machines are not
     listed: they had no chance to match.
     """
     records = list(records)

@@ -55,12 +55,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from harness.case import FP8_DTYPES, Case
-from harness.judge import Comparison, Verdict, compare
-from harness.outputs import Outputs
-from harness.reference import BLOCK_ELEMS, Params, ieee_float32, reference
+from harness.exact.judge import Comparison, Verdict, compare
+from harness.exact.outputs import Outputs
+from harness.exact.reference import BLOCK_ELEMS, ieee_float32, reference
+from harness.exact.scores import Params, Precision, logits
 
 if TYPE_CHECKING:
-    from harness.inputs import Inputs
+    from harness.exact.inputs import Inputs
     from harness.target import Target
 
 
@@ -247,11 +248,11 @@ def quantise(x: torch.Tensor, scale: torch.Tensor, fmt: Format) -> torch.Tensor:
 def make_fp8_inputs(case: Case, device: str | torch.device = "cpu", seed: int = 0) -> Inputs:
     """The inputs of an fp8 case: float32 draws quantised with the case's scales.
 
-    The float32 values are those :func:`harness.inputs.make_inputs` draws for the case's float32
-    twin (same fields, dtype float32, fp8 fields off), so they are seeded from the fp8 case
+    The float32 values are those :func:`harness.exact.inputs.make_inputs` draws for the case's
+    float32 twin (same fields, dtype float32, fp8 fields off), so they are seeded from the fp8 case
     through the twin's id and identical on every machine.
     """
-    from harness.inputs import make_inputs
+    from harness.exact.inputs import make_inputs
 
     fmt = FORMATS[case.dtype]
     twin = case.replace(dtype="float32", fp8_recipe="per-tensor", fp8_scales=None,
@@ -294,7 +295,7 @@ def dequantised(inputs: Inputs, dtype: torch.dtype = torch.float64) -> Inputs:
 
 def fp8_reference(inputs: Inputs, **kwargs: Any) -> Outputs:
     """The exact attention of the dequantised inputs (float64; see the module docstring).
-    ``kwargs`` go to :func:`harness.reference.reference` (``rows``, ``params``, ...), which
+    ``kwargs`` go to :func:`harness.exact.reference.reference` (``rows``, ``params``, ...), which
     dequantises fp8 inputs itself too."""
     kwargs.setdefault("dtype", torch.float64)
     return reference(dequantised(inputs), **kwargs)
@@ -335,24 +336,11 @@ def baseline_block(q8, k8, v8, descales, p: Params, fmt: Format, slopes=None, *,
     """
     B, n, Hq, d = q8.shape
     sk, Hkv = k8.shape[1], k8.shape[2]
-    G = Hq // Hkv
     seqlen_q = n if seqlen_q is None else seqlen_q
     rows = torch.arange(n, device=q8.device) if rows is None else rows
     qd, kd, vd = descales
-    s = torch.einsum("bihgd,bjhd->bhgij", q8.float().reshape(B, n, Hkv, G, d), k8.float())
-    s = s * (qd * kd * p.scale).view(B, Hkv, 1, 1, 1)
-    if p.softcap:
-        s = torch.tanh(s / p.softcap) * p.softcap
-    rel = rows[:, None] + (sk - seqlen_q) - torch.arange(sk, device=s.device)[None, :]
-    if slopes is not None:
-        s = s - slopes.view(B, Hkv, G, 1, 1) * rel.abs().float()
-    if p.masked:
-        visible = torch.ones_like(rel, dtype=torch.bool)
-        if p.left >= 0:
-            visible &= rel <= p.left
-        if p.right >= 0:
-            visible &= -rel <= p.right
-        s = s.masked_fill(~visible, -math.inf)
+    s, _, _ = logits(q8.reshape(B, n, Hkv, Hq // Hkv, d), k8, p, rows=rows, off=sk - seqlen_q,
+                     slopes=slopes, precision=Precision.FP8, descale=qd * kd)
     m = s.amax(-1)
     m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     prob = torch.exp(s - m_safe[..., None])
@@ -371,8 +359,8 @@ def fp8_baseline(inputs: Inputs, *, rows: list[torch.Tensor | None] | None = Non
                  block_elems: int = BLOCK_ELEMS) -> Outputs:
     """The fp8-emulating baseline of a case: out float32 (rounded to the kernel's output dtype
     by :func:`fp8_verdict`), lse float32. ``rows`` samples query rows as in
-    :func:`harness.reference.reference`."""
-    from harness.reference import _empty_result, _row_mask
+    :func:`harness.exact.reference.reference`."""
+    from harness.exact.reference import _empty_result, _row_mask
 
     case = inputs.case
     fmt = FORMATS[case.dtype]

@@ -1,7 +1,7 @@
 """Exploration: hypothesis draws cases, a worker judges them, shrinking finds the minimal failure.
 
 Both ``attn-harness run --profile X`` and the parity suite under pytest drive the same function,
-:func:`explore`: it draws up to ``examples`` cases from :func:`harness.strategies.cases` for the
+:func:`explore`: it draws up to ``examples`` cases from :func:`harness.run.strategies.cases` for the
 backend's declared capabilities, runs each through ``run_case`` (which isolates the kernel in a
 worker process), and on the first failing record lets hypothesis shrink to the smallest case that
 still fails. The minimal case is written to ``cases/regressions/`` as TOML, with the backend,
@@ -9,7 +9,7 @@ target and error it failed with, and is reported with the command that replays i
 
 The cases are drawn in phases (:func:`plan`): free draws first, so that a kernel wrong almost
 everywhere fails on a simple case; then a few cases inside each corner of the input space where
-reported bugs live (:data:`harness.strategies.CORNERS`: past the grid limit, past 16k keys,
+reported bugs live (:data:`harness.run.strategies.CORNERS`: past the grid limit, past 16k keys,
 16-bit overflow, key-bias, packed, v strided unlike k, a strided dout, dropout), which free
 draws reach in a few cases of a hundred, so that every profile, the quick one's 20 cases
 included, visits each. A failure inside a corner shrinks inside it, and is then tried once
@@ -33,9 +33,9 @@ from pathlib import Path
 
 from harness.backends.base import Capabilities
 from harness.case import Case
-from harness.profile import get_profile
-from harness.records import FAILING, Record
-from harness.strategies import BUDGETS, cases, corners_for, outside_corner
+from harness.options import get_profile
+from harness.results.records import FAILING, Record
+from harness.run.strategies import BUDGETS, cases, corners_for, outside_corner
 
 DATABASE_DIR = Path(".hypothesis") / "attn-harness"
 
@@ -248,7 +248,7 @@ def _describe_backend(backend: dict[str, str]) -> str:
 
 def write_regression(directory: Path, backend: str, case: Case, failing: list[Record]) -> Path:
     """Write a minimal failing case as a suite file; returns its path."""
-    from harness.records import replay_command
+    from harness.results.records import replay_command
 
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{_slug(backend)}-{case.case_id}.toml"
@@ -279,7 +279,7 @@ def summary(result: Exploration) -> str:
     if result.minimal is None:
         return (f"explored {result.examples} generated case(s) ({distinct} distinct) on "
                 f"{result.backend} in {result.seconds:.1f}s: no failure{unreachable}")
-    from harness.records import replay_command
+    from harness.results.records import replay_command
 
     lines = [f"explored {result.backend}: case {result.examples} failed after "
              f"{result.seconds_to_first_failure:.1f}s; shrunk in {result.shrink_steps} step(s) to",

@@ -1,7 +1,7 @@
 """What ``flash_attn_with_kvcache`` does to its inputs, as plain tensors: the parity target.
 
 The kv-cache entry point appends, rotates and indexes before it attends. This module models
-each step exactly as flash-attn 2.x does it, so the reference (:mod:`harness.reference`) can
+each step exactly as flash-attn 2.x does it, so the reference (:mod:`harness.exact.reference`) can
 attend over ordinary tensors and a check can verify the in-place cache update:
 
 * **Append** (``k=``, ``v=``): sequence ``b`` writes its ``seqlen_new`` new keys and values into
@@ -28,7 +28,7 @@ attend over ordinary tensors and a check can verify the in-place cache update:
 
 :func:`resolve_cache` turns a kv-cache case into the plain attention problem it poses (rotated
 q, per-sequence keys starting at 0); :func:`cache_after` gives the expected cache tensors after
-the call. Every function here is a pure function of :class:`~harness.inputs.Inputs`.
+the call. Every function here is a pure function of :class:`~harness.exact.inputs.Inputs`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import math
 import torch
 
 from harness.case import Case
-from harness.inputs import Inputs
+from harness.exact.inputs import Inputs
 
 #: lse conventions: ``harness`` (natural log, the docstring's ALiBi bias, -inf for rows that
 #: see no key) and ``flash-attn`` (what flash-attn 2's CUDA and CK kernels return: in their

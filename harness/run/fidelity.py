@@ -1,8 +1,8 @@
 """Fidelity of the harness's timing: one call timed by the harness and by the field's yardstick.
 
-Run ``python -m harness.fidelity`` (``--help`` for options). For every case and backend it
+Run ``python -m harness.run.fidelity`` (``--help`` for options). For every case and backend it
 builds the inputs once, then times the very same call (forward, and backward with a retained
-graph) alternately with :func:`harness.timing.time_function` and with the yardstick:
+graph) alternately with :func:`harness.checks.timing.time_function` and with the yardstick:
 
 * CPU: ``torch.utils.benchmark.Timer(...).blocked_autorange`` with
   ``num_threads=torch.get_num_threads()`` (Timer uses one thread unless told otherwise), median;
@@ -117,7 +117,7 @@ def calls(case, backend, device) -> dict[str, Callable[[], object]]:
     """The forward call and, when the backend has one, the backward call of a case."""
     import torch
 
-    from harness.inputs import make_inputs
+    from harness.exact.inputs import make_inputs
 
     inputs = make_inputs(case, device, 0)
 
@@ -141,7 +141,7 @@ def compare_call(fn, device, *, rounds: int, warmup_ms: float, rep_ms: float, gr
     The ratio is the median of the per-round ratios: a round's two measurements are seconds
     apart, so load from other processes, clock changes and drift mostly cancel in its ratio.
     """
-    from harness.timing import time_function
+    from harness.checks.timing import time_function
 
     ours, theirs, ratios, iqrs, reps = [], [], [], [], []
     for i in range(rounds):
@@ -165,7 +165,7 @@ def compare_call(fn, device, *, rounds: int, warmup_ms: float, rep_ms: float, gr
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m harness.fidelity",
+        prog="python -m harness.run.fidelity",
         description="Time the same attention call with the harness and with "
                     "torch.utils.benchmark (CPU) or triton.testing.do_bench (GPU); print the "
                     "ratio.")
@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "reported (default: 7)")
     parser.add_argument("--warmup-ms", type=float, default=None, metavar="MS",
                         help="warm-up budget per measurement (default: 25 on GPUs, as do_bench; "
-                             "on CPUs the harness's floor, harness.timing.CPU_WARMUP_S: 300)")
+                             "on CPUs the harness's floor, harness.checks.timing.CPU_WARMUP_S: "
+                             "300)")
     parser.add_argument("--rep-ms", type=float, default=None, metavar="MS",
                         help="measurement budget per measurement (default: 100 on GPUs, as "
                              "do_bench; on CPUs the harness's floor, CPU_BUDGET_S: 1000; the "
@@ -197,14 +198,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from harness.backends import load_backend
+    from harness.case.suites import parse_inline_case
     from harness.errors import HarnessError
-    from harness.suites import parse_inline_case
     from harness.target import detect
 
     target = detect()
     device_type = target.device_type
     device = torch.device(device_type)
-    from harness.timing import CPU_BUDGET_S, CPU_WARMUP_S
+    from harness.checks.timing import CPU_BUDGET_S, CPU_WARMUP_S
 
     warmup_ms = args.warmup_ms or (25.0 if device_type == "cuda" else CPU_WARMUP_S * 1e3)
     rep_ms = args.rep_ms or (100.0 if device_type == "cuda" else CPU_BUDGET_S * 1e3)
@@ -213,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases = [parse_inline_case(text) for text in (args.case or DEFAULT_CASES[device_type])]
         backends = [load_backend(spec) for spec in (args.backend or DEFAULT_BACKENDS)]
     except HarnessError as exc:
-        print(f"python -m harness.fidelity: error: {exc}", file=sys.stderr)
+        print(f"python -m harness.run.fidelity: error: {exc}", file=sys.stderr)
         return 2
     name, measure_yardstick = yardstick(device_type, warmup_ms, rep_ms)
     tolerance = TOLERANCE[device_type]

@@ -2,9 +2,9 @@
 
 Pure functions of records: the same records always render the same report, and every count in it
 is a count of records. Records from any number of files and machines are merged first
-(:func:`harness.records.merge_records`: a later record of the same check, case, backend and
+(:func:`harness.results.records.merge_records`: a later record of the same check, case, backend and
 setup replaces an earlier one, and the report says how many were replaced). A *setup* is a
-machine with its software (:func:`harness.records.setup_labels`): flash-attn's CK and Triton
+machine with its software (:func:`harness.results.records.setup_labels`): flash-attn's CK and Triton
 builds on one MI300X are two setups of one target.
 
 Sections: machines; verdicts per setup and backend; checks; the portability matrix (case x
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from tabulate import tabulate
 
 from harness.case import Case
-from harness.records import (
+from harness.results.records import (
     FAILING,
     STATUSES,
     Record,
@@ -36,10 +36,10 @@ from harness.records import (
     setup_fingerprint,
     setup_labels,
 )
-from harness.vocab import CHECK_NAMES, JUDGED, SEVERITY
+from harness.vocab import CHECK_NAMES, JUDGED, SEVERITY, TIMED
 
 if TYPE_CHECKING:
-    from harness.plot import PlotOutcome
+    from harness.results.plot import PlotOutcome
 
 CHECK_ORDER = CHECK_NAMES
 
@@ -378,13 +378,13 @@ def _rate(r: Record, timed: str) -> float | None:
 
 
 def throughput_section(view: View) -> str:
-    timed = [r for r in view.records if r.check == "throughput" and r.status == "pass"]
+    timed = [r for r in view.records if r.check in TIMED and r.status == "pass"]
     if not timed:
         return "## Throughput\n\nNo throughput was measured."
     setups = sorted({view.setup(r) for r in timed})
     vendor = {label: t.get("vendor", "") for label, t in view.setups()}
     # fp8 twins (e4m3fn on NVIDIA/MI350, e4m3fnuz on MI300) share a row, as in the matrix
-    rows_of = matrix_rows(view, ("throughput",))
+    rows_of = matrix_rows(view, TIMED)
     table: dict[tuple[str, str], dict[str, Record]] = defaultdict(dict)
     for r in timed:
         table[(rows_of[r.case_id][0], r.backend_name)][view.setup(r)] = r
@@ -504,7 +504,7 @@ def inert_section(view: View) -> str:
 def _known_issues_section(view: View, issues: Sequence[Any] | None) -> str:
     if issues is None:
         return ""
-    from harness.known_issues import section
+    from harness.case.known_issues import section
 
     return section(view.records, issues)
 
@@ -518,9 +518,9 @@ def render(records: Iterable[Record], *, title: str = "attn-harness report",
         records: the records of any number of result files, from any number of machines.
         title: the report's heading.
         baseline: records to compare against (a "Changes against the baseline" section).
-        plots: what :func:`harness.plot.write_plots` wrote next to the report, if it ran.
+        plots: what :func:`harness.results.plot.write_plots` wrote next to the report, if it ran.
         extra_sections: markdown appended after the plots.
-        known_issues: the known-issue entries the run used (``harness.known_issues.load()``):
+        known_issues: the known-issue entries the run used (``harness.case.known_issues.load()``):
             the ones that matched none of the records are listed after the failures.
     """
     view = View.of(records)
@@ -528,7 +528,7 @@ def render(records: Iterable[Record], *, title: str = "attn-harness report",
         return f"# {title}\n\nNo records.\n"
     changes = ""
     if baseline is not None:
-        from harness.compare import compare, render_markdown
+        from harness.results.compare import compare, render_markdown
 
         changes = render_markdown(compare(view.records, list(baseline)), level=2)
     sections = [

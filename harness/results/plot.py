@@ -16,7 +16,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.records import Record, finite_or_none, setup_fingerprint, setup_labels
+from harness.results.records import Record, finite_or_none, setup_fingerprint, setup_labels
+from harness.vocab import TIMED
 
 #: Case fields a sweep varies; the rest define the shape family.
 SWEPT_FIELDS = ("batch", "seqlen_q", "seqlen_k", "seqlens_q", "seqlens_k", "name", "source",
@@ -88,7 +89,7 @@ def _point(seqlen: int, metrics: dict) -> Point | None:
 
 def sweeps(records: Iterable[Record]) -> dict[str, tuple[str, list[Series]]]:
     """Shape families timed at two or more sequence lengths: ``{key: (title, series)}``."""
-    records = [r for r in records if r.check == "throughput" and r.status == "pass"]
+    records = [r for r in records if r.check in TIMED and r.status == "pass"]
     labels = setup_labels(r.target for r in records)
     grouped: dict[str, dict[tuple[str, str, str], dict[int, Point]]] = {}
     titles: dict[str, str] = {}

@@ -64,8 +64,9 @@ _PROJECT_DIR: Path | None = None
 
 
 def builtin_dir() -> Path:
-    """The suites shipped inside the package (``harness/cases``), through importlib.resources."""
-    return Path(str(resources.files("harness").joinpath("cases")))
+    """The suites shipped inside the package (``harness/case/library``), through
+    importlib.resources."""
+    return Path(str(resources.files("harness.case").joinpath("library")))
 
 
 #: Carries ``--cases-dir`` into worker processes (spawned workers inherit the environment), so

@@ -4,7 +4,7 @@ One :class:`CheckContext` per case and backend holds what the checks share, each
 and only when a check needs it (``functools.cached_property``): the seeded inputs, the exact
 reference, the same-precision baseline, their gradients. Each check is one function registered
 with :func:`check` under its name in :data:`harness.vocab.CHECKS`; it takes the context and
-returns a new :class:`~harness.judge.Verdict` (verdicts are built, never mutated).
+returns a new :class:`~harness.exact.judge.Verdict` (verdicts are built, never mutated).
 
 The kernel never sees the inputs the reference is computed from: every call gets a private copy
 (:func:`clone_inputs`, same strides, gaps and packing), which is compared bitwise with the
@@ -26,16 +26,17 @@ from typing import Any
 
 import torch
 
-from harness import fp8, judge, reference
 from harness.backends.base import Backend, Unsupported
 from harness.case import Case
-from harness.dispatch import Plan, estimated_bytes, usable_memory
-from harness.inputs import TORCH_DTYPES, Inputs, derive_seed, make_inputs
-from harness.outputs import Outputs
-from harness.profile import Profile
+from harness.checks.plan import Plan, estimated_bytes, usable_memory
+from harness.checks.timing import tflops, time_functions
+from harness.exact import fp8, judge, reference
+from harness.exact.inputs import TORCH_DTYPES, Inputs, derive_seed, make_inputs
+from harness.exact.outputs import Outputs
+from harness.exact.scores import Params
+from harness.options import Profile
 from harness.target import Target
-from harness.timing import BWD_FACTOR, tflops, time_functions
-from harness.vocab import CHECK_NAMES, JUDGED
+from harness.vocab import BWD_FLOP_FACTOR, CHECK_NAMES, JUDGED
 
 CHECK_ORDER = CHECK_NAMES
 #: Above this much forward work (GFLOP) the reference is computed for a seeded sample of query
@@ -223,13 +224,17 @@ class CheckContext:
         self.device = torch.device(device or ("cuda" if target.vendor != "cpu" else "cpu"))
         #: tensor -> the yardstick used where the same-dtype baseline overflowed
         self.yardsticks: dict[str, str] = {}
+        #: the exact dropout's recovered ``D(P)`` (``harness.exact.dropout.Recovery``): the
+        #: forward check recovers it, the backward check of the same case reuses it
+        self.dropout_recovery: Any = None
 
     # ----------------------------------------------------------------------- shared values
 
     @cached_property
     def inputs(self) -> Inputs:
         """The case's seeded inputs; never handed to the kernel (see :meth:`call`). fp8 cases
-        are drawn in float32 and quantised as a user would (:func:`harness.fp8.make_fp8_inputs`)."""
+        are drawn in float32 and quantised as a user would
+        (:func:`harness.exact.fp8.make_fp8_inputs`)."""
         if fp8.is_fp8(self.case.dtype):
             return fp8.make_fp8_inputs(self.case, self.device, self.seed)
         return make_inputs(self.case, self.device, self.seed)
@@ -341,7 +346,7 @@ class CheckContext:
             return None
         unit = 2.0 ** -53 if q.dtype == torch.float64 else 2.0 ** -24
         d = q.shape[-1]
-        scale = abs(reference.Params.of(self.case).scale)
+        scale = abs(Params.of(self.case).scale)
         largest_v = float(v.float().abs().max())
         largest = (math.sqrt(d) * unit * scale * float(q.float().norm(dim=-1).max())
                    * float(k.float().norm(dim=-1).max()) * 2 * largest_v)
@@ -350,7 +355,7 @@ class CheckContext:
     @cached_property
     def score_slack(self) -> Outputs | None:
         """Per-element allowances of out and lse for the rounding of the kernel's scores
-        (:func:`harness.reference.score_rounding`) on the rows the forward verdict judges, or
+        (:func:`harness.exact.reference.score_rounding`) on the rows the forward verdict judges, or
         None where they cannot matter (:attr:`score_unit`)."""
         unit = self.score_unit
         return None if unit is None else reference.score_rounding(
@@ -592,7 +597,7 @@ def check_fwd(ctx: CheckContext) -> judge.Verdict:
                   "the jury for the kernels' agreement)")
         reason = "; ".join(x for x in (reason, prefix) if x)
     if ctx.jury_dir:
-        from harness.jury import save_rows
+        from harness.results.jury import save_rows
 
         chosen = rows or reference.sample_rows(ctx.inputs, JURY_ROWS, ctx.rng_seed("jury-rows"))
         save_rows(ctx.jury_dir, ctx.case, ctx.backend.name, ctx.inputs, chosen, result.out, ref,
@@ -601,8 +606,8 @@ def check_fwd(ctx: CheckContext) -> judge.Verdict:
 
 
 def _fp8_fwd(ctx: CheckContext, result: Outputs, ref: Outputs, base: Outputs) -> judge.Verdict:
-    """FA3's rule for fp8 (:func:`harness.fp8.fp8_verdict`): against a baseline that emulates an
-    fp8 kernel (fp8 inputs, P rounded to fp8 before P V, fp32 accumulation), plus the mean rule,
+    """FA3's rule for fp8 (:func:`harness.exact.fp8.fp8_verdict`): against a baseline that emulates
+    an fp8 kernel (fp8 inputs, P rounded to fp8 before P V, fp32 accumulation), plus the mean rule,
     the lse, and the cosine similarity AITER's tests use."""
     lse = _lse_layout(result.lse, ref.lse) if result.lse is not None else None
     verdict = fp8.fp8_verdict(ctx.case, Outputs(out=result.out, lse=lse), base, ref)
@@ -665,7 +670,7 @@ def check_determinism(ctx: CheckContext) -> judge.Verdict:
 def has_backward(ctx: CheckContext) -> bool:
     """Whether the case's backward can be taken on this backend (the bwd check's own rule)."""
     caps = ctx.backend.capabilities
-    return caps.backward and not caps.check_reasons("bwd", ctx.case, ctx.backend.name)
+    return caps.backward and not caps.backward_reasons(ctx.case, ctx.backend.name)
 
 
 def _determinism_run(ctx: CheckContext, backward: bool) -> dict[str, torch.Tensor]:
@@ -711,11 +716,11 @@ def check_throughput(ctx: CheckContext) -> judge.Verdict:
 
         calls["bwd"] = lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True)
         calls["fwd_bwd"] = fwd_bwd
-    # On a CPU the calls take turns in one window (harness.timing.measure_interleaved).
+    # On a CPU the calls take turns in one window (harness.checks.timing.measure_interleaved).
     with _kernel_errors():
         timings = time_functions(calls, ctx.device, **budget)
     metrics.update(_rate(timings["fwd"], flops, ctx.target, ctx.case.dtype))
-    for name, factor in (("bwd", BWD_FACTOR), ("fwd_bwd", 1 + BWD_FACTOR)):
+    for name, factor in (("bwd", BWD_FLOP_FACTOR), ("fwd_bwd", 1 + BWD_FLOP_FACTOR)):
         if name in timings:
             metrics[name] = _rate(timings[name], factor * flops, ctx.target, ctx.case.dtype)
     return judge.Verdict("throughput", "pass", metrics, "")
@@ -727,8 +732,8 @@ def check_throughput(ctx: CheckContext) -> judge.Verdict:
 def feature_effects(ctx: CheckContext) -> dict[str, float]:
     """For each feature the case turns on, how much removing it changes the reference."""
     case = ctx.case
-    p = reference.Params.of(case)
-    variants: dict[str, tuple[reference.Params, bool]] = {}
+    p = Params.of(case)
+    variants: dict[str, tuple[Params, bool]] = {}
     if case.causal:
         variants["causal"] = (dataclasses.replace(p, right=-1), case.alibi)
     if "window" in case.features:
@@ -754,16 +759,16 @@ def feature_effects(ctx: CheckContext) -> dict[str, float]:
 
 def _dropout(ctx: CheckContext, check_name: str) -> judge.Verdict:
     """Dropout judged exactly where the kernel's mask is a function of the seed and the case is
-    small enough (:mod:`harness.dropout`: D(P) recovered from calls with V = identity blocks,
+    small enough (:mod:`harness.exact.dropout`: D(P) recovered from calls with V = identity blocks,
     the backward judged with that D fixed); statistically otherwise, and the record says why."""
-    from harness import dropout
+    from harness.exact import dropout
 
     exact = dropout.exact_dropout(
         check_name, ctx.inputs,
         call=lambda inputs, salt: ctx.call(rng=salt, inputs=inputs)[0],
         call_backward=lambda salt: ctx.call_backward(rng=salt, deterministic=False),
-        recovery=ctx.__dict__.get("dropout_recovery"))  # the forward's, reused by the backward
-    ctx.__dict__["dropout_recovery"] = exact.recovery
+        recovery=ctx.dropout_recovery)  # the forward's, reused by the backward
+    ctx.dropout_recovery = exact.recovery
     if exact.verdict is not None:
         v = exact.verdict
         return judge.Verdict(v.check, v.status, {**v.metrics, "dropout_p": ctx.case.dropout_p},
