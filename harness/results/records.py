@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
+from harness import vocab
 from harness.errors import HarnessError, RecordsError
 from harness.vocab import CHECK_NAMES as CHECKS  # noqa: F401 - re-exported
 from harness.vocab import FAILING, STATUSES  # noqa: F401 - re-exported
@@ -83,10 +84,50 @@ def now() -> str:
 # ---------------------------------------------------------------------------------- schema
 
 
-@functools.lru_cache(maxsize=1)
-def load_schema() -> dict[str, Any]:
-    """The records JSON Schema (``harness/results/schema/records.schema.json``)."""
+#: The schema's enums that come from the vocabulary: a node with ``"x-registry": NAME`` takes
+#: its ``enum`` from here, so a check declared in :data:`harness.vocab.CHECKS` is valid in
+#: records without an edit to the schema file (which carries the generated enums for other
+#: validators: ``python -m harness.results.records --write-schema`` writes them).
+REGISTRY_ENUMS = {
+    "checks": lambda: list(vocab.CHECK_NAMES),
+    "statuses": lambda: list(vocab.STATUSES),
+    "timed-checks": lambda: list(vocab.TIMED),
+}
+
+
+def generated_schema(schema: Any) -> Any:
+    """``schema`` with every ``x-registry`` node's enum taken from the vocabulary."""
+    if isinstance(schema, list):
+        return [generated_schema(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: generated_schema(v) for k, v in schema.items()}
+    if "x-registry" in out:
+        out["enum"] = REGISTRY_ENUMS[out["x-registry"]]()
+    return out
+
+
+def schema_file() -> dict[str, Any]:
+    """The schema file as shipped (``harness/results/schema/records.schema.json``)."""
     return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+def load_schema() -> dict[str, Any]:
+    """The records JSON Schema the harness validates with: the shipped file, its enums
+    generated from the vocabulary's registry (:data:`REGISTRY_ENUMS`)."""
+    return _schema(vocab.CHECK_NAMES)
+
+
+@functools.lru_cache(maxsize=4)
+def _schema(checks: tuple[str, ...]) -> dict[str, Any]:
+    return generated_schema(schema_file())
+
+
+def write_schema(path: Path = SCHEMA_PATH) -> Path:
+    """Write the schema with the enums of the current registry (after declaring a check)."""
+    path.write_text(json.dumps(generated_schema(schema_file()), indent=2, ensure_ascii=False)
+                    + "\n", encoding="utf-8")
+    return path
 
 
 #: JSON Schema keywords :func:`schema_errors` enforces; annotations it ignores. The schema file
@@ -95,7 +136,8 @@ ENFORCED_KEYWORDS = frozenset({
     "type", "enum", "const", "required", "properties", "additionalProperties", "minimum",
     "exclusiveMinimum", "minLength", "pattern", "$ref", "allOf", "if", "then",
 })
-ANNOTATION_KEYWORDS = frozenset({"$schema", "$id", "$defs", "title", "description", "x-remedy"})
+ANNOTATION_KEYWORDS = frozenset({"$schema", "$id", "$defs", "title", "description", "x-remedy",
+                                 "x-registry"})
 
 _KIND_NAMES = {"integer": "an integer", "number": "a number", "string": "a string",
                "object": "an object", "array": "an array", "boolean": "true or false",
@@ -502,3 +544,21 @@ def _case(canonical: str):
 def backend_label(r: Record) -> str:
     """The backend with its flavor: ``flash-attn [rocm-ck]``."""
     return f"{r.backend_name} [{r.backend_flavor}]" if r.backend_flavor else r.backend_name
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m harness.results.records --write-schema``: regenerate the schema file's enums
+    from the registry."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m harness.results.records",
+                                     description=main.__doc__.splitlines()[0])
+    parser.add_argument("--write-schema", action="store_true", required=True,
+                        help="rewrite harness/results/schema/records.schema.json")
+    parser.parse_args(argv)
+    print(f"wrote {write_schema()}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
