@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser(
         "compare", help="what changed against a baseline; exit 1 when something regressed",
         description="Compare results with a baseline: status flips, error-ratio growth, "
-                    "throughput moves beyond the measured spread (see harness/compare.py). "
+                    "throughput moves beyond the measured spread (see harness/results/compare.py). "
                     "Prints markdown; exits 1 when anything regressed, 0 otherwise.")
     compare.add_argument("results", nargs="+", metavar="RESULTS.jsonl")
     compare.add_argument("--baseline", nargs="+", required=True, metavar="RESULTS.jsonl",
@@ -141,6 +141,15 @@ def run_options(args):
 
 
 def cmd_run(args) -> int:
+    args.out_lock = None  # the output folder's lock, taken by _out_dir
+    try:
+        return _cmd_run(args)
+    finally:
+        if args.out_lock is not None:
+            args.out_lock.release()
+
+
+def _cmd_run(args) -> int:
     from harness.run.session import collect_cases
 
     opts = run_options(args)  # known issues and backend specs checked before anything starts
@@ -189,37 +198,35 @@ def _devices(spec, target: dict, notes: list[str]) -> list[int]:
     return devices
 
 
-def _out_dir(opts, target: dict) -> Path:
+def _out_dir(args, opts, target: dict) -> Path:
+    """The output folder, made, locked for this run (``args.out_lock``) and free of links in
+    place of the files the run writes (:mod:`harness.results.outdir`)."""
+    from harness.results import outdir
     from harness.run.session import prepare_out_dir
 
-    return prepare_out_dir(opts.out or Path("reports") / target["target_id"])
+    path = prepare_out_dir(opts.out or Path("reports") / target["target_id"])
+    args.out_lock = outdir.lock(path)
+    outdir.refuse_links(path)
+    return path
 
 
 def _run(args, opts, cases, target, specs, resolved, notes, worker) -> int:
     from harness.results import jury
     from harness.results.records import RecordWriter, read_records
     from harness.run.session import (
-        check_backend_versions,
         count_statuses,
         deliberate,
         failed,
         make_task,
-        resume_records,
         write_report,
     )
     from harness.run.worker import run_tasks
 
-    out_dir = _out_dir(opts, target)
+    out_dir = _out_dir(args, opts, target)
     results = out_dir / "results.jsonl"
-    done: set[tuple[str, str, str]] = set()
-    if args.resume and results.exists():
-        done, more = resume_records(results, target, opts, retry_crashed=args.retry_crashed)
-        notes += more
-        check_backend_versions(read_records(results),
-                               {s: info["describe"] for s, info in resolved.items()
-                                if "describe" in info}, results)
-        if args.retry_crashed:
-            _drop_crashed(results)
+    done = _resumed(args, opts, target, results,
+                    {s: info["describe"] for s, info in resolved.items() if "describe" in info},
+                    notes)
     jury_dir = jury.prepare(out_dir) if len(specs) > 1 else None
     tasks = []
     for suite, case in cases:
@@ -262,6 +269,25 @@ def _run(args, opts, cases, target, specs, resolved, notes, worker) -> int:
     return EXIT_FAILED if failed(records) else EXIT_OK
 
 
+def _resumed(args, opts, target: dict, results: Path, describe: dict[str, dict[str, str]],
+             notes: list[str]) -> dict:
+    """With ``--resume``: the records of ``results`` this run keeps, by ``(backend, case_id,
+    check)`` (after checking they come from this machine, seed, profile and backend builds);
+    without, none. The same in a worker process and in this one (``--no-isolation``)."""
+    from harness.results.records import read_records
+    from harness.run.session import check_backend_versions, resume_records
+
+    if not (args.resume and results.exists()):
+        return {}
+    done, more = resume_records(results, target, opts, retry_crashed=args.retry_crashed)
+    notes += more
+    check_backend_versions(read_records(results), describe, results)
+    if args.retry_crashed:
+        _drop_crashed(results)
+    return {key: r for r in read_records(results)
+            if (key := (r.backend_name, r.case_id, r.check)) in done}
+
+
 def _drop_crashed(results: Path) -> None:
     """--retry-crashed: the crash and timeout records leave the file; their checks run again."""
     from harness.results.records import read_records
@@ -299,9 +325,15 @@ def _explore(args, opts, specs, sink, done, worker=None) -> list[str]:
                 task = make_task("explore", case, spec, opts, checks=checks)
                 return runner.run(task, lambda record: None, done)
 
+            def record(r, spec=spec):
+                # A resumed run sees its earlier records again (so the failure it found before
+                # an interruption is found again and shrunk); they are in the file already.
+                if (spec, r.case_id, r.check) not in done:
+                    sink(r)
+
             # Only generated cases and the minimal failure are recorded, not each shrink step.
             result = explore(spec, info["capabilities"], run_case, profile=opts.profile,
-                             examples=opts.examples, seed=opts.seed, on_record=sink,
+                             examples=opts.examples, seed=opts.seed, on_record=record,
                              regressions=opts.regressions, backward=gradients(checks))
             summaries.append(summary(result))
     return summaries
@@ -343,11 +375,23 @@ def _run_in_process(args, opts, cases) -> int:
     target = detect().to_dict()
     specs = list(opts.backends) or [s for s in known_backends()
                                     if not load_backend(s).availability()]
-    out_dir = _out_dir(opts, target)
+    out_dir = _out_dir(args, opts, target)
     results = out_dir / "results.jsonl"
-    with RecordWriter(results) as writer:
-        run_in_process([make_task(suite, case, spec, opts) for suite, case in cases
-                        for spec in specs], writer.write)
+    notes: list[str] = []
+    done = _resumed(args, opts, target, results,
+                    {s: load_backend(s).describe() for s in specs}, notes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    tasks = []
+    for suite, case in cases:
+        for spec in specs:
+            remaining = tuple(c for c in opts.checks if (spec, case.case_id, c) not in done)
+            if remaining:
+                tasks.append(make_task(suite, case, spec, opts, checks=remaining))
+    if done:
+        print(f"resuming: {len(done)} record(s) kept, {len(tasks)} task(s) to go", file=sys.stderr)
+    with RecordWriter(results, append=bool(args.resume)) as writer:
+        run_in_process(tasks, writer.write)
     records = read_records(results)
     write_report(records, out_dir)
     print(f"wrote {results} and {out_dir / 'report.md'}", file=sys.stderr)
@@ -410,8 +454,13 @@ def cmd_report(args) -> int:
     if args.output:
         from harness.run.session import prepare_output_file
 
-        out = prepare_output_file(Path(args.output))
-        plots = write_plots(records, out.parent)
+        out = prepare_output_file(Path(args.output), inputs=[*args.results,
+                                                             *(args.baseline or ())])
+        try:
+            plots = write_plots(records, out.parent)
+        except OSError as exc:  # a full disk
+            raise UsageError(f"cannot write the plots next to {out} ({exc.strerror or exc}); "
+                             "the results files are unchanged") from None
         _write_text(out, render(records, baseline=baseline, plots=plots))
         written = ", ".join(name for _, name in plots.files)
         print(f"wrote {out}" + (f" and {written} next to it" if written else ""), file=sys.stderr)
@@ -432,7 +481,8 @@ def cmd_compare(args) -> int:
     from harness.results.records import read_many
     from harness.run.session import prepare_output_file
 
-    output = prepare_output_file(Path(args.output)) if args.output else None
+    output = (prepare_output_file(Path(args.output), inputs=[*args.results, *args.baseline])
+              if args.output else None)
     current = read_many(args.results, require_records=True)
     baseline = read_many(args.baseline, require_records=True)
     result = compare(current, baseline, Thresholds(slowdown=args.slowdown,
@@ -449,7 +499,8 @@ def _write_text(path: Path, text: str) -> None:
     try:
         path.write_text(text, encoding="utf-8")
     except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+        raise UsageError(f"cannot write {path}: {exc.strerror}; the results files it was "
+                         "rendered from are unchanged") from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -201,6 +201,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("cases-dir", "a directory of the project's own suites and known_issues.toml, added "
                         "to the shipped ones (same names shadow them)", "./cases when it exists",
            metavar="DIR"),
+    Option("max-cases", "refuse suites holding more than N cases in all, counted from their "
+                        "tables before any case is built (0 = no limit)", "1000000",
+           metavar="N", type=parse_count, default=1_000_000),
     # No string defaults with a parser: argparse and pytest would parse them at start-up, which
     # imports the harness in every session. A None default means the documented one.
     Option("profile", "effort per check, exploration examples and cost budget", "quick",
@@ -268,6 +271,8 @@ class RunOptions:
     backends: tuple[str, ...] = ()
     suites: tuple[str, ...] = ()
     cases_dir: Path | None = None
+    #: The most cases the suites may hold in all (0 = no limit): see harness.case.suites.MAX_CASES.
+    max_cases: int = 1_000_000
     profile: str = "quick"
     checks: tuple[str, ...] = CHECK_NAMES
     seed: int = 0

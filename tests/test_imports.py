@@ -102,7 +102,8 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 #: subpackage (the top-level modules of a layer count as one unit). The CLI and the plugin sit side
 #: by side on top (the plugin is outside the package and checked on its own below).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("harness", "harness.vocab", "harness.errors", "harness.options", "harness.target"),
+    ("harness", "harness.vocab", "harness.errors", "harness.options", "harness.target",
+     "harness.escape"),
     ("harness.case",),
     ("harness.exact",),
     ("harness.backends", "harness.results"),
@@ -153,10 +154,15 @@ def depth(edges: dict[str, set[str]]) -> int:
     for module, targets in edges.items():
         between[unit(module)].update(unit(t) for t in targets if unit(t) != unit(module))
     memo: dict[str, int] = {}
+    path: list[str] = []
 
     def longest(u: str) -> int:
+        if u in path:
+            raise AssertionError(f"units import each other: {' -> '.join(path[path.index(u):])}")
         if u not in memo:
+            path.append(u)
             memo[u] = 1 + max((longest(v) for v in between[u]), default=0)
+            path.pop()
         return memo[u]
 
     return max(longest(u) for u in units)

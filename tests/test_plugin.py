@@ -44,13 +44,13 @@ def test_help_lists_every_option_in_one_group(pytester):
     text = result.stdout.str()
     assert "attention kernel parity (attn-harness):" in text
     for option in ("--attn-backend=NAME|FAMILY@MODULE|FILE.py:FUNC",
-                   "--attn-suite=NAME|FILE.toml", "--attn-cases-dir=DIR",
+                   "--attn-suite=NAME|FILE.toml", "--attn-cases-dir=DIR", "--attn-max-cases=N",
                    "--attn-profile=quick|nightly|exhaustive", "--attn-checks=LIST",
                    "--attn-seed=N", "--attn-explore=N, --attn-examples=N", "--attn-timeout=S",
                    "--attn-max-gflop=N", "--attn-audit", "--attn-out=DIR, --attn-records=DIR",
                    "--attn-regressions=DIR", "--attn-graph-replay"):
         assert option in text, option
-    assert text.count("(default:") >= 13
+    assert text.count("(default:") >= 14
 
 
 def test_the_cli_and_the_plugin_share_names_and_defaults():

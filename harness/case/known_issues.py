@@ -374,6 +374,9 @@ def load_file(path: Path | str) -> list[KnownIssue]:
         m = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
         place = f"{where}:{m.group(1)}:{m.group(2)}" if m else where
         raise InvalidCase(f"{place}: not valid TOML ({exc}); fix the syntax") from None
+    except RecursionError:
+        raise InvalidCase(f"{where}: nested too deeply to read (arrays or tables within each "
+                          "other past Python's recursion limit); fix the file") from None
     return parse(data, where, text)
 
 
@@ -466,9 +469,12 @@ def section(records: Iterable[Any], issues: Iterable[KnownIssue]) -> str:
     stale = unmatched(records, issues)
     if not stale:
         return ""
+    from harness.escape import md
+
     rows = "\n".join(
-        f"| `{i.id}` | `{i.backend}`{' ' + ','.join(i.flavors) if i.flavors else ''} | "
-        f"{i.source} | {(i.description.splitlines() or [''])[0][:120]} |" for i in stale)
+        f"| {md(i.id, code=True)} | {md(i.backend, code=True)}"
+        f"{' ' + md(','.join(i.flavors)) if i.flavors else ''} | {md(i.source)} | "
+        f"{md((i.description.splitlines() or [''])[0][:120])} |" for i in stale)
     return ("## Known issues that matched nothing\n\nThese entries apply to a backend and "
             "machine of this run but matched none of its cases: the cases that showed them were "
             "not run, or the entry's `when` no longer describes them. Check the entry.\n\n"

@@ -15,12 +15,15 @@ on any machine. The semantics follow flash-attn 2.x (see ``docs``/the design):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import tomli_w
 
 from harness.errors import InvalidCase
 from harness.vocab import CHECK_NAMES as CHECKS
@@ -186,20 +189,19 @@ class Case:
     def identity(self) -> dict[str, Any]:
         """The canonical form: every problem-defining field, normalised, JSON-ready."""
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            if f.name in METADATA_FIELDS:
-                continue
-            value = getattr(self, f.name)
-            if f.name not in ORIGINAL_FIELDS and value == f.default:
+        for name, default, original in _identity_fields():
+            value = getattr(self, name)
+            if not original and value == default:
                 continue
             if isinstance(value, tuple):
                 value = list(value)
-            out[f.name] = value
+            out[name] = value
         return out
 
-    @property
+    @functools.cached_property
     def case_id(self) -> str:
-        """12 hex digits of SHA-256 over the canonical JSON; identical on every machine."""
+        """12 hex digits of SHA-256 over the canonical JSON; identical on every machine
+        (computed once per case: a case is frozen)."""
         canonical = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
@@ -503,6 +505,13 @@ class Case:
 
 _MISSING = object()
 
+
+@functools.lru_cache(maxsize=1)
+def _identity_fields() -> tuple[tuple[str, Any, bool], ...]:
+    """``(name, default, in the first schema)`` of every problem-defining field, in order."""
+    return tuple((f.name, f.default, f.name in ORIGINAL_FIELDS) for f in dataclasses.fields(Case)
+                 if f.name not in METADATA_FIELDS)
+
 #: Defaults of the kvcache-only fields (the "off" value each must hold for other entries).
 _FIELD_DEFAULTS = {"seqlen_new": 0, "rotary_dim": 0, "cache_leftpad": None,
                    "cache_batch_idx": False}
@@ -527,35 +536,31 @@ def _defaults() -> dict[str, Any]:
 
 
 def toml_value(value: Any) -> str:
-    """Render a scalar or list as TOML."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
+    """Render a scalar or list as TOML on one line: every scalar as tomli-w writes it (a TOML
+    writer, so no text can end its string or its line), lists as ``[a, b]``."""
     if isinstance(value, str):
         return toml_string(value)
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, int):
-        return str(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, (bool, int, float)):
+        return _written(value)
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
-#: TOML's short escapes (toml.io v1.0.0, "String"); other non-printable ASCII becomes \uXXXX.
-_TOML_SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
-                       "\f": "\\f", "\r": "\\r"}
+def _written(value: bool | int | float | str) -> str:
+    """One scalar as tomli-w writes it in ``key = value``."""
+    return tomli_w.dumps({"v": value})[len("v = "):].rstrip("\n")
 
 
 def toml_string(text: str) -> str:
-    """A TOML basic string in pure ASCII: non-ASCII characters as ``\\uXXXX`` (BMP) or
-    ``\\UXXXXXXXX`` (beyond it, e.g. emoji), never JSON's surrogate pairs, which TOML refuses.
-    ASCII keeps the text safe in shell commands (``shlex.quote``) and any terminal."""
+    """A TOML basic string in pure ASCII: tomli-w writes it (quotes, backslashes and control
+    characters escaped), then non-ASCII characters become ``\\uXXXX`` (BMP) or ``\\UXXXXXXXX``
+    (beyond it, e.g. emoji), never JSON's surrogate pairs, which TOML refuses. ASCII keeps the
+    text safe in shell commands (``shlex.quote``) and any terminal."""
     out = []
-    for ch in text:
+    for ch in _written(text):
         code = ord(ch)
-        if ch in _TOML_SHORT_ESCAPES:
-            out.append(_TOML_SHORT_ESCAPES[ch])
-        elif 0x20 <= code < 0x7F:
+        if code < 0x80:
             out.append(ch)
         elif code <= 0xFFFF:
             if 0xD800 <= code <= 0xDFFF:
@@ -564,7 +569,7 @@ def toml_string(text: str) -> str:
             out.append(f"\\u{code:04X}")
         else:
             out.append(f"\\U{code:08X}")
-    return '"' + "".join(out) + '"'
+    return "".join(out)
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Case))

@@ -28,6 +28,7 @@ Every case is validated when the file is read; an error names the file, the tabl
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import sys
 from collections.abc import Iterable, Mapping
@@ -44,6 +45,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
+#: The most cases a run reads from its suites, all files together, unless ``--max-cases`` says
+#: otherwise: counted from the tables before any case is built, so a grid of 10^12 cases is
+#: refused at once instead of filling the memory.
+MAX_CASES = 1_000_000
 #: Fields whose value is a list, so a grid axis over them is a list of lists.
 LIST_FIELDS = ("window", "seqlens_q", "seqlens_k", "checks")
 TOP_LEVEL_KEYS = ("suite", "defaults", "case", "grid")
@@ -133,24 +138,51 @@ def resolve_suite(spec: str) -> list[Path]:
                       "or give a path to a .toml file)")
 
 
-def load_suite(spec: str) -> list[Suite]:
-    """Load every file that ``spec`` names."""
-    return [load_file(p) for p in resolve_suite(spec)]
+def load_suite(spec: str, max_cases: int = MAX_CASES, earlier: int = 0) -> list[Suite]:
+    """Load every file that ``spec`` names (``max_cases``, ``earlier``: see
+    :func:`parse_suite`)."""
+    out: list[Suite] = []
+    for p in resolve_suite(spec):
+        out.append(load_file(p, max_cases, earlier))
+        earlier += len(out[-1].cases)
+    return out
 
 
-def load_file(path: Path | str) -> Suite:
+def load_file(path: Path | str, max_cases: int = MAX_CASES, earlier: int = 0) -> Suite:
     path = Path(path)
     where = _display(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise InvalidCase(f"{where}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidCase(f"{where}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                          f"offset {exc.start}); a case file is TOML, which is UTF-8: save it "
+                          "as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise InvalidCase(f"{where}: not valid TOML ({exc}); fix the syntax") from None
-    return parse_suite(data, where, name=path.stem)
+    except RecursionError:
+        raise InvalidCase(f"{where}: nested too deeply to read (arrays or tables within each "
+                          "other past Python's recursion limit); no case needs that") from None
+    return parse_suite(data, where, name=path.stem, max_cases=max_cases, earlier=earlier)
 
 
-def parse_suite(data: Mapping[str, Any], where: str, name: str) -> Suite:
+def parse_suite(data: Mapping[str, Any], where: str, name: str, max_cases: int = MAX_CASES,
+                earlier: int = 0) -> Suite:
+    """The suite a parsed case file describes, every case validated.
+
+    Args:
+        data: the file's TOML, parsed.
+        where: the file as messages name it.
+        name: the suite's name.
+        max_cases: the most cases the run may read (``--max-cases``; 0 = no limit), this
+            file's and ``earlier`` ones together: the file's tables are counted first, and a
+            file past the limit is refused before any of its cases is built.
+        earlier: cases the run has read from other files before this one.
+
+    Raises:
+        InvalidCase: naming the file, the table and the field.
+    """
     for key in data:
         if key not in TOP_LEVEL_KEYS:
             raise InvalidCase(f"{where}: unknown top-level key {key!r} (allowed: "
@@ -164,8 +196,29 @@ def parse_suite(data: Mapping[str, Any], where: str, name: str) -> Suite:
     for key in defaults:
         if key not in FIELD_NAMES:
             raise InvalidCase(f"{where}, [defaults]: {unknown_field_message(key)}")
+    planned = _plan(data, where)
+    _check_count(planned, where, max_cases, earlier)
     cases: list[Case] = []
     origin: dict[str, str] = {}
+    for kind, label, table, axes in planned:
+        built = [_build({**defaults, **table}, label)] if kind == "case" else \
+            _expand_grid(defaults, axes, label)
+        for case in built:
+            if case.case_id in origin:
+                raise InvalidCase(f"{label}: {case.label} repeats {origin[case.case_id]} "
+                                  f"(same case_id {case.case_id}); remove one of them")
+            origin[case.case_id] = label
+            cases.append(case)
+    if not cases:
+        raise InvalidCase(f"{where}: holds no cases (add [[case]] or [[grid]] tables)")
+    return Suite(name=name, path=where, description=str(meta.get("description", "")),
+                 cases=tuple(cases))
+
+
+def _plan(data: Mapping[str, Any], where: str) -> list[tuple[str, str, dict, list]]:
+    """``(kind, label, table, grid axes)`` of every ``[[case]]`` and ``[[grid]]`` table, their
+    shape checked, nothing built yet."""
+    planned = []
     for kind in ("case", "grid"):
         tables = data.get(kind, [])
         if not isinstance(tables, list):
@@ -174,26 +227,38 @@ def parse_suite(data: Mapping[str, Any], where: str, name: str) -> Suite:
             label = f"{where}, {kind} {index}"
             if not isinstance(table, dict):
                 raise InvalidCase(f"{label}: must be a table")
-            built = [_build({**defaults, **table}, label)] if kind == "case" else \
-                _expand_grid(defaults, table, label)
-            for case in built:
-                if case.case_id in origin:
-                    raise InvalidCase(f"{label}: {case.label} repeats {origin[case.case_id]} "
-                                      f"(same case_id {case.case_id}); remove one of them")
-                origin[case.case_id] = label
-                cases.append(case)
-    if not cases:
-        raise InvalidCase(f"{where}: holds no cases (add [[case]] or [[grid]] tables)")
-    return Suite(name=name, path=where, description=str(meta.get("description", "")),
-                 cases=tuple(cases))
+            planned.append((kind, label, table, _grid_axes(table, label) if kind == "grid"
+                            else []))
+    return planned
+
+
+def _check_count(planned: list[tuple[str, str, dict, list]], where: str, max_cases: int,
+                 earlier: int) -> None:
+    """Refuse a file whose tables hold more cases than ``--max-cases`` allows, counted from the
+    grids' axes without building a case."""
+    sizes = [(label, [len(values) for _, values in axes]) for kind, label, _, axes in planned
+             if kind == "grid"]
+    total = sum(1 for kind, *_ in planned if kind == "case") + sum(
+        math.prod(lengths) for _, lengths in sizes)
+    if not max_cases or earlier + total <= max_cases:
+        return
+    largest = max(sizes, key=lambda s: math.prod(s[1]), default=None)
+    detail = (f"; {largest[0].rpartition(', ')[2]} alone is "
+              f"{' x '.join(f'{n:,}' for n in largest[1])}"
+              if largest and math.prod(largest[1]) > 1 else "")
+    before = f" after the {earlier:,} case(s) of the suites before it" if earlier else ""
+    raise InvalidCase(f"{where}: holds {total:,} cases{detail}, more than --max-cases "
+                      f"{max_cases:,} allows{before}; narrow its grids, split it, or raise "
+                      "--max-cases")
 
 
 def parse_inline_case(text: str) -> Case:
     """Parse ``--case '{batch = 2, seqlen_q = 113, ...}'`` (a TOML inline table)."""
     try:
         data = tomllib.loads(f"case = {text.strip()}")
-    except tomllib.TOMLDecodeError as exc:
-        raise InvalidCase(f"--case {text!r}: not a TOML inline table ({exc}); write it as "
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        why = exc if isinstance(exc, tomllib.TOMLDecodeError) else "nested too deeply"
+        raise InvalidCase(f"--case {text[:200]!r}: not a TOML inline table ({why}); write it as "
                           "'{seqlen_q = 128, heads_q = 4, dtype = \"float16\"}'") from None
     if not isinstance(data.get("case"), dict):
         raise InvalidCase(f"--case {text!r}: must be a TOML inline table in braces")
@@ -214,7 +279,8 @@ def _build(values: Mapping[str, Any], label: str) -> Case:
         raise InvalidCase(f"{label}: {exc}") from None
 
 
-def _expand_grid(defaults: Mapping[str, Any], table: Mapping[str, Any], label: str) -> list[Case]:
+def _grid_axes(table: Mapping[str, Any], label: str) -> list[tuple[list[str], list[Any]]]:
+    """A grid's axes: ``(field names, values)`` per key, each checked for its shape."""
     axes: list[tuple[list[str], list[Any]]] = []
     for key, value in table.items():
         names = [n.strip() for n in key.split(",")]
@@ -223,16 +289,31 @@ def _expand_grid(defaults: Mapping[str, Any], table: Mapping[str, Any], label: s
                 raise InvalidCase(f"{label}: {unknown_field_message(n)}")
         values = _axis_values(names, value, label)
         axes.append((names, values))
-    out = []
-    for combo in itertools.product(*(values for _, values in axes)):
+    return axes
+
+
+def _expand_grid(defaults: Mapping[str, Any], axes: list[tuple[list[str], list[Any]]],
+                 label: str) -> list[Case]:
+    """Every case of a grid. After the first case, each value of each axis is tried with the
+    first value of every other axis (a case of the grid too), so a bad value anywhere in an
+    axis is found after a sum of the axes' lengths of cases, not after most of their
+    product."""
+
+    def build(combo) -> Case:
         fields = dict(defaults)
         for (names, _), chosen in zip(axes, combo, strict=True):
             if len(names) == 1:
                 fields[names[0]] = chosen
             else:
                 fields.update(zip(names, chosen, strict=True))
-        out.append(_build(fields, f"{label} ({_describe(fields)})"))
-    return out
+        return _build(fields, f"{label} ({_describe(fields)})")
+
+    first = [values[0] for _, values in axes]
+    build(first)
+    for i, (_, values) in enumerate(axes):
+        for value in values[1:]:
+            build([*first[:i], value, *first[i + 1:]])
+    return [build(combo) for combo in itertools.product(*(values for _, values in axes))]
 
 
 def _axis_values(names: list[str], value: Any, label: str) -> list[Any]:
@@ -275,10 +356,11 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-def iter_cases(specs: Iterable[str]) -> list[tuple[str, Case]]:
-    """``(suite name, case)`` for every case of every spec, in order."""
-    out = []
+def iter_cases(specs: Iterable[str], max_cases: int = MAX_CASES) -> list[tuple[str, Case]]:
+    """``(suite name, case)`` for every case of every spec, in order; more than ``max_cases``
+    in all (0 = no limit) is refused before the file that passes it is built."""
+    out: list[tuple[str, Case]] = []
     for spec in specs:
-        for suite in load_suite(spec):
+        for suite in load_suite(spec, max_cases, earlier=len(out)):
             out.extend((suite.name, case) for case in suite.cases)
     return out

@@ -38,6 +38,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from harness import vocab
+from harness.escape import md
 from harness.results.records import (
     Record,
     backend_label,
@@ -291,9 +292,11 @@ def render_markdown(c: Comparison, *, level: int = 1) -> str:
              f"baseline, {c.missing} baseline record(s) were not run."]
     if c.pairs:
         parts.append("Setups compared: " + "; ".join(
-            f"`{a}`" if a == b else f"`{a}` against `{b}`" for a, b in c.pairs) + ".")
+            md(a, code=True) if a == b else f"{md(a, code=True)} against {md(b, code=True)}"
+            for a, b in c.pairs) + ".")
     if c.unpaired:
-        parts.append("No baseline for: " + ", ".join(f"`{u}`" for u in c.unpaired) + ".")
+        parts.append("No baseline for: " + ", ".join(md(u, code=True) for u in c.unpaired)
+                     + ".")
     th = c.thresholds
     parts.append(f"Rules: a status whose rank rises (pass < xfail < fail/error < crash/timeout) "
                  f"is a regression; an error ratio that grows by more than "
@@ -305,8 +308,10 @@ def render_markdown(c: Comparison, *, level: int = 1) -> str:
     titles = {"regression": "Regressions", "improvement": "Improvements",
               "notice": "Coverage changes (not regressions)"}
     for kind, title in titles.items():
-        rows = [[x.what, f"`{x.setup}`", f"`{x.backend}`", f"`{x.case_id}` {x.case}", x.check,
-                 x.before, x.after, x.detail.replace("|", "\\|").replace("\n", " ")[:300]]
+        # Setups, backends, cases and details come from the records: every one escaped.
+        rows = [[x.what, md(x.setup, code=True), md(x.backend, code=True),
+                 f"{md(x.case_id, code=True)} {md(x.case)}", md(x.check), md(x.before),
+                 md(x.after), md(x.detail[:300])]
                 for x in c.changes if x.kind == kind]
         if rows:
             parts.append(f"{h}# {title}\n\n" + tabulate(

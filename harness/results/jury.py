@@ -174,7 +174,9 @@ def _rmdir_if_empty(path: Path) -> None:
 
 
 def write(verdicts: list[JuryVerdict], path: str | Path) -> None:
-    with open(path, "w", encoding="utf-8") as out:
+    from harness.results.outdir import open_for_writing
+
+    with open_for_writing(path) as out:  # never through a symlink
         for v in verdicts:
             out.write(json.dumps(_jsonable(asdict(v))) + "\n")
 
@@ -198,11 +200,13 @@ def section(verdicts: list[JuryVerdict]) -> str:
     """The report's jury section (empty when no case ran on more than one backend)."""
     if not verdicts:
         return ""
-    rows = []
+    from harness.escape import md
+
+    rows = []  # labels, backends and findings may come from a jury.jsonl: all escaped
     for v in verdicts:
-        distances = ", ".join(f"`{b}` {_fmt(d)}" for b, d in v.to_reference.items())
-        rows.append([v.label, v.kind, _fmt(v.allowed), distances, f"`{v.outlier}`" if v.outlier
-                     else "–", v.finding])
+        distances = ", ".join(f"{md(b, code=True)} {_fmt(d)}" for b, d in v.to_reference.items())
+        rows.append([md(v.label), md(v.kind), _fmt(v.allowed), distances,
+                     md(v.outlier, code=True) if v.outlier else "–", md(v.finding)])
     flagged = sum(1 for v in verdicts if v.outlier or "disagrees" in v.finding)
     return ("## Jury\n\nBackends that ran the same case, compared on the same seeded query rows: "
             "max |output - reference| per backend, against the parity rule's tolerance. "

@@ -1,7 +1,7 @@
 """``results.jsonl``: one JSON record per line, the source of truth for every report.
 
 Each line has the keys ``schema, case_id, case, backend, target, check, status, metrics,
-reason`` (plus ``suite``, ``seed`` and ``time``). The versioned JSON Schema is
+reason`` (plus ``suite``, ``seed``, ``profile`` and ``time``). The versioned JSON Schema is
 ``harness/results/schema/records.schema.json``; :func:`record_from_dict` enforces that very file
 with a small validator of its own (the keywords the schema uses, nothing more), so any JSON Schema
 validator and the harness accept exactly the same records, while the harness's errors stay one
@@ -46,6 +46,9 @@ class Record:
     reason: str = ""
     suite: str = ""
     seed: int = 0
+    #: The profile the check ran under (quick, nightly, exhaustive); "" in records written
+    #: before the field existed.
+    profile: str = ""
     time: str = ""
     schema: int = SCHEMA_VERSION
 
@@ -318,9 +321,29 @@ def parse_line(line: str, where: str) -> Record:
         msg = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
         raise RecordsError(f"{where}: not JSON ({msg}); each line must be one record") \
             from None
+    except RecursionError:
+        raise RecordsError(f"{where}: nested too deeply to read (JSON arrays or objects within "
+                           "each other past Python's recursion limit); not a record") from None
+    if _SURROGATE_ESCAPE.search(line):
+        _refuse_lone_surrogates(data, where)
     record = record_from_dict(data, where)
     check_case(record, where)
     return record
+
+
+#: A JSON escape of a UTF-16 surrogate: the only way a lone one gets into a decoded record.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _refuse_lone_surrogates(data: Any, where: str) -> None:
+    """A string holding half of a surrogate pair (``"\\ud800"``) is not Unicode text: it
+    cannot be written into a report, a TOML file or a terminal as UTF-8."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RecordsError(f"{where}: holds a lone surrogate (U+{ord(exc.object[exc.start]):04X}"
+                           ", half of a UTF-16 pair), which is not text; not a record written by "
+                           "attn-harness") from None
 
 
 def _torn(line: str) -> bool:
@@ -329,6 +352,8 @@ def _torn(line: str) -> bool:
         json.loads(line)
     except json.JSONDecodeError:
         return True
+    except RecursionError:
+        return False  # whole, if nested too deeply: parse_line says so
     return False
 
 
@@ -392,6 +417,12 @@ def read_for_resume(path: str | Path) -> tuple[list[Record], str]:
     return records, note
 
 
+def _no_follow(path: str, flags: int) -> int:
+    """``open``'s opener that refuses a symlink (``O_NOFOLLOW``): a link made in place of a
+    results file would have the records written into whatever file it points at."""
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
+
+
 class RecordWriter:
     """Appends records to a file, flushing and syncing each line as it is written.
 
@@ -406,12 +437,17 @@ class RecordWriter:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Unbuffered bytes: a failed write leaves nothing queued for close() to retry.
-            self._file: IO[bytes] = open(self.path, "ab" if append else "wb", buffering=0)  # noqa: SIM115
+            self._file: IO[bytes] = open(self.path, "ab" if append else "wb", buffering=0,  # noqa: SIM115
+                                         opener=_no_follow)
             self._good = self._file.seek(0, os.SEEK_END)
         except OSError as exc:
             raise self._error(exc) from None
 
     def _error(self, exc: OSError) -> RecordsError:
+        if self.path.is_symlink():
+            return RecordsError(f"{self.path} is a symlink (to {os.readlink(self.path)}); "
+                                "records are written only into a file of their own: remove the "
+                                "link")
         why = exc.strerror or str(exc)
         return RecordsError(f"cannot write {self.path}: {why}; records so far are kept")
 

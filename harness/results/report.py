@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from tabulate import tabulate
 
 from harness.case import Case
+from harness.escape import fence, md
 from harness.results.records import (
     FAILING,
     STATUSES,
@@ -54,9 +55,15 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
-def _cell(text: str) -> str:
-    """Text safe inside a markdown table cell."""
-    return text.replace("|", "\\|").replace("\n", " ")
+def _cell(text: object) -> str:
+    """Text from records (or any other text not the harness's own), safe inside a markdown
+    table cell and in prose (:func:`harness.escape.md`)."""
+    return md(text)
+
+
+def _code(text: object) -> str:
+    """Such text as an inline code span (setups, backends)."""
+    return md(text, code=True)
 
 
 # ------------------------------------------------------------------------------ the view
@@ -90,7 +97,7 @@ class View:
 
 
 def _col(column: tuple[str, str]) -> str:
-    return f"`{column[0]}` `{column[1]}`"
+    return f"{_code(column[0])} {_code(column[1])}"
 
 
 # -------------------------------------------------------------------------------- sections
@@ -107,7 +114,7 @@ def header_section(view: View, title: str) -> str:
     synthetic = [label for label, t in view.setups() if _synthetic(t)]
     if synthetic:
         text += ("\n\n**Synthetic data**: the results of "
-                 + ", ".join(f"`{s}`" for s in synthetic)
+                 + ", ".join(_code(s) for s in synthetic)
                  + " are made-up fixtures, not measurements.")
     return text
 
@@ -122,10 +129,11 @@ def machines_section(view: View) -> str:
     for label, t in view.setups():
         flash = libraries_text(t)
         note = "SYNTHETIC" if _synthetic(t) else ""
-        rows.append([f"`{label}`", t.get("device_name", ""), t.get("arch", ""),
-                     t.get("runtime", ""), t.get("driver", "") or "–", t.get("torch", ""),
-                     t.get("triton", "") or "–", flash or "–", _fmt(t.get("peak_tflops"), 4),
-                     f"{t.get('harness', '')} {t.get('git_revision', '')}".strip(), note])
+        rows.append([_code(label), _cell(t.get("device_name", "")), _cell(t.get("arch", "")),
+                     _cell(t.get("runtime", "")), _cell(t.get("driver", "") or "–"),
+                     _cell(t.get("torch", "")), _cell(t.get("triton", "") or "–"),
+                     _cell(flash or "–"), _fmt(t.get("peak_tflops"), 4),
+                     _cell(f"{t.get('harness', '')} {t.get('git_revision', '')}".strip()), note])
     return "## Machines\n\n" + _table(rows, ["setup", "device", "arch", "runtime", "driver",
                                               "torch", "triton", "libraries", "peak TFLOP/s",
                                               "harness", "note"])
@@ -149,7 +157,7 @@ def summary_section(view: View) -> str:
     rows = []
     for column, counts in sorted(groups.items()):
         verdict = "FAIL" if any(counts[s] for s in FAILING) else "ok"
-        rows.append([f"`{column[0]}`", f"`{column[1]}`", verdict,
+        rows.append([_code(column[0]), _code(column[1]), verdict,
                      *[counts[s] or "" for s in used], sum(counts.values())])
     total = Counter(r.status for r in view.records)
     rows.append(["**all**", "", "", *[f"**{total[s]}**" if total[s] else "" for s in used],
@@ -169,7 +177,7 @@ def checks_section(view: View) -> str:
         ratios = [x for x in (finite_or_none(r.metrics.get("ratio")) for r in rs) if x is not None]
         status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(),
                                                          key=lambda kv: (-kv[1], kv[0])))
-        rows.append([f"`{setup}`", f"`{backend}`", check, status,
+        rows.append([_code(setup), _code(backend), check, status,
                      _fmt(max(ratios)) if ratios else "–"])
     return ("## Checks\n\nThe ratio is `max|kernel - reference| / max|baseline - reference|` "
             "(worst case); the rule allows 2 for outputs and 3 for gradients, plus a small "
@@ -313,12 +321,12 @@ def failures_section(view: View) -> str:
     for i, r in enumerate(failing, 1):
         case = case_of(r)
         parts.append(
-            f"### {i}. `{backend_label(r)}` {r.check} {r.status.upper()} on `{view.setup(r)}`: "
-            f"{case.label}\n\n"
-            f"{r.reason or 'no reason recorded'}\n\n"
-            f"```toml\n# case_id {r.case_id}, suite {r.suite or '–'}, seed {r.seed}\n"
-            f"{case.to_toml()}```\n\n"
-            f"```sh\n{replay_command(r)}\n```")
+            f"### {i}. {_code(backend_label(r))} {r.check} {r.status.upper()} on "
+            f"{_code(view.setup(r))}: {_cell(case.label)}\n\n"
+            f"{_cell(r.reason or 'no reason recorded')}\n\n"
+            + fence(f"# case_id {r.case_id}, suite {r.suite or '–'}, seed {r.seed}\n"
+                    f"{case.to_toml()}", "toml") + "\n\n"
+            + fence(replay_command(r), "sh"))
     return "\n\n".join(parts)
 
 
@@ -365,7 +373,7 @@ def coverage_section(view: View) -> str:
             reasons[(view.setup(r), backend_label(r), r.reason)] += 1
     if not reasons:
         return text + "\n\nNothing was skipped."
-    rows = [[f"`{s}`", f"`{b}`", n, _cell(reason)]
+    rows = [[_code(s), _code(b), n, _cell(reason)]
             for (s, b, reason), n in sorted(reasons.items(), key=lambda kv: (kv[0][0], kv[0][1],
                                                                              -kv[1], kv[0][2]))]
     return (text + "\n\n### Skipped, and why\n\nEvery skip carries its reason; counts are "
@@ -402,13 +410,13 @@ def throughput_section(view: View) -> str:
                 bwd = _rate(r, "bwd")
                 tag = f" `{_variant(case_of(r))}`" if label != case.label else ""
                 cells.append(_fmt(_rate(r, "fwd")) + (f" / {_fmt(bwd)}" if bwd else "") + tag)
-        rows.append([_cell(label), f"`{backend}`", *cells, vendor_ratio(by_setup, vendor)])
+        rows.append([_cell(label), _code(backend), *cells, _cell(vendor_ratio(by_setup, vendor))])
     text = ("## Throughput\n\nTFLOP/s, forward / backward, at the median of repeated timed calls "
             "(device events and a 256 MB L2 flush per call on GPUs, `perf_counter` on CPUs). FLOPs "
             "as in flash-attn's benchmark: 4·batch·heads·head_dim·(visible query-key pairs), "
             "backward 2.5x. The last column divides AMD by NVIDIA where both timed the same case "
             "on the same backend.\n\n"
-            + _table(rows, ["case", "backend", *[f"`{s}`" for s in setups], "AMD/NVIDIA"]))
+            + _table(rows, ["case", "backend", *[_code(s) for s in setups], "AMD/NVIDIA"]))
     return text + "\n\n" + throughput_details(view, timed)
 
 
@@ -462,9 +470,10 @@ def throughput_details(view: View, timed: Sequence[Record]) -> str:
         m = r.metrics
         bwd = m.get("bwd") or {}
         both = m.get("fwd_bwd") or {}
-        rows.append([f"`{view.setup(r)}`", f"`{backend_label(r)}`", _cell(case_of(r).label),
+        rows.append([_code(view.setup(r)), _code(backend_label(r)), _cell(case_of(r).label),
                      _fmt(m.get("time_ms")), _fmt(m.get("timing_iqr_ms"), 2),
-                     m.get("timing_reps", "–"), _fmt(m.get("tflops")), _fmt(m.get("pct_peak")),
+                     _cell(m.get("timing_reps", "–")), _fmt(m.get("tflops")),
+                     _fmt(m.get("pct_peak")),
                      _fmt(bwd.get("time_ms")), _fmt(bwd.get("tflops")),
                      _fmt(both.get("time_ms")), _fmt(both.get("tflops")),
                      _cell(str(m.get("timing_method", "")) + (
@@ -481,7 +490,7 @@ def plots_section(plots: PlotOutcome | None) -> str:
         return ""
     if not plots.files:
         return f"## Plots\n\nNo plot: {plots.skipped}."
-    images = "\n\n".join(f"![TFLOP/s against sequence length: {title}]({name})"
+    images = "\n\n".join(f"![TFLOP/s against sequence length: {_cell(title)}]({name})"
                          for title, name in plots.files)
     return ("## Plots\n\nTFLOP/s against sequence length, one plot per shape; solid lines are the "
             "forward, dashed the backward; bands span the interquartile range.\n\n" + images)
@@ -492,7 +501,8 @@ def inert_section(view: View) -> str:
     for r in view.records:
         inert = r.metrics.get("inert_features") if r.check == "fwd" else None
         if inert:
-            rows.append([r.case_id, _cell(case_of(r).label), ", ".join(inert)])
+            rows.append([r.case_id, _cell(case_of(r).label),
+                         _cell(", ".join(map(str, inert)) if isinstance(inert, list) else inert)])
     if not rows:
         return ""
     unique = [list(x) for x in dict.fromkeys(tuple(row) for row in rows)]

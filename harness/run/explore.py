@@ -33,6 +33,7 @@ from pathlib import Path
 
 from harness.backends.base import Capabilities
 from harness.case import Case
+from harness.escape import one_line
 from harness.options import get_profile
 from harness.results.records import FAILING, Record
 from harness.run.strategies import BUDGETS, cases, corners_for, outside_corner
@@ -246,6 +247,13 @@ def _describe_backend(backend: dict[str, str]) -> str:
             f"{backend.get('version') or 'unknown'})")
 
 
+def _comment(text: str) -> str:
+    """A TOML comment line: whatever the text holds (a kernel's flavor or message may hold
+    newlines, a ``[[case]]`` or control characters), it stays one comment of printable
+    characters (:func:`harness.escape.one_line`)."""
+    return "# " + one_line(text)
+
+
 def write_regression(directory: Path, backend: str, case: Case, failing: list[Record]) -> Path:
     """Write a minimal failing case as a suite file; returns its path."""
     from harness.results.records import replay_command
@@ -255,16 +263,17 @@ def write_regression(directory: Path, backend: str, case: Case, failing: list[Re
     first = failing[0] if failing else None
     target = first.target if first else {}
     lines = [
-        "# Minimal failing case found by attn-harness exploration (hypothesis shrinking).",
-        f"# backend: {backend}" + (_describe_backend(first.backend) if first else ""),
-        f"# target: {target.get('target_id', '?')} ({target.get('device_name', '?')}, torch "
-        f"{target.get('torch', '?')})",
+        _comment("Minimal failing case found by attn-harness exploration (hypothesis "
+                 "shrinking)."),
+        _comment(f"backend: {backend}" + (_describe_backend(first.backend) if first else "")),
+        _comment(f"target: {target.get('target_id', '?')} ({target.get('device_name', '?')}, "
+                 f"torch {target.get('torch', '?')})"),
     ]
     for record in failing:
         reason = " ".join(record.reason.split())
-        lines.append(f"# failed: {record.check} {record.status}: {reason[:400]}")
+        lines.append(_comment(f"failed: {record.check} {record.status}: {reason[:400]}"))
     if first:
-        lines.append(f"# replay: {replay_command(first)}")
+        lines.append(_comment(f"replay: {replay_command(first)}"))
     named = case.replace(name=case.name or f"regression {backend}")
     text = "\n".join(lines) + "\n\n" + named.to_toml()
     path.write_text(text, encoding="utf-8")
@@ -285,7 +294,7 @@ def summary(result: Exploration) -> str:
              f"{result.seconds_to_first_failure:.1f}s; shrunk in {result.shrink_steps} step(s) to",
              f"  {result.minimal.label}  (case_id {result.minimal.case_id})"]
     for record in result.failing:
-        lines.append(f"  {record.check} {record.status}: {record.reason[:300]}")
+        lines.append(f"  {record.check} {record.status}: {one_line(record.reason[:300])}")
     if result.failing:
         lines.append(f"  replay: {replay_command(result.failing[0])}")
     if result.regression:

@@ -10,6 +10,7 @@ and their deduplication (:func:`collect_cases`), where results go and whether th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -58,7 +59,9 @@ def validate_options(values: dict[str, Any], where: str = "--") -> RunOptions:
     checks = values.get("checks") or CHECK_NAMES
     return RunOptions(
         backends=backends, suites=suite_specs,
-        cases_dir=cases_dir, profile=values.get("profile") or "quick", checks=tuple(checks),
+        cases_dir=cases_dir,
+        max_cases=suites.MAX_CASES if values.get("max-cases") is None else values["max-cases"],
+        profile=values.get("profile") or "quick", checks=tuple(checks),
         seed=int(values.get("seed") or 0), explore=values.get("explore"),
         timeout_s=values.get("timeout"), max_gflop=values.get("max-gflop"),
         audit=bool(values.get("audit")),
@@ -170,7 +173,7 @@ def collect_cases(options: RunOptions, inline: Sequence[str] = ()) -> tuple[
     out: list[tuple[str, Case]] = []
     seen: dict[str, str] = {}
     repeats = 0
-    for suite, case in iter_cases(suites) + explicit:
+    for suite, case in iter_cases(suites, options.max_cases) + explicit:
         if case.case_id in seen:
             repeats += 1
             continue
@@ -216,10 +219,16 @@ def prepare_out_dir(path: Path, what: str = "--out") -> Path:
     return path
 
 
-def prepare_output_file(path: Path, what: str = "-o") -> Path:
-    """Make the parent of an output file exist; one line when it cannot."""
+def prepare_output_file(path: Path, what: str = "-o", inputs: Iterable[str | Path] = ()) -> Path:
+    """Make the parent of an output file exist; one line when it cannot, or when the output is
+    one of ``inputs`` (by the file itself, whatever the links and spellings that name it)."""
     if path.is_dir():
         raise UsageError(f"{what} {path}: is a directory; give a file name")
+    for given in inputs:
+        with contextlib.suppress(OSError):  # an input that does not exist is reported later
+            if path.exists() and os.path.samefile(path, given):
+                raise UsageError(f"{what} {path} is the input {given}: writing there would "
+                                 f"replace its records; give another {what}")
     prepare_out_dir(path.parent, what=what)
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"{what} {path}: not writable")
@@ -260,9 +269,9 @@ def resume_records(results: Path, target: dict[str, Any], options: RunOptions, *
                            else f"target ({r.target.get('target_id')})")
         if r.seed != options.seed:
             differs.append(f"seed ({r.seed}, this run {options.seed})")
-        profile = getattr(r, "profile", "") or options.profile
-        if profile != options.profile:
-            differs.append(f"profile ({profile}, this run {options.profile})")
+        if r.profile != options.profile:
+            differs.append(f"profile ({r.profile or 'not recorded: an older attn-harness'}, "
+                           f"this run {options.profile})")
         if differs:
             raise UsageError(f"--resume {results}: its records differ from this run in "
                              f"{'; '.join(differs)}; resume with the same settings or use "
@@ -292,19 +301,30 @@ def check_backend_versions(records: Iterable[Record], describe: dict[str, dict[s
 def write_report(records: Sequence[Record], out_dir: Path) -> Path:
     """Render ``out_dir/report.md``: plots, the jury's findings when a jury sat, and the known
     issues that matched nothing in these records."""
-    from harness.results import jury
+    from harness.results import jury, outdir
     from harness.results.plot import write_plots
     from harness.results.report import render
 
-    plots = write_plots(records, out_dir)
+    try:
+        plots = write_plots(records, out_dir)
+    except OSError as exc:
+        raise RecordsError(f"cannot write the plots into {out_dir} ({exc.strerror or exc}); "
+                           f"the records are kept in {out_dir}: attn-harness report renders "
+                           "them again once it can write") from None
     extra = []
     jury_file = out_dir / "jury.jsonl"
     if jury_file.exists():
         extra.append(jury.section(jury.read(jury_file)))
     path = out_dir / "report.md"
     known = validate_known_issues()
-    path.write_text(render(records, plots=plots, extra_sections=extra, known_issues=known or None),
-                    encoding="utf-8")
+    text = render(records, plots=plots, extra_sections=extra, known_issues=known or None)
+    try:
+        with outdir.open_for_writing(path) as out:
+            out.write(text)
+    except OSError as exc:  # a full disk, a vanished or read-only file system
+        raise RecordsError(f"cannot write {path} ({exc.strerror or exc}); the records are kept "
+                           f"in {out_dir}: attn-harness report renders them again once it can "
+                           "write") from None
     return path
 
 
@@ -348,6 +368,7 @@ class PytestSession:
     _runner: Any = None
     _writer: RecordWriter | None = None
     _out: Path | None = None
+    _lock: Any = None
     _count: int = 0
     _cases: list[tuple[str, Case]] | None = None
 
@@ -367,10 +388,21 @@ class PytestSession:
             self.capabilities[spec] = info["capabilities"]
             self.unavailable[spec] = info["availability"] or ""
         target = worker.outcome.target
-        self._out = prepare_out_dir(self.options.out or Path("reports") / target["target_id"],
-                                    "--attn-out")
-        name = f"results-{self.worker_id}.jsonl" if self.worker_id else "results.jsonl"
-        self._writer = RecordWriter(self._out / name)
+        from harness.results import outdir
+
+        try:
+            self._out = prepare_out_dir(self.options.out or Path("reports") / target["target_id"],
+                                        "--attn-out")
+            name = f"results-{self.worker_id}.jsonl" if self.worker_id else "results.jsonl"
+            # xdist workers share the folder, each with a file of its own; one session owns it.
+            self._lock = None if self.worker_id else outdir.lock(self._out, "--attn-out")
+            outdir.refuse_links(self._out, (name, "report.md", "jury.jsonl"), "--attn-out")
+            self._writer = RecordWriter(self._out / name)
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            worker.__exit__(None, None, None)
+            raise
 
     def suite_cases(self) -> list[tuple[str, Case]]:
         if self._cases is None:
@@ -423,8 +455,13 @@ class PytestSession:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        if controller and self._out is not None:
-            self.report = report_from_files(self._out, since=self.started)
+        try:
+            if controller and self._out is not None:
+                self.report = report_from_files(self._out, since=self.started)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     def summary_lines(self) -> list[str]:
         lines = [f"{self._count} record(s) from backends {', '.join(self.backends)}"]

@@ -15,7 +15,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,7 +183,7 @@ def execute(task: Task, target, backends: dict[str, Any]):
             case_id=task.case.case_id, case=task.case.to_dict(), backend=backend.describe(),
             target=target.to_dict(), check=verdict.check, status=verdict.status,
             metrics=_clean(verdict.metrics), reason=verdict.reason, suite=task.suite,
-            seed=task.seed, time=now())
+            seed=task.seed, profile=task.profile, time=now())
         known = match(task.case, backend.describe(), target, check=record.check)
         if known is not None:
             # The id tells the report which entries matched (known_issues.unmatched).
@@ -422,7 +422,7 @@ def _abandon(task: Task, worker: Worker, current, pending, status, reason, emit)
             rec_status, rec_reason = "skip", f"not run: {current} of this case ended in {status}"
         emit(Record(case_id=task.case.case_id, case=task.case.to_dict(), backend=worker.backend,
                     target=worker.target, check=check, status=rec_status, reason=rec_reason,
-                    suite=task.suite, seed=task.seed, time=now()))
+                    suite=task.suite, seed=task.seed, profile=task.profile, time=now()))
 
 
 def run_tasks_on_devices(tasks: Iterable[Task], sink: Callable[[Record], None], *,
@@ -508,9 +508,10 @@ def run_tasks_on_devices(tasks: Iterable[Task], sink: Callable[[Record], None], 
 class ExplorationWorker:
     """Runs one case at a time for exploration, replacing the worker when a case kills it.
 
-    ``run`` skips checks already recorded (``done`` keys of ``(backend, case_id, check)``, from a
-    resumed run) or already run in this session (hypothesis replays the minimal example), and
-    returns the case's records from this session.
+    ``run`` skips checks already recorded (``done``: ``(backend, case_id, check)`` keys of a
+    resumed run, mapped to their records) or already run in this session (hypothesis replays the
+    minimal example), and returns the case's records, those kept from before included: a
+    failure recorded before an interruption is a failure of the resumed exploration too.
     """
 
     def __init__(self, timeout_s: float, env: dict[str, str] | None = None, *,
@@ -532,12 +533,13 @@ class ExplorationWorker:
         return self._ensure().resolve(specs)
 
     def run(self, task: Task, sink: Callable[[Record], None],
-            done: set[tuple[str, str, str]] | None = None) -> list[Record]:
-        done = done or set()
+            done: Mapping[tuple[str, str, str], Record] | None = None) -> list[Record]:
+        done = done or {}
         keys = {c: (task.backend, task.case.case_id, c) for c in task.checks}
         remaining = tuple(c for c in task.checks
                           if keys[c] not in done and keys[c] not in self.kept)
-        old = [self.kept[keys[c]] for c in task.checks if keys[c] in self.kept]
+        old = [self.kept[keys[c]] if keys[c] in self.kept else done[keys[c]]
+               for c in task.checks if keys[c] in self.kept or keys[c] in done]
         if not remaining:
             return old
         from dataclasses import replace
