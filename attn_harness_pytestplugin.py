@@ -102,6 +102,26 @@ def pytest_generate_tests(metafunc) -> None:
         metafunc.parametrize("attn_case", cases, ids=ids)
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under ``--attn-shard``, deselect the case tests outside this share (exploration tests stay:
+    each shard explores its own part)."""
+    state = config.stash.get(_STATE_KEY, None)
+    if not state or state.get("session") is None or state["options"].shard is None:
+        return
+    session = state["session"]
+    kept, dropped = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "attn_case" in params and "attn_backend" in params and not session.in_share(
+                params["attn_case"][1], params["attn_backend"]):
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 @pytest.fixture(scope="session")
 def attn(request):
     """The parity session: runs cases on backends in an isolated worker process."""

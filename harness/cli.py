@@ -199,12 +199,13 @@ def _devices(spec, target: dict, notes: list[str]) -> list[int]:
 
 
 def _out_dir(args, opts, target: dict) -> Path:
-    """The output folder, made, locked for this run (``args.out_lock``) and free of links in
-    place of the files the run writes (:mod:`harness.results.outdir`)."""
+    """The output folder (a shard's own under ``--out`` when sharded), made, locked for this run
+    (``args.out_lock``) and free of links in place of the files the run writes
+    (:mod:`harness.results.outdir`)."""
     from harness.results import outdir
-    from harness.run.session import prepare_out_dir
+    from harness.run.session import prepare_out_dir, shard_out_dir
 
-    path = prepare_out_dir(opts.out or Path("reports") / target["target_id"])
+    path = prepare_out_dir(shard_out_dir(opts.out or Path("reports") / target["target_id"], opts))
     args.out_lock = outdir.lock(path)
     outdir.refuse_links(path)
     return path
@@ -218,10 +219,14 @@ def _run(args, opts, cases, target, specs, resolved, notes, worker) -> int:
         deliberate,
         failed,
         make_task,
+        take_share,
         write_report,
     )
     from harness.run.worker import run_tasks
 
+    share = take_share(cases, specs, opts)
+    opts = share.options
+    notes += share.notes
     out_dir = _out_dir(args, opts, target)
     results = out_dir / "results.jsonl"
     done = _resumed(args, opts, target, results,
@@ -231,12 +236,15 @@ def _run(args, opts, cases, target, specs, resolved, notes, worker) -> int:
     tasks = []
     for suite, case in cases:
         for spec in specs:
+            if (case.case_id, spec) not in share.keys:
+                continue
             remaining = tuple(c for c in opts.checks if (spec, case.case_id, c) not in done)
             if remaining:
                 tasks.append(make_task(suite, case, spec, opts, checks=remaining,
                                        jury_dir=str(jury_dir or "")))
     print(f"attn-harness {__version__} on {target['target_id']} ({target['device_name']}): "
-          f"{len(cases)} case(s) x {len(specs)} backend(s) [{', '.join(specs)}], "
+          f"{len(cases)} case(s) x {len(specs)} backend(s) [{', '.join(specs)}]"
+          f"{f', shard {opts.shard}' if opts.shard is not None else ''}, "
           f"checks {','.join(opts.checks)}, profile {opts.profile}, seed {opts.seed}",
           file=sys.stderr)
     for note in notes:
@@ -318,7 +326,9 @@ def _explore(args, opts, specs, sink, done, worker=None) -> list[str]:
             info = resolved[spec]
             if "error" in info or info["availability"]:
                 continue
-            print(f"exploring {spec}: up to {opts.examples} generated case(s), checks "
+            part = (f" (shard {opts.shard}: its part of {opts.examples * opts.shard.count})"
+                    if opts.shard is not None else "")
+            print(f"exploring {spec}: up to {opts.examples} generated case(s){part}, checks "
                   f"{','.join(checks)}, seed {opts.seed}", file=sys.stderr)
 
             def run_case(case, spec=spec):
@@ -334,7 +344,8 @@ def _explore(args, opts, specs, sink, done, worker=None) -> list[str]:
             # Only generated cases and the minimal failure are recorded, not each shrink step.
             result = explore(spec, info["capabilities"], run_case, profile=opts.profile,
                              examples=opts.examples, seed=opts.seed, on_record=record,
-                             regressions=opts.regressions, backward=gradients(checks))
+                             regressions=opts.regressions, backward=gradients(checks),
+                             shard=opts.shard)
             summaries.append(summary(result))
     return summaries
 
@@ -369,15 +380,17 @@ def _run_in_process(args, opts, cases) -> int:
     from harness.backends import known_backends, load_backend
     from harness.results.records import RecordWriter, read_records
     from harness.run.machine import detect
-    from harness.run.session import failed, make_task, write_report
+    from harness.run.session import failed, make_task, take_share, write_report
     from harness.run.worker import run_in_process
 
     target = detect().to_dict()
     specs = list(opts.backends) or [s for s in known_backends()
                                     if not load_backend(s).availability()]
+    share = take_share(cases, specs, opts)
+    opts = share.options
     out_dir = _out_dir(args, opts, target)
     results = out_dir / "results.jsonl"
-    notes: list[str] = []
+    notes: list[str] = list(share.notes)
     done = _resumed(args, opts, target, results,
                     {s: load_backend(s).describe() for s in specs}, notes)
     for note in notes:
@@ -385,6 +398,8 @@ def _run_in_process(args, opts, cases) -> int:
     tasks = []
     for suite, case in cases:
         for spec in specs:
+            if (case.case_id, spec) not in share.keys:
+                continue
             remaining = tuple(c for c in opts.checks if (spec, case.case_id, c) not in done)
             if remaining:
                 tasks.append(make_task(suite, case, spec, opts, checks=remaining))

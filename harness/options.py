@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness import shard as sharding
 from harness.errors import UsageError
+from harness.shard import Shard
 from harness.vocab import CHECK_NAMES
 
 PREFIX = "attn-"
@@ -146,6 +148,22 @@ def parse_non_negative(value: str) -> float:
     return x
 
 
+def parse_shard(value: str) -> Shard | str:
+    """``I/N`` (0-based, ``0 <= I < N``), ``auto`` or ``auto/N`` (:mod:`harness.shard`)."""
+    try:
+        return sharding.parse_shard(value)
+    except ValueError as exc:
+        raise _fail(value, str(exc)) from None
+
+
+def parse_run_id(value: str) -> str:
+    """A run id: 1-64 letters, digits, ``.``, ``_``, ``:`` or ``-``."""
+    try:
+        return sharding.check_run_id(value)
+    except ValueError as exc:
+        raise _fail(value, str(exc)) from None
+
+
 def parse_timeout(value: str) -> float:
     """Seconds > 0; ``none``, ``inf`` or anything above 1e6 s means no limit (``math.inf``)."""
     if value.strip().lower() in ("none", "inf", "infinity", "0"):
@@ -175,6 +193,9 @@ class Option:
         append: repeatable, values collected in a list.
         flag: takes no value (``store_true``).
         alias: the plugin's former spelling, still accepted (deprecated, one release).
+        greedy: with ``append``, the command line also takes several values after one flag
+            (``--durations a.jsonl b.jsonl``); pytest takes one per flag, so that the values
+            cannot swallow the test paths that follow.
     """
 
     name: str
@@ -186,6 +207,7 @@ class Option:
     append: bool = False
     flag: bool = False
     alias: str = ""
+    greedy: bool = False
 
     def dest(self, prefix: str) -> str:
         return (prefix + self.name).replace("-", "_")
@@ -230,6 +252,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("graph-replay", "throughput: capture each timed call in a CUDA/HIP graph and time its "
                            "replays (tiny problems); records say when capture was impossible",
            "plain calls", flag=True),
+    Option("shard", "take the I-th of N disjoint shares of the tasks (case x backend), the same "
+                    "partition on every machine; I is 0-based (0 <= I < N); 'auto' reads "
+                    "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, 'auto/N' also "
+                    "JOB_COMPLETION_INDEX (Kubernetes Indexed Jobs); results go to "
+                    "OUT/shard-I-of-N/ and exploration covers the shard's part of N times the "
+                    "examples", "no sharding", metavar="I/N|auto|auto/N", type=parse_shard),
+    Option("durations", "results files of an earlier run (or folders holding results*.jsonl): "
+                        "shares are packed longest first by the recorded time of each check, "
+                        "repeatable", "the harness's own cost estimate",
+           metavar="FILE|DIR", append=True, greedy=True),
+    Option("run-id", "the id every record of this sweep carries, the same for all its shards",
+           "with --shard, derived from the partition and the settings (sweep-<12 hex>); none "
+           "otherwise", metavar="ID", type=parse_run_id),
 )
 
 
@@ -252,6 +287,8 @@ def add_options(addoption: Callable[..., Any], prefix: str,
                 kwargs["type"] = opt.type
             if opt.append:
                 kwargs["action"] = "append"
+            if opt.append and opt.greedy and prefix != PREFIX:
+                kwargs.update(action="extend", nargs="+")
         addoption(*names, **kwargs)
 
 
@@ -284,6 +321,15 @@ class RunOptions:
     regressions: Path = Path("cases/regressions")
     graph_replay: bool = False
     notes: tuple[str, ...] = ()
+    #: The share of a sharded sweep this run takes (``--shard``, ``auto`` resolved), or None.
+    shard: Shard | None = None
+    #: ``--durations``: results files of an earlier run that balance the shares.
+    durations: tuple[Path, ...] = ()
+    #: ``--run-id`` until :func:`harness.run.session.take_share` sets the sweep's id (derived
+    #: when not given).
+    run_id: str = ""
+    #: Tasks in this run's share (set by :func:`harness.run.session.take_share`).
+    shard_tasks: int | None = None
 
     @property
     def timeout(self) -> float:

@@ -89,6 +89,9 @@ class CheckSpec:
         timing: times calls: skipped by exploration (which hunts wrong numbers), shown in the
             report's throughput table and plots, and compared by time, not by status alone.
         ratio: records ``metrics["ratio"]`` (err / baseline_err) that compare watches.
+        cost: forward passes' worth of arithmetic one check of a case does (the kernel, the
+            reference and the baseline, each with its backward where there is one; repeated
+            runs): what a shard's share is estimated by when no durations are given.
     """
 
     name: str
@@ -99,6 +102,7 @@ class CheckSpec:
     gradients: bool = False
     timing: bool = False
     ratio: bool = False
+    cost: float = 1.0
 
     @property
     def work(self) -> float:
@@ -109,10 +113,12 @@ class CheckSpec:
 #: The registry, in the order checks run and appear.
 CHECKS: dict[str, CheckSpec] = {spec.name: spec for spec in (
     CheckSpec("fwd", "the forward output (and lse) against the exact reference",
-              reference=True, baseline=True, ratio=True),
+              reference=True, baseline=True, ratio=True, cost=3.0),
     CheckSpec("bwd", "dq, dk, dv against the exact reference's gradients",
-              reference=True, baseline=True, gradients=True, ratio=True),
-    CheckSpec("determinism", "identical inputs and seed give bitwise identical results"),
+              reference=True, baseline=True, gradients=True, ratio=True,
+              cost=3.0 * (1 + BWD_FLOP_FACTOR)),
+    CheckSpec("determinism", "identical inputs and seed give bitwise identical results",
+              cost=2.0 * (1 + BWD_FLOP_FACTOR)),
     CheckSpec("throughput", "median time and TFLOP/s", judged=False, timing=True),
 )}
 

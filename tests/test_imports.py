@@ -103,7 +103,7 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 #: by side on top (the plugin is outside the package and checked on its own below).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("harness", "harness.vocab", "harness.errors", "harness.options", "harness.target",
-     "harness.escape"),
+     "harness.escape", "harness.shard"),
     ("harness.case",),
     ("harness.exact",),
     ("harness.backends", "harness.results"),

@@ -8,6 +8,7 @@ scripts, with the fixtures under ``tests/fixtures/nightly`` (see its README) and
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -109,6 +110,45 @@ def test_merge_against_an_identical_night_passes(tmp_path):
     shutil.copytree(FIXTURES / "artifacts", cwd / "baseline" / "results")
     result = merge(cwd)
     assert result.returncode == 0, result.stderr + (cwd / "merged" / "compare.md").read_text()
+
+
+def sharded_night(tmp_path: Path, shards: list[int]) -> Path:
+    """Artifacts as the exhaustive profile's legs leave them: the H100 leg's (synthetic) records
+    split over two shard legs, each uploading results/shard-I-of-2/results.jsonl, stamped with
+    the shard, the share's task count and one run id as attn-harness run --shard writes them."""
+    leg = FIXTURES / "artifacts" / "results-cuda12.8-sm90-h100-cuda" / "results.jsonl"
+    records = [json.loads(line) for line in leg.read_text().splitlines()]
+    tasks = sorted({r["case_id"] for r in records})  # one case per shard: its checks together
+    parts = [[r for r in records if tasks.index(r["case_id"]) % 2 == i] for i in range(2)]
+    for index in shards:
+        folder = (tmp_path / "artifacts" / f"results-cuda12.8-sm90-h100-cuda-shard{index}"
+                  / f"shard-{index}-of-2")
+        folder.mkdir(parents=True)
+        tasks = len({(r["case_id"], r["backend"]["name"]) for r in parts[index]})
+        lines = [json.dumps({**r, "run_id": "sweep-0123456789ab", "shard": f"{index}/2",
+                             "shard_tasks": tasks}) for r in parts[index]]
+        (folder / "results.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "baseline").mkdir()
+    return tmp_path
+
+
+def test_merge_collects_the_shard_legs_and_names_their_shards(tmp_path):
+    cwd = sharded_night(tmp_path, [0, 1])
+    result = merge(cwd)
+    assert result.returncode == 0, result.stderr
+    legs = sorted(p.name for p in (cwd / "merged" / "results").iterdir())
+    assert legs == ["results-cuda12.8-sm90-h100-cuda-shard0",
+                    "results-cuda12.8-sm90-h100-cuda-shard1"]
+    report = (cwd / "merged" / "report.md").read_text()
+    assert "Run `sweep-0123456789ab` on `cuda12.8-sm90-h100`: shards: 2 of 2 (0,1)." in report
+
+
+def test_merge_names_a_shard_whose_leg_left_nothing(tmp_path):
+    cwd = sharded_night(tmp_path, [1])
+    result = merge(cwd)
+    assert result.returncode == 0, result.stderr
+    report = (cwd / "merged" / "report.md").read_text()
+    assert "shards: 1 of 2 (1); missing 0/2: no record" in report
 
 
 # ------------------------------------------------------------------------ nightly-baseline

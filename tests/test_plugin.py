@@ -48,9 +48,11 @@ def test_help_lists_every_option_in_one_group(pytester):
                    "--attn-profile=quick|nightly|exhaustive", "--attn-checks=LIST",
                    "--attn-seed=N", "--attn-explore=N, --attn-examples=N", "--attn-timeout=S",
                    "--attn-max-gflop=N", "--attn-audit", "--attn-out=DIR, --attn-records=DIR",
-                   "--attn-regressions=DIR", "--attn-graph-replay"):
+                   "--attn-regressions=DIR", "--attn-graph-replay",
+                   "--attn-shard=I/N|auto|auto/N", "--attn-durations=FILE|DIR",
+                   "--attn-run-id=ID"):
         assert option in text, option
-    assert text.count("(default:") >= 14
+    assert text.count("(default:") >= 17
 
 
 def test_the_cli_and_the_plugin_share_names_and_defaults():

@@ -182,6 +182,20 @@ def test_nightly_legs_are_thin_harness_commands():
             "results-${{ steps.target.outputs.id }}-")
 
 
+def test_nightly_splits_the_exhaustive_profile_over_shards_per_machine_kind():
+    workflow = load(WORKFLOWS / "nightly.yml")
+    shards = "${{ fromJSON(inputs.profile == 'exhaustive' && '[0, 1, 2, 3]' || '[0]') }}"
+    assert workflow["env"]["SHARDS"] == "${{ inputs.profile == 'exhaustive' && '4' || '1' }}"
+    for leg in ("amd", "nvidia", "cpu"):
+        job = workflow["jobs"][leg]
+        assert job["strategy"]["matrix"]["shard"] == shards, leg
+        assert job["env"]["SHARD"] == "${{ matrix.shard }}"
+        runs = [step["run"] for step in job["steps"] if "run" in step]
+        assert any('--shard "$SHARD/$SHARDS"' in r for r in runs), leg
+        upload = next(s for s in job["steps"] if "upload-artifact" in s.get("uses", ""))
+        assert upload["with"]["name"].endswith("-shard${{ matrix.shard }}")
+
+
 def test_nightly_final_job_runs_the_tested_scripts():
     merge = load(WORKFLOWS / "nightly.yml")["jobs"]["merge"]
     runs = "\n".join(step.get("run", "") for step in merge["steps"])

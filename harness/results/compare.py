@@ -27,7 +27,9 @@ Rules (the defaults are :class:`Thresholds`'s; every one is documented in the ou
 * **Missing**: a baseline record with no counterpart in the run is a regression (an empty or
   partial results file must not read as "no regression"), unless the case or backend was
   dropped on purpose (``compare(..., allow_missing=True)``, the CLI's ``--allow-missing``): then
-  it is a notice.
+  it is a notice. When a shard of a sharded run is missing or stopped early
+  (:func:`harness.shard.shard_runs`), nothing was dropped on purpose: its tasks' baseline
+  records are regressions even with ``--allow-missing``, and the output names the shard.
 
 ``attn-harness compare`` prints :func:`render_markdown` and exits 1 when anything regressed.
 """
@@ -48,6 +50,7 @@ from harness.results.records import (
     setup_labels,
 )
 from harness.results.stats import shifted
+from harness.shard import shard_runs
 
 #: Rank of each status; higher is worse. ``skip`` is absent: it is not a result.
 RANK = vocab.RANK
@@ -110,6 +113,10 @@ class Comparison:
     thresholds: Thresholds = field(default_factory=Thresholds)
     #: Whether missing baseline records were allowed (notices, not regressions).
     allow_missing: bool = False
+    #: One line per sharded run of the current records: which shards are present.
+    shards: list[str] = field(default_factory=list)
+    #: Whether a shard of the current records is missing or stopped early.
+    shard_gaps: bool = False
 
     @property
     def regressions(self) -> list[Change]:
@@ -180,20 +187,34 @@ def compare(current: Iterable[Record], baseline: Iterable[Record],
         out.changes.extend(changes_between(r, b, labels[fp], th))
     out.missing = len(base_by_key) - len(seen)
     out.allow_missing = allow_missing
+    runs = shard_runs(current, lambda r: labels[setup_fingerprint(r.target)])
+    gaps = [run for run in runs if run.missing or run.incomplete]
+    out.shards = [f"`{run.run_id}` on `{run.setup}`: {run.line()}" for run in runs]
+    out.shard_gaps = bool(gaps)
+    shard_note = "; ".join(
+        f"run {run.run_id} on {run.setup} lacks shard(s) "
+        f"{', '.join(str(i) for i in [*run.missing, *(i for i, _, _ in run.incomplete)])} "
+        f"of {run.count}" for run in gaps)
     for k, b in base_by_key.items():
         if k not in seen:
-            out.changes.append(missing_change(b, base_labels[k[0]], allow_missing))
+            out.changes.append(missing_change(b, base_labels[k[0]], allow_missing and not gaps,
+                                              shard_note))
     order = {"regression": 0, "improvement": 1, "notice": 2}
     out.changes.sort(key=lambda c: (order[c.kind], c.what, c.setup, c.backend, c.case, c.check))
     return out
 
 
-def missing_change(before: Record, setup: str, allowed: bool) -> Change:
-    """A baseline record the run has no counterpart for (``setup``: the baseline's label)."""
+def missing_change(before: Record, setup: str, allowed: bool, shards: str = "") -> Change:
+    """A baseline record the run has no counterpart for (``setup``: the baseline's label;
+    ``shards``: which shards of the run are missing or incomplete, when some are)."""
 
-    detail = ("dropped on purpose (--allow-missing)" if allowed else
-              "the run has no record of this check; pass --allow-missing if the case or "
-              "backend was dropped on purpose")
+    if shards:
+        detail = (f"the run has no record of this check, and {shards}: its tasks count as "
+                  "missing (run the shard again, or give its results file)")
+    else:
+        detail = ("dropped on purpose (--allow-missing)" if allowed else
+                  "the run has no record of this check; pass --allow-missing if the case or "
+                  "backend was dropped on purpose")
     return Change("notice" if allowed else "regression", "missing", setup, backend_label(before),
                   before.case_id, case_of(before).label, before.check, before.status, "not run",
                   detail)
@@ -297,6 +318,9 @@ def render_markdown(c: Comparison, *, level: int = 1) -> str:
     if c.unpaired:
         parts.append("No baseline for: " + ", ".join(md(u, code=True) for u in c.unpaired)
                      + ".")
+    if c.shards:
+        parts.append("\n".join(f"- Run {line}." if not c.shard_gaps else f"- **Run {line}.**"
+                               for line in c.shards))
     th = c.thresholds
     parts.append(f"Rules: a status whose rank rises (pass < xfail < fail/error < crash/timeout) "
                  f"is a regression; an error ratio that grows by more than "

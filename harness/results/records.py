@@ -1,12 +1,14 @@
 """``results.jsonl``: one JSON record per line, the source of truth for every report.
 
 Each line has the keys ``schema, case_id, case, backend, target, check, status, metrics,
-reason`` (plus ``suite``, ``seed``, ``profile`` and ``time``). The versioned JSON Schema is
-``harness/results/schema/records.schema.json``; :func:`record_from_dict` enforces that very file
-with a small validator of its own (the keywords the schema uses, nothing more), so any JSON Schema
-validator and the harness accept exactly the same records, while the harness's errors stay one
-line naming the file, the line and the field. :func:`read_records` then checks the case itself
-(``harness.case.case_from_dict``: cross-field rules no schema can state).
+reason`` (plus ``suite``, ``seed``, ``profile``, ``time``, and since sweeps can be sharded
+``seconds``, ``run_id``, ``shard`` and ``shard_tasks``; older files without them still read). The
+versioned JSON Schema is ``harness/results/schema/records.schema.json``; :func:`record_from_dict`
+enforces that very file with a small validator of its own (the keywords the schema uses, nothing
+more), so any JSON Schema validator and the harness accept exactly the same records, while the
+harness's errors stay one line naming the file, the line and the field. :func:`read_records`
+then checks the case itself (``harness.case.case_from_dict``: cross-field rules no schema can
+state).
 """
 
 from __future__ import annotations
@@ -51,6 +53,14 @@ class Record:
     profile: str = ""
     time: str = ""
     schema: int = SCHEMA_VERSION
+    #: Wall time of this check as the run saw it, seconds (``--durations`` packs shards by it).
+    seconds: float | None = None
+    #: The sweep this record belongs to, shared by all its shards (``harness.shard``).
+    run_id: str = ""
+    #: ``I/N``: the share of the sweep that ran it (0-based); empty for an unsharded run.
+    shard: str = ""
+    #: Tasks (case x backend) in that share, so a report can tell a shard that stopped early.
+    shard_tasks: int | None = None
 
     @property
     def backend_name(self) -> str:
@@ -71,7 +81,15 @@ class Record:
         return (self.target_id, self.backend_name, self.backend_flavor, self.case_id, self.check)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=False, allow_nan=False, default=_jsonable)
+        data = asdict(self)
+        for key in UNSET_OMITTED:  # an unsharded run's lines stay as they were
+            if data[key] in ("", None):
+                del data[key]
+        return json.dumps(data, sort_keys=False, allow_nan=False, default=_jsonable)
+
+
+#: Fields left out of a line while unset (empty or None): they are optional in the schema.
+UNSET_OMITTED = ("seconds", "run_id", "shard", "shard_tasks")
 
 
 def _jsonable(value: Any) -> Any:

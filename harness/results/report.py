@@ -37,6 +37,7 @@ from harness.results.records import (
     setup_fingerprint,
     setup_labels,
 )
+from harness.shard import shard_runs
 from harness.vocab import CHECK_NAMES, JUDGED, SEVERITY, TIMED
 
 if TYPE_CHECKING:
@@ -111,12 +112,25 @@ def header_section(view: View, title: str) -> str:
     if view.superseded:
         text += (f" {view.superseded} earlier record(s) of the same check, case, backend and "
                  "setup were replaced by later ones and are not counted.")
+    shards = shards_text(view)
+    if shards:
+        text += "\n\n" + shards
     synthetic = [label for label, t in view.setups() if _synthetic(t)]
     if synthetic:
         text += ("\n\n**Synthetic data**: the results of "
                  + ", ".join(_code(s) for s in synthetic)
                  + " are made-up fixtures, not measurements.")
     return text
+
+
+def shards_text(view: View) -> str:
+    """One line per sharded run and setup: which shards are present, and any missing, stopped
+    early or doubled (``harness.shard.shard_runs``); shards of one setup share its columns."""
+    lines = []
+    for run in shard_runs(view.records, view.setup):
+        line = f"Run `{run.run_id or 'without id'}` on `{run.setup}`: {run.line()}."
+        lines.append(line if run.complete else f"**{line}**")
+    return "\n".join(f"- {line}" for line in lines)
 
 
 def _synthetic(target: dict[str, Any]) -> bool:
@@ -499,7 +513,7 @@ def plots_section(plots: PlotOutcome | None) -> str:
 def inert_section(view: View) -> str:
     rows = []
     for r in view.records:
-        inert = r.metrics.get("inert_features") if r.check == "fwd" else None
+        inert = r.metrics.get("inert_features")
         if inert:
             rows.append([r.case_id, _cell(case_of(r).label),
                          _cell(", ".join(map(str, inert)) if isinstance(inert, list) else inert)])

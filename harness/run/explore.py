@@ -16,6 +16,15 @@ included, visits each. A failure inside a corner shrinks inside it, and is then 
 outside it (normal values, contiguous tensors, no dropout): if it still fails, that is the
 minimal case reported, so a corner never takes credit for a bug it does not need.
 
+A shard of a sharded sweep (``--shard I/N``) explores its own part of the seed space: it makes
+the plan of one run with N times the examples, takes the cases ``j`` of that plan (numbered
+across its phases) with ``j mod N == I`` (:func:`harness.shard.explore_share`), and draws them
+with its own hypothesis seed (:func:`harness.shard.explore_seed`: SHA-256 of the seed and the
+shard). So N shards together run the phases and corner counts of one run of ``N x examples``,
+each with a different random stream; they do not draw the very cases that one run would (a
+hypothesis run cannot be split without drawing all of it), and two shards may, rarely, draw
+the same case. Input tensors still use the run's ``--seed``, so every replay command holds.
+
 Settings profiles (``attn-quick``, ``attn-nightly``, ``attn-exhaustive``) are registered with
 hypothesis: no deadline (kernels compile on first use), an explicit seed (``--seed``) so a run
 is reproducible, and the example database under the ignored ``.hypothesis/`` directory locally,
@@ -37,6 +46,7 @@ from harness.escape import one_line
 from harness.options import get_profile
 from harness.results.records import FAILING, Record
 from harness.run.strategies import BUDGETS, cases, corners_for, outside_corner
+from harness.shard import Shard, explore_seed, explore_share
 
 DATABASE_DIR = Path(".hypothesis") / "attn-harness"
 
@@ -68,6 +78,7 @@ class Exploration:
         phases: the ``(corner, cases)`` plan it followed (:func:`plan`).
         unreachable: corners of the plan no case of which the backend's claims and the budget
             allow.
+        shard: ``I/N`` when this was a shard's part of a sharded exploration.
     """
 
     backend: str
@@ -81,6 +92,7 @@ class Exploration:
     seconds: float = 0.0
     phases: list[tuple[str | None, int]] = field(default_factory=list)
     unreachable: list[str] = field(default_factory=list)
+    shard: str = ""
 
 
 def settings_for(profile: str, examples: int | None = None):
@@ -129,7 +141,7 @@ def plan(corners: list[str], examples: int, seed: int = 0) -> list[tuple[str | N
 def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case], list[Record]], *,
             profile: str = "quick", examples: int | None = None, seed: int = 0,
             on_record: Callable[[Record], None] | None = None, backward: bool = True,
-            regressions: Path | None = None) -> Exploration:
+            regressions: Path | None = None, shard: Shard | None = None) -> Exploration:
     """Search for a failing case of ``backend`` (see the module docstring).
 
     Args:
@@ -143,6 +155,8 @@ def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case],
         backward: whether the backward is judged (bwd among the checks): only then is the
             strided-dout corner explored.
         regressions: where to write the minimal failing case (None: do not write).
+        shard: this run's share of a sharded sweep: explore its part of the plan for
+            ``N x examples`` with its own seed (see the module docstring).
     """
     from hypothesis import given
     from hypothesis import seed as hypothesis_seed
@@ -152,7 +166,18 @@ def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case],
     state: dict = {"failed": False, "error": None}
     budget = BUDGETS[profile]
     count = get_profile(profile).explore_examples if examples is None else examples
-    result.phases = plan(corners_for(capabilities, budget, backward), count, seed)
+    corners = corners_for(capabilities, budget, backward)
+    #: phases whose first draw (the strategy's simplest case, the same for every seed) another
+    #: shard runs: this one draws another case in its place
+    not_first: set[int] = set()
+    if shard is None:
+        result.phases = plan(corners, count, seed)
+    else:
+        mine = [p for p in explore_share(plan(corners, count * shard.count, seed), shard) if p[1]]
+        result.phases = [(c, n) for c, n, _ in mine]
+        not_first = {p for p, (_, _, first) in enumerate(mine) if not first}
+        result.shard = str(shard)
+    draw_seed = explore_seed(seed, shard)
 
     emitted: set[tuple[str, str]] = set()
 
@@ -167,17 +192,23 @@ def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case],
 
     seen: set[str] = set()
 
-    def phase(corner: str | None, n: int) -> None:
-        @hypothesis_seed(seed)
+    def phase(corner: str | None, n: int, skip_first: bool = False) -> None:
+        calls = [0]
+
+        @hypothesis_seed(draw_seed)
         @settings_for(profile, n)
         @given(cases(capabilities, budget, backward=False, corner=corner))
         def body(case: Case) -> None:
             if state.get("error") is not None:
                 return  # the harness itself broke: stop judging, re-raised below
+            calls[0] += 1
             if not state["failed"]:
-                if case.case_id in seen:  # a repeat teaches nothing: ask for another
-                    from hypothesis import reject
+                from hypothesis import reject
 
+                if skip_first and calls[0] == 1:  # another shard runs this phase's first case
+                    seen.add(case.case_id)
+                    reject()
+                if case.case_id in seen:  # a repeat teaches nothing: ask for another
                     reject()
                 seen.add(case.case_id)
             try:
@@ -202,9 +233,9 @@ def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case],
     from hypothesis.errors import Unsatisfiable
 
     try:
-        for corner, n in result.phases:
+        for number, (corner, n) in enumerate(result.phases):
             try:
-                phase(corner, n)
+                phase(corner, n, number in not_first)
             except Unsatisfiable:
                 if corner is None:
                     raise
@@ -285,8 +316,9 @@ def summary(result: Exploration) -> str:
     distinct = len({r.case_id for r in result.records})
     unreachable = (f" (no case of the {', '.join(result.unreachable)} corner(s) fits the "
                    f"backend's claims and the budget)" if result.unreachable else "")
+    part = f" (shard {result.shard}'s part)" if result.shard else ""
     if result.minimal is None:
-        return (f"explored {result.examples} generated case(s) ({distinct} distinct) on "
+        return (f"explored {result.examples} generated case(s) ({distinct} distinct){part} on "
                 f"{result.backend} in {result.seconds:.1f}s: no failure{unreachable}")
     from harness.results.records import replay_command
 

@@ -14,14 +14,15 @@ import contextlib
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from harness import shard as sharding
 from harness.case import Case
 from harness.errors import HarnessError, RecordsError, UsageError
-from harness.options import RunOptions
-from harness.results.records import Record, RecordWriter
+from harness.options import RunOptions, get_profile
+from harness.results.records import Record, RecordWriter, read_records
 from harness.vocab import CHECK_NAMES, EXPLORED, FAILING, gradients
 
 
@@ -57,6 +58,7 @@ def validate_options(values: dict[str, Any], where: str = "--") -> RunOptions:
             raise UsageError(str(exc) if where == "--" else f"{where}suite: {exc}") from None
     validate_known_issues()
     checks = values.get("checks") or CHECK_NAMES
+    shard, durations = _shard_options(values, where)
     return RunOptions(
         backends=backends, suites=suite_specs,
         cases_dir=cases_dir,
@@ -67,7 +69,34 @@ def validate_options(values: dict[str, Any], where: str = "--") -> RunOptions:
         audit=bool(values.get("audit")),
         out=Path(values["out"]) if values.get("out") else None,
         regressions=Path(values.get("regressions") or "cases/regressions"),
-        graph_replay=bool(values.get("graph-replay")), notes=tuple(notes))
+        graph_replay=bool(values.get("graph-replay")), notes=tuple(notes),
+        shard=shard, durations=durations, run_id=values.get("run-id") or "")
+
+
+def _shard_options(values: dict[str, Any], where: str):
+    """``--shard`` (``auto`` read from the scheduler's variables now) and ``--durations`` (every
+    path must exist; a folder must hold results files)."""
+    try:
+        shard = sharding.resolve_shard(values.get("shard"), os.environ)
+    except HarnessError as exc:
+        raise UsageError(str(exc).replace("--shard", f"{where}shard", 1)) from None
+    paths = [Path(p) for p in values.get("durations") or ()]
+    if paths and shard is None:
+        raise UsageError(f"{where}durations balances the shares of a sharded run: give "
+                         f"{where}shard I/N too, or drop {where}durations")
+    for path in paths:
+        if not path.exists():
+            raise UsageError(f"{where}durations {path}: no such file or directory; give results "
+                             "files of an earlier run or folders holding them")
+        if path.is_dir() and not _results_files(path):
+            raise UsageError(f"{where}durations {path}: holds no results*.jsonl file; give "
+                             "results files of an earlier run or folders holding them")
+    return shard, tuple(paths)
+
+
+def _results_files(path: Path) -> list[Path]:
+    """A results file itself, or the results*.jsonl files under a folder, in name order."""
+    return sorted(path.rglob("results*.jsonl")) if path.is_dir() else [path]
 
 
 def validate_known_issues() -> list[Any]:
@@ -192,7 +221,77 @@ def make_task(suite: str, case: Case, spec: str, options: RunOptions, *,
     return Task(suite=suite, case=case, backend=spec,
                 checks=tuple(options.checks if checks is None else checks), seed=options.seed,
                 audit=options.audit, profile=options.profile, max_gflop=options.max_gflop,
-                graph_replay=options.graph_replay, jury_dir=jury_dir)
+                graph_replay=options.graph_replay, jury_dir=jury_dir, run_id=options.run_id,
+                shard=str(options.shard) if options.shard is not None else "",
+                shard_tasks=options.shard_tasks)
+
+
+# ----------------------------------------------------------------------------------- shards
+
+
+@dataclass(frozen=True)
+class Share:
+    """What :func:`take_share` decided for a sharded run.
+
+    Attributes:
+        options: the run options with the sweep's run id and this share's task count.
+        keys: ``(case_id, backend)`` of the tasks in this share.
+        loads: every shard's summed cost, seconds (estimated or recorded).
+        notes: what to tell the user.
+    """
+
+    options: RunOptions
+    keys: frozenset[tuple[str, str]]
+    loads: tuple[float, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+def take_share(cases: Sequence[tuple[str, Case]], specs: Sequence[str],
+               options: RunOptions) -> Share:
+    """This run's share of ``cases`` x ``specs`` (everything when not sharded), with the run id.
+
+    The partition is :func:`harness.shard.partition` over the costs of
+    :func:`harness.shard.task_costs`: recorded seconds from ``--durations`` where they have the
+    check, else the estimate. The tasks of one case stay on one shard when several backends run.
+    """
+    if options.shard is None:
+        return Share(options, frozenset((c.case_id, s) for _, c in cases for s in specs))
+    profile = get_profile(options.profile)
+    work = []
+    for _, case in cases:
+        checks = [c for c in options.checks if case.checks is None or c in case.checks]
+        estimates = tuple((c, sharding.estimate_seconds(case.flops_fwd(), c,
+                                                        warmup_s=profile.warmup_s,
+                                                        budget_s=profile.budget_s))
+                          for c in checks)
+        work.extend(sharding.Work(case.case_id, spec, estimates) for spec in specs)
+    recorded = sharding.recorded_seconds(read_durations(options.durations))
+    costs = sharding.task_costs(work, recorded)
+    count = options.shard.count
+    shares = sharding.partition(costs, count, together=len(specs) > 1)
+    keys = frozenset(k for k, i in shares.items() if i == options.shard.index)
+    run_id = options.run_id or sharding.derive_run_id(shares, {
+        "checks": list(options.checks), "seed": options.seed, "profile": options.profile,
+        "explore": options.examples, "audit": options.audit, "max_gflop": options.max_gflop,
+        "graph_replay": options.graph_replay, "count": count})
+    loads = tuple(sharding.shard_loads(costs, shares, count))
+    basis = (f"recorded times of {len(options.durations)} --durations path(s)" if recorded
+             else "the harness's cost estimate")
+    note = (f"shard {options.shard} of run {run_id}: {len(keys)} of {len(shares)} task(s), "
+            f"packed by {basis} (this share {loads[options.shard.index]:.3g} s of "
+            f"{sum(loads):.3g} s; shares {min(loads):.3g}-{max(loads):.3g} s)")
+    return Share(replace(options, run_id=run_id, shard_tasks=len(keys)), keys, loads, (note,))
+
+
+def read_durations(paths: Sequence[Path]) -> list[list[Record]]:
+    """The records of each ``--durations`` file (folders: their results*.jsonl), file by file."""
+    return [read_records(f) for p in paths for f in _results_files(Path(p))]
+
+
+def shard_out_dir(out: Path, options: RunOptions) -> Path:
+    """Where a run writes: ``out``, or ``out/shard-I-of-N`` for a share of a sweep (so that the
+    shards of one sweep can share ``--out`` on a shared file system)."""
+    return out / options.shard.dirname if options.shard is not None else out
 
 
 def explore_checks(options: RunOptions) -> tuple[str, ...]:
@@ -276,6 +375,16 @@ def resume_records(results: Path, target: dict[str, Any], options: RunOptions, *
             raise UsageError(f"--resume {results}: its records differ from this run in "
                              f"{'; '.join(differs)}; resume with the same settings or use "
                              "another --out")
+        shard = str(options.shard) if options.shard is not None else ""
+        if (getattr(r, "shard", "") or "") != shard:
+            raise UsageError(f"--resume {results}: its records are of shard "
+                             f"{r.shard or 'none (unsharded)'}, this run is "
+                             f"{shard or 'unsharded'}; resume each shard in its own folder")
+        if shard and r.run_id and r.run_id != options.run_id:
+            raise UsageError(f"--resume {results}: its records are of run {r.run_id}, this run "
+                             f"is {options.run_id}: the cases, backends, --durations or settings "
+                             "differ, so the shares would too; resume with those of the run "
+                             "that wrote it, or use another --out")
         if retry_crashed and r.status in ("crash", "timeout"):
             continue
         done.add((r.backend_name, r.case_id, r.check))
@@ -371,6 +480,8 @@ class PytestSession:
     _lock: Any = None
     _count: int = 0
     _cases: list[tuple[str, Case]] | None = None
+    _share: frozenset[tuple[str, str]] | None = None
+    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         from harness.run.worker import ExplorationWorker
@@ -391,7 +502,8 @@ class PytestSession:
         from harness.results import outdir
 
         try:
-            self._out = prepare_out_dir(self.options.out or Path("reports") / target["target_id"],
+            self._out = prepare_out_dir(shard_out_dir(self.options.out or Path("reports")
+                                                      / target["target_id"], self.options),
                                         "--attn-out")
             name = f"results-{self.worker_id}.jsonl" if self.worker_id else "results.jsonl"
             # xdist workers share the folder, each with a file of its own; one session owns it.
@@ -405,9 +517,19 @@ class PytestSession:
             raise
 
     def suite_cases(self) -> list[tuple[str, Case]]:
+        """Every case of the suites; under ``--attn-shard`` the share is decided here too (the
+        options then carry the run id), and :meth:`in_share` says which tests keep running."""
         if self._cases is None:
             self._cases, _ = collect_cases(self.options)
+            share = take_share(self._cases, self.backends, self.options)
+            self.options, self._share = share.options, share.keys
+            self.notes.extend(share.notes)
         return self._cases
+
+    def in_share(self, case: Case, spec: str) -> bool:
+        """Whether this session's share (``--attn-shard``) holds ``case`` on ``spec``."""
+        self.suite_cases()
+        return self._share is None or (case.case_id, spec) in self._share
 
     def _sink(self, record: Record) -> None:
         self._count += 1
@@ -439,10 +561,11 @@ class PytestSession:
             task = make_task("explore", case, spec, self.options, checks=checks)
             return self._runner.run(task, lambda r: None)
 
+        self.suite_cases()  # the run id of a sharded session
         result = explore(spec, self.capabilities[spec], run_case, profile=self.options.profile,
                          examples=self.options.examples, seed=self.options.seed,
                          on_record=self._sink, regressions=self.options.regressions,
-                         backward=gradients(checks))
+                         backward=gradients(checks), shard=self.options.shard)
         text = summary(result)
         if result.minimal is not None:
             self.findings.append(text)
@@ -465,6 +588,7 @@ class PytestSession:
 
     def summary_lines(self) -> list[str]:
         lines = [f"{self._count} record(s) from backends {', '.join(self.backends)}"]
+        lines.extend(self.notes)
         for finding in self.findings:
             lines.extend(finding.splitlines())
         report = getattr(self, "report", None)

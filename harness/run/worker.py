@@ -46,6 +46,11 @@ class Task:
     graph_replay: bool = False
     #: Where the forward check leaves sampled output rows for the jury ("" = nowhere).
     jury_dir: str = ""
+    #: The sweep and the share of it this task belongs to, written into its records
+    #: (``harness.shard``; empty for an unsharded run).
+    run_id: str = ""
+    shard: str = ""
+    shard_tasks: int | None = None
 
 
 @dataclass
@@ -183,7 +188,7 @@ def execute(task: Task, target, backends: dict[str, Any]):
             case_id=task.case.case_id, case=task.case.to_dict(), backend=backend.describe(),
             target=target.to_dict(), check=verdict.check, status=verdict.status,
             metrics=_clean(verdict.metrics), reason=verdict.reason, suite=task.suite,
-            seed=task.seed, profile=task.profile, time=now())
+            seed=task.seed, profile=task.profile, time=now(), **_identity(task))
         known = match(task.case, backend.describe(), target, check=record.check)
         if known is not None:
             # The id tells the report which entries matched (known_issues.unmatched).
@@ -193,6 +198,11 @@ def execute(task: Task, target, backends: dict[str, Any]):
             record = expected_failure(record, known.label, strict=known.strict,
                                       source=known.source)
         yield ("record", record)
+
+
+def _identity(task: Task) -> dict[str, Any]:
+    """The sweep fields every record of ``task`` carries."""
+    return {"run_id": task.run_id, "shard": task.shard, "shard_tasks": task.shard_tasks}
 
 
 def expected_failure(record: Record, known: str, *, strict: bool = True,
@@ -366,12 +376,23 @@ def run_tasks(tasks: Iterable[Task], sink: Callable[[Record], None], *, timeout_
 
 
 def _run_one(worker: Worker, task: Task, timeout_s: float, sink, outcome: Outcome):
-    """Run one task; returns its records and the worker to use next (None if it was lost)."""
+    """Run one task; returns its records and the worker to use next (None if it was lost).
+
+    Each record gets its wall time (``seconds``): from the task's start, or the record before
+    it, to its arrival here, so a crash or a timeout counts the time it cost too."""
+    import time
+    from dataclasses import replace
+
     records: list[Record] = []
     pending = [c for c in CHECK_NAMES if c in task.checks]
     current = pending[0] if pending else None
+    mark = time.monotonic()
 
     def emit(record: Record) -> None:
+        nonlocal mark
+        arrived = time.monotonic()
+        record = replace(record, seconds=round(arrived - mark, 4))
+        mark = arrived
         sink(record)
         outcome.add(record)
         records.append(record)
@@ -422,7 +443,8 @@ def _abandon(task: Task, worker: Worker, current, pending, status, reason, emit)
             rec_status, rec_reason = "skip", f"not run: {current} of this case ended in {status}"
         emit(Record(case_id=task.case.case_id, case=task.case.to_dict(), backend=worker.backend,
                     target=worker.target, check=check, status=rec_status, reason=rec_reason,
-                    suite=task.suite, seed=task.seed, profile=task.profile, time=now()))
+                    suite=task.suite, seed=task.seed, profile=task.profile, time=now(),
+                    **_identity(task)))
 
 
 def run_tasks_on_devices(tasks: Iterable[Task], sink: Callable[[Record], None], *,
