@@ -73,17 +73,20 @@ def _activate(config) -> None:
 
 
 def _session(config):
-    """The session's :class:`harness.run.session.PytestSession`, started on first use."""
+    """The session's :class:`harness.run.session.PytestSession`, started on first use; None
+    when it cannot start (e.g. FILE.py:FUNC without FUNC, which only the worker's import can
+    tell): the reason is kept and becomes a usage error once collection ends, since an exit
+    raised while a module is collected reads as a collection error with a traceback."""
     _activate(config)
     state = _state(config)
-    if state["session"] is None:
+    if state["session"] is None and not state.get("error"):
         from harness.run.session import PytestSession
 
         try:
             worker = getattr(config, "workerinput", {}).get("workerid")
             state["session"] = PytestSession(state["options"], worker_id=worker)
-        except HarnessError as exc:  # e.g. FILE.py:FUNC without FUNC: one line, exit 4
-            pytest.exit(f"ERROR: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
+        except HarnessError as exc:
+            state["error"] = str(exc)
     return state["session"]
 
 
@@ -92,6 +95,8 @@ def pytest_generate_tests(metafunc) -> None:
     if "attn_backend" not in names and "attn_case" not in names:
         return
     session = _session(metafunc.config)
+    if session is None:
+        return
     if "attn_backend" in names:
         metafunc.parametrize("attn_backend", session.backends, ids=session.backends,
                              scope="session")
@@ -103,9 +108,12 @@ def pytest_generate_tests(metafunc) -> None:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Under ``--attn-shard``, deselect the case tests outside this share (exploration tests stay:
-    each shard explores its own part)."""
+    """A session that could not start is a usage error now that collection has ended (one line,
+    exit 4: see :func:`_session`). Under ``--attn-shard``, deselect the case tests outside this
+    share (exploration tests stay: each shard explores its own part)."""
     state = config.stash.get(_STATE_KEY, None)
+    if state and state.get("error"):
+        raise pytest.UsageError(state["error"])
     if not state or state.get("session") is None or state["options"].shard is None:
         return
     session = state["session"]
@@ -125,7 +133,10 @@ def pytest_collection_modifyitems(config, items) -> None:
 @pytest.fixture(scope="session")
 def attn(request):
     """The parity session: runs cases on backends in an isolated worker process."""
-    return _session(request.config)
+    session = _session(request.config)
+    if session is None:
+        raise pytest.UsageError(_state(request.config)["error"])
+    return session
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

@@ -168,7 +168,7 @@ def _cmd_run(args) -> int:
     worker = Worker()
     try:
         target = worker.start()
-        specs, more, resolved = choose_backends(worker, opts.backends)
+        specs, more, resolved = choose_backends(worker, opts.backends, opts.timeout)
         notes += more
         args.device_indices = _devices(args.devices, target, notes)
     except WorkerDied as exc:
@@ -384,6 +384,8 @@ def _run_in_process(args, opts, cases) -> int:
     from harness.run.worker import run_in_process
 
     target = detect().to_dict()
+    for spec in opts.backends:  # a spec that does not load is bad usage, before any output
+        load_backend(spec)
     specs = list(opts.backends) or [s for s in known_backends()
                                     if not load_backend(s).availability()]
     share = take_share(cases, specs, opts)

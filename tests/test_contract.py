@@ -51,7 +51,8 @@ def test_out_of_memory_within_the_estimate_is_an_error_not_a_skip(target):
 
 @pytest.mark.parametrize("kernel, words", [
     ("returns_float32", "output dtype float32, expected float16"),
-    ("promises_lse", "promises the log-sum-exp (returns_lse) but returned none"),
+    ("promises_lse", "returned tuple (Tensor[float16, (1, 16, 2, 64)],); expected (out, "
+                     "softmax_lse, ...)"),
     ("wrong_shape", "output shape (1, 2, 16, 64), expected (1, 16, 2, 64)"),
     ("meta_device", "output on device meta"),
 ])

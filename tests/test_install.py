@@ -110,10 +110,11 @@ import sys
 
 def test_only_the_light_options_are_imported():
     # The plugin registers the options the library declares (harness.options imports only the
-    # vocabulary and the errors); nothing heavy, no suite, no backend.
+    # vocabulary, the errors and the shard parser); nothing heavy, no suite, no backend.
     loaded = sorted(m for m in sys.modules if m == "harness" or m.startswith("harness.")
                     or m in ("torch", "hypothesis", "tabulate"))
-    assert loaded == ["harness", "harness.errors", "harness.options", "harness.vocab"]
+    assert loaded == ["harness", "harness.errors", "harness.options", "harness.shard",
+                      "harness.vocab"]
 '''
 
 

@@ -102,7 +102,7 @@ def test_a_resume_of_records_without_a_profile_is_refused_naming_the_field(tmp_p
 
 def _hold_lock(out: Path) -> subprocess.Popen:
     """Another process that holds ``out``'s lock (as a run in progress does) until killed."""
-    code = ("import sys, time; from harness import outdir; outdir.lock(sys.argv[1]); "
+    code = ("import sys, time; from harness.results import outdir; outdir.lock(sys.argv[1]); "
             "print('held', flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=REPO,
                               stdout=subprocess.PIPE, text=True)

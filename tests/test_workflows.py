@@ -202,3 +202,162 @@ def test_nightly_final_job_runs_the_tested_scripts():
     assert ".ci/nightly-baseline baseline" in runs
     assert ".ci/nightly-merge artifacts baseline merged" in runs
     assert merge["permissions"] == {"contents": "read", "actions": "read"}
+
+
+# ------------------------------------------------------------- the flash-attn wheel cache
+
+FAKES = REPO / "tests" / "fixtures" / "ci"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def leg(tmp_path):
+    """A leg's checkout with .ci/install-flash-attn, a fake .venv (tests/fixtures/ci) and a
+    fake git; ``run(*args, **env)`` runs the script there and returns (result, pip log)."""
+    root = tmp_path / "repo"
+    (root / ".ci").mkdir(parents=True)
+    shutil.copy(REPO / ".ci" / "install-flash-attn", root / ".ci")
+    venv = root / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python").write_text(f"#!{sys.executable}\n" + (FAKES / "fake_python.py").read_text())
+    (venv / "attn-harness").write_text(
+        "#!/bin/sh\necho '{\"backends\": [{\"name\": \"flash-attn\", \"available\": true, "
+        "\"flavor\": \"'\"$FAKE_FLAVOR\"'\", \"version\": \"2.8.3\"}]}'\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shutil.copy(FAKES / "fake_git", bin_dir / "git")
+    for path in (venv / "python", venv / "attn-harness", bin_dir / "git", root / ".ci" /
+                 "install-flash-attn"):
+        path.chmod(0o755)
+    log = tmp_path / "pip.jsonl"
+    base = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_LOG": str(log),
+            "FAKE_REAL_PYTHON": sys.executable, "FLASH_ATTN_VERSION": "2.8.3",
+            "FLASH_ATTN_ROCM_REF": "v2.7.4-cktile", "GPU_ARCHS": "gfx942",
+            "FAKE_SHA": COMMIT, "FAKE_TAG_OBJECT": "f" * 40,
+            "WHEELHOUSE": str(tmp_path / "wheelhouse"),
+            "WHEEL_RECORDS": str(tmp_path / "records")}
+
+    def run(*args: str, **env: str):
+        import json
+
+        log.write_text("")
+        flavor = args[-1]
+        result = subprocess.run([str(root / ".ci" / "install-flash-attn"), *args],
+                                env={**base, "FAKE_FLAVOR": flavor, **env}, capture_output=True,
+                                text=True, timeout=120)
+        calls = [json.loads(line) for line in log.read_text().splitlines()]
+        return result, calls
+
+    run.wheelhouse = tmp_path / "wheelhouse"
+    run.records = tmp_path / "records"
+    return run
+
+
+def _python_tag() -> str:
+    import platform
+
+    return f"cp{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}"
+
+
+def _builds(calls) -> int:
+    return sum(1 for c in calls if c["pip"][0] == "wheel")
+
+
+def _installed(calls) -> dict:
+    (wheel,) = [c["installed"] for c in calls if "installed" in c]
+    return wheel
+
+
+def test_the_wheel_key_is_the_exact_source_torch_python_and_machine(leg):
+    result, _ = leg("--key", "cuda")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"key=cuda-2.8.3-torch2.13.0_cpu-{_python_tag()}\n"
+    result, _ = leg("--key", "rocm-ck")
+    assert result.returncode == 0, result.stderr
+    # the tag's commit (peeled), not the tag object
+    assert result.stdout == f"key=rocm-ck-{COMMIT}-gfx942-torch2.13.0_cpu-{_python_tag()}\n"
+
+
+def test_a_cached_wheel_is_installed_only_with_its_recorded_sha256(leg):
+    first, calls = leg("rocm-ck")
+    assert first.returncode == 0, first.stderr
+    key = f"rocm-ck-{COMMIT}-gfx942-torch2.13.0_cpu-{_python_tag()}"
+    (cached,) = (leg.wheelhouse / key).glob("flash_attn-*.whl")
+    record = (leg.records / f"{key}.sha256").read_text().split()
+    assert _builds(calls) == 1 and record[1] == cached.name
+    import hashlib
+
+    assert record[0] == hashlib.sha256(cached.read_bytes()).hexdigest()
+    assert not _installed(calls)["path"].startswith(str(leg.wheelhouse))  # a private copy
+
+    again, calls = leg("rocm-ck")
+    assert again.returncode == 0 and _builds(calls) == 0, again.stderr
+    assert "has the sha256 recorded when it was built" in again.stdout
+    assert _installed(calls)["content"] == "built"
+
+    cached.write_text("planted by another branch")
+    third, calls = leg("rocm-ck", FAKE_WHEEL_CONTENT="rebuilt")
+    assert third.returncode == 0, third.stderr
+    assert f"refusing {cached}: its sha256 is not the one in" in third.stderr
+    assert _builds(calls) == 1 and _installed(calls)["content"] == "rebuilt"
+    assert cached.read_text() == "rebuilt"
+
+
+def test_a_wheel_without_a_record_is_refused_and_built_again(leg):
+    key = f"cuda-2.8.3-torch2.13.0_cpu-{_python_tag()}"
+    planted = leg.wheelhouse / key / "flash_attn-2.8.3-cp311-cp311-linux_x86_64.whl"
+    planted.parent.mkdir(parents=True)
+    planted.write_text("planted")
+    result, calls = leg("cuda")
+    assert result.returncode == 0, result.stderr
+    assert "no sha256 recorded for key" in result.stderr
+    assert _builds(calls) == 1 and _installed(calls)["content"] == "built"
+
+
+def test_another_commit_of_the_same_ref_does_not_reuse_the_wheel(leg):
+    assert leg("rocm-triton")[0].returncode == 0
+    result, calls = leg("rocm-triton", FAKE_SHA="89abcdef" * 5)
+    assert result.returncode == 0 and _builds(calls) == 1, result.stderr
+    assert len(list(leg.wheelhouse.iterdir())) == 2
+
+
+def _container_comment(job: str) -> str:
+    """The comment lines of a nightly job's ``container:`` block, before its ``options:``."""
+    text = (WORKFLOWS / "nightly.yml").read_text(encoding="utf-8")
+    block = text[text.index(f"\n  {job}:\n"):]
+    block = block[block.index("    container:\n"):block.index("      options:")]
+    return " ".join(line.strip().lstrip("#").strip() for line in block.splitlines()
+                    if line.strip().startswith("#"))
+
+
+def test_gpu_containers_get_the_devices_and_nothing_more():
+    jobs = load(WORKFLOWS / "nightly.yml")["jobs"]
+    amd = jobs["amd"]["container"]["options"].split()
+    assert amd == ["--device=/dev/kfd", "--device=/dev/dri", "--group-add", "video"]
+    comment = _container_comment("amd")
+    for kept in ("--device=/dev/kfd", "--device=/dev/dri", "--group-add video"):
+        assert kept in comment, f"no comment says why {kept} is there"
+    for dropped in ("seccomp=unconfined", "SYS_PTRACE", "--ipc=host", "--shm-size"):
+        assert dropped in comment, f"no comment says why {dropped} is not there"
+    assert jobs["nvidia"]["container"]["options"] == "--gpus all"
+    for job in ("amd", "nvidia"):
+        options = jobs[job]["container"]["options"]
+        for banned in ("seccomp", "--ipc", "--privileged", "--cap-add", "--pid=host"):
+            assert banned not in options, f"{job}: {banned}"
+
+
+def test_gpu_legs_install_a_cached_wheel_only_against_a_record_in_the_actions_cache():
+    jobs = load(WORKFLOWS / "nightly.yml")["jobs"]
+    for job in ("amd", "nvidia"):
+        env, steps_ = jobs[job]["env"], jobs[job]["steps"]
+        assert env["WHEELHOUSE"] == "/wheelhouse"
+        key = next(i for i, s in enumerate(steps_) if "--key" in s.get("run", ""))
+        assert steps_[key]["id"] == "wheel"
+        assert steps_[key]["run"].endswith('>> "$GITHUB_OUTPUT"')
+        cache = next(i for i, s in enumerate(steps_) if "actions/cache@" in s.get("uses", ""))
+        assert steps_[cache]["with"]["path"] == env["WHEEL_RECORDS"] == ".wheel-records"
+        assert "${{ steps.wheel.outputs.key }}" in steps_[cache]["with"]["key"]
+        install = next(i for i, s in enumerate(steps_)
+                       if s.get("run", "").startswith(".ci/install-flash-attn")
+                       and "--key" not in s["run"])
+        assert key < cache < install, job

@@ -19,7 +19,7 @@ from harness.backends.module import (
     Convention,
     ModuleBackend,
     import_default,
-    split_result,
+    take_return,
 )
 from harness.case import Case
 
@@ -143,9 +143,11 @@ class AiterBackend(ModuleBackend):
                                                **kw)
         else:
             result = fa.flash_attn_func(inputs.q, inputs.k, inputs.v, **kw)
-        out, lse = split_result(result)
-        if not kw.get("return_lse"):
-            lse = None
+        # aiter/ops/mha.py: [out] + [softmax_lse if return_lse]; returned as a tuple, or (in
+        # some versions) as the bare out when that is all.
+        name = self.entry_functions["varlen" if case.entry == "varlen" else "dense"]
+        out, lse = take_return(result, name, *(("(out, softmax_lse)",) if kw.get("return_lse")
+                                               else ("out", "(out,)")))
         if lse is not None and case.entry == "varlen":
             from harness.backends.flash_attn import varlen_lse_layout
 

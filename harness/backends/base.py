@@ -102,7 +102,8 @@ class Capabilities:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], where: str) -> Capabilities:
-        """Build from a user's ``capabilities`` dict, validating every key and value."""
+        """Build from a user's ``capabilities`` dict, validating every key and value: a value
+        of the wrong type is one UsageError naming the field and the type it takes."""
         known = {f.name for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
@@ -112,17 +113,57 @@ class Capabilities:
             if key in ("dtypes", "features", "entries"):
                 allowed = {"dtypes": DTYPES + FP8_DTYPES, "features": FEATURES,
                            "entries": ENTRIES}[key]
-                values = frozenset(value)
+                values = frozenset(_names(value, key, where))
                 bad = sorted(values - set(allowed))
                 if bad:
                     raise UsageError(f"{where}: capabilities[{key!r}] has unknown values {bad} "
                                      f"(allowed: {', '.join(allowed)})")
                 kwargs[key] = values
             elif key == "exclusive":
-                kwargs[key] = tuple(tuple(pair) for pair in value)
-            else:
+                pairs = value if _is_list(value) else None
+                if pairs is None or not all(_is_list(p) and len(p) == 2
+                                            and all(isinstance(x, str) for x in p)
+                                            for p in pairs):
+                    raise _wrong_type(where, key, "a list of [feature, feature] pairs", value)
+                kwargs[key] = tuple(tuple(pair) for pair in pairs)
+            elif key == "notes":
+                if not isinstance(value, Mapping) or not all(
+                        isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+                    raise _wrong_type(where, key, "a table of feature = reason strings", value)
+                kwargs[key] = dict(value)
+            elif key in _FLAGS:
+                if not isinstance(value, bool):
+                    raise _wrong_type(where, key, "true or false", value)
+                kwargs[key] = value
+            else:  # the integer limits
+                least = _LIMITS[key]
+                if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                    raise _wrong_type(where, key, f"an integer >= {least}", value)
                 kwargs[key] = value
         return replace(cls(), **kwargs)
+
+
+#: Capability fields that are flags, and the integer limits with their least value.
+_FLAGS = ("backward", "returns_lse", "deterministic_backward")
+_LIMITS = {"head_dim_max": 0, "head_dim_multiple": 1, "paged_block_multiple": 1}
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple, set, frozenset))
+
+
+def _names(value: Any, key: str, where: str) -> list[str]:
+    """A list of names (a lone string is not one: it would read as its letters)."""
+    if not _is_list(value) or not all(isinstance(x, str) for x in value):
+        raise _wrong_type(where, key, "a list of names", value)
+    return list(value)
+
+
+def _wrong_type(where: str, key: str, expected: str, value: Any) -> UsageError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return UsageError(f"{where}: capabilities[{key!r}] must be {expected}, got "
+                      f"{type(value).__name__} {shown}")
 
 
 class Backend:
@@ -170,6 +211,13 @@ class Backend:
     def forward(self, inputs: Inputs, *, deterministic: bool = True) -> Outputs:
         """Run the kernel on ``inputs``; differentiable when the backend has a backward."""
         raise NotImplementedError
+
+
+class BadReturn(Exception):
+    """Raised by an adapter when what the kernel returned is not its family's return convention
+    (a tuple where the family returns a bare tensor, a list, a tuple of another length, a None
+    where the lse belongs). The message names what was returned and what was expected; the
+    check fails on the forward contract."""
 
 
 class Unsupported(Exception):

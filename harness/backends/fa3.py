@@ -20,7 +20,7 @@ from harness.backends.module import (
     case_value,
     import_default,
     inputs_value,
-    split_result,
+    take_return,
 )
 from harness.case import FP8_DTYPES, Case
 
@@ -156,22 +156,33 @@ class FlashAttn3Backend(ModuleBackend):
             }
             if rotary:
                 wanted["rotary_interleaved"] = bool(case_value(case, "rotary_interleaved", False))
+            kw = self._accepted("kvcache", wanted)
             result = fa.flash_attn_with_kvcache(
                 inputs.q, inputs.k_pages if paged else inputs.k,
-                inputs.v_pages if paged else inputs.v, **self._accepted("kvcache", wanted))
-            out, lse = split_result(result)
+                inputs.v_pages if paged else inputs.v, **kw)
+            # hopper/flash_attn_interface.py: `(out, softmax_lse, *rest) if return_softmax_lse
+            # else out`
+            out, lse = take_return(result, "flash_attn_with_kvcache",
+                                   "(out, softmax_lse, ...)" if kw.get("return_softmax_lse")
+                                   else "out")
             return Outputs(out=out, lse=lse)
         wanted = {**common, "deterministic": deterministic, "return_attn_probs": True}
         if splits:
             wanted["num_splits"] = splits
+        entry = "varlen" if case.entry == "varlen" else "dense"
+        kw = self._accepted(entry, wanted)
         if case.entry == "varlen":
             result = fa.flash_attn_varlen_func(
                 inputs.q, inputs.k, inputs.v, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
-                case.seqlen_q, case.seqlen_k, **self._accepted("varlen", wanted))
+                case.seqlen_q, case.seqlen_k, **kw)
         else:
-            result = fa.flash_attn_func(inputs.q, inputs.k, inputs.v,
-                                        **self._accepted("dense", wanted))
-        out, lse = split_result(result)
+            result = fa.flash_attn_func(inputs.q, inputs.k, inputs.v, **kw)
+        # Before PR #1851 the functions took no return_attn_probs and always returned
+        # (out, softmax_lse); since, `(out, softmax_lse) if return_attn_probs else out`.
+        tuple_only = ("(out, softmax_lse, ...)",)
+        out, lse = take_return(result, self.entry_functions[entry],
+                               *(tuple_only if kw.get("return_attn_probs")
+                                 else ("out", *tuple_only)))
         if lse is not None and case.entry == "varlen":
             from harness.backends.flash_attn import varlen_lse_layout
 

@@ -39,7 +39,7 @@ from harness.backends.module import (
     case_value,
     inputs_value,
     same_storage,
-    split_result,
+    take_return,
 )
 from harness.case import Case
 from harness.errors import UsageError
@@ -417,20 +417,22 @@ class FlashAttnBackend(ModuleBackend):
             else:
                 result = func(inputs.q, buffer, **kw)
         elif case.entry == "varlen":
+            name, kw = "flash_attn_varlen_func", self._kwargs("varlen", wanted)
             k = inputs_value(inputs, "k_pages") if paged else inputs.k
             v = inputs_value(inputs, "v_pages") if paged else inputs.v
             result = fa.flash_attn_varlen_func(
                 inputs.q, k, v, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
-                case.seqlen_q, case.seqlen_k, **self._kwargs("varlen", wanted))
+                case.seqlen_q, case.seqlen_k, **kw)
         else:
-            result = fa.flash_attn_func(inputs.q, inputs.k, inputs.v,
-                                        **self._kwargs("dense", wanted))
-        if want_lse:
-            out, lse = split_result(result)
+            name, kw = "flash_attn_func", self._kwargs("dense", wanted)
+            result = fa.flash_attn_func(inputs.q, inputs.k, inputs.v, **kw)
+        # flash_attn_interface.py: `out if not return_softmax else (out, softmax_lse, S_dmask)`
+        if kw.get("return_attn_probs"):
+            out, lse = take_return(result, name, "(out, softmax_lse, S_dmask)")
             if case.entry == "varlen":
                 lse = varlen_lse_layout(lse, case)
             return Outputs(out=out, lse=lse)
-        return Outputs(out=split_result(result)[0])
+        return Outputs(out=take_return(result, name, "out")[0])
 
     def _kvcache(self, inputs, common: dict[str, Any]):
         """flash_attn_with_kvcache: appends (k=, v=) write into the cache tensors of ``inputs``
@@ -455,11 +457,15 @@ class FlashAttnBackend(ModuleBackend):
         }
         if rotary:
             wanted["rotary_interleaved"] = bool(case_value(case, "rotary_interleaved", False))
-        out, lse = split_result(self._module.flash_attn_with_kvcache(
+        kw = self._kwargs("kvcache", wanted)
+        result = self._module.flash_attn_with_kvcache(
             inputs.q,
             inputs.k_pages if paged else inputs.k,
             inputs.v_pages if paged else inputs.v,
-            **self._kwargs("kvcache", wanted)))
+            **kw)
+        # `return (out, softmax_lse) if return_softmax_lse else out`
+        out, lse = take_return(result, "flash_attn_with_kvcache",
+                               "(out, softmax_lse)" if kw.get("return_softmax_lse") else "out")
         return Outputs(out=out, lse=lse)
 
 

@@ -27,7 +27,13 @@ from dataclasses import replace
 from typing import Any
 
 from harness.backends.base import Capabilities, Unsupported
-from harness.backends.module import Convention, ModuleBackend, first_line, import_default
+from harness.backends.module import (
+    Convention,
+    ModuleBackend,
+    first_line,
+    import_default,
+    take_return,
+)
 from harness.case import Case
 
 CONVENTION = Convention(
@@ -169,6 +175,10 @@ class FlexAttentionBackend(ModuleBackend):
         if want_lse:
             kwargs.update(lse_request(self._module))
         result = self._call(q, k, v, kwargs)
+        # `out`; `(out, lse)` with return_lse=True; `(out, AuxOutput)` with return_aux
+        convention = ("(out, lse)" if kwargs.get("return_lse")
+                      else "(out, aux)" if "return_aux" in kwargs else "out")
+        take_return(result, "flex_attention", convention)
         out, lse = unpack(result)
         if case.entry == "varlen":
             out = out[0].transpose(0, 1)

@@ -27,7 +27,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from harness.backends.base import Backend, Capabilities
+from harness.backends.base import Backend, BadReturn, Capabilities
 from harness.case import Case
 from harness.errors import UsageError
 
@@ -336,13 +336,66 @@ def inputs_value(inputs: Any, name: str) -> Any:
     return getattr(inputs, name, None)
 
 
-def split_result(result: Any) -> tuple[Any, Any]:
-    """``(out, lse or None)`` from a tensor or a tuple/list whose first items are out, lse."""
-    if isinstance(result, (tuple, list)):
-        out = result[0] if result else None
-        lse = result[1] if len(result) > 1 else None
-        return out, lse
-    return result, None
+def take_return(result: Any, call: str, *conventions: str) -> tuple[Any, Any]:
+    """``(out, lse or None)`` from what ``call`` returned, which must be one of ``conventions``.
+
+    A convention is written as the family documents it: ``out`` is a bare tensor; a
+    parenthesised list is a tuple of exactly those items (``(out,)``, ``(out, softmax_lse)``,
+    ``(out, softmax_lse, S_dmask)``), or of at least them when it ends in ``...``. ``out`` and
+    an item whose name ends in ``lse`` must be tensors; other items may be anything (S_dmask is
+    None without dropout). A list is never a tuple: no family returns one.
+
+    Raises:
+        BadReturn: the result is none of them; the message names what it is and what each
+            convention is.
+    """
+    import torch
+
+    for convention in conventions:
+        names = _convention_items(convention)
+        if names is None:
+            if isinstance(result, torch.Tensor):
+                return result, None
+            continue
+        if not isinstance(result, tuple):
+            continue
+        more = names[-1:] == ["..."]
+        fixed = names[:-1] if more else names
+        if len(result) < len(fixed) or (not more and len(result) != len(fixed)):
+            continue
+        if any((n == "out" or n.endswith("lse")) and not isinstance(result[i], torch.Tensor)
+               for i, n in enumerate(fixed)):
+            continue
+        lse = next((result[i] for i, n in enumerate(fixed) if n.endswith("lse")), None)
+        return result[0], lse
+    wanted = " or ".join("out (a bare tensor)" if c == "out" else c for c in conventions)
+    raise BadReturn(f"{call} returned {describe_value(result)}; expected {wanted}")
+
+
+def _convention_items(convention: str) -> list[str] | None:
+    """The item names of a tuple convention, or None for a bare ``out``."""
+    text = convention.strip()
+    if not text.startswith("("):
+        return None
+    return [n.strip() for n in text.strip("()").split(",") if n.strip()]
+
+
+def describe_value(value: Any, *, inner: bool = False) -> str:
+    """What a kernel returned, in a few words: ``tuple (Tensor[float16, (1, 16, 2, 64)],
+    None)``, ``list [Tensor[...]]``, ``dict``."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return f"Tensor[{str(value.dtype).replace('torch.', '')}, {tuple(value.shape)}]"
+    if value is None:
+        return "None"
+    if isinstance(value, (tuple, list)) and not inner:
+        shown = [describe_value(v, inner=True) for v in value[:4]] + (["..."] if len(value) > 4
+                                                                       else [])
+        left, right = ("(", ")") if isinstance(value, tuple) else ("[", "]")
+        comma = "," if len(value) == 1 and isinstance(value, tuple) else ""
+        return f"{type(value).__name__} {left}{', '.join(shown)}{comma}{right}"
+    return type(value).__name__
 
 
 def same_storage(buffer: Any, *views: Any) -> bool:

@@ -9,6 +9,8 @@ Given as ``--backend path/to/file.py:func`` or registered by a package under the
 with ``q`` of shape ``(batch, seqlen_q, heads_q, head_dim)`` and ``k``/``v`` of shape
 ``(batch, seqlen_k, heads_kv, head_dim)``, and must return the output (or, with
 ``return_attn_probs=True``, a tuple whose first two items are the output and the log-sum-exp).
+Any other return (``(out, None)``, ``[out]``, a tuple where none was asked for) fails the forward
+contract with what it was.
 Keyword arguments the function does not accept are not passed; a case that needs one of them
 is skipped with that reason. A ``capabilities`` attribute (a dict with the fields of
 :class:`~harness.backends.base.Capabilities`) narrows what it is asked to do; an ``out``
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.backends.base import Backend, Capabilities
+from harness.backends.module import take_return
 from harness.case import Case
 from harness.errors import UsageError
 
@@ -75,6 +78,17 @@ def load_function(spec: str) -> Callable[..., Any]:
     return func
 
 
+def _require_qkv(name: str, func: Callable[..., Any], signature: inspect.Signature) -> None:
+    """A function that cannot be called as ``func(q, k, v)`` is bad usage, before any case."""
+    try:
+        signature.bind(*"qkv")
+    except TypeError as exc:
+        what = getattr(func, "__name__", type(func).__name__)
+        raise UsageError(f"--backend {name}: {what}{signature} cannot be called as "
+                         f"{what}(q, k, v) ({exc}); give it flash_attn_func's signature, "
+                         "q, k, v first") from None
+
+
 class FunctionBackend(Backend):
     """A function with flash_attn_func's signature, wrapped as a backend."""
 
@@ -96,11 +110,13 @@ class FunctionBackend(Backend):
             raise UsageError(f"{name}.capabilities must be a dict of capability fields, "
                              f"got {type(declared).__name__}")
         try:
-            self.params = set(inspect.signature(func).parameters)
-            self.var_kw = any(p.kind is p.VAR_KEYWORD
-                              for p in inspect.signature(func).parameters.values())
-        except (TypeError, ValueError):
+            signature = inspect.signature(func)
+        except (TypeError, ValueError):  # builtins without one: assume it takes everything
             self.params, self.var_kw = set(PARAMETER_FEATURES) | {"deterministic"}, True
+        else:
+            self.params = set(signature.parameters)
+            self.var_kw = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+            _require_qkv(name, func, signature)
         self.capabilities = self._narrowed(self.capabilities)
 
     def _narrowed(self, caps: Capabilities) -> Capabilities:
@@ -155,11 +171,7 @@ class FunctionBackend(Backend):
             kwargs["out"] = torch.full(inputs.q.shape, float("nan"), dtype=inputs.q.dtype,
                                        device=inputs.q.device)
         result = self.func(inputs.q, inputs.k, inputs.v, **kwargs)
-        if isinstance(result, (tuple, list)):
-            out = result[0]
-            lse = result[1] if lse_wanted and len(result) > 1 else None
-        else:
-            out, lse = result, None
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"{self.name} returned {type(out).__name__}, not a tensor")
+        # flash_attn_func's convention: `out if not return_softmax else (out, softmax_lse, S)`
+        out, lse = take_return(result, self.name, "(out, softmax_lse, ...)" if lse_wanted
+                               else "out")
         return Outputs(out=out, lse=lse)

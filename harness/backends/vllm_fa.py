@@ -20,7 +20,7 @@ from harness.backends.module import (
     case_value,
     import_default,
     inputs_value,
-    split_result,
+    take_return,
 )
 
 #: every feature but lastdim-strided (base.DEFAULT_FEATURES: the API copies such tensors)
@@ -125,10 +125,10 @@ class VllmFlashAttnBackend(ModuleBackend):
             }
             if rotary:
                 wanted["rotary_interleaved"] = bool(case_value(case, "rotary_interleaved", False))
+            kw = {k: v for k, v in wanted.items() if sig.accepts(k)}
             result = fa.flash_attn_with_kvcache(
                 inputs.q, inputs.k_pages if paged else inputs.k,
-                inputs.v_pages if paged else inputs.v,
-                **{k: v for k, v in wanted.items() if sig.accepts(k)})
+                inputs.v_pages if paged else inputs.v, **kw)
         else:
             wanted = dict(common)
             if paged:
@@ -138,11 +138,14 @@ class VllmFlashAttnBackend(ModuleBackend):
             else:
                 wanted["cu_seqlens_k"] = inputs.cu_seqlens_k
                 k, v = inputs.k, inputs.v
+            kw = {k_: v_ for k_, v_ in wanted.items() if sig.accepts(k_)}
             # max_seqlen_q comes before cu_seqlens_q in vLLM's signature.
             result = fa.flash_attn_varlen_func(
-                inputs.q, k, v, case.seqlen_q, inputs.cu_seqlens_q, case.seqlen_k,
-                **{k_: v_ for k_, v_ in wanted.items() if sig.accepts(k_)})
-        out, lse = split_result(result)
+                inputs.q, k, v, case.seqlen_q, inputs.cu_seqlens_q, case.seqlen_k, **kw)
+        # vllm_flash_attn: `(out, softmax_lse) if return_softmax_lse else out`
+        name = "flash_attn_with_kvcache" if case.entry == "kvcache" else "flash_attn_varlen_func"
+        out, lse = take_return(result, name,
+                               "(out, softmax_lse)" if kw.get("return_softmax_lse") else "out")
         if lse is not None and case.entry == "varlen":
             from harness.backends.flash_attn import varlen_lse_layout
 

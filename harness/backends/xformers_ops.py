@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from harness.backends.base import Capabilities, Unsupported
-from harness.backends.module import Convention, ModuleBackend, import_default
+from harness.backends.module import Convention, ModuleBackend, import_default, take_return
 from harness.case import Case
 
 CONVENTION = Convention(
@@ -137,12 +137,13 @@ class XformersBackend(ModuleBackend):
         if case.scale is not None:
             kwargs["scale"] = case.scale
         try:
-            out = xops.memory_efficient_attention(q, k, v, **kwargs)
+            result = xops.memory_efficient_attention(q, k, v, **kwargs)
         except (NotImplementedError, ValueError) as exc:
             if "No operator found" in str(exc):
                 raise Unsupported(f"xformers refused the call: {str(exc).splitlines()[0]}") \
                     from None
             raise
+        out = take_return(result, "memory_efficient_attention", "out")[0]
         if group > 1:
             out = out.reshape(out.shape[0], out.shape[1], case.heads_q, out.shape[-1])
         if case.entry == "varlen":

@@ -7,11 +7,14 @@ with :func:`check` under its name in :data:`harness.vocab.CHECKS`; it takes the 
 returns a new :class:`~harness.exact.judge.Verdict` (verdicts are built, never mutated).
 
 The kernel never sees the inputs the reference is computed from: every call gets a private copy
-(:func:`clone_inputs`, same strides, gaps and packing), which is compared bitwise with the
-original afterwards, so a kernel that writes into q, k, v (or into a kv-cache outside the rows an
-append may write) fails with ``inputs modified in place`` instead of passing on its own scribbles.
-What a kernel returns is held to the forward contract (shape, dtype, device of the output; the
-lse it promises). Processes, files and timeouts are the runner's business.
+(:func:`clone_inputs`, same strides, gaps and packing), which is compared bitwise with the original
+afterwards, so a kernel that writes into q, k, v (or into a kv-cache outside the rows an append may
+write) fails with ``inputs modified in place`` instead of passing on its own scribbles. What a
+kernel returns is held to the forward contract (shape, dtype, device of the output; the lse it
+promises), and every output after the judged call (the bwd check's forward, the determinism runs,
+the timed calls) to the judged one (:mod:`harness.checks.ledger`). The global RNG is seeded before a
+call only where the case has dropout: without dropout, a kernel's own randomness must show up as
+non-determinism. Processes, files and timeouts are the runner's business.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from typing import Any
 
 import torch
 
-from harness.backends.base import Backend, Unsupported
+from harness.backends.base import Backend, BadReturn, Unsupported
 from harness.case import Case
+from harness.checks.ledger import FORWARD, Ledger, Mode
 from harness.checks.plan import Plan, estimated_bytes, usable_memory
 from harness.checks.timing import tflops, time_functions
 from harness.exact import fp8, judge, reference
@@ -368,6 +372,22 @@ class CheckContext:
         return None if unit is None else reference.score_rounding(
             self.exact_inputs, unit, grads=True)
 
+    @cached_property
+    def ledger(self) -> Ledger:
+        """The judged outputs every later output is held to (:mod:`harness.checks.ledger`)."""
+        return Ledger(self.backend.capabilities.deterministic_backward, self.held_parity)
+
+    def held_parity(self, name: str, tensor: torch.Tensor) -> judge.Comparison | None:
+        """``tensor`` (out, lse, dq, dk or dv of a later call) judged by the parity rule
+        against the reference its judged check used, which is cached by then; None for fp8
+        (its rule is FA3's, and fp8 is forward only: every call is held bitwise)."""
+        if fp8.is_fp8(self.case.dtype):
+            return None
+        if name in ("out", "lse"):
+            out, lse = (tensor, None) if name == "out" else (None, tensor)
+            return _forward_comparisons(self, out, lse)[0]
+        return _gradient_comparison(self, name, tensor)
+
     def _blockwise32(self, grads: bool, rows) -> Outputs:
         return reference.reference(self.exact_inputs, dtype=torch.float32, grads=grads,
                                    rows=rows, lse_convention=self.lse_convention)
@@ -396,8 +416,9 @@ class CheckContext:
     def call(self, *, rng: str = "kernel", deterministic: bool = True, grad: bool = False,
              inputs: Inputs | None = None) -> tuple[Outputs, Inputs]:
         """One forward call on a private copy of the inputs (``inputs``, default the case's),
-        with the global RNG seeded (dropout draws from it); the copy is checked for modification
-        and the result for the contract.
+        with the global RNG seeded where the case has dropout (its mask draws from it; without
+        dropout a kernel's own randomness must show up between calls); the copy is checked for
+        modification and the result for the contract.
 
         Returns the outputs and the copy the kernel saw (its q, k, v are the autograd leaves
         when ``grad``).
@@ -406,7 +427,8 @@ class CheckContext:
         used = clone_inputs(original)
         if grad:
             used = used.with_grad()
-        torch.manual_seed(self.rng_seed(rng))
+        if self.case.dropout_p:
+            torch.manual_seed(self.rng_seed(rng))
         with _kernel_errors():
             result = self.backend.forward(used, deterministic=deterministic)
         self.require_contract(result)
@@ -561,17 +583,10 @@ def check_fwd(ctx: CheckContext) -> judge.Verdict:
     ref, base = ctx.sampled_reference if rows is not None else (ctx.reference, ctx.baseline)
     if fp8.is_fp8(ctx.case.dtype):
         return _fp8_fwd(ctx, result, ref, base)
-    # Where float32 score rounding leaves ill-conditioned rows undetermined (scores of 1e4-1e5
-    # from cancelling products), the allowance it implies.
-    slack = ctx.score_slack
-    comparisons = [judge.compare("out", result.out, base.out, ref.out, k=judge.K_OUT,
-                                 atol=ctx.atol, valid=ref.row_mask(ref.out),
-                                 slack=slack and slack.out)]
-    if result.lse is not None:
-        lse = _lse_layout(result.lse, ref.lse)
-        comparisons.append(judge.compare("lse", lse, base.lse, ref.lse, k=judge.K_OUT,
-                                         atol=ctx.atol, valid=torch.isfinite(ref.lse),
-                                         slack=slack and slack.lse))
+    comparisons = _forward_comparisons(ctx, result.out, result.lse)
+    for c in comparisons:
+        ctx.ledger.judge(c.name, getattr(result, c.name), FORWARD, passed=c.ok,
+                         where="fwd check")
     allowed = comparisons[0].allowed
     effects = feature_effects(ctx) if rows is None else {}
     note = judge.inert_note(effects, allowed)
@@ -605,12 +620,43 @@ def check_fwd(ctx: CheckContext) -> judge.Verdict:
     return judge.Verdict("fwd", verdict.status, metrics, reason)
 
 
+def _forward_comparisons(ctx: CheckContext, out: torch.Tensor | None,
+                         lse: torch.Tensor | None) -> list[judge.Comparison]:
+    """``out`` and ``lse`` (each where given) judged as the fwd check judges them."""
+    rows = ctx.sampled_rows
+    ref, base = ctx.sampled_reference if rows is not None else (ctx.reference, ctx.baseline)
+    # Where float32 score rounding leaves ill-conditioned rows undetermined (scores of 1e4-1e5
+    # from cancelling products), the allowance it implies.
+    slack = ctx.score_slack
+    comparisons = []
+    if out is not None:
+        comparisons.append(judge.compare("out", out, base.out, ref.out, k=judge.K_OUT,
+                                         atol=ctx.atol, valid=ref.row_mask(ref.out),
+                                         slack=slack and slack.out))
+    if lse is not None:
+        comparisons.append(judge.compare("lse", _lse_layout(lse, ref.lse), base.lse, ref.lse,
+                                         k=judge.K_OUT, atol=ctx.atol,
+                                         valid=torch.isfinite(ref.lse),
+                                         slack=slack and slack.lse))
+    return comparisons
+
+
+def _gradient_comparison(ctx: CheckContext, name: str, grad: torch.Tensor) -> judge.Comparison:
+    """``grad`` (dq, dk or dv) judged as the bwd check judges it."""
+    ref, base, slack = ctx.reference_grads, ctx.baseline_grads, ctx.score_slack_grads
+    return judge.compare(name, grad, getattr(base, name), getattr(ref, name), k=judge.K_GRAD,
+                         atol=ctx.atol, slack=slack and getattr(slack, name))
+
+
 def _fp8_fwd(ctx: CheckContext, result: Outputs, ref: Outputs, base: Outputs) -> judge.Verdict:
     """FA3's rule for fp8 (:func:`harness.exact.fp8.fp8_verdict`): against a baseline that emulates
     an fp8 kernel (fp8 inputs, P rounded to fp8 before P V, fp32 accumulation), plus the mean rule,
     the lse, and the cosine similarity AITER's tests use."""
     lse = _lse_layout(result.lse, ref.lse) if result.lse is not None else None
     verdict = fp8.fp8_verdict(ctx.case, Outputs(out=result.out, lse=lse), base, ref)
+    for name in ("out", "lse"):
+        ctx.ledger.judge(name, getattr(result, name), FORWARD,
+                         passed=verdict.status == "pass", where="fwd check")
     allowed = verdict.metrics.get("out", {}).get("allowed", 0.0)
     effects = feature_effects(ctx) if ctx.sampled_rows is None else {}
     note = judge.inert_note(effects, allowed)
@@ -627,30 +673,46 @@ def check_bwd(ctx: CheckContext) -> judge.Verdict:
     if ctx.case.dropout_p:
         return _dropout(ctx, "bwd")
     result = ctx.call_backward(deterministic=False)
-    ref, base, slack = ctx.reference_grads, ctx.baseline_grads, ctx.score_slack_grads
-    comparisons = [judge.compare(name, getattr(result, name), getattr(base, name),
-                                 getattr(ref, name), k=judge.K_GRAD, atol=ctx.atol,
-                                 slack=slack and getattr(slack, name))
+    comparisons = [_gradient_comparison(ctx, name, getattr(result, name))
                    for name in ("dq", "dk", "dv")]
     verdict = judge.parity_verdict("bwd", comparisons)
+    training = Mode(grad=True, deterministic=False)
+    for c in comparisons:
+        ctx.ledger.judge(c.name, getattr(result, c.name), training, passed=c.ok,
+                         where="bwd check")
+    # The forward of this call is a later call too: held to the fwd check's output.
+    held = ctx.ledger.hold("the bwd check's forward", {"out": result.out, "lse": result.lse},
+                           training)
     metrics = {**verdict.metrics, "deterministic": False}
     if ctx.yardsticks:
         metrics["yardstick"] = dict(ctx.yardsticks)
+    if held:
+        reason = "; ".join(x for x in (verdict.reason, *held) if x)
+        return judge.Verdict("bwd", "fail", metrics, reason)
     return judge.Verdict("bwd", verdict.status, metrics, verdict.reason)
 
 
 @check("determinism")
 def check_determinism(ctx: CheckContext) -> judge.Verdict:
-    """Identical inputs and seed, called with ``deterministic=True``: the forward must repeat
-    bitwise; the backward too where the kernel promises it, over the profile's repeat count
-    (flash-attn's race-condition test repeats 250 times)."""
+    """Identical inputs (and seed, where the case has dropout), called with ``deterministic=True``:
+    the forward must repeat bitwise; the backward too where the kernel promises it, over the
+    profile's repeat count (flash-attn's race-condition test repeats 250 times). Every run is also
+    held to the judged calls (:mod:`harness.checks.ledger`): a forward-only run bitwise to the fwd
+    check's output, a run with a backward by the parity rule where it is not bitwise the judged
+    output (the judged calls were made without autograd, or with ``deterministic=False``)."""
     caps = ctx.backend.capabilities
     backward = has_backward(ctx)
     runs = max(2, ctx.profile.determinism_runs) if caps.deterministic_backward else 2
+    mode = Mode(grad=backward, deterministic=True)
     first: dict[str, torch.Tensor] | None = None
     worst: judge.Verdict | None = None
-    for _ in range(runs):
+    held: list[str] = []
+    for run in range(runs):
         tensors = _determinism_run(ctx, backward)
+        held += ctx.ledger.hold(f"determinism run {run + 1}", tensors, mode,
+                                repeats_checked=first is not None, private=True)
+        if held:
+            break
         if first is None:
             first = tensors
             continue
@@ -662,9 +724,12 @@ def check_determinism(ctx: CheckContext) -> judge.Verdict:
             worst = verdict
         if verdict.status == "fail":
             break
+    metrics = {**(worst.metrics if worst else {}), "backward": backward, "runs": runs}
+    if held:
+        reason = "; ".join(x for x in (*held, worst.reason if worst else "") if x)
+        return judge.Verdict("determinism", "fail", metrics, reason)
     assert worst is not None
-    return judge.Verdict("determinism", worst.status,
-                         {**worst.metrics, "backward": backward, "runs": runs}, worst.reason)
+    return judge.Verdict("determinism", worst.status, metrics, worst.reason)
 
 
 def has_backward(ctx: CheckContext) -> bool:
@@ -688,33 +753,47 @@ def _determinism_run(ctx: CheckContext, backward: bool) -> dict[str, torch.Tenso
 
 @check("throughput")
 def check_throughput(ctx: CheckContext) -> judge.Verdict:
+    """Time the forward, the backward and both; the latest timed call of each is then held to
+    the judged calls (:mod:`harness.checks.ledger`), so a kernel whose outputs change once it is
+    warm (an autotuner's switch, a stale workspace or graph) fails here, its timing kept."""
     p = ctx.profile
     budget = {"warmup_s": p.warmup_s, "budget_s": p.budget_s, "min_reps": p.min_reps,
               "graph": getattr(p, "graph_replay", False)}
     flops = ctx.case.flops_fwd()
     metrics: dict[str, Any] = {"flops_fwd": flops}
     used = clone_inputs(ctx.inputs)
-    torch.manual_seed(ctx.rng_seed("throughput"))
+    if ctx.case.dropout_p:
+        torch.manual_seed(ctx.rng_seed("throughput"))
+    #: pass -> what its latest call returned. Each call lets go of the previous result before
+    #: it runs, so no more memory is live than when results were dropped at once.
+    kept: dict[str, Any] = {}
 
     def forward():
+        kept.pop("fwd", None)
         with torch.no_grad():
-            return ctx.backend.forward(used)
+            kept["fwd"] = ctx.backend.forward(used)
 
     calls: dict[str, Callable[[], object]] = {"fwd": forward}
+    unpack = None
     if has_backward(ctx):
         # One set of leaves for both timings: copying fresh inputs inside the timed call
         # would add a copy of q, k and v to every forward+backward.
         leaves_from = used.with_grad()
         with _kernel_errors():
             out = ctx.backend.forward(leaves_from).out
-        leaves, _ = grad_leaves(leaves_from)
+        leaves, unpack = grad_leaves(leaves_from)
         dout = ctx.inputs.dout
 
-        def fwd_bwd():
-            o = ctx.backend.forward(leaves_from).out
-            torch.autograd.grad(o, leaves, dout)
+        def backward():
+            kept.pop("bwd", None)
+            kept["bwd"] = (None, torch.autograd.grad(out, leaves, dout, retain_graph=True))
 
-        calls["bwd"] = lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True)
+        def fwd_bwd():
+            kept.pop("fwd_bwd", None)
+            o = ctx.backend.forward(leaves_from).out
+            kept["fwd_bwd"] = (o.detach(), torch.autograd.grad(o, leaves, dout))
+
+        calls["bwd"] = backward
         calls["fwd_bwd"] = fwd_bwd
     # On a CPU the calls take turns in one window (harness.checks.timing.measure_interleaved).
     with _kernel_errors():
@@ -723,7 +802,31 @@ def check_throughput(ctx: CheckContext) -> judge.Verdict:
     for name, factor in (("bwd", BWD_FLOP_FACTOR), ("fwd_bwd", 1 + BWD_FLOP_FACTOR)):
         if name in timings:
             metrics[name] = _rate(timings[name], factor * flops, ctx.target, ctx.case.dtype)
+    problems = _timed_problems(ctx, kept, unpack)
+    if problems:
+        return judge.Verdict("throughput", "fail", metrics,
+                             "the timed calls are not the judged ones: " + "; ".join(problems))
     return judge.Verdict("throughput", "pass", metrics, "")
+
+
+def _timed_problems(ctx: CheckContext, kept: dict[str, Any],
+                    unpack: Callable | None) -> list[str]:
+    """How the latest timed call of each pass falls short of the judged calls. With dropout
+    every timed call draws another mask: nothing to hold it to. (A kernel that writes into its
+    inputs on later calls changes the output of the next call on them, which is held.)"""
+    problems: list[str] = []
+    if ctx.case.dropout_p:
+        return problems
+    if "fwd" in kept:
+        r = kept["fwd"]
+        problems += ctx.ledger.hold("timed fwd call", {"out": r.out, "lse": r.lse}, FORWARD)
+    taped = Mode(grad=True, deterministic=True)  # Backend.forward's default
+    for name, label in (("bwd", "timed bwd call"), ("fwd_bwd", "timed fwd+bwd call")):
+        if name in kept and unpack is not None:
+            out, grads = kept[name]
+            dq, dk, dv = unpack(grads)
+            problems += ctx.ledger.hold(label, {"out": out, "dq": dq, "dk": dk, "dv": dv}, taped)
+    return problems
 
 
 # ------------------------------------------------------------------------ feature effects
@@ -838,12 +941,16 @@ def _rate(timing, flops: float, target: Target, dtype: str) -> dict[str, Any]:
 @contextlib.contextmanager
 def _kernel_errors(prefix: str = ""):
     """What a kernel call raises is the kernel's: a refusal (:class:`Unsupported`) passes
-    through, ``NotImplementedError`` is a refusal too (:class:`KernelRefused`), out-of-memory is
-    :class:`KernelOutOfMemory`, anything else :class:`KernelError`."""
+    through, a return that is not the family's convention (:class:`BadReturn`) breaks the
+    contract (:class:`ContractViolation`), ``NotImplementedError`` is a refusal too
+    (:class:`KernelRefused`), out-of-memory is :class:`KernelOutOfMemory`, anything else
+    :class:`KernelError`."""
     try:
         yield
     except Unsupported:
         raise
+    except BadReturn as exc:
+        raise ContractViolation(f"kernel output breaks the forward contract: {exc}") from None
     except NotImplementedError as exc:
         raise KernelRefused(prefix + _describe(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - every kernel failure becomes a record

@@ -109,62 +109,36 @@ def validate_known_issues() -> list[Any]:
 
 def static_backend_problem(spec: str, where: str = "--") -> str:
     """What can be said about a backend spec without importing anything heavy
-    (:func:`harness.backends.spec_problem`, worded for the front end's option prefix)."""
+    (:func:`harness.backends.spec_problem`, worded for the front end's option prefix).
+
+    Whether ``FILE.py`` defines ``FUNC`` is not among it: a file may define it any way Python
+    allows (a loop over ``globals()``, ``setattr`` on its own module, ``from pkg import *``, a
+    module ``__getattr__``), as kernel libraries generating their variants do, so reading the
+    source can only ever say "maybe". The worker's import says, in one line naming the file and
+    what it defines.
+    """
     from harness.backends import spec_problem
 
-    problem = spec_problem(spec) or _missing_function(spec)
+    problem = spec_problem(spec)
     return problem.replace("--backend", f"{where}backend", 1) if problem else ""
-
-
-def _missing_function(spec: str) -> str:
-    """For ``FILE.py:FUNC``: whether the file defines FUNC at top level, read without importing
-    it (user code is imported in the worker only)."""
-    import ast
-
-    from harness.backends.user import is_file_spec
-
-    if "@" in spec or not is_file_spec(spec):
-        return ""
-    path, _, name = spec.rpartition(":")
-    try:
-        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, ValueError):
-        return ""  # the worker's import reports it, with Python's own words
-    defined = set()
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            defined.add(node.name)
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            defined.update(t.id for t in targets if isinstance(t, ast.Name))
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            defined.update((a.asname or a.name).split(".")[0] for a in node.names)
-        elif not isinstance(node, (ast.Expr, ast.If, ast.Try, ast.With)):
-            continue
-        if isinstance(node, (ast.If, ast.Try, ast.With)):
-            return ""  # conditional definitions: leave it to the import
-    if name in defined:
-        return ""
-    functions = sorted(n for n in defined if not n.startswith("_"))
-    return (f"--backend {spec}: {path} has no function {name!r} (it defines: "
-            f"{', '.join(functions) or 'none'})")
 
 
 # --------------------------------------------------------------------------------- backends
 
 
-def choose_backends(worker, requested: Sequence[str]) -> tuple[list[str], list[str],
-                                                                  dict[str, Any]]:
+def choose_backends(worker, requested: Sequence[str], timeout_s: float | None = None
+                    ) -> tuple[list[str], list[str], dict[str, Any]]:
     """The backends to run and the notes about the others.
 
     With ``requested``, exactly those (an unloadable one is a UsageError; an unavailable one
     runs, its cases recorded as skips). Without, every available backend, and a note for each
-    one left out, so nothing disappears silently. Returns (specs, notes, resolved info).
+    one left out, so nothing disappears silently. Each import may take ``timeout_s`` (the run's
+    ``--timeout``; default, the worker's own). Returns (specs, notes, resolved info).
     """
     from harness.backends import known_backends
 
     specs = list(requested) or known_backends()
-    resolved = worker.resolve(specs)
+    resolved = worker.resolve(specs) if timeout_s is None else worker.resolve(specs, timeout_s)
     errors = [info["error"] for info in resolved.values() if "error" in info]
     if errors and requested:
         raise UsageError(errors[0])
@@ -489,7 +463,8 @@ class PytestSession:
         self._runner = ExplorationWorker(self.options.timeout)
         worker = self._runner
         try:
-            specs, _, resolved = choose_backends(worker, self.options.backends)
+            specs, _, resolved = choose_backends(worker, self.options.backends,
+                                                 self.options.timeout)
         except Exception:
             worker.__exit__(None, None, None)
             raise

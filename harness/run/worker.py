@@ -21,6 +21,7 @@ from typing import Any
 
 from harness.case import Case
 from harness.results.records import Record, now
+from harness.run import reaper
 from harness.vocab import CHECK_NAMES, JUDGED
 
 #: Seconds a fresh worker may take to import torch and probe the device.
@@ -95,6 +96,7 @@ def _own_process_group() -> None:
 
 def _end_quietly() -> None:
     """Leave now, without a traceback, taking the kernel's child processes along."""
+    reaper.end_descendants()  # those in sessions of their own too
     if hasattr(os, "killpg") and os.getpgrp() == os.getpid():  # only a group of our own
         with contextlib.suppress(OSError):
             os.killpg(os.getpid(), signal.SIGKILL)
@@ -110,9 +112,21 @@ def _send(conn, message) -> None:
 
 
 def _worker_main(conn, device_index: int | None, env: dict[str, str]) -> None:
-    """Entry point of the worker process: probe once, then serve tasks until told to stop."""
+    """Entry point of the worker process: probe once, then serve tasks until told to stop.
+
+    The worker is a child subreaper (:mod:`harness.run.reaper`): what its kernels start stays below
+    it, and it ends what left its process group after each case, and everything when it stops.
+    """
     _own_process_group()
+    reaper.become_subreaper()
     os.environ.update(env)
+    try:
+        _serve(conn, device_index)
+    finally:
+        reaper.end_descendants()
+
+
+def _serve(conn, device_index: int | None) -> None:
     try:
         from harness.run.machine import detect
 
@@ -134,24 +148,46 @@ def _worker_main(conn, device_index: int | None, env: dict[str, str]) -> None:
         if task is None:
             return
         if isinstance(task, tuple) and task[0] == "resolve":
-            _send(conn, ("resolved", resolve(task[1], backends)))
+            _send(conn, ("resolved", resolve(task[1], backends,
+                                             lambda spec: _send(conn, ("loading", spec)))))
             continue
-        for message in execute(task, target, backends):
-            _send(conn, message)
+        try:
+            for message in execute(task, target, backends):
+                _send(conn, message)
+        except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt, SystemExit, GeneratorExit
+            # raised by a kernel: it would end the process with a traceback; say what it was
+            # and end quietly, as a crash (the parent starts a fresh worker)
+            text = str(exc).strip().splitlines()
+            _send(conn, ("ended", f"{type(exc).__name__}{': ' + text[0] if text else ''}"))
+            return
+        reaper.end_descendants(outside_group=os.getpgrp() if hasattr(os, "getpgrp") else None)
         _send(conn, ("done", None))
 
 
-def resolve(specs: Iterable[str], backends: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Load backends by spec: ``{spec: {"error": ...}}`` or their identity and availability."""
+def resolve(specs: Iterable[str], backends: dict[str, Any],
+            announce: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Load backends by spec: ``{spec: {"error": ...}}`` or their identity and availability.
+
+    ``announce(spec)`` is called before each is loaded (the worker tells its parent, which then
+    knows whose import hung or ended the process). Whatever loading raises is that spec's error,
+    in one line: an import may raise anything, KeyboardInterrupt and SystemExit included.
+    """
     from harness.backends import load_backend
     from harness.errors import HarnessError
 
     out: dict[str, dict[str, Any]] = {}
     for spec in specs:
+        if announce is not None:
+            announce(spec)
         try:
             backend = backends.get(spec) or load_backend(spec)
         except HarnessError as exc:
             out[spec] = {"error": str(exc)}
+            continue
+        except BaseException as exc:  # noqa: BLE001 - user code at import time
+            text = str(exc).strip().splitlines()
+            out[spec] = {"error": f"--backend {spec}: importing {import_source(spec)} raised "
+                                  f"{type(exc).__name__}{': ' + text[0] if text else ''}"}
             continue
         backends[spec] = backend
         out[spec] = {"describe": backend.describe(), "availability": backend.availability(),
@@ -240,27 +276,74 @@ class WorkerDied(Exception):
     pass
 
 
+def import_source(spec: str) -> str:
+    """What loading the backend ``spec`` imports, for messages: its file or module."""
+    from harness.backends import FAMILIES
+
+    if "@" in spec:
+        return spec.partition("@")[2]
+    path, sep, _ = spec.rpartition(":")
+    if sep and path.endswith(".py"):
+        return path
+    family = FAMILIES.get(spec)
+    return family.default_module if family is not None else f"the module of {spec}"
+
+
+#: The pids of this process's live workers (spared when orphans are ended).
+_LIVE_WORKERS: set[int] = set()
+
+
 class Worker:
     """A worker process and its pipe."""
 
     def __init__(self, device_index: int | None = None, env: dict[str, str] | None = None) -> None:
         self.device_index, self.env = device_index, env
+        # Orphans of the worker's kernels come back here when the worker dies (harness.run.reaper).
+        reaper.become_subreaper()
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_worker_main, args=(child, device_index, env or {}),
                                    daemon=True)
         self.process.start()
         child.close()
+        _LIVE_WORKERS.add(self.process.pid)
+        started = reaper.read_proc(self.process.pid)
+        #: when the worker started (clock ticks since boot): its orphans started no earlier
+        self.started = started.start if started else 0
         self.target: dict[str, Any] = {}
         self.backend: dict[str, str] = {}
 
     def resolve(self, specs: list[str], timeout_s: float = STARTUP_TIMEOUT_S) -> dict[str, Any]:
-        """Ask the worker to load backends (user code is imported there, not here)."""
+        """Ask the worker to load backends (user code is imported there, not here).
+
+        Each may take ``timeout_s`` (the run's ``--timeout``). An import that hangs or ends the
+        worker process (``os._exit``, a fault) is a UsageError naming the backend and what it
+        imports; the worker is then dead or killed.
+        """
+        from harness.errors import UsageError
+
         self.send(("resolve", list(specs)))
-        message = self.receive(timeout_s)
-        if message is None or message[0] != "resolved":
-            raise WorkerDied("the worker did not answer while loading backends")
-        return message[1]
+        loading = None
+        while True:
+            try:
+                message = self.receive(timeout_s)
+            except WorkerDied as exc:
+                if loading is None:
+                    raise
+                raise UsageError(f"--backend {loading}: while importing "
+                                 f"{import_source(loading)}, {exc}") from None
+            if message is None:
+                self.kill()
+                if loading is None:
+                    raise WorkerDied("the worker did not answer while loading backends")
+                raise UsageError(f"--backend {loading}: importing {import_source(loading)} did "
+                                 f"not finish within {timeout_s:g} s (--timeout); the worker "
+                                 "was killed")
+            kind, payload = message
+            if kind == "loading":
+                loading = payload
+            elif kind == "resolved":
+                return payload
 
     def start(self) -> dict[str, Any]:
         kind, payload = self.receive(STARTUP_TIMEOUT_S)
@@ -322,11 +405,14 @@ class Worker:
             os.killpg(pid, signal.SIGKILL)
 
     def kill(self) -> None:
+        if self.process.is_alive():  # its tree first: sessions of their own included
+            reaper.end_descendants(self.process.pid)
         self.kill_group()
         if self.process.is_alive():
             self.process.kill()
         self.process.join(10)
         self.conn.close()
+        self._end_orphans()
 
     def stop(self) -> None:
         with contextlib.suppress(OSError, BrokenPipeError):
@@ -337,6 +423,14 @@ class Worker:
             self.process.kill()
             self.process.join(5)
         self.conn.close()
+        self._end_orphans()
+
+    def _end_orphans(self) -> None:
+        """End what the worker's kernels left that came back to this process (a subreaper)
+        when the worker died."""
+        _LIVE_WORKERS.discard(self.process.pid)
+        if self.started:  # the worker itself is multiprocessing's to reap
+            reaper.end_orphans(self.started, spare=_LIVE_WORKERS | {self.process.pid})
 
 
 def run_tasks(tasks: Iterable[Task], sink: Callable[[Record], None], *, timeout_s: float,
@@ -431,6 +525,12 @@ def _run_one(worker: Worker, task: Task, timeout_s: float, sink, outcome: Outcom
             current = payload
         elif kind == "record":
             emit(payload)
+        elif kind == "ended":  # the kernel raised what ends a process (KeyboardInterrupt ...)
+            _abandon(task, worker, current, pending, "crash",
+                     f"the kernel raised {payload} during {current}, which ends a process; the "
+                     "run continued with a fresh worker", emit)
+            worker.kill()
+            return records, None
         elif kind == "done":
             return records, worker
 
@@ -551,8 +651,9 @@ class ExplorationWorker:
             self.outcome.target = self.worker.start()
         return self.worker
 
-    def resolve(self, specs: list[str]) -> dict[str, Any]:
-        return self._ensure().resolve(specs)
+    def resolve(self, specs: list[str], timeout_s: float | None = None) -> dict[str, Any]:
+        """Load backends in the worker, each within ``timeout_s`` (default: the run's)."""
+        return self._ensure().resolve(specs, self.timeout_s if timeout_s is None else timeout_s)
 
     def run(self, task: Task, sink: Callable[[Record], None],
             done: Mapping[tuple[str, str, str], Record] | None = None) -> list[Record]:
