@@ -83,8 +83,9 @@ def _session(config):
         from harness.run.session import PytestSession
 
         try:
-            worker = getattr(config, "workerinput", {}).get("workerid")
-            state["session"] = PytestSession(state["options"], worker_id=worker)
+            given = getattr(config, "workerinput", {})
+            state["session"] = PytestSession(state["options"], worker_id=given.get("workerid"),
+                                             started_stamp=given.get(_STAMP, _stamp(config)))
         except HarnessError as exc:
             state["error"] = str(exc)
     return state["session"]
@@ -107,27 +108,64 @@ def pytest_generate_tests(metafunc) -> None:
         metafunc.parametrize("attn_case", cases, ids=ids)
 
 
-def pytest_collection_modifyitems(config, items) -> None:
-    """A session that could not start is a usage error now that collection has ended (one line,
-    exit 4: see :func:`_session`). Under ``--attn-shard``, deselect the case tests outside this
-    share (exploration tests stay: each shard explores its own part)."""
+_STAMP = "attn_harness_run_stamp"
+
+
+def _stamp(config) -> str:
+    """This session's start (UTC, ``YYYYMMDD-HHMMSS``): the name of the run folder it writes to
+    (``harness.results.storage``). Formatted here so that no harness module is imported."""
+    state = _state(config)
+    if "stamp" not in state:
+        import time
+
+        state["stamp"] = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return state["stamp"]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """pytest-xdist, in the controller: each worker gets the session's start stamp, so all of
+    them write to one run folder."""
+    node.workerinput[_STAMP] = _stamp(node.config)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """After collection (and after pytest's own reordering: trylast):
+
+    * a session that could not start is a usage error now (one line, exit 4: see
+      :func:`_session`);
+    * under ``--attn-shard``, the case tests outside this share are deselected (exploration
+      tests stay: each shard explores its own part);
+    * every suite case runs first and exploration after all of them: pytest groups items by
+      the session-scoped ``attn_backend`` parameter, which put each backend's exploration
+      (minutes) after a single case, and a user's first failure from the cheap cases must come
+      early. Other tests keep their order.
+    """
     state = config.stash.get(_STATE_KEY, None)
     if state and state.get("error"):
         raise pytest.UsageError(state["error"])
-    if not state or state.get("session") is None or state["options"].shard is None:
-        return
-    session = state["session"]
-    kept, dropped = [], []
-    for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        if "attn_case" in params and "attn_backend" in params and not session.in_share(
-                params["attn_case"][1], params["attn_backend"]):
-            dropped.append(item)
-        else:
-            kept.append(item)
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        items[:] = kept
+    if state and state.get("session") is not None and state["options"].shard is not None:
+        session_ = state["session"]
+        kept, dropped = [], []
+        for item in items:
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            if "attn_case" in params and "attn_backend" in params and not session_.in_share(
+                    params["attn_case"][1], params["attn_backend"]):
+                dropped.append(item)
+            else:
+                kept.append(item)
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = kept
+
+    def exploring(item) -> bool:
+        names = getattr(item, "fixturenames", ())
+        return "attn_backend" in names and "attn_case" not in names
+
+    later = [item for item in items if exploring(item)]
+    if later and len(later) < len(items):
+        items[:] = [item for item in items if not exploring(item)] + later
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ PIN="$(mktemp)"
 trap 'rm -f "$PIN"' EXIT
 echo "torch==$TORCH_VERSION" > "$PIN"
 
-if ! "$VPY" -c "import harness, pytest_timeout, xdist, jsonschema, tabulate, hypothesis, matplotlib, yaml, tomli_w, markdown_it" >/dev/null 2>&1 \
+if ! "$VPY" -c "import harness, pytest_timeout, xdist, jsonschema, tabulate, hypothesis, matplotlib, yaml, tomli_w, markdown_it, tqdm, numpy" >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.attn-harness-installed ]; then
     "$VPY" -m pip install --disable-pip-version-check -q -c "$PIN" -e ".[test,plot]"
     touch .venv/.attn-harness-installed

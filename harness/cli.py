@@ -1,4 +1,4 @@
-"""The ``attn-harness`` command: run, info, report, compare.
+"""The attn-harness command: run, info, report, compare, promote.
 
 Exit status: 0 when nothing failed, 1 when something failed, crashed, timed out or passed
 unexpectedly (compare: when something regressed), 2 for bad usage or bad input (one line on
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from harness import __version__, options
 from harness.errors import HarnessError, UsageError
-from harness.vocab import TIMED, gradients
+from harness.vocab import gradients
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -37,6 +37,10 @@ def device_list(value: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+RUN_HELP = ("results files, run folders, run numbers of reports/<target-id>/ (7, latest) or "
+            "TARGET/7 for another machine's")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="attn-harness", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"attn-harness {__version__}")
@@ -49,11 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_options(run.add_argument, prefix="")
     run.add_argument("--case", action="append", metavar="'{...}'",
                      help="one case as a TOML inline table, repeatable (what replay commands "
-                          "use); no exploration then (default: none)")
-    run.add_argument("--resume", action="store_true",
-                     help="keep DIR/results.jsonl and run only what it lacks; its records must "
-                          "come from this machine, seed, profile and backend builds "
-                          "(default: start over)")
+                          "use); no exploration then unless --explore says so (default: none)")
+    run.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN",
+                     help="go on with a run: keep its results.jsonl and run only what it lacks "
+                          "(the latest run, or run number RUN, under reports/<target-id>/; "
+                          "with --out, DIR); its records must come from this machine, seed, "
+                          "profile and backend builds (default: a new run)")
     run.add_argument("--retry-crashed", action="store_true",
                      help="with --resume: run crash and timeout records again (default: keep "
                           "them)")
@@ -76,9 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Merge results files from any machines into one report; "
                                         "with -o, plots of TFLOP/s against sequence length are "
                                         "written next to it.")
-    report.add_argument("results", nargs="+", metavar="RESULTS.jsonl")
-    report.add_argument("--baseline", nargs="+", default=None, metavar="RESULTS.jsonl",
-                        help="results to compare against: adds what changed (default: none)")
+    report.add_argument("results", nargs="*", metavar="RUN",
+                        help=RUN_HELP + " (default: the latest run)")
+    report.add_argument("--baseline", nargs="+", default=None, metavar="RUN",
+                        help="results to compare against, named the same way: adds what "
+                             "changed (default: none)")
     report.add_argument("-o", "--output", metavar="FILE.md",
                         help="write the report here, plots next to it (default: stdout, no "
                              "plots)")
@@ -88,9 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compare results with a baseline: status flips, error-ratio growth, "
                     "throughput moves beyond the measured spread (see harness/results/compare.py). "
                     "Prints markdown; exits 1 when anything regressed, 0 otherwise.")
-    compare.add_argument("results", nargs="+", metavar="RESULTS.jsonl")
-    compare.add_argument("--baseline", nargs="+", required=True, metavar="RESULTS.jsonl",
-                         help="the results to compare against (required)")
+    compare.add_argument("results", nargs="*", metavar="RUN",
+                         help=RUN_HELP + " (default: the latest run)")
+    compare.add_argument("--baseline", nargs="+", default=None, metavar="RUN",
+                         help="the results to compare against, named the same way (default: "
+                              "the latest earlier run of this machine that asked for the same "
+                              "backends, suites, checks, profile and seed, else the run before)")
     compare.add_argument("--slowdown", type=options.parse_positive, default=0.10,
                          metavar="FRACTION",
                          help="relative change of a median time that may count, when the "
@@ -104,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
                               "on purpose) are not regressions (default: they are)")
     compare.add_argument("-o", "--output", metavar="FILE.md",
                          help="also write the markdown here (default: stdout only)")
+    promote = sub.add_parser(
+        "promote", help="copy regressions found by exploration into cases/regressions/",
+        description="Copy minimal failing cases that exploration wrote into a run's "
+                    "regressions/ folder into the project's cases/regressions/, which "
+                    "--suite regressions runs.")
+    promote.add_argument("files", nargs="+", metavar="FILE.toml|RUN",
+                         help="regression files (RUN-FOLDER/regressions/*.toml), or a run "
+                              "(number or latest) for all of its regressions")
+    promote.add_argument("--to", type=Path, default=None, metavar="DIR",
+                         help="where to copy them (default: ./cases/regressions)")
     return parser
 
 
@@ -115,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return {"run": cmd_run, "info": cmd_info, "report": cmd_report,
-                "compare": cmd_compare}[args.command](args)
+                "compare": cmd_compare, "promote": cmd_promote}[args.command](args)
     except HarnessError as exc:
         sys.stderr.write(f"attn-harness {args.command}: error: {exc}\n")
         return EXIT_USAGE
@@ -199,13 +219,16 @@ def _devices(spec, target: dict, notes: list[str]) -> list[int]:
 
 
 def _out_dir(args, opts, target: dict) -> Path:
-    """The output folder (a shard's own under ``--out`` when sharded), made, locked for this run
-    (``args.out_lock``) and free of links in place of the files the run writes
-    (:mod:`harness.results.outdir`)."""
+    """Where this run writes: ``--out`` exactly, else a new numbered run (or the one
+    ``--resume`` names) under ``reports/<target-id>/``; a shard's own folder under it when
+    sharded. The folder is locked for this run (``args.out_lock``) and refused where a link
+    stands in place of a file the run writes (:mod:`harness.results.outdir`)."""
     from harness.results import outdir
-    from harness.run.session import prepare_out_dir, shard_out_dir
+    from harness.run.session import open_run, prepare_out_dir, shard_out_dir
 
-    path = prepare_out_dir(shard_out_dir(opts.out or Path("reports") / target["target_id"], opts))
+    run = open_run(opts, target, resume=getattr(args, "resume", None),
+                   inline=getattr(args, "case", None) or ())
+    path = prepare_out_dir(shard_out_dir(run, opts))
     args.out_lock = outdir.lock(path)
     outdir.refuse_links(path)
     return path
@@ -247,12 +270,17 @@ def _run(args, opts, cases, target, specs, resolved, notes, worker) -> int:
           f"{f', shard {opts.shard}' if opts.shard is not None else ''}, "
           f"checks {','.join(opts.checks)}, profile {opts.profile}, seed {opts.seed}",
           file=sys.stderr)
+    print(f"writing to {out_dir}", file=sys.stderr)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     if done:
         print(f"resuming: {len(done)} record(s) kept, {len(tasks)} task(s) to go", file=sys.stderr)
     start = time.perf_counter()
-    progress = _Progress(len(tasks), start)
+    from harness.run.progress import Console
+
+    console = Console(start=start)
+    console.suite(tasks)
+    progress = console.task
     devices = getattr(args, "device_indices", None)
     with RecordWriter(results, append=bool(args.resume)) as writer:
         if devices:
@@ -264,12 +292,15 @@ def _run(args, opts, cases, target, specs, resolved, notes, worker) -> int:
         else:
             worker = run_tasks(tasks, writer.write, timeout_s=opts.timeout, progress=progress,
                                first_worker=worker, keep_worker=True).worker
-        findings = _explore(args, opts, specs, writer.write, done, worker)
+        console.close()
+        findings = _explore(args, opts, specs, writer.write, done, worker, out_dir=out_dir,
+                            console=console)
+    console.close()
     if jury_dir is not None:
         deliberate(jury_dir, out_dir, keep_previous=bool(args.resume))
     records = read_records(results)
     write_report(records, out_dir)
-    for finding in findings:
+    for finding in findings:  # the failures again, at the end, where they are seen
         print(finding, file=sys.stderr)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(count_statuses(records).items()))
     print(f"done in {time.perf_counter() - start:.1f}s: {counts or 'no records'}; "
@@ -304,8 +335,10 @@ def _drop_crashed(results: Path) -> None:
     results.write_text("".join(r.to_json() + "\n" for r in kept), encoding="utf-8")
 
 
-def _explore(args, opts, specs, sink, done, worker=None) -> list[str]:
-    """Run the profile's exploration for every backend; returns one summary per backend.
+def _explore(args, opts, specs, sink, done, worker=None, *, out_dir: Path,
+             console=None) -> list[str]:
+    """Run the profile's exploration for every backend, printing each judged case and each
+    backend's summary as it ends; returns the summaries of those that found a failure.
 
     ``worker``: the suite's worker, still running, which the exploration goes on in (and
     stops)."""
@@ -313,12 +346,18 @@ def _explore(args, opts, specs, sink, done, worker=None) -> list[str]:
     from harness.run.worker import ExplorationWorker
 
     checks = explore_checks(opts)
-    if opts.examples <= 0 or args.case or not checks:
+    examples = opts.examples_for(inline=bool(args.case))
+    if examples <= 0 or not checks:
         if worker is not None:
             worker.stop()
         return []
+    from hypothesis.configuration import set_hypothesis_home_dir
+
     from harness.run.explore import explore, summary
 
+    # Everything hypothesis keeps (its example database, the constants it caches) goes under
+    # the run's folder, not into whatever folder the user runs from.
+    set_hypothesis_home_dir(str(out_dir / ".hypothesis"))
     summaries = []
     with ExplorationWorker(opts.timeout, worker=worker) as runner:
         resolved = runner.resolve(specs)
@@ -326,9 +365,9 @@ def _explore(args, opts, specs, sink, done, worker=None) -> list[str]:
             info = resolved[spec]
             if "error" in info or info["availability"]:
                 continue
-            part = (f" (shard {opts.shard}: its part of {opts.examples * opts.shard.count})"
+            part = (f" (shard {opts.shard}: its part of {examples * opts.shard.count})"
                     if opts.shard is not None else "")
-            print(f"exploring {spec}: up to {opts.examples} generated case(s){part}, checks "
+            print(f"exploring {spec}: up to {examples} generated case(s){part}, checks "
                   f"{','.join(checks)}, seed {opts.seed}", file=sys.stderr)
 
             def run_case(case, spec=spec):
@@ -341,39 +380,25 @@ def _explore(args, opts, specs, sink, done, worker=None) -> list[str]:
                 if (spec, r.case_id, r.check) not in done:
                     sink(r)
 
+            def on_case(phase, case, records, step, spec=spec):
+                if console is not None:
+                    console.explored(spec, phase, case, records, step)
+
+            if console is not None:
+                console.exploring(spec, examples)
             # Only generated cases and the minimal failure are recorded, not each shrink step.
             result = explore(spec, info["capabilities"], run_case, profile=opts.profile,
-                             examples=opts.examples, seed=opts.seed, on_record=record,
-                             regressions=opts.regressions, backward=gradients(checks),
-                             shard=opts.shard)
-            summaries.append(summary(result))
+                             examples=examples, seed=opts.seed, on_record=record,
+                             regressions=opts.regressions or out_dir / "regressions",
+                             database_dir=out_dir / ".hypothesis", backward=gradients(checks),
+                             on_case=on_case, shard=opts.shard)
+            if console is not None:
+                console.close()
+            text = summary(result)
+            print(text, file=sys.stderr, flush=True)  # now, not held back to the very end
+            if result.minimal is not None:
+                summaries.append(text)
     return summaries
-
-
-class _Progress:
-    """One line per finished task on stderr."""
-
-    SYMBOLS = {"pass": "ok", "fail": "FAIL", "skip": "skip", "xfail": "xfail", "xpass": "XPASS",
-               "crash": "CRASH", "timeout": "TIMEOUT", "error": "ERROR"}
-
-    def __init__(self, total: int, start: float) -> None:
-        self.total = total
-        self.done = 0
-        self.start = start
-        self.width = len(str(total))
-
-    def __call__(self, task, records) -> None:
-        self.done += 1
-        parts = []
-        for r in records:
-            text = f"{r.check} {self.SYMBOLS[r.status]}"
-            if r.check in TIMED and r.status == "pass":
-                tf = r.metrics.get("tflops")
-                text = f"{r.check} {tf * 1e3:.3g} GFLOP/s" if tf else text
-            parts.append(text)
-        elapsed = time.perf_counter() - self.start
-        print(f"[{self.done:>{self.width}}/{self.total}] {elapsed:6.1f}s {task.backend:<14} "
-              f"{task.case.label:<40} {' | '.join(parts)}", file=sys.stderr, flush=True)
 
 
 def _run_in_process(args, opts, cases) -> int:
@@ -461,24 +486,41 @@ def cmd_info(args) -> int:
 # ----------------------------------------------------------------------------------- report
 
 
+def _resolve(refs, what: str):
+    """RUN arguments (:func:`harness.results.storage.resolve_many`) as runs and files; says on
+    stderr which runs were taken."""
+    from harness.results import storage
+
+    found, files, notes = storage.resolve_many(refs)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    named = [run.describe() for run in found if run is not None]
+    if named and not refs and what == "report":
+        print(f"{what}: {', '.join(named)}", file=sys.stderr)
+    return found, files
+
+
 def cmd_report(args) -> int:
     from harness.results.plot import PlotOutcome, write_plots
     from harness.results.records import read_many
     from harness.results.report import render
+    from harness.run.session import validate_known_issues
 
-    records = read_many(args.results, require_records=True)
-    baseline = read_many(args.baseline, require_records=True) if args.baseline else None
+    _, files = _resolve(args.results, "report")
+    base_files = _resolve(args.baseline, "baseline")[1] if args.baseline else []
+    records = read_many(files, require_records=True)
+    baseline = read_many(base_files, require_records=True) if args.baseline else None
+    known = validate_known_issues() or None
     if args.output:
         from harness.run.session import prepare_output_file
 
-        out = prepare_output_file(Path(args.output), inputs=[*args.results,
-                                                             *(args.baseline or ())])
+        out = prepare_output_file(Path(args.output), inputs=[*files, *base_files])
         try:
             plots = write_plots(records, out.parent)
         except OSError as exc:  # a full disk
             raise UsageError(f"cannot write the plots next to {out} ({exc.strerror or exc}); "
                              "the results files are unchanged") from None
-        _write_text(out, render(records, baseline=baseline, plots=plots))
+        _write_text(out, render(records, baseline=baseline, plots=plots, known_issues=known))
         written = ", ".join(name for _, name in plots.files)
         print(f"wrote {out}" + (f" and {written} next to it" if written else ""), file=sys.stderr)
     else:
@@ -486,7 +528,7 @@ def cmd_report(args) -> int:
 
         plots = (PlotOutcome(skipped="plots are written only next to a report file (-o FILE.md)")
                  if sweeps(records) else write_plots(records, "."))  # nothing to draw: no file
-        sys.stdout.write(render(records, baseline=baseline, plots=plots))
+        sys.stdout.write(render(records, baseline=baseline, plots=plots, known_issues=known))
     return EXIT_OK
 
 
@@ -498,10 +540,23 @@ def cmd_compare(args) -> int:
     from harness.results.records import read_many
     from harness.run.session import prepare_output_file
 
-    output = (prepare_output_file(Path(args.output), inputs=[*args.results, *args.baseline])
+    runs, files = _resolve(args.results, "compare")
+    if args.baseline:
+        base_files = _resolve(args.baseline, "baseline")[1]
+    else:
+        from harness.results import storage
+
+        if len(runs) != 1 or runs[0] is None:
+            raise UsageError("compare: give --baseline RUN (without it, the current results "
+                             "must be one numbered run, compared with the run before it)")
+        base, why = storage.previous(runs[0])
+        print(f"compare: {runs[0].describe()} against {base.describe()}: {why}",
+              file=sys.stderr)
+        base_files = base.results()
+    output = (prepare_output_file(Path(args.output), inputs=[*files, *base_files])
               if args.output else None)
-    current = read_many(args.results, require_records=True)
-    baseline = read_many(args.baseline, require_records=True)
+    current = read_many(files, require_records=True)
+    baseline = read_many(base_files, require_records=True)
     result = compare(current, baseline, Thresholds(slowdown=args.slowdown,
                                                     ratio_growth=args.ratio_growth),
                      allow_missing=args.allow_missing)
@@ -510,6 +565,30 @@ def cmd_compare(args) -> int:
     if output is not None:
         _write_text(output, text)
     return EXIT_FAILED if result.regressed else EXIT_OK
+
+
+# ---------------------------------------------------------------------------------- promote
+
+
+def cmd_promote(args) -> int:
+    from harness.case.regressions import promote
+    from harness.results import storage
+
+    files: list[Path] = []
+    for ref in args.files:
+        if (ref == storage.LATEST or ref.isdigit()) and not Path(ref).exists():
+            directory, _ = storage.default_machine()
+            run = storage.find_run(directory, ref)
+            found = sorted((run.path / "regressions").glob("*.toml"))
+            if not found:
+                raise UsageError(f"promote {ref}: {run.describe()} found no regression")
+            files.extend(found)
+        else:
+            files.append(Path(ref))
+    for target, what in promote(files, args.to):
+        print(f"{what}: {target}", file=sys.stderr)
+    print("attn-harness run --suite regressions runs them", file=sys.stderr)
+    return EXIT_OK
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -120,6 +120,17 @@ def parse_count(value: str) -> int:
     return n
 
 
+#: ``--explore profile``: the profile's count of examples, even where a suite or case is given.
+EXPLORE_PROFILE = -1
+
+
+def parse_explore(value: str) -> int:
+    """An integer >= 0, or ``profile`` for the profile's count (:data:`EXPLORE_PROFILE`)."""
+    if value.strip().lower() == "profile":
+        return EXPLORE_PROFILE
+    return parse_count(value)
+
+
 def parse_seed(value: str) -> int:
     """An integer >= 0; an integral float such as ``7.0`` or ``1e3`` is accepted as that
     integer (replay commands always write the integer)."""
@@ -235,8 +246,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("seed", "seed of every input tensor, dropout draw and hypothesis", "0",
            metavar="N", type=parse_seed, default=0),
     Option("explore", "hypothesis-generated cases per backend after the suites, shrunk to the "
-                      "minimal failure (0 = none)", "the profile's, 20 for quick",
-           metavar="N", type=parse_count, alias="examples"),
+                      "minimal failure (0 = none; 'profile' = the profile's count)",
+           "the profile's (20 for quick) in the main job; none when a suite or case is given",
+           metavar="N|profile", type=parse_explore, alias="examples"),
     Option("timeout", "seconds one check may run before it is recorded as a timeout ('none' "
                       "for no limit)", "the profile's, 300 for quick",
            metavar="S", type=parse_timeout),
@@ -247,8 +259,9 @@ OPTIONS: tuple[Option, ...] = (
            "off", flag=True),
     Option("out", "where results.jsonl and report.md go", "reports/<target-id>/",
            metavar="DIR", alias="records"),
-    Option("regressions", "where minimal failing cases found by exploration are written as TOML",
-           "cases/regressions", metavar="DIR", default="cases/regressions"),
+    Option("regressions", "where minimal failing cases found by exploration are written as TOML "
+                          "(attn-harness promote FILE copies one into cases/regressions/)",
+           "the run's folder, RUN/regressions/", metavar="DIR"),
     Option("graph-replay", "throughput: capture each timed call in a CUDA/HIP graph and time its "
                            "replays (tiny problems); records say when capture was impossible",
            "plain calls", flag=True),
@@ -318,7 +331,8 @@ class RunOptions:
     max_gflop: float | None = None
     audit: bool = False
     out: Path | None = None
-    regressions: Path = Path("cases/regressions")
+    #: None: the run's own folder (``RUN/regressions/``)
+    regressions: Path | None = None
     graph_replay: bool = False
     notes: tuple[str, ...] = ()
     #: The share of a sharded sweep this run takes (``--shard``, ``auto`` resolved), or None.
@@ -336,6 +350,17 @@ class RunOptions:
         """The per-check time limit in force (the profile's when not given); inf = none."""
         return self.timeout_s if self.timeout_s is not None else get_profile(self.profile).timeout_s
 
+    def examples_for(self, *, inline: bool = False) -> int:
+        """Generated cases per backend: ``--explore`` when given (``profile``: the profile's
+        count); otherwise the profile's in the main job, and none when suites or inline cases
+        (``--case``, a replay) say what to run: a replay of one case must not explore for
+        minutes."""
+        if self.explore is None and (self.suites or inline):
+            return 0
+        if self.explore is None or self.explore == EXPLORE_PROFILE:
+            return get_profile(self.profile).explore_examples
+        return self.explore
+
     @property
     def examples(self) -> int:
-        return get_profile(self.profile).explore_examples if self.explore is None else self.explore
+        return self.examples_for()

@@ -76,6 +76,7 @@ def test_a_topleft_causal_kernel_fails_with_a_replay_command_that_reproduces_it(
     argv = shlex.split(command)[1:] + ["--out", str(replay_out)]
     again = harness(*argv)
     assert again.returncode == 1
+    assert "fwd fail: out:" in again.stderr  # the replay's console line says why
     (rec,) = records(replay_out)
     assert rec["status"] == "fail" and rec["case_id"] == recs[0]["case_id"]
     correct = harness(*[a.replace(":topleft_causal", ":correct") for a in argv])
@@ -173,6 +174,8 @@ def test_exploration_shrinks_a_failure_and_writes_a_replayable_regression(tmp_pa
                      "--out", str(tmp_path / "out"))
     assert result.returncode == 1
     assert "shrunk in" in result.stderr and "written to" in result.stderr
+    assert "shrink 1:" in result.stderr  # each shrinking step as it happens
+    assert (tmp_path / "out" / ".hypothesis").is_dir()  # hypothesis's files: the run's folder
     (written,) = regressions.glob("*.toml")
     from harness.case.suites import load_file
 

@@ -104,16 +104,67 @@ def test_a_move_inside_the_spread_or_under_the_threshold_is_not_flagged():
     assert throughput_move({}, before, 0.10) is None
 
 
-def test_a_move_timed_while_the_machine_moved_says_so():
+def test_a_move_timed_while_the_machine_moved_is_inconclusive_not_a_regression():
     before = {"time_ms": 10.0, "timing_q1_ms": 9.9, "timing_q3_ms": 10.1}
     slow = {"time_ms": 12.5, "timing_q1_ms": 12.4, "timing_q3_ms": 12.6, "timing_drift": 0.2,
             "timing_note": "unsteady: 11 ms (IQR 10.9-11.1) in the first half of a 2.0 s window"}
     kind, detail, *_ = throughput_move(slow, before, 0.10)
-    assert kind == "regression"
-    assert detail.endswith("; the current run was timed while the machine's speed moved "
-                           "(its timing note)")
-    _, steady, *_ = throughput_move({**slow, "timing_note": ""}, before, 0.10)
-    assert "machine" not in steady
+    assert kind == "inconclusive"
+    assert "but the current run was timed while the machine's speed moved" in detail
+    # a drift beyond the steady threshold without a note is unsteady too
+    assert throughput_move({**slow, "timing_note": ""}, before, 0.10)[0] == "inconclusive"
+    steady = {**slow, "timing_note": "", "timing_drift": 0.05}
+    kind, detail, *_ = throughput_move(steady, before, 0.10)
+    assert kind == "regression" and "machine" not in detail
+    # both steady, but the control workload itself moved: the machine differed
+    kind, detail, *_ = throughput_move({**steady, "timing_control_ms": 3.0},
+                                       {**before, "timing_control_ms": 2.0}, 0.10,
+                                       same_software=False)
+    assert kind == "inconclusive" and "the control workload itself took +50%" in detail
+
+
+def _ratio(ms: float, ratio: float, spread: float = 0.02, **more) -> dict:
+    return {"time_ms": ms, "timing_q1_ms": ms * 0.99, "timing_q3_ms": ms * 1.01,
+            "timing_relative": ratio, "timing_relative_q1": ratio * (1 - spread),
+            "timing_relative_q3": ratio * (1 + spread), **more}
+
+
+def test_on_a_cpu_the_time_relative_to_the_control_is_judged():
+    before = _ratio(10.0, 2.0)
+    # the machine got busier: wall time +150%, the ratio where it was
+    kind, detail, *_ = throughput_move(_ratio(25.0, 2.02), before, 0.10)
+    assert kind == "inconclusive" and "the machine's speed differed between the runs" in detail
+    # the kernel got 25% slower while the machine got quicker: still found, by the ratio
+    kind, detail, *_ = throughput_move(_ratio(8.0, 2.5), before, 0.10)
+    assert kind == "regression" and "relative to the control workload timed alongside +25.0%" \
+        in detail and "wall time -20.0%" in detail
+    assert throughput_move(_ratio(10.0, 2.04), before, 0.10) is None
+    # nor where the control's own time moved too far: the load differed too much
+    kind, detail, *_ = throughput_move(_ratio(8.0, 2.5, timing_control_ms=4.0),
+                                       {**before, "timing_control_ms": 2.0}, 0.10)
+    assert kind == "inconclusive" and "the control workload itself took +100%" in detail
+    assert throughput_move(_ratio(8.0, 2.5, timing_control_ms=2.4),
+                           {**before, "timing_control_ms": 2.0}, 0.10)[0] == "regression"
+    # a ratio that drifted within a window cannot be trusted either
+    drifting = _ratio(12.5, 2.5, timing_relative_drift=0.3)
+    assert throughput_move(drifting, before, 0.10)[0] == "inconclusive"
+    # other software (a torch upgrade may change the control too): wall times, steady only
+    assert throughput_move(_ratio(12.5, 2.02), before, 0.10,
+                           same_software=False)[0] == "regression"
+
+
+def test_inconclusive_changes_are_listed_and_do_not_fail_the_comparison(baseline):
+    current = list(baseline)
+    i = pick(current, check="throughput", seqlen=4096)
+    m = scaled(current[i].metrics, 1.5)
+    m["timing_note"] = "unsteady: the machine moved"
+    current[i] = replace(current[i], metrics=m)
+    result = compare(current, baseline)
+    assert not result.regressed
+    assert [c.kind for c in result.changes] == ["inconclusive"]
+    text = render_markdown(result)
+    assert "1 inconclusive throughput change(s)" in text
+    assert "## Inconclusive throughput changes (not regressions)" in text
 
 
 def test_bwd_and_fwd_bwd_moves_are_compared_too(baseline):
@@ -208,8 +259,6 @@ def test_thresholds_come_from_the_command_line(baseline, tmp_path):
     assert compare(current, baseline, Thresholds(slowdown=0.3)).changes == []
 
 
-def test_compare_needs_a_baseline(capsys):
-    with pytest.raises(SystemExit) as info:
-        main(["compare", str(THREE[0])])
-    assert info.value.code == 2
-    assert "the following arguments are required: --baseline" in capsys.readouterr().err
+def test_compare_of_files_needs_a_baseline(capsys):
+    assert main(["compare", str(THREE[0])]) == 2
+    assert "give --baseline RUN" in capsys.readouterr().err

@@ -18,7 +18,14 @@ import pytest
 from harness.cli import main
 from harness.results.plot import PlotOutcome
 from harness.results.records import FAILING, Record, read_many, read_records
-from harness.results.report import SEVERITY, View, matrix_cells, render, replay_command
+from harness.results.report import (
+    SEVERITY,
+    View,
+    known_issue_id,
+    matrix_cells,
+    render,
+    replay_command,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures" / "results"
@@ -120,11 +127,51 @@ def test_verdict_counts_reconcile_with_the_records(records, text):
 def test_failures_list_every_failing_record_with_case_and_replay(records, text):
     failing = [r for r in records if r.status in FAILING]
     block = section(text, "Failures")
-    assert block.strip().startswith(f"{len(failing)} record(s) failed")
-    assert block.count("```toml") == block.count("```sh") == len(failing)
+    view = View.of(records)
+    cases = {(view.setup(r), r.backend_name, r.case_id) for r in failing}
+    assert block.strip().startswith(f"{len(failing)} record(s) of {len(cases)} case(s) failed")
+    assert block.count("```toml") == block.count("```sh") == len(cases)
     ck_bwd = next(r for r in failing if r.backend_flavor == "rocm-ck" and r.check == "bwd")
     assert replay_command(ck_bwd) in block
     assert "head_dim = 256" in block and "ratio to baseline 4.41x" in block
+
+
+def test_a_case_failing_several_checks_comes_once_with_all_of_them(records):
+    failing = next(r for r in records if r.status == "fail")
+    fwd = replace(failing, check="fwd", reason="out: 3 of 10 elements differ")
+    bwd = replace(failing, check="bwd", reason="dq: 9 of 10 elements differ")
+    block = section(render([fwd, bwd]), "Failures")
+    assert block.count("```toml") == block.count("```sh") == 1
+    assert "fwd FAIL, bwd FAIL" in block and "- **bwd**: dq: 9 of 10" in block
+    assert "--checks fwd,bwd " in block
+
+
+def test_expected_failures_name_their_known_issue_and_the_verdict_counts_them():
+    from harness.case.known_issues import load
+
+    records = [r for r in read_records(REPO / "reports" / "samples" / "cuda13.0-sm90-h200" /
+                                       "results.jsonl") if r.status not in FAILING]
+    expected = [r for r in records if r.status == "xfail"]
+    ids = {known_issue_id(r) for r in expected}  # this sample predates metrics.known_issue
+    text = render(records, known_issues=load())
+    verdicts = table_rows(section(text, "Verdicts"))
+    column = View.of(records).column(expected[0])
+    row = next(row for row in verdicts if row[1] == f"`{column[1]}`")
+    assert row[2] == f"ok ({len(ids)} known issue{'s' if len(ids) > 1 else ''})"
+    block = section(text, "Known issues that matched")
+    entry = next(i for i in load() if i.id in ids)
+    assert f"`{entry.id}`" in block and entry.description.split()[0] in block
+    assert entry.link in block
+    assert f"(known issue `{entry.id}`)" in section(text, "Portability matrix")
+
+
+def test_rates_read_in_one_unit_scaled_to_their_magnitude(records, text):
+    from harness.results.units import rate
+
+    assert (rate(4.72e-4), rate(1.4e-3), rate(1.31), rate(None)) == (
+        "472 MFLOP/s", "1.4 GFLOP/s", "1.31 TFLOP/s", "–")
+    r = next(r for r in records if r.check == "throughput" and r.status == "pass")
+    assert rate(r.metrics["tflops"]) in section(text, "Throughput")
 
 
 def test_matrix_has_a_row_per_judged_case_and_its_footer_counts_the_cells(records, text):

@@ -416,3 +416,72 @@ def test_fp8_throughput_is_measured_against_the_fp8_peak():
     assert peak_for_dtype(a100, "float8_e4m3fn") is None  # no fp8 tensor cores, none recorded
     cpu = Target(vendor="cpu", device_name="AMD EPYC", arch="x86_64")
     assert peak_for_dtype(cpu, "float8_e4m3fnuz") is None
+
+
+# ------------------------------------------------------------- cold starts and the control
+
+
+class ColdKernel:
+    """A fake call of ``ms`` whose ``slow_calls`` (call numbers from 0) take ``slow_ms``
+    instead: a compilation on a later call, as torch.compile may do."""
+
+    def __init__(self, clock: FakeClock, ms: float, slow_calls: dict[int, float]) -> None:
+        self.clock, self.ms, self.slow, self.calls = clock, ms, slow_calls, 0
+
+    def __call__(self) -> None:
+        self.clock.now_ms += self.slow.get(self.calls, self.ms)
+        self.calls += 1
+
+
+def test_a_compile_on_the_second_call_stays_out_of_the_window():
+    clock = FakeClock()
+    # first call 90 s, second 30 s (both compiling), then 2 ms calls
+    kernel = ColdKernel(clock, 2.0, {0: 90_000.0, 1: 30_000.0})
+    t = timing.measure_interleaved({"fwd": kernel}, clock, warmup_s=0.3, window_s=1.0,
+                                   min_reps=5)
+    assert t["fwd"].median_ms == 2.0 and t["fwd"].q3_ms == 2.0 and t["fwd"].note == ""
+    blocked = timing.measure_blocked(ColdKernel(clock, 2.0, {0: 90_000.0, 1: 30_000.0}), clock,
+                                     warmup_s=0.3, budget_s=1.0)
+    assert blocked.median_ms == 2.0 and blocked.q3_ms == 2.0
+
+
+def test_a_compile_inside_the_window_is_discarded_and_said():
+    clock = FakeClock()
+    kernel = ColdKernel(clock, 2.0, {400: 20_000.0})  # well inside the timed blocks
+    t = timing.measure_interleaved({"fwd": kernel}, clock, warmup_s=0.3, window_s=1.0,
+                                   min_reps=5)
+    assert t["fwd"].median_ms == 2.0 and t["fwd"].q3_ms == 2.0
+    assert "discarded 1 of" in t["fwd"].note and "compilation or cold start" in t["fwd"].note
+
+
+def test_the_control_ratio_stays_put_when_the_machine_slows_both():
+    clock = FakeClock()
+    # the machine runs everything 3x slower for the first half of the window
+    fwd = EpisodeKernel(clock, 4.0, 300.0, 1300.0, factor=3.0)
+    control = EpisodeKernel(clock, 2.0, 300.0, 1300.0, factor=3.0)
+    t = timing.measure_interleaved({"fwd": fwd}, clock, warmup_s=0.3, window_s=2.0,
+                                   min_reps=5, control=control)["fwd"]
+    assert t.relative == pytest.approx(2.0) and t.relative_q3 == pytest.approx(2.0)
+    assert abs(t.relative_drift) < 1e-9 and t.control_ms in (2.0, 6.0)
+    assert t.to_dict()["relative"] == t.relative
+    assert t.drift < -0.5 and t.note.startswith("unsteady")  # the wall times saw it move
+
+
+def test_the_control_is_a_function_of_the_case_alone():
+    a = timing.attention_control(2, 8, 64, 96, 32, "cpu")
+    b = timing.attention_control(2, 8, 64, 96, 32, "cpu")
+    assert torch.equal(a(), b()) and a().shape == (2, 2, 64, 32)  # a quarter of the heads
+    huge = timing.attention_control(64, 4, 8192, 8192, 64, "cpu")
+    assert huge().shape[0] * huge().shape[2] * 8192 <= timing.CONTROL_SCORES_MAX
+
+
+def test_one_lucky_quick_warm_up_call_does_not_prolong_the_warm_up():
+    # On a loaded machine one call may run 50x quicker than the rest: it is not the yardstick.
+    clock = FakeClock()
+    kernel = ColdKernel(clock, 2.0, {3: 0.04})
+    timing.measure_interleaved({"fwd": kernel}, clock, warmup_s=0.3, window_s=1.0, min_reps=5)
+    assert clock.now_ms < 300 + 1000 + 50
+    clock = FakeClock()
+    timing.measure_blocked(ColdKernel(clock, 2.0, {3: 0.04}), clock, warmup_s=0.3,
+                           budget_s=1.0)
+    assert clock.now_ms < 300 + 1000 + 50

@@ -33,7 +33,7 @@ from harness.backends.base import Backend, BadReturn, Unsupported
 from harness.case import Case
 from harness.checks.ledger import FORWARD, Ledger, Mode
 from harness.checks.plan import Plan, estimated_bytes, usable_memory
-from harness.checks.timing import tflops, time_functions
+from harness.checks.timing import attention_control, tflops, time_functions
 from harness.exact import fp8, judge, reference
 from harness.exact.inputs import TORCH_DTYPES, Inputs, derive_seed, make_inputs
 from harness.exact.outputs import Outputs
@@ -594,6 +594,12 @@ def check_fwd(ctx: CheckContext) -> judge.Verdict:
     metrics = {**verdict.metrics, "feature_effect": effects,
                "inert_features": judge.inert_features(effects, allowed),
                "verdict_kind": "exact" if rows is None else "sampled-rows"}
+    if verdict.status == "fail" and rows is None:  # only on failure: it costs a reference each
+        ignored = ignored_features(ctx, result.out, allowed, effects)
+        if ignored:
+            metrics["ignored_features"] = ignored
+            verdict = dataclasses.replace(verdict, reason="; ".join(
+                [ignored_text(ignored), verdict.reason]))
     if ctx.yardsticks:
         metrics["yardstick"] = dict(ctx.yardsticks)
     reason = verdict.reason
@@ -796,8 +802,13 @@ def check_throughput(ctx: CheckContext) -> judge.Verdict:
         calls["bwd"] = backward
         calls["fwd_bwd"] = fwd_bwd
     # On a CPU the calls take turns in one window (harness.checks.timing.measure_interleaved).
+    # On a CPU a fixed control workload takes turns with the kernel, block by block, so that
+    # compare can tell a slower kernel from a busier machine (Timing.relative).
+    c = ctx.case
+    control = (attention_control(c.batch, c.heads_q, c.seqlen_q, c.seqlen_k, c.head_dim,
+                                 ctx.device) if ctx.device.type == "cpu" else None)
     with _kernel_errors():
-        timings = time_functions(calls, ctx.device, **budget)
+        timings = time_functions(calls, ctx.device, control=control, **budget)
     metrics.update(_rate(timings["fwd"], flops, ctx.target, ctx.case.dtype))
     for name, factor in (("bwd", BWD_FLOP_FACTOR), ("fwd_bwd", 1 + BWD_FLOP_FACTOR)):
         if name in timings:
@@ -834,6 +845,52 @@ def _timed_problems(ctx: CheckContext, kept: dict[str, Any],
 
 def feature_effects(ctx: CheckContext) -> dict[str, float]:
     """For each feature the case turns on, how much removing it changes the reference."""
+    ref = ctx.reference.out
+    return {name: float((other - ref).abs().max())
+            for name, other in feature_variants(ctx).items()}
+
+
+#: How a feature is named where a kernel is told about it (flash-attn's argument) and what
+#: attention without it is, for :func:`ignored_text`.
+FEATURE_WORDS = {"causal": ("causal", "the causal mask"), "window": ("window_size", "the window"),
+                 "softcap": ("softcap", "the softcap"), "alibi": ("alibi_slopes", "ALiBi"),
+                 "scale": ("softmax_scale", "the explicit scale (with 1/sqrt(head_dim))"),
+                 "dropout": ("dropout_p", "dropout")}
+
+
+def ignored_features(ctx: CheckContext, out: torch.Tensor, allowed: float,
+                     effects: dict[str, float]) -> dict[str, float]:
+    """The features a failing kernel output looks as if it ignored: ``{feature: max
+    difference}`` for each feature whose removal changes the reference by more than ``allowed``
+    while the kernel's ``out`` equals the reference without it within ``allowed`` (the parity
+    rule's tolerance of this case)."""
+    found = {}
+    for name, other in feature_variants(ctx).items():
+        if not effects.get(name, 0.0) > allowed:
+            continue  # inert: equal to both, it tells nothing
+        diff = _max_error(out, other)
+        if diff <= allowed:
+            found[name] = diff
+    return found
+
+
+def ignored_text(ignored: dict[str, float]) -> str:
+    """``window_size appears to be ignored: the output equals attention without the window,
+    max difference 3e-04`` (one clause per feature)."""
+    parts = []
+    for name, diff in ignored.items():
+        argument, without = FEATURE_WORDS.get(name, (name, name))
+        parts.append(f"{argument} appears to be ignored: the output equals attention without "
+                     f"{without}, max difference {diff:.2g}")
+    return "; ".join(parts)
+
+
+def feature_variants(ctx: CheckContext) -> dict[str, torch.Tensor]:
+    """For each feature the case turns on, the exact output without it (computed once per
+    context)."""
+    cached = getattr(ctx, "_feature_variants", None)
+    if cached is not None:
+        return cached
     case = ctx.case
     p = Params.of(case)
     variants: dict[str, tuple[Params, bool]] = {}
@@ -849,12 +906,10 @@ def feature_effects(ctx: CheckContext) -> dict[str, float]:
     if case.scale is not None:
         variants["scale"] = (dataclasses.replace(p, scale=1.0 / math.sqrt(case.head_dim)),
                              case.alibi)
-    ref = ctx.reference.out
-    effects = {}
-    for name, (params, alibi) in variants.items():
-        other = reference.reference(ctx.exact_inputs, params=params, alibi=alibi).out
-        effects[name] = float((other - ref).abs().max())
-    return effects
+    outs = {name: reference.reference(ctx.exact_inputs, params=params, alibi=alibi).out
+            for name, (params, alibi) in variants.items()}
+    ctx._feature_variants = outs
+    return outs
 
 
 # -------------------------------------------------------------------------------- dropout
@@ -874,9 +929,29 @@ def _dropout(ctx: CheckContext, check_name: str) -> judge.Verdict:
     ctx.dropout_recovery = exact.recovery
     if exact.verdict is not None:
         v = exact.verdict
-        return judge.Verdict(v.check, v.status, {**v.metrics, "dropout_p": ctx.case.dropout_p},
-                             v.reason)
-    return dropout.mark_statistical(_dropout_statistics(ctx, check_name), exact.why_not)
+        verdict = judge.Verdict(v.check, v.status, {**v.metrics, "dropout_p": ctx.case.dropout_p},
+                                v.reason)
+    else:
+        verdict = dropout.mark_statistical(_dropout_statistics(ctx, check_name), exact.why_not)
+    if check_name == "fwd" and verdict.status == "fail":
+        verdict = _dropout_ignored(ctx, verdict)
+    return verdict
+
+
+def _dropout_ignored(ctx: CheckContext, verdict: judge.Verdict) -> judge.Verdict:
+    """A failing dropout forward whose output equals attention without dropout (within the
+    parity rule's tolerance) says so: the kernel looks as if it ignored ``dropout_p``."""
+    with torch.no_grad():
+        result, _ = ctx.call(rng="ignored-dropout")
+    ref, base = ctx.reference.out, ctx.baseline.out
+    allowed = judge.K_OUT * _max_error(base, ref) + ctx.atol
+    diff = _max_error(result.out, ref)
+    if not diff <= allowed:
+        return verdict
+    ignored = {"dropout": diff}
+    return judge.Verdict(verdict.check, verdict.status,
+                         {**verdict.metrics, "ignored_features": ignored},
+                         "; ".join([ignored_text(ignored), verdict.reason]))
 
 
 def _dropout_statistics(ctx: CheckContext, check_name: str) -> judge.Verdict:

@@ -82,6 +82,19 @@ CPU_ROUNDS = 4
 #: shared 2-core VM last seconds at 1.4-1.6x the quiet time of one SDPA call; in quiet windows
 #: the halves differed by up to 15% for the few-block calls (fwd+bwd), their IQRs overlapping.
 STEADY_SPREAD = 0.15
+#: Cold start: after the untimed first call, warm-up goes on while a call took more than this
+#: many times the median of the warm-up calls before it (a compilation on a later call, as
+#: torch.compile may do), for at most :data:`SETTLE_MAX_S` more, so that no compile lands in
+#: the timed window. The median, not the fastest: on a loaded machine one lucky call can be
+#: 50x quicker than the rest.
+SETTLE_FACTOR = 10.0
+SETTLE_MAX_S = 30.0
+#: A timed block more than this many times its call's median is discarded (and said): a
+#: compilation or cold start inside the window, which no load on a shared machine comes near
+#: (its slow stretches are 1.4-20x).
+DISCARD_FACTOR = 50.0
+#: The control block that follows each timed block lasts at least this share of it.
+CONTROL_SHARE = 0.5
 #: A graph capture: ``(fn, device) -> replay``.
 Capture = Callable[[Callable[[], object], Any], Callable[[], object]]
 
@@ -101,6 +114,12 @@ class Timing:
         drift: CPU rounds (:func:`measure_interleaved`): the median of the second half of
             the rounds over that of the first, less 1 (how far the machine's speed moved while
             the call was timed); None where calls were not timed in rounds.
+        relative, relative_q1, relative_q3: CPU with a control (:func:`measure_interleaved`):
+            the median and quartiles of each block's per-call time over the per-call time of
+            the control block timed right after it (a fixed workload, so a machine that slows
+            both leaves the ratio where it was); None without a control.
+        relative_drift: the second half's median ratio over the first's, less 1.
+        control_ms: the control's median per-call time, milliseconds.
     """
 
     median_ms: float
@@ -111,6 +130,11 @@ class Timing:
     method: str
     note: str = ""
     drift: float | None = None
+    relative: float | None = None
+    relative_q1: float | None = None
+    relative_q3: float | None = None
+    relative_drift: float | None = None
+    control_ms: float | None = None
 
     @property
     def iqr_ms(self) -> float:
@@ -120,7 +144,8 @@ class Timing:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["iqr_ms"] = self.iqr_ms
-        for key in ("note", "drift"):
+        for key in ("note", "drift", "relative", "relative_q1", "relative_q3", "relative_drift",
+                    "control_ms"):
             if out[key] in ("", None):
                 del out[key]
         return out
@@ -262,7 +287,36 @@ def measure(fn: Callable[[], object], clock: Clock, *, warmup_s: float = 0.05,
         fn()
         marks.append((before, clock.mark()))
     clock.sync()
-    return summarize([clock.elapsed_ms(a, b) for a, b in marks], method or clock.method, note)
+    times, dropped = discard_cold([clock.elapsed_ms(a, b) for a, b in marks])
+    return summarize(times, method or clock.method, _joined(note, dropped))
+
+
+def settled(calls_ms: list[float], factor: float = SETTLE_FACTOR) -> bool:
+    """Whether the last warm-up call of ``calls_ms`` is no cold start: it took no more than
+    ``factor`` times the median of the calls before it (a single call: yes). Warm-up goes on
+    (for at most :data:`SETTLE_MAX_S` more) until it is, so that a later call that compiles
+    (torch.compile recompiling, a lazy library load) is behind the timed window, not in it."""
+    return len(calls_ms) < 2 or calls_ms[-1] <= factor * statistics.median(calls_ms[:-1])
+
+
+def discard_cold(times_ms: list[float], factor: float = DISCARD_FACTOR) -> tuple[list[float], str]:
+    """``times_ms`` without the ones over ``factor`` times their median (a compilation or cold
+    start inside the window), and a note saying how many went; the times as given when fewer
+    than three or nothing stands out."""
+    if len(times_ms) < 3:
+        return times_ms, ""
+    median = statistics.median(times_ms)
+    kept = [t for t in times_ms if not t > factor * median]
+    if len(kept) == len(times_ms):
+        return times_ms, ""
+    worst = max(times_ms)
+    return kept, (f"discarded {len(times_ms) - len(kept)} of {len(times_ms)} timed block(s) over "
+                  f"{factor:g}x the median ({worst:.4g} ms against {median:.4g} ms): a "
+                  "compilation or cold start inside the window")
+
+
+def _joined(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
 
 
 def measure_blocked(fn: Callable[[], object], clock: Clock, *, warmup_s: float = CPU_WARMUP_S,
@@ -288,11 +342,15 @@ def measure_blocked(fn: Callable[[], object], clock: Clock, *, warmup_s: float =
     fn()  # the first call: lazy initialisation, compilation
     start = clock.mark()
     calls = 0
+    warm_ms: list[float] = []
+    spent_ms = 0.0
     while True:
         fn()
         calls += 1
-        spent_ms = clock.elapsed_ms(start, clock.mark())
-        if spent_ms >= warmup_s * 1e3 or calls >= max_reps:
+        before, spent_ms = spent_ms, clock.elapsed_ms(start, clock.mark())
+        warm_ms.append(spent_ms - before)
+        if spent_ms >= warmup_s * 1e3 and settled(warm_ms) or calls >= max_reps \
+                or spent_ms >= (warmup_s + SETTLE_MAX_S) * 1e3:
             break
     per_call_ms = max(spent_ms / calls, 1e-6)
     number = max(1, math.ceil(block_ms / per_call_ms))
@@ -311,14 +369,16 @@ def measure_blocked(fn: Callable[[], object], clock: Clock, *, warmup_s: float =
     label = method or f"{clock.method}+blocks"
     if number > 1:
         label += f"-of-{number}"
-    return summarize(times, label, note)
+    times, dropped = discard_cold(times)
+    return summarize(times, label, _joined(note, dropped))
 
 
 def measure_interleaved(fns: dict[str, Callable[[], object]], clock: Clock, *,
                         warmup_s: float = CPU_WARMUP_S, window_s: float = CPU_WINDOW_S,
                         rounds: int = CPU_ROUNDS, min_reps: int = 5, max_reps: int = 100_000,
                         block_ms: float = BLOCK_MS, extend_s: float = 0.0,
-                        steady: float = STEADY_SPREAD, note: str = "") -> dict[str, Timing]:
+                        steady: float = STEADY_SPREAD, note: str = "",
+                        control: Callable[[], object] | None = None) -> dict[str, Timing]:
     """Time several calls in blocks (as :func:`measure_blocked`), taking turns: the window is
     cut into ``rounds`` rounds and each round gives every call an equal slice of blocks, so the
     blocks of each call are spread over the whole window rather than one stretch of it. The
@@ -346,30 +406,63 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], clock: Clock, *,
         steady: the largest ``|drift|`` (second half's median over the first's, less 1) that
             counts as steady whatever the halves' quartiles.
         note: carried into every :attr:`Timing.note`.
+        control: a fixed workload (:func:`attention_control`) timed in a block right after every
+            block of each call; the ratio of the two per-call times is recorded
+            (:attr:`Timing.relative`): a shared machine that slows both leaves it where it was,
+            so ``compare`` can tell a slower kernel from a busier machine. Control blocks last
+            at least :data:`CONTROL_SHARE` of the block before them and are timed only within
+            the window, whose length they do not change.
 
     Returns:
         name -> the median and quartiles of that call's per-call block times; ``reps`` counts
         its blocks, and ``method`` says ``interleaved``.
+
+    The first call of each is untimed, and warm-up goes on until calls settle
+    (:func:`settle`); a block over :data:`DISCARD_FACTOR` times its median is discarded
+    (:func:`discard_cold`), so a compilation never lands in the quartiles.
     """
     names = list(fns)
-    for name in names:
-        fns[name]()  # the first call: lazy initialisation, compilation
-    spent = dict.fromkeys(names, 0.0)
-    calls = dict.fromkeys(names, 0)
+    warm = {**fns, **({_CONTROL: control} if control is not None else {})}
+    for fn in warm.values():
+        fn()  # the first call: lazy initialisation, compilation
+    call_ms: dict[str, list[float]] = {n: [] for n in warm}
     start = clock.mark()
     while True:
-        for name in names:
+        for name, fn in warm.items():
             before = clock.mark()
-            fns[name]()
-            spent[name] += clock.elapsed_ms(before, clock.mark())
-            calls[name] += 1
-        if clock.elapsed_ms(start, clock.mark()) >= warmup_s * 1e3 \
-                or min(calls.values()) >= max_reps:
+            fn()
+            call_ms[name].append(clock.elapsed_ms(before, clock.mark()))
+        spent_ms = clock.elapsed_ms(start, clock.mark())
+        calm = all(settled(v) for v in call_ms.values())
+        if spent_ms >= warmup_s * 1e3 and calm \
+                or min(len(v) for v in call_ms.values()) >= max_reps \
+                or spent_ms >= (warmup_s + SETTLE_MAX_S) * 1e3:
             break
-    number = {n: max(1, math.ceil(block_ms / max(spent[n] / calls[n], 1e-6))) for n in names}
+    number = {n: max(1, math.ceil(block_ms / max(statistics.median(call_ms[n]), 1e-6)))
+              for n in warm}
     slice_ms = window_s * 1e3 / max(1, rounds * len(names))
     #: name -> one list of per-call block times per round
     turns: dict[str, list[list[float]]] = {n: [] for n in names}
+    #: name -> per round, each block's per-call time over its control block's
+    ratios: dict[str, list[list[float]]] = {n: [] for n in names}
+    control_ms: list[float] = []
+
+    def control_block(block_ms: float) -> float:
+        """Control calls for at least ``CONTROL_SHARE`` of the block just timed (at least its
+        own block's calls): a block as long as the kernel's sees the same mix of the machine's
+        quiet and busy moments, where a much shorter one would see one or the other."""
+        before = clock.mark()
+        calls = 0
+        while True:
+            for _ in range(number[_CONTROL]):
+                control()
+            calls += number[_CONTROL]
+            spent = clock.elapsed_ms(before, clock.mark())
+            if spent >= CONTROL_SHARE * block_ms:
+                break
+        per_call = spent / calls
+        control_ms.append(per_call)
+        return per_call
 
     def blocks(name: str) -> int:
         return sum(len(t) for t in turns[name])
@@ -403,15 +496,26 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], clock: Clock, *,
         for name in names:
             turn = clock.mark()
             times: list[float] = []
+            relative: list[float] = []
             while blocks(name) + len(times) < max_reps:
                 before = clock.mark()
                 for _ in range(number[name]):
                     fns[name]()
                 after = clock.mark()
                 times.append(clock.elapsed_ms(before, after) / number[name])
+                if control is not None:
+                    # Within the window only: the blocks a slow call still needs after it
+                    # (min_reps) or an unsteady window's extension are not slowed by controls.
+                    block = clock.elapsed_ms(before, after)
+                    if clock.elapsed_ms(begin, after) < window_s * 1e3:
+                        relative.append(times[-1] / max(control_block(block), 1e-9))
+                        after = clock.mark()
+                    else:
+                        relative.append(math.nan)
                 if clock.elapsed_ms(turn, after) >= slice_ms:
                     break
             turns[name].append(times)
+            ratios[name].append(relative)
         if all(blocks(n) >= max_reps for n in names):
             break
         if any(blocks(n) < min_reps for n in names):
@@ -446,21 +550,89 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], clock: Clock, *,
                 f"in the first half of a {seconds:.1f} s window and {second.median_ms:.4g} ms "
                 f"(IQR {second.q1_ms:.4g}-{second.q3_ms:.4g}) in the second ({moved:+.0%})"
                 f"{more}; the machine's speed moved: a rerun may read anywhere between")]))
-        timing = summarize([t for turn in turns[name] for t in turn], label, text)
-        out[name] = dataclasses.replace(timing, drift=moved)
+        times = [t for turn in turns[name] for t in turn]
+        kept, dropped = discard_cold(times)
+        timing = summarize(kept, label, _joined(text, dropped))
+        timing = dataclasses.replace(timing, drift=moved)
+        if control is not None and control_ms:
+            timing = dataclasses.replace(timing, control_ms=statistics.median(control_ms),
+                                         **_relative(turns[name], ratios[name]))
+        out[name] = timing
     return out
+
+
+#: The control's key among the calls of a window (not a name a caller uses).
+_CONTROL = " control"
+
+
+def _relative(turns: list[list[float]], ratios: list[list[float]]) -> dict[str, float]:
+    """The ratios' median and quartiles (without the blocks :func:`discard_cold` drops) and how
+    far the second half of the rounds moved from the first."""
+    times = [t for turn in turns for t in turn]
+    limit = DISCARD_FACTOR * statistics.median(times) if len(times) >= 3 else math.inf
+    per_round = [[r for t, r in zip(tt, rr, strict=True) if not t > limit and r == r]
+                 for tt, rr in zip(turns, ratios, strict=True)]  # r == r: not NaN
+    flat = sorted(r for turn in per_round for r in turn)
+    if not flat:
+        return {}
+    done = [turn for turn in per_round if turn]
+    cut = (len(done) + 1) // 2
+    first = [r for turn in done[:cut] for r in turn]
+    second = [r for turn in done[cut:] for r in turn]
+    drift = (statistics.median(second) / statistics.median(first) - 1
+             if first and second and statistics.median(first) > 0 else 0.0)
+    return {"relative": statistics.median(flat), "relative_q1": quantile(flat, 0.25),
+            "relative_q3": quantile(flat, 0.75), "relative_drift": drift}
+
+
+#: The control's largest score matrix, elements (a quarter of a GiB of float32 at most).
+CONTROL_SCORES_MAX = 64 * 2**20
+
+
+def attention_control(batch: int, heads: int, seqlen_q: int, seqlen_k: int, head_dim: int,
+                      device) -> Callable[[], object]:
+    """The control workload of a CPU timing window (:func:`measure_interleaved`): PyTorch's
+    math attention (``scaled_dot_product_attention`` pinned to the math backend) on fixed
+    float32 tensors of the case's dense shape, a quarter of its heads (at least one); batch and
+    query rows are cut so its scores fit :data:`CONTROL_SCORES_MAX`. A function of the shape
+    alone, so two runs of one case time the same control; attention of the same shape, so a
+    loaded machine's contention (threads waiting at each parallel region) slows it much as it
+    slows the kernel, which a single large GEMM does not (tests/bench/compare_noise.py)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    heads = max(1, heads // 4)
+    batch = max(1, batch)
+    while batch * heads * seqlen_q * seqlen_k > CONTROL_SCORES_MAX:
+        if batch > 1:
+            batch = max(1, batch // 2)
+        elif seqlen_q > 1:
+            seqlen_q = max(1, seqlen_q // 2)
+        else:
+            break
+    generator = torch.Generator(device="cpu").manual_seed(seqlen_q * 7919 + seqlen_k)
+    q, k, v = (torch.randn(batch, heads, n, max(1, head_dim), generator=generator).to(device)
+               for n in (seqlen_q, seqlen_k, seqlen_k))
+
+    def control():
+        with sdpa_kernel(SDPBackend.MATH):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    return control
 
 
 def time_functions(fns: dict[str, Callable[[], object]], device, *, warmup_s: float = 0.05,
                    budget_s: float = 0.25, min_reps: int = 5, max_reps: int = 100_000,
                    graph: bool = False, clock: Clock | None = None,
-                   capture: Capture | None = None) -> dict[str, Timing]:
+                   capture: Capture | None = None,
+                   control: Callable[[], object] | None = None) -> dict[str, Timing]:
     """Time each of several calls on ``device``: on GPUs one after the other with
     :func:`time_function` (the do_bench protocol, unchanged); on a CPU taking turns in one
     window (:func:`measure_interleaved`) of at least :data:`CPU_WINDOW_S` (one call alone:
     :data:`CPU_BUDGET_S`) and at least ``budget_s`` per call, after a shared warm-up of at
     least :data:`CPU_WARMUP_S`; a window whose rounds disagree by more than
-    :data:`STEADY_SPREAD` goes on for as long again, and says so."""
+    :data:`STEADY_SPREAD` goes on for as long again, and says so. ``control``: the CPU
+    window's control workload (:func:`attention_control`); GPUs take none."""
     import torch
 
     device = torch.device(device)
@@ -478,7 +650,7 @@ def time_functions(fns: dict[str, Callable[[], object]], device, *, warmup_s: fl
     return measure_interleaved(fns, clock or HostClock(False),
                                warmup_s=max(warmup_s, CPU_WARMUP_S), window_s=window_s,
                                extend_s=window_s, min_reps=min_reps, max_reps=max_reps,
-                               note=note)
+                               note=note, control=control)
 
 
 def capture_graph(fn: Callable[[], object], device) -> Callable[[], object]:

@@ -23,7 +23,16 @@ Rules (the defaults are :class:`Thresholds`'s; every one is documented in the ou
   quartile is above the baseline's third quartile). (1) keeps day-to-day clock and thermal
   variation of a few percent from paging anyone; (2) keeps a noisy measurement, whose quartiles
   overlap, from counting however far its median wandered. Slower is a regression, faster an
-  improvement.
+  improvement, **only where both runs were steady**: a run timed while the machine's speed
+  moved (an ``unsteady`` note, ``timing_drift`` beyond :data:`STEADY`), or a pair whose control
+  workload itself moved beyond the threshold, makes the move *inconclusive*: listed with the
+  reason, never a regression. On a CPU each block of calls is timed against a fixed control
+  workload right after it (``timing_relative``, :func:`harness.checks.timing.attention_control`);
+  where both records carry that ratio and the software is the same, the ratio is what is
+  judged (a busier machine slows kernel and control alike): a ratio beyond the spread is the
+  change, and a wall time that moved while the ratio did not is inconclusive (the machine,
+  not the kernel); so is a ratio that moved while the control's own time changed by more than
+  :data:`CONTROL_TOLERANCE` (under heavy contention the ratio depends on the load too).
 * **Missing**: a baseline record with no counterpart in the run is a regression (an empty or
   partial results file must not read as "no regression"), unless the case or backend was
   dropped on purpose (``compare(..., allow_missing=True)``, the CLI's ``--allow-missing``): then
@@ -56,6 +65,15 @@ from harness.shard import shard_runs
 RANK = vocab.RANK
 #: The throughput passes compared, and where their metrics live in a record.
 PASSES = (("fwd", None), ("bwd", "bwd"), ("fwd+bwd", "fwd_bwd"))
+#: The largest ``|timing_drift|`` (and ``|timing_relative_drift|``) of a steady run: the CPU
+#: timing's own rule for calling a window's halves apart (harness.checks.timing.STEADY_SPREAD).
+STEADY = 0.15
+#: The largest change of the control workload's time between two runs at which their control
+#: ratios are still compared. Under heavy contention the ratio itself depends on the load (a
+#: kernel with many parallel regions waits at each barrier, a GEMM at few): on our 2-core VM at
+#: load 9-10, identical runs whose control times differed by more than half read ratios 2-3x
+#: apart (tests/bench/compare_noise.py).
+CONTROL_TOLERANCE = 0.5
 
 
 @dataclass(frozen=True)
@@ -78,7 +96,9 @@ class Change:
     """One difference between the run and the baseline.
 
     Attributes:
-        kind: regression, improvement, or notice (reported, never a regression).
+        kind: regression, improvement, inconclusive (a throughput move the runs cannot
+            support: reported with the reason, never a regression) or notice (reported,
+            never a regression).
         what: status, ratio, throughput, coverage or missing.
         setup: the current setup's label.
         backend: backend name with its flavor.
@@ -199,7 +219,7 @@ def compare(current: Iterable[Record], baseline: Iterable[Record],
         if k not in seen:
             out.changes.append(missing_change(b, base_labels[k[0]], allow_missing and not gaps,
                                               shard_note))
-    order = {"regression": 0, "improvement": 1, "notice": 2}
+    order = {"regression": 0, "improvement": 1, "inconclusive": 2, "notice": 3}
     out.changes.sort(key=lambda c: (order[c.kind], c.what, c.setup, c.backend, c.case, c.check))
     return out
 
@@ -251,8 +271,10 @@ def changes_between(now: Record, before: Record, setup: str, th: Thresholds) -> 
                               f"(threshold +{th.ratio_growth:.0%} and +{th.ratio_growth_abs:g})"
                               if r_before > 0 else "grew from 0"))
     if now.check in vocab.TIMED and now.status == "pass" and before.status == "pass":
+        same = setup_fingerprint(now.target) == setup_fingerprint(before.target)
         for name, sub in PASSES:
-            moved = throughput_move(_metrics(now, sub), _metrics(before, sub), th.slowdown)
+            moved = throughput_move(_metrics(now, sub), _metrics(before, sub), th.slowdown,
+                                    same_software=same)
             if moved is not None:
                 kind, detail, a, b = moved
                 out.append(change(kind, "throughput", f"{now.check} {name}", a, b, detail))
@@ -274,28 +296,87 @@ def _quartiles(m: dict) -> tuple[float, float, float] | None:
     return q1, median, q3
 
 
-def throughput_move(now: dict, before: dict, threshold: float):
-    """``(kind, detail, before, after)`` when the median time moved beyond the spread, else None.
+def _relative(m: dict) -> tuple[float, float, float] | None:
+    """The control ratio's quartiles (``timing_relative``), None where not recorded."""
+    values = [finite_or_none(m.get(k)) for k in ("timing_relative_q1", "timing_relative",
+                                                  "timing_relative_q3")]
+    if any(v is None for v in values) or not values[1]:
+        return None
+    return values[0], values[1], values[2]
+
+
+def _unsteady(m: dict, drift_key: str = "timing_drift") -> bool:
+    drift = finite_or_none(m.get(drift_key))
+    return (drift_key == "timing_drift" and "unsteady" in str(m.get("timing_note", ""))) or (
+        drift is not None and abs(drift) > STEADY)
+
+
+def _runs(sides: list[str]) -> str:
+    return f"the {' and '.join(sides)} run{'s were' if len(sides) > 1 else ' was'}"
+
+
+def throughput_move(now: dict, before: dict, threshold: float, *, same_software: bool = True):
+    """``(kind, detail, before, after)`` when a median time moved beyond the spread (see the
+    module docstring: regression, improvement or inconclusive), else None.
 
     Beyond the spread = the relative change exceeds ``threshold`` and the interquartile ranges
-    do not overlap.
+    do not overlap. ``same_software``: both records come from one setup (same fingerprint), so
+    their control workloads are the same code and the control ratio may be judged.
     """
     a, b = _quartiles(before), _quartiles(now)
     if a is None or b is None:
         return None
     (a1, am, a3), (b1, bm, b3) = a, b
-    direction = shifted(a, b, threshold)
-    if not direction:
-        return None
+    wall = shifted(a, b, threshold)
     change = bm / am - 1
     text = (f"{am:.4g} ms (IQR {a1:.4g}-{a3:.4g})", f"{bm:.4g} ms (IQR {b1:.4g}-{b3:.4g})")
-    moved = [side for side, m in (("baseline", before), ("current", now))
-             if "unsteady" in str(m.get("timing_note", ""))]
-    caveat = (f"; the {' and '.join(moved)} run{'s were' if len(moved) > 1 else ' was'} timed "
-              f"while the machine's speed moved (its timing note)" if moved else "")
-    kind, way = ("regression", "slower") if direction > 0 else ("improvement", "faster")
-    return (kind, f"median time {change:+.1%} ({way}); interquartile ranges do not overlap "
-                  f"(threshold {threshold:.0%}){caveat}", *text)
+    ra, rb = _relative(before), _relative(now)
+    if ra is not None and rb is not None and same_software:
+        relative = shifted(ra, rb, threshold)
+        moved = rb[1] / ra[1] - 1
+        ratio = (f"time relative to the control workload timed alongside {moved:+.1%} (ratio "
+                 f"{ra[1]:.3g} -> {rb[1]:.3g}, IQR {ra[0]:.3g}-{ra[2]:.3g} -> "
+                 f"{rb[0]:.3g}-{rb[2]:.3g})")
+        if relative:
+            drifting = [side for side, m in (("baseline", before), ("current", now))
+                        if _unsteady(m, "timing_relative_drift")]
+            if drifting:
+                return ("inconclusive", f"{ratio}; but in {_runs(drifting)} the ratio itself "
+                        f"moved by more than {STEADY:.0%} within the window; wall time "
+                        f"{change:+.1%}", *text)
+            ca, cb = finite_or_none(before.get("timing_control_ms")), \
+                finite_or_none(now.get("timing_control_ms"))
+            if ca and cb and abs(cb / ca - 1) > CONTROL_TOLERANCE:
+                return ("inconclusive", f"{ratio}; but the control workload itself took "
+                        f"{cb / ca - 1:+.0%} between the runs: the machine's load differed by "
+                        f"more than the ratio corrects for (over {CONTROL_TOLERANCE:.0%}); "
+                        f"wall time {change:+.1%}", *text)
+            kind, way = ("regression", "slower") if relative > 0 else ("improvement", "faster")
+            return (kind, f"{ratio} ({way}; beyond {threshold:.0%} with interquartile ranges "
+                    f"apart); wall time {change:+.1%}", *text)
+        if wall:
+            return ("inconclusive", f"wall time {change:+.1%} beyond the spread, but the "
+                    f"{ratio}, within the spread: the machine's speed differed between the "
+                    "runs, not the kernel's", *text)
+        return None
+    if not wall:
+        return None
+    reasons = []
+    moved = [side for side, m in (("baseline", before), ("current", now)) if _unsteady(m)]
+    if moved:
+        reasons.append(f"{_runs(moved)} timed while the machine's speed moved (an unsteady "
+                       f"note or a drift beyond {STEADY:.0%})")
+    ca, cb = finite_or_none(before.get("timing_control_ms")), \
+        finite_or_none(now.get("timing_control_ms"))
+    if ca and cb and abs(cb / ca - 1) > threshold:
+        reasons.append(f"the control workload itself took {cb / ca - 1:+.0%}: the machine "
+                       "(or its libraries) differed between the runs")
+    detail = (f"median time {change:+.1%} ({'slower' if wall > 0 else 'faster'}); "
+              f"interquartile ranges do not overlap (threshold {threshold:.0%})")
+    if reasons:
+        return ("inconclusive", f"{detail}; but {'; and '.join(reasons)}", *text)
+    kind = "regression" if wall > 0 else "improvement"
+    return (kind, detail, *text)
 
 
 def render_markdown(c: Comparison, *, level: int = 1) -> str:
@@ -306,9 +387,10 @@ def render_markdown(c: Comparison, *, level: int = 1) -> str:
     regressions = c.regressions
     verdict = (f"**{len(regressions)} regression(s)**" if regressions else "no regression")
     counts = {k: sum(1 for x in c.changes if x.kind == k)
-              for k in ("regression", "improvement", "notice")}
+              for k in ("regression", "improvement", "inconclusive", "notice")}
     parts = [f"{h} Changes against the baseline\n\n{verdict}: {counts['regression']} "
-             f"regression(s), {counts['improvement']} improvement(s), {counts['notice']} "
+             f"regression(s), {counts['improvement']} improvement(s), "
+             f"{counts['inconclusive']} inconclusive throughput change(s), {counts['notice']} "
              f"coverage notice(s) over {c.matched} matched record(s); {c.new} record(s) have no "
              f"baseline, {c.missing} baseline record(s) were not run."]
     if c.pairs:
@@ -326,10 +408,13 @@ def render_markdown(c: Comparison, *, level: int = 1) -> str:
                  f"is a regression; an error ratio that grows by more than "
                  f"{th.ratio_growth:.0%} and {th.ratio_growth_abs:g} is a regression; a median "
                  f"time that moves by more than {th.slowdown:.0%} with interquartile ranges that "
-                 f"do not overlap is a regression (slower) or an improvement (faster); a "
+                 f"do not overlap is a regression (slower) or an improvement (faster) only "
+                 f"where both runs were steady, else inconclusive (on a CPU the time relative "
+                 f"to a control workload timed alongside is what is judged); a "
                  f"baseline record the run lacks is "
                  f"{'a notice (--allow-missing)' if c.allow_missing else 'a regression'}.")
     titles = {"regression": "Regressions", "improvement": "Improvements",
+              "inconclusive": "Inconclusive throughput changes (not regressions)",
               "notice": "Coverage changes (not regressions)"}
     for kind, title in titles.items():
         # Setups, backends, cases and details come from the records: every one escaped.

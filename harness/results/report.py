@@ -37,6 +37,7 @@ from harness.results.records import (
     setup_fingerprint,
     setup_labels,
 )
+from harness.results.units import rate as rate_text
 from harness.shard import shard_runs
 from harness.vocab import CHECK_NAMES, JUDGED, SEVERITY, TIMED
 
@@ -168,9 +169,16 @@ def summary_section(view: View) -> str:
     for r in view.records:
         groups[view.column(r)][r.status] += 1
     used = [s for s in STATUSES if any(c[s] for c in groups.values())]
+    known: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for r in view.records:
+        if r.status == "xfail":
+            known[view.column(r)].add(known_issue_id(r))
     rows = []
     for column, counts in sorted(groups.items()):
         verdict = "FAIL" if any(counts[s] for s in FAILING) else "ok"
+        if known[column]:
+            n = len(known[column])
+            verdict += f" ({n} known issue{'s' if n > 1 else ''})"
         rows.append([_code(column[0]), _code(column[1]), verdict,
                      *[counts[s] or "" for s in used], sum(counts.values())])
     total = Counter(r.status for r in view.records)
@@ -208,6 +216,8 @@ class Cell:
     ratio: float | None
     #: Which variant of a shared row ran here (``e4m3fnuz out=f32``); empty for one-case rows.
     variant: str = ""
+    #: The known issues of its expected failures (ids; see the known-issues section).
+    known: tuple[str, ...] = ()
 
     def text(self) -> str:
         tag = f" `{self.variant}`" if self.variant else ""
@@ -216,7 +226,8 @@ class Cell:
         ratio = f" {_fmt(self.ratio, 2)}" if self.ratio is not None else ""
         if self.status in FAILING:
             return f"**{self.status.upper()}** {'+'.join(self.checks)}{ratio}{tag}"
-        return f"{self.status}{ratio}{tag}"
+        known = "".join(f" (known issue {_code(k)})" for k in self.known)
+        return f"{self.status}{ratio}{known}{tag}"
 
 
 _FP8_SHORT = {"float8_e4m3fn": "e4m3fn", "float8_e4m3fnuz": "e4m3fnuz"}
@@ -277,8 +288,10 @@ def matrix_cells(view: View) -> dict[str, dict[tuple[str, str], Cell]]:
             ratios = [x for x in (finite_or_none(r.metrics.get("ratio")) for r in rs
                                   if r.status != "skip") if x is not None]
             variant = _variant(case_of(rs[0])) if shared[key] > 1 else ""
+            known = tuple(dict.fromkeys(known_issue_id(r) for r in rs if r.status == "xfail"))
             cells.setdefault(key, {})[column] = Cell(worst, failing,
-                                                     max(ratios) if ratios else None, variant)
+                                                     max(ratios) if ratios else None, variant,
+                                                     known if worst == "xfail" else ())
     return cells
 
 
@@ -327,21 +340,91 @@ def matrix_section(view: View) -> str:
 
 
 def failures_section(view: View) -> str:
+    """One entry per failing case on a setup and backend: its failing checks with their
+    reasons, its case in TOML once, and the command that replays those checks."""
     failing = [r for r in view.records if r.status in FAILING]
     if not failing:
         return "## Failures\n\nNone."
-    parts = [f"## Failures\n\n{len(failing)} record(s) failed, crashed, timed out or passed "
-             "unexpectedly. Each comes with its case and the command that replays it."]
-    for i, r in enumerate(failing, 1):
+    groups: dict[tuple[str, str, str], list[Record]] = defaultdict(list)
+    for r in failing:
+        groups[(view.setup(r), backend_label(r), r.case_id)].append(r)
+    parts = [f"## Failures\n\n{len(failing)} record(s) of {len(groups)} case(s) failed, "
+             "crashed, timed out or passed unexpectedly. Each case comes once, with its failing "
+             "checks, its case and the command that replays them."]
+    for i, ((setup, backend, _), rs) in enumerate(groups.items(), 1):
+        r = rs[0]
         case = case_of(r)
+        checks = ", ".join(f"{x.check} {x.status.upper()}" for x in rs)
+        reasons = "\n".join(f"- **{x.check}**: {_cell(x.reason or 'no reason recorded')}"
+                             for x in rs)
         parts.append(
-            f"### {i}. {_code(backend_label(r))} {r.check} {r.status.upper()} on "
-            f"{_code(view.setup(r))}: {_cell(case.label)}\n\n"
-            f"{_cell(r.reason or 'no reason recorded')}\n\n"
+            f"### {i}. {_code(backend)} on {_code(setup)}: {_cell(case.label)}: {checks}\n\n"
+            f"{reasons}\n\n"
             + fence(f"# case_id {r.case_id}, suite {r.suite or '–'}, seed {r.seed}\n"
                     f"{case.to_toml()}", "toml") + "\n\n"
-            + fence(replay_command(r), "sh"))
+            + fence(replay_checks(rs), "sh"))
     return "\n\n".join(parts)
+
+
+def replay_checks(records: Sequence[Record]) -> str:
+    """The replay command of one case's records, every one of their checks in it."""
+    command = replay_command(records[0])
+    checks = ",".join(dict.fromkeys(r.check for r in records))
+    return command.replace(f"--checks {records[0].check} ", f"--checks {checks} ", 1)
+
+
+# ---------------------------------------------------------------------------- known issues
+
+
+def known_issue_id(r: Record) -> str:
+    """The known issue an expected failure matched: ``metrics.known_issue``, else the id its
+    reason starts with (records written before the metric existed)."""
+    given = r.metrics.get("known_issue")
+    if given:
+        return str(given)
+    match = re.match(r"known issue (\S+)", r.reason or "")
+    return match.group(1) if match else "unnamed"
+
+
+def known_issues_matched_section(view: View, issues: Sequence[Any] | None = None) -> str:
+    """The known issues the expected failures matched: id, description, link, where, and how
+    many records and cases, so that an ``xfail`` next to an ``ok`` verdict explains itself."""
+    expected = [r for r in view.records if r.status == "xfail"]
+    if not expected:
+        return ""
+    entries = {getattr(i, "id", ""): i for i in issues or ()}
+    by_issue: dict[str, list[Record]] = defaultdict(list)
+    for r in expected:
+        by_issue[known_issue_id(r)].append(r)
+    rows = []
+    for issue_id, rs in sorted(by_issue.items()):
+        entry = entries.get(issue_id)
+        description = (rs[0].metrics.get("known_issue_description")
+                       or getattr(entry, "description", "") or "")
+        link = rs[0].metrics.get("known_issue_link") or getattr(entry, "link", "") or ""
+        if not link:
+            match = re.match(r"known issue \S+ \((.*?)\):", rs[0].reason or "")
+            link = match.group(1) if match else "–"
+        columns = sorted({f"{_code(b)} on {_code(s)}" for s, b in (view.column(r) for r in rs)})
+        checks = ", ".join(sorted({r.check for r in rs}))
+        ratios = [x for x in (finite_or_none(r.metrics.get("ratio")) for r in rs)
+                  if x is not None]
+        rows.append([_code(issue_id), _cell(" ".join(description.split())[:300]) or "–",
+                     _link(link), "; ".join(columns), checks,
+                     f"{len(rs)} ({len({r.case_id for r in rs})} case(s))",
+                     _fmt(max(ratios)) if ratios else "–"])
+    return ("## Known issues that matched\n\nThese expected failures (`xfail`) are failures "
+            "a known-issues entry describes: the kernel computes something else there, for the "
+            "reason given. They do not fail the run; a fix shows as `xpass`.\n\n"
+            + _table(rows, ["issue", "description", "link", "where", "checks", "records",
+                            "worst ratio"]))
+
+
+def _link(text: str) -> str:
+    """A link as an autolink where it is a plain URL, else as escaped text."""
+    if re.fullmatch(r"https?://[^\s<>|`\\]+", text):
+        return f"<{text}>"
+    return _cell(text)
 
 
 def coverage_rows(view: View) -> dict[str, dict[tuple[str, str], tuple[int, int]]]:
@@ -423,9 +506,11 @@ def throughput_section(view: View) -> str:
             else:
                 bwd = _rate(r, "bwd")
                 tag = f" `{_variant(case_of(r))}`" if label != case.label else ""
-                cells.append(_fmt(_rate(r, "fwd")) + (f" / {_fmt(bwd)}" if bwd else "") + tag)
+                cells.append(rate_text(_rate(r, "fwd")) + (f" / {rate_text(bwd)}" if bwd else "")
+                             + tag)
         rows.append([_cell(label), _code(backend), *cells, _cell(vendor_ratio(by_setup, vendor))])
-    text = ("## Throughput\n\nTFLOP/s, forward / backward, at the median of repeated timed calls "
+    text = ("## Throughput\n\nFLOP rates, forward / backward, at the median of repeated timed "
+            "calls "
             "(device events and a 256 MB L2 flush per call on GPUs, `perf_counter` on CPUs). FLOPs "
             "as in flash-attn's benchmark: 4·batch·heads·head_dim·(visible query-key pairs), "
             "backward 2.5x. The last column divides AMD by NVIDIA where both timed the same case "
@@ -486,15 +571,15 @@ def throughput_details(view: View, timed: Sequence[Record]) -> str:
         both = m.get("fwd_bwd") or {}
         rows.append([_code(view.setup(r)), _code(backend_label(r)), _cell(case_of(r).label),
                      _fmt(m.get("time_ms")), _fmt(m.get("timing_iqr_ms"), 2),
-                     _cell(m.get("timing_reps", "–")), _fmt(m.get("tflops")),
-                     _fmt(m.get("pct_peak")),
-                     _fmt(bwd.get("time_ms")), _fmt(bwd.get("tflops")),
-                     _fmt(both.get("time_ms")), _fmt(both.get("tflops")),
+                     _cell(m.get("timing_reps", "–")), rate_text(m.get("tflops")),
+                     _fmt(m.get("pct_peak")), _fmt(bwd.get("time_ms")),
+                     rate_text(bwd.get("tflops")), _fmt(both.get("time_ms")),
+                     rate_text(both.get("tflops")),
                      _cell(str(m.get("timing_method", "")) + (
                          f" ({m['timing_note']})" if m.get("timing_note") else ""))])
     return ("<details><summary>Every timing: medians, spread, repetitions</summary>\n\n"
-            + _table(rows, ["setup", "backend", "case", "fwd ms", "IQR ms", "reps", "fwd TFLOP/s",
-                            "% peak", "bwd ms", "bwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s",
+            + _table(rows, ["setup", "backend", "case", "fwd ms", "IQR ms", "reps", "fwd rate",
+                            "% peak", "bwd ms", "bwd rate", "fwd+bwd ms", "fwd+bwd rate",
                             "method"])
             + "\n\n</details>")
 
@@ -561,6 +646,7 @@ def render(records: Iterable[Record], *, title: str = "attn-harness report",
         summary_section(view),
         matrix_section(view),
         failures_section(view),
+        known_issues_matched_section(view, known_issues),
         _known_issues_section(view, known_issues),
         changes,
         coverage_section(view),

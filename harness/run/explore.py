@@ -4,8 +4,8 @@ Both ``attn-harness run --profile X`` and the parity suite under pytest drive th
 :func:`explore`: it draws up to ``examples`` cases from :func:`harness.run.strategies.cases` for the
 backend's declared capabilities, runs each through ``run_case`` (which isolates the kernel in a
 worker process), and on the first failing record lets hypothesis shrink to the smallest case that
-still fails. The minimal case is written to ``cases/regressions/`` as TOML, with the backend,
-target and error it failed with, and is reported with the command that replays it.
+still fails. The minimal case is written to the run's ``regressions/`` folder as TOML, with the
+backend, target and error it failed with, and is reported with the command that replays it.
 
 The cases are drawn in phases (:func:`plan`): free draws first, so that a kernel wrong almost
 everywhere fails on a simple case; then a few cases inside each corner of the input space where
@@ -27,7 +27,7 @@ the same case. Input tensors still use the run's ``--seed``, so every replay com
 
 Settings profiles (``attn-quick``, ``attn-nightly``, ``attn-exhaustive``) are registered with
 hypothesis: no deadline (kernels compile on first use), an explicit seed (``--seed``) so a run
-is reproducible, and the example database under the ignored ``.hypothesis/`` directory locally,
+is reproducible, and the example database in the run's folder (``RUN/.hypothesis/``) locally,
 none in CI (``CI`` set), where runs must depend on the seed alone.
 """
 
@@ -95,13 +95,16 @@ class Exploration:
     shard: str = ""
 
 
-def settings_for(profile: str, examples: int | None = None):
-    """The hypothesis settings of a profile (registered as ``attn-<profile>``)."""
+def settings_for(profile: str, examples: int | None = None, database_dir: Path | None = None):
+    """The hypothesis settings of a profile (registered as ``attn-<profile>``); the example
+    database in ``database_dir`` (a run's own ``.hypothesis/``; default :data:`DATABASE_DIR`),
+    none in CI."""
     from hypothesis import HealthCheck, Phase, settings
     from hypothesis.database import DirectoryBasedExampleDatabase
 
     count = get_profile(profile).explore_examples if examples is None else examples
-    database = None if os.environ.get("CI") else DirectoryBasedExampleDatabase(str(DATABASE_DIR))
+    database = None if os.environ.get("CI") else DirectoryBasedExampleDatabase(
+        str(database_dir or DATABASE_DIR))
     return settings(
         max_examples=max(1, count), deadline=None, database=database, print_blob=False,
         report_multiple_bugs=False,
@@ -141,7 +144,10 @@ def plan(corners: list[str], examples: int, seed: int = 0) -> list[tuple[str | N
 def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case], list[Record]], *,
             profile: str = "quick", examples: int | None = None, seed: int = 0,
             on_record: Callable[[Record], None] | None = None, backward: bool = True,
-            regressions: Path | None = None, shard: Shard | None = None) -> Exploration:
+            regressions: Path | None = None, shard: Shard | None = None,
+            database_dir: Path | None = None,
+            on_case: Callable[[str, Case, list[Record], int], None] | None = None
+            ) -> Exploration:
     """Search for a failing case of ``backend`` (see the module docstring).
 
     Args:
@@ -157,6 +163,10 @@ def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case],
         regressions: where to write the minimal failing case (None: do not write).
         shard: this run's share of a sharded sweep: explore its part of the plan for
             ``N x examples`` with its own seed (see the module docstring).
+        database_dir: hypothesis's example database (the run's ``.hypothesis/``).
+        on_case: called with ``(phase, case, records, step)`` as each case is judged: phase
+            ``generate`` (step: the case's number) or ``shrink`` (step: the shrinking step), so
+            a front end can print progress as it happens.
     """
     from hypothesis import given
     from hypothesis import seed as hypothesis_seed
@@ -196,7 +206,7 @@ def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case],
         calls = [0]
 
         @hypothesis_seed(draw_seed)
-        @settings_for(profile, n)
+        @settings_for(profile, n, database_dir)
         @given(cases(capabilities, budget, backward=False, corner=corner))
         def body(case: Case) -> None:
             if state.get("error") is not None:
@@ -218,10 +228,14 @@ def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case],
                 return
             if state["failed"]:
                 result.shrink_steps += 1
+                if on_case:
+                    on_case("shrink", case, records, result.shrink_steps)
             else:
                 result.examples += 1
                 for record in records:
                     emit(record)
+                if on_case:
+                    on_case("generate", case, records, result.examples)
             if any(r.status in FAILING for r in records):
                 if not state["failed"]:
                     state["failed"] = True
@@ -251,6 +265,8 @@ def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case],
                     except Exception as error:  # noqa: BLE001 - re-raised below
                         state["error"], twin_records = error, []
                     result.shrink_steps += 1
+                    if on_case and twin_records:
+                        on_case("shrink", twin, twin_records, result.shrink_steps)
                     if any(r.status in FAILING for r in twin_records):
                         case, records = twin, twin_records
                 raise CaseFailed(case, records) from None

@@ -68,7 +68,7 @@ def validate_options(values: dict[str, Any], where: str = "--") -> RunOptions:
         timeout_s=values.get("timeout"), max_gflop=values.get("max-gflop"),
         audit=bool(values.get("audit")),
         out=Path(values["out"]) if values.get("out") else None,
-        regressions=Path(values.get("regressions") or "cases/regressions"),
+        regressions=Path(values["regressions"]) if values.get("regressions") else None,
         graph_replay=bool(values.get("graph-replay")), notes=tuple(notes),
         shard=shard, durations=durations, run_id=values.get("run-id") or "")
 
@@ -292,6 +292,42 @@ def prepare_out_dir(path: Path, what: str = "--out") -> Path:
     return path
 
 
+def open_run(options: RunOptions, target: dict[str, Any], *, resume: str | None = None,
+             inline: Sequence[str] = (), started: str | None = None,
+             what: str = "--out") -> Path:
+    """The folder a run writes to: ``--out`` exactly when given; else a new numbered run under
+    ``reports/<target-id>/`` (:mod:`harness.results.storage`), or with ``resume`` (``latest`` or
+    a run number) that earlier run. ``started`` (a start stamp) joins the run of that stamp when
+    it exists: the pytest-xdist workers of one session share one run."""
+    from harness.results import storage
+
+    if options.out is not None:
+        if resume not in (None, storage.LATEST):
+            raise UsageError(f"--resume {resume} names a kept run; with {what} DIR give --resume "
+                             "alone (it resumes DIR)")
+        return prepare_out_dir(options.out, what)
+    directory = storage.machine_dir(target["target_id"])
+    if resume is not None and (storage.runs(directory) or resume != storage.LATEST):
+        return prepare_out_dir(storage.find_run(directory, resume).path, "--resume")
+    revision = storage.revision_slug(str(target.get("git_revision") or ""),
+                                     str(target.get("harness") or ""))
+    run = storage.new_run(directory, revision, started=started, join=started is not None,
+                          meta=run_meta(options, inline))
+    return prepare_out_dir(run.path, what)
+
+
+def run_meta(options: RunOptions, inline: Sequence[str] = ()) -> dict[str, Any]:
+    """What ``run.json`` keeps about how a run was asked for; ``selection`` is what ``compare``
+    matches to find the run before it that asked for the same."""
+    import sys
+
+    return {"argv": list(sys.argv), "cwd": str(Path.cwd()),
+            "selection": {"backends": list(options.backends), "suites": list(options.suites),
+                          "cases": list(inline), "checks": list(options.checks),
+                          "profile": options.profile, "seed": options.seed,
+                          "shard": str(options.shard) if options.shard is not None else ""}}
+
+
 def prepare_output_file(path: Path, what: str = "-o", inputs: Iterable[str | Path] = ()) -> Path:
     """Make the parent of an output file exist; one line when it cannot, or when the output is
     one of ``inputs`` (by the file itself, whatever the links and spellings that name it)."""
@@ -448,6 +484,8 @@ class PytestSession:
     unavailable: dict[str, str] = field(default_factory=dict)
     findings: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    #: the start stamp of the run this session writes to (the controller's under pytest -n)
+    started_stamp: str | None = None
     _runner: Any = None
     _writer: RecordWriter | None = None
     _out: Path | None = None
@@ -477,9 +515,9 @@ class PytestSession:
         from harness.results import outdir
 
         try:
-            self._out = prepare_out_dir(shard_out_dir(self.options.out or Path("reports")
-                                                      / target["target_id"], self.options),
-                                        "--attn-out")
+            # The xdist workers of one session share one run: the controller's start stamp.
+            run = open_run(self.options, target, started=self.started_stamp, what="--attn-out")
+            self._out = prepare_out_dir(shard_out_dir(run, self.options), "--attn-out")
             name = f"results-{self.worker_id}.jsonl" if self.worker_id else "results.jsonl"
             # xdist workers share the folder, each with a file of its own; one session owns it.
             self._lock = None if self.worker_id else outdir.lock(self._out, "--attn-out")
@@ -531,6 +569,10 @@ class PytestSession:
         checks = explore_checks(self.options)
         if not checks:
             pytest.skip("exploration needs a check that judges numbers among --attn-checks")
+        if self.options.examples <= 0:
+            pytest.skip("no exploration: it runs by default only without --attn-suite "
+                        "(--attn-explore N or --attn-explore profile turns it on)"
+                        if self.options.explore is None else "--attn-explore 0")
 
         def run_case(case: Case) -> list[Record]:
             task = make_task("explore", case, spec, self.options, checks=checks)
@@ -539,7 +581,9 @@ class PytestSession:
         self.suite_cases()  # the run id of a sharded session
         result = explore(spec, self.capabilities[spec], run_case, profile=self.options.profile,
                          examples=self.options.examples, seed=self.options.seed,
-                         on_record=self._sink, regressions=self.options.regressions,
+                         on_record=self._sink,
+                         regressions=self.options.regressions or self._out / "regressions",
+                         database_dir=self._out / ".hypothesis",
                          backward=gradients(checks), shard=self.options.shard)
         text = summary(result)
         if result.minimal is not None:

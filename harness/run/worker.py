@@ -230,7 +230,11 @@ def execute(task: Task, target, backends: dict[str, Any]):
             # The id tells the report which entries matched (known_issues.unmatched).
             from dataclasses import replace
 
-            record = replace(record, metrics={**record.metrics, "known_issue": known.id})
+            # Its description and link travel with the record, so a report of these records
+            # on another machine explains the expected failure without the entries file.
+            record = replace(record, metrics={
+                **record.metrics, "known_issue": known.id, "known_issue_link": known.link,
+                "known_issue_description": " ".join(known.description.split())})
             record = expected_failure(record, known.label, strict=known.strict,
                                       source=known.source)
         yield ("record", record)
