@@ -172,4 +172,23 @@ def check_order(name: str) -> int:
 #: (``harness.backends.base.Capabilities.features``) and known issues name them.
 FEATURES = ("causal", "window", "softcap", "alibi", "dropout", "gqa", "scale", "strided", "paged",
             "seqlen_q>seqlen_k", "packed", "v-transposed", "dout-strided", "lastdim-strided",
-            "append", "rotary", "leftpad", "batch-idx", "splits", "alibi-per-batch")
+            "append", "rotary", "leftpad", "batch-idx", "splits", "alibi-per-batch",
+            "mla", "latent-kv", "sink", "sink-tokens", "fp8-kv", "padded")
+#: The features of issue 26 (MLA head dims, the shared latent k = v, learnable sinks, sink
+#: tokens, fp8 KV caches with 16-bit queries, padded varlen): no backend claims them unless its
+#: family's API poses them (``harness.backends.base.DEFAULT_FEATURES`` leaves them out).
+OPT_IN_FEATURES = ("mla", "latent-kv", "sink", "sink-tokens", "fp8-kv", "padded")
+
+#: The regions of an input a kernel must not read (issue 26, ``harness.exact.padding``): each is
+#: NaN in the inputs unless a backend's contract says it must be finite
+#: (``harness.backends.base.Capabilities.finite_padding``), where it holds large finite junk.
+PADDING_REGIONS = {
+    "cache-tail": "kv-cache slots past each sequence's cache_seqlens",
+    "leftpad": "kv-cache slots before each sequence's cache_leftpad",
+    "cache-rows": "kv-cache rows no sequence uses (with cache_batch_idx)",
+    "page-tail": "slots past a sequence's keys in its last, partly used page",
+    "pages-unused": "pages holding none of a sequence's keys (the pool's spare pages and the "
+                    "block-table entries past a sequence's keys)",
+    "varlen-gap": "the padding at the end of each sequence's slot in a padded varlen layout "
+                  "(rows past seqused_q/seqused_k)",
+}

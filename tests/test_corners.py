@@ -19,6 +19,7 @@ from harness.run.explore import explore, plan
 from harness.run.strategies import (
     BUDGETS,
     CORNERS,
+    PROBLEM_CORNERS,
     cases,
     corners_for,
     in_corner,
@@ -26,6 +27,10 @@ from harness.run.strategies import (
 )
 
 CORRECT = "tests/zoo/kernels.py:correct"
+#: The pure-PyTorch flash-attn fixture: it claims every problem of issue 26.
+FIXTURE = "flash-attn@tests/fixtures/flash_attn_ref.py"
+#: The corners before issue 26 (a user function claims none of issue 26's problems).
+CLASSIC = [c for c in CORNERS if c not in PROBLEM_CORNERS]
 
 
 def _record(case: Case, status: str = "pass") -> Record:
@@ -47,10 +52,13 @@ def _explored(caps, seed: int, fails=lambda case, n: False, examples=None):
 
 
 def test_the_plan_gives_each_corner_a_case_and_the_free_draws_the_rest():
-    assert plan(list(CORNERS), 20) == [(None, 12)] + [(c, 1) for c in CORNERS]
-    nightly = plan(list(CORNERS), 300)
+    assert plan(CLASSIC, 20) == [(None, 12)] + [(c, 1) for c in CLASSIC]
+    # issue 26's 13 corners: one case each, 7 free draws kept (MIN_FREE)
+    assert plan(list(CORNERS), 20) == [(None, 7)] + [(c, 1) for c in CORNERS]
+    nightly = plan(CLASSIC, 300)
     assert nightly[0] == (None, 240) and sum(n for _, n in nightly) == 300
     assert {n for _, n in nightly[1:]} == {7, 8}
+    assert {n for _, n in plan(list(CORNERS), 300)[1:]} == {4, 5}
     # Too few cases for every corner: half of them go to corners, the seed rotates which.
     assert plan(list(CORNERS), 4, seed=0) == [(None, 2), ("grid", 1), ("decode", 1)]
     assert plan(list(CORNERS), 4, seed=3) == [(None, 2), ("key-bias", 1), ("packed", 1)]
@@ -58,7 +66,11 @@ def test_the_plan_gives_each_corner_a_case_and_the_free_draws_the_rest():
 
 
 def test_corners_follow_the_capabilities():
-    assert corners_for(load_backend(CORRECT).capabilities) == list(CORNERS)
+    assert corners_for(load_backend(CORRECT).capabilities) == CLASSIC
+    assert corners_for(load_backend(FIXTURE).capabilities) == list(CORNERS)
+    assert corners_for(load_backend("sdpa-math").capabilities) == CLASSIC + ["mla", "sinks"]
+    assert corners_for(load_backend("flash-attn3@tests/fixtures/fa3_fp8_ref.py")
+                       .capabilities) == ["fp8"]
     flex = corners_for(load_backend("flex-attention").capabilities)
     assert "dropout" not in flex and "dout-strided" not in flex  # flex claims neither
     assert "dout-strided" not in corners_for(load_backend(CORRECT).capabilities, backward=False)
@@ -66,7 +78,7 @@ def test_corners_follow_the_capabilities():
 
 @pytest.mark.parametrize("corner", CORNERS)
 def test_a_corner_draws_only_cases_inside_it(corner):
-    caps = load_backend(CORRECT).capabilities
+    caps = load_backend(FIXTURE if corner in PROBLEM_CORNERS else CORRECT).capabilities
     drawn: list[Case] = []
 
     @hypothesis_seed(1)
@@ -144,3 +156,67 @@ def test_a_corner_out_of_the_backends_reach_is_said_not_raised():
     assert "grid" in result.unreachable and result.minimal is None
     assert not any(in_corner(c, "grid") for c in ran)
     assert "no case of the grid corner(s) fits" in summary(result)
+
+
+#: What each of issue 26's problems needs to be posed, for the seeds test below.
+PROBLEM_TRIGGERS = {
+    "mla": lambda c: c.dv != c.head_dim,
+    "learnable sink": lambda c: c.learnable_sink,
+    "sink tokens": lambda c: c.sink_tokens > 0,
+    "fp8 KV cache, soft rows at long keys": lambda c: in_corner(c, "fp8") and bool(c.kv_dtype),
+    "poisoned padding": lambda c: in_corner(c, "padding"),
+    "serving decode": lambda c: in_corner(c, "serving"),
+}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_seed_of_the_quick_profile_poses_every_problem_of_issue_26(seed):
+    ran, result = _explored(load_backend(FIXTURE).capabilities, seed)
+    assert len(ran) == 20 and result.minimal is None and not result.unreachable
+    assert [c for c, _ in result.phases[1:]] == list(CORNERS[seed % len(CORNERS):]) + list(
+        CORNERS[:seed % len(CORNERS)])
+    missed = [name for name, hit in PROBLEM_TRIGGERS.items() if not any(hit(c) for c in ran)]
+    assert not missed
+    for corner in PROBLEM_CORNERS:  # each corner's own case lies inside it
+        assert any(in_corner(c, corner) for c in ran), corner
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_an_fp8_only_backend_draws_soft_rows_at_long_keys_whatever_the_seed(seed):
+    ran, result = _explored(load_backend("flash-attn3@tests/fixtures/fa3_fp8_ref.py")
+                            .capabilities, seed)
+    assert result.phases[1:] and {c for c, _ in result.phases[1:]} == {"fp8"}
+    soft = [c for c in ran if in_corner(c, "fp8")]
+    assert len(soft) >= 4 and all(c.dtype.startswith("float8") for c in soft)
+
+
+def test_a_backend_whose_claims_leave_nothing_to_draw_is_skipped_not_crashed(tmp_path):
+    """An fp8-only module given as aiter@FILE narrowed its family's dtypes to none the family
+    takes; exploring it used to end in hypothesis's "Cannot sample from a length-zero
+    sequence". It is not explored, and the summary says why."""
+    from harness.run.explore import summary
+    from harness.run.strategies import undrawable
+
+    module = tmp_path / "e5m2_only_aiter.py"
+    module.write_text('ATTN_HARNESS_CAPABILITIES = {"dtypes": ["float8_e5m2"]}\n'
+                      "def flash_attn_func(q, k, v, **kwargs):\n    return (q,)\n")
+    backend = load_backend(f"aiter@{module}")
+    assert "float8_e5m2" not in backend.capabilities.dtypes  # AITER takes no e5m2
+    reason = undrawable(backend.capabilities)
+    assert reason.startswith("it claims no dtype the harness draws")
+    ran, result = _explored(backend.capabilities, seed=0)
+    assert ran == [] and result.skipped == reason
+    assert summary(result) == f"not explored fake: {reason}"
+    assert undrawable(backend.capabilities.__class__(head_dim_max=4, head_dim_multiple=8))
+
+
+def test_an_fp8_only_backend_draws_fp8_even_when_gradients_are_asked():
+    """cases(backward=True) leaves fp8 out (forward only), unless nothing else is claimed."""
+    from hypothesis import find
+
+    from harness.backends.base import Capabilities
+
+    caps = Capabilities(dtypes=frozenset({"float8_e4m3fn"}))
+    found = find(cases(caps, BUDGETS["quick"], backward=True), lambda c: True,
+                 settings=settings(database=None, suppress_health_check=list(HealthCheck)))
+    assert found.dtype == "float8_e4m3fn"

@@ -29,6 +29,7 @@ from harness.backends import (
     spec_problem,
 )
 from harness.backends.aiter_fa import window_argument
+from harness.backends.fa3 import FLAVOR_CAPABILITIES as FLAVOR_CAPABILITIES_FA3
 from harness.backends.flash_attn import FLAVOR_CAPABILITIES, FlashAttnBackend, detect_flavor
 from harness.backends.flex import lse_request, unpack
 from harness.case import Case
@@ -279,7 +280,8 @@ def test_flash_attn_paged_varlen_passes_pages_and_block_table():
     assert verdict.status == "pass", verdict.reason
     name, args, kwargs = calls(backend)[0]
     assert name == "flash_attn_varlen_func"
-    assert args[1].shape == inputs.k_pages.shape and torch.equal(args[1], inputs.k_pages)
+    assert args[1].shape == inputs.k_pages.shape
+    assert torch.equal(args[1].nan_to_num(7.0), inputs.k_pages.nan_to_num(7.0))  # NaN padding
     assert torch.equal(kwargs["block_table"], inputs.block_table)
 
 
@@ -671,3 +673,584 @@ def test_paged_varlen_is_forward_only():
                 head_dim=16, paged_block_size=16)
     assert backend.capabilities.check_reasons("bwd", case, backend.name)[0].startswith(
         "a paged KV cache is forward-only")
+
+
+def test_fa3_module_flavor_claims_only_the_dtypes_fa3_takes(tmp_path, monkeypatch):
+    """hopper/flash_api.cpp: "FlashAttention only supports fp16, bf16, and fp8_e4m3 data
+    type": a module given as flash-attn3@FILE is not asked e4m3fnuz, e5m2 or float32, even when
+    it declares them."""
+    (tmp_path / "fa3_all_fp8.py").write_text(textwrap.dedent("""
+        ATTN_HARNESS_CAPABILITIES = {"dtypes": ["float16", "bfloat16", "float32",
+                                                "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2"]}
+        def flash_attn_func(q, k, v, softmax_scale=None, causal=False, q_descale=None,
+                            k_descale=None, v_descale=None, return_attn_probs=False):
+            return q
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    backend = load_backend("flash-attn3@fa3_all_fp8")
+    assert backend.capabilities.dtypes == {"float16", "bfloat16", "float8_e4m3fn"}
+    for dtype in ("float8_e4m3fnuz", "float8_e5m2", "float32"):
+        case = Case(batch=1, seqlen_q=8, heads_q=1, head_dim=64, dtype=dtype)
+        (why,) = backend.unsupported_reasons(case, CPU)
+        assert why.startswith(f"dtype={dtype} is not supported by flash-attn3@fa3_all_fp8 ")
+        assert "\"FlashAttention only supports fp16, bf16, and fp8_e4m3 data type\"" in why
+    assert FLAVOR_CAPABILITIES_FA3["cuda"].dtypes == backend.capabilities.dtypes
+    mla_fp8 = Case(batch=1, seqlen_q=8, heads_q=1, head_dim=64, head_dim_v=512,
+                   dtype="float8_e4m3fn")
+    assert "\"HeaddimV > 256 requires fp16 and bf16 data type\"" in \
+        backend.unsupported_reasons(mla_fp8, CPU)[-1]
+
+
+# ------------------------------------------------ combinations the originals refuse (issue 26)
+
+
+def _original_like(tmp_path, monkeypatch, name, flavor=""):
+    """A flash-attn module that refuses what flash_api.cpp's mha_fwd_kvcache refuses (a
+    RuntimeError, as a TORCH_CHECK raises) and otherwise answers like the fake."""
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(FAKES)!r})
+        import fake_flash_attn2 as _fake
+        {f"ATTN_HARNESS_FLAVOR = {flavor!r}" if flavor else ""}
+        flash_attn_func = _fake.flash_attn_func
+        def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None,
+                                    rotary_sin=None, cache_seqlens=None, cache_batch_idx=None,
+                                    cache_leftpad=None, block_table=None, softmax_scale=None,
+                                    causal=False, window_size=(-1, -1), softcap=0.0,
+                                    rotary_interleaved=True, alibi_slopes=None, num_splits=0,
+                                    return_softmax_lse=False):
+            if block_table is not None and cache_batch_idx is not None:
+                raise RuntimeError("Paged KVcache does not support cache_batch_idx")
+            if block_table is not None and cache_leftpad is not None:
+                raise RuntimeError("We don't support Paged KV and leftpad_k running at the "
+                                   "same time yet")
+            raise AssertionError("only the refused combinations are asked here")
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return load_backend(f"flash-attn@{name}")
+
+
+PAGED = Case(entry="kvcache", batch=2, seqlen_q=1, seqlen_k=512, seqlens_k=(300, 17),
+             heads_q=2, head_dim=16, dtype="float16", paged_block_size=256)
+
+
+@pytest.mark.parametrize("combination, words", [
+    (dict(cache_batch_idx=True), "\"Paged KVcache does not support cache_batch_idx\""),
+    (dict(cache_leftpad=(3, 0)),
+     "\"We don't support Paged KV and leftpad_k running at the same time yet\""),
+])
+def test_combinations_the_original_refuses_are_skips_in_its_words(tmp_path, monkeypatch,
+                                                                  combination, words):
+    """A real flash-attn raises RuntimeError on a paged cache with cache_batch_idx or
+    cache_leftpad (csrc/flash_attn/flash_api.cpp, mha_fwd_kvcache): posed, a correct kernel
+    would count an error. The module flavor and the CUDA build skip them with the original's
+    words; --audit still runs them, and a loud refusal is 'rejected' (good)."""
+    from harness.checks.context import run_plan
+    from harness.checks.plan import plan
+
+    backend = _original_like(tmp_path, monkeypatch, "fa_refusing")
+    case = PAGED.replace(**combination)
+    skipped = plan(case, backend, CPU, ("fwd",))
+    assert skipped.run == () and words in skipped.skips["fwd"]
+    assert "flash_api.cpp" in skipped.skips["fwd"]
+    cuda = FlashAttnBackend(module=backend.module, flavor="cuda")
+    assert any(words in r for r in cuda.capabilities.reasons(case, "flash-attn"))
+    audited = plan(case, backend, CPU, ("fwd",), audit=True)
+    assert audited.run == ("fwd",)
+    (verdict,) = run_plan(audited, backend, CPU, seed=0, profile=get_profile("quick"),
+                          device="cpu")
+    assert verdict.status == "skip" and verdict.metrics["audit"] == "rejected"
+    assert words.strip('"') in verdict.reason
+
+
+def test_ck_refuses_paged_batch_idx_and_ignores_leftpad_in_its_own_words():
+    """CK differs: it refuses paged + cache_batch_idx like the CUDA build, but takes
+    cache_leftpad and ignores it (a commented-out parameter), paged or not."""
+    ck = FLAVOR_CAPABILITIES["rocm-ck"]
+    batch_idx = ck.reasons(PAGED.replace(cache_batch_idx=True, paged_block_size=128), "ck")
+    assert batch_idx == ["\"Paged KVcache does not support cache_batch_idx\" "
+                         "(ROCm/flash-attention csrc/flash_attn_ck/mha_fwd_kvcache.cpp l.308)"]
+    leftpad = ck.reasons(PAGED.replace(cache_leftpad=(3, 0), paged_block_size=0), "ck")
+    assert leftpad == [ck.notes["leftpad"]] and "silently ignored" in leftpad[0]
+    aiter_triton = FLAVOR_CAPABILITIES["rocm-triton-aiter"]
+    assert "interface_v2.py" in aiter_triton.notes["leftpad"]
+    assert "num_splits > 1 not supported" in aiter_triton.notes["splits"]
+
+
+# ------------------------------------------------------------------------ flash-attn4 (FA4)
+
+
+def test_fa4_dense_call_window_none_and_return_lse():
+    """Everything after v by name (qv is the fourth positional parameter), unbounded sides
+    None, causal as causal=True, return_lse=True (the lse is None without it)."""
+    backend = fake("flash-attn4", "fake_flash_attn4")
+    case = Case(batch=2, seqlen_q=33, seqlen_k=47, heads_q=4, heads_kv=2, head_dim=32,
+                dtype="bfloat16", causal=True, softcap=4.0, scale=0.3)
+    verdict = fwd(case, backend)
+    assert verdict.status == "pass", verdict.reason
+    assert verdict.metrics["lse"]["mismatched"] == 0
+    name, args, kwargs = calls(backend)[0]
+    assert name == "flash_attn_func" and len(args) == 3
+    assert kwargs == {"softmax_scale": 0.3, "causal": True, "window_size": (None, None),
+                      "softcap": 4.0, "return_lse": True, "deterministic": True}
+
+
+@pytest.mark.parametrize("window, causal, want", [
+    ((-1, 5), False, (False, (None, 5))),
+    ((7, -1), False, (False, (7, None))),
+    ((7, 0), True, (True, (7, None))),
+    ((-1, 0), False, (True, (None, None))),
+    ((3, 2), False, (False, (3, 2))),
+])
+def test_fa4_window_is_translated_to_none_for_unbounded_sides(window, causal, want):
+    """FA4 takes integers literally, and a pair with left + right < 0 as unbounded
+    (_resolve_causal_local_window @ 0251105a): flash-attn's -1 must never reach it."""
+    from harness.backends.fa4 import window_argument
+
+    backend = fake("flash-attn4", "fake_flash_attn4")
+    case = Case(batch=1, seqlen_q=40, seqlen_k=60, heads_q=2, head_dim=16, dtype="float16",
+                window=window, causal=causal)
+    assert window_argument(case) == want
+    verdict = fwd(case, backend)
+    assert verdict.status == "pass", verdict.reason
+    kwargs = calls(backend)[0][2]
+    assert (kwargs["causal"], kwargs["window_size"]) == want
+
+
+def test_fa4_minus_one_means_what_the_version_says():
+    """At fa4-v4.0.0.beta27, (-1, 0) is full attention (left + right < 0), not causal and not
+    an empty band; (-1, 5) is a literal band right of the diagonal. The adapter's None keeps
+    clear of both."""
+    ref = load_backend(f"flash-attn4@{FAKES.parent / 'fa4_ref.py'}").module
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, n, 2, 16, dtype=torch.float16) for n in (9, 9, 9))
+    full = ref.flash_attn_func(q, k, v)[0]
+    assert torch.equal(ref.flash_attn_func(q, k, v, window_size=(-1, 0))[0], full)
+    causal = ref.flash_attn_func(q, k, v, causal=True)[0]
+    assert not torch.equal(causal, full)
+    assert torch.equal(ref.flash_attn_func(q, k, v, window_size=(None, 0))[0], causal)
+    band = ref.flash_attn_func(q, k, v, window_size=(-1, 5), return_lse=True)
+    assert torch.isinf(band[1][0, :, -1]).all(), "the last row sees no key right of itself"
+
+
+def test_fa4_varlen_all_by_name_and_padded_uses_seqused():
+    backend = fake("flash-attn4", "fake_flash_attn4")
+    case = Case(entry="varlen", batch=3, seqlens_q=(5, 0, 17), seqlens_k=(9, 4, 17),
+                heads_q=4, heads_kv=1, head_dim=32, dtype="float16", causal=True)
+    assert fwd(case, backend).status == "pass"
+    name, args, kwargs = calls(backend)[0]
+    assert name == "flash_attn_varlen_func" and len(args) == 3
+    assert kwargs["cu_seqlens_q"].tolist() == [0, 5, 5, 22]
+    assert kwargs["cu_seqlens_k"].tolist() == [0, 9, 13, 30]
+    assert (kwargs["max_seqlen_q"], kwargs["max_seqlen_k"]) == (17, 17)
+    assert "seqused_k" not in kwargs and "page_table" not in kwargs
+    backend.module.CALLS.clear()
+    padded = case.replace(layout="padded")
+    verdict = fwd(padded, backend)
+    assert verdict.status == "pass", verdict.reason
+    kwargs = calls(backend)[0][2]
+    assert kwargs["seqused_q"].tolist() == [5, 0, 17] and kwargs["seqused_k"].tolist() == [9, 4, 17]
+    assert kwargs["cu_seqlens_q"].tolist() == [0, 64, 128, 192], "slot offsets"
+
+
+def test_fa4_paged_varlen_and_kvcache_use_page_table_and_seqused_k():
+    """page_table is refused with cu_seqlens_k, and without seqused_k every sequence is the
+    table's length: the adapter passes seqused_k and no cu_seqlens_k. The kv-cache entry is
+    flash_attn_varlen_func with a dense q (FA4 has no flash_attn_with_kvcache)."""
+    backend = fake("flash-attn4", "fake_flash_attn4")
+    case = Case(entry="varlen", batch=2, seqlens_q=(3, 5), seqlens_k=(40, 17), heads_q=2,
+                head_dim=16, dtype="bfloat16", paged_block_size=16, causal=True)
+    inputs = make_inputs(case)
+    assert fwd(case, backend).status == "pass"
+    _, args, kwargs = calls(backend)[0]
+    assert args[1].shape == inputs.k_pages.shape and "cu_seqlens_k" not in kwargs
+    assert torch.equal(kwargs["page_table"], inputs.block_table)
+    assert kwargs["seqused_k"].tolist() == [40, 17]
+    backend.module.CALLS.clear()
+    cache = Case(entry="kvcache", batch=3, seqlen_q=1, seqlen_k=64, seqlens_k=(64, 0, 30),
+                 heads_q=8, heads_kv=1, head_dim=32, dtype="float16", paged_block_size=16)
+    verdict = fwd(cache, backend)
+    assert verdict.status == "pass", verdict.reason
+    name, args, kwargs = calls(backend)[0]
+    assert name == "flash_attn_varlen_func" and args[0].shape == (3, 1, 8, 32)
+    assert "cu_seqlens_q" not in kwargs and kwargs["seqused_k"].tolist() == [64, 0, 30]
+    assert "page_table" in kwargs
+
+
+def test_fa4_learnable_sink_and_the_absorbed_mla_form():
+    backend = fake("flash-attn4", "fake_flash_attn4")
+    sink = Case(batch=2, seqlen_q=40, seqlen_k=24, heads_q=4, heads_kv=2, head_dim=32,
+                dtype="bfloat16", causal=True, learnable_sink=True)
+    verdict = fwd(sink, backend)
+    assert verdict.status == "pass", verdict.reason
+    kwargs = calls(backend)[0][2]
+    sinks = kwargs["learnable_sink"]
+    assert sinks.shape == (4,) and sinks.dtype == torch.float32
+    backend.module.CALLS.clear()
+    mla = Case(entry="kvcache", batch=2, seqlen_q=1, seqlen_k=100, seqlens_k=(100, 37),
+               heads_q=16, heads_kv=1, head_dim=576, head_dim_v=512, layout="latent-kv",
+               dtype="bfloat16", paged_block_size=32)
+    verdict = fwd(mla, backend)
+    assert verdict.status == "pass", verdict.reason
+    _, args, kwargs = calls(backend)[0]
+    assert args[0].shape[-1] == 64 and args[1].shape[-1] == 64 and args[2].shape[-1] == 512
+    assert kwargs["qv"].shape[-1] == 512
+    assert kwargs["softmax_scale"] == pytest.approx(576 ** -0.5), "passed, not FA4's default"
+    assert verdict.metrics["lse"]["mismatched"] == 0, "heads-last lse put back"
+
+
+def test_fa4_fp8_goes_through_flash_attn_fwd_with_descales():
+    backend = fake("flash-attn4", "fake_flash_attn4")
+    case = Case(batch=1, seqlen_q=64, seqlen_k=200, heads_q=4, heads_kv=2, head_dim=64,
+                dtype="float8_e4m3fn", causal=True)
+    verdict = fwd(case, backend)
+    assert verdict.status == "pass", verdict.reason
+    name, args, kwargs = calls(backend)[0]
+    assert name == "_flash_attn_fwd" and args[0].dtype == torch.float8_e4m3fn
+    assert kwargs["q_descale"].shape == (1, 2) and kwargs["window_size_right"] is None
+    f32_out = case.replace(fp8_out="float32")
+    assert any("FA4 returns bfloat16 for fp8 inputs" in r
+               for r in backend.unsupported_reasons(f32_out, CPU))
+
+
+def test_fa4_claims_per_architecture_are_cited():
+    from harness.backends.fa4 import ARCH_CAPABILITIES, FlashAttn4Backend
+
+    module = fake("flash-attn4", "fake_flash_attn4").module
+
+    def reasons(flavor, **fields):
+        case = Case(**{"batch": 1, "seqlen_q": 8, "seqlen_k": 64, "heads_q": 2,
+                       "head_dim": 64, "dtype": "bfloat16", **fields})
+        return FlashAttn4Backend(module=module, flavor=flavor).unsupported_reasons(case, H100)
+
+    paged = dict(entry="kvcache", seqlens_k=(40,), paged_block_size=16)
+    assert any("\"paged KV not supported on SM 8.0\"" in r for r in reasons("sm80", **paged))
+    assert any("Paged KV not supported on SM 12.0" in r for r in reasons("sm120", **paged))
+    assert reasons("sm90", **paged) == [] and reasons("sm100", **paged) == []
+    assert any("Learnable sink is not supported in this kernel" in r
+               for r in reasons("sm80", learnable_sink=True))
+    assert any("SplitKV not supported on SM 9.0" in r for r in reasons("sm90", num_splits=2))
+    assert reasons("sm100", num_splits=2) == []
+    assert any("FP8 is only supported on SM100" in r
+               for r in reasons("sm90", dtype="float8_e4m3fn"))
+    assert any("(192, 128)" in r or "q/k 192-192 with v 128-128" in r
+               for r in reasons("sm100", head_dim=160, head_dim_v=96)), "SM100's pairs"
+    assert reasons("sm90", head_dim=160, head_dim_v=96) == []
+    assert any("is not taken on sm100" in r for r in reasons("sm100", head_dim=160))
+    latent = dict(entry="kvcache", seqlen_q=1, seqlens_k=(64,), heads_q=16, heads_kv=1,
+                  head_dim=576, head_dim_v=512, layout="latent-kv")
+    assert reasons("sm100", **latent) == []
+    assert any("only support Blackwell arch with qv" in r for r in reasons("sm90", **latent))
+    assert any("local not yet supported with qv" in r
+               for r in reasons("sm100", window=(8, 0), **latent))
+    assert not ARCH_CAPABILITIES["sm80"].backward and ARCH_CAPABILITIES["sm90"].backward
+    assert ARCH_CAPABILITIES["sm90"].finite_padding >= {"page-tail", "cache-tail", "varlen-gap"}
+    volta = from_facts({"torch_version_cuda": "12.4", "device_count": 1,
+                        "device_name": "Tesla V100", "capability": [7, 0]})
+    installed = FlashAttn4Backend(module=module, flavor="sm90")
+    assert installed.unsupported_reasons(Case(batch=1, seqlen_q=8, heads_q=1), volta)[0] \
+        .startswith("sm_70 is not an FA4 architecture")
+
+
+def test_fa4_arch_and_version_are_read_as_fa4_reads_them(monkeypatch):
+    from importlib import metadata
+
+    from harness.backends import fa4
+
+    assert fa4.detect_arch({"FLASH_ATTENTION_ARCH": "sm_90a"}) == 90
+    assert fa4.detect_arch({"FLASH_ATTENTION_ARCH": "100"}) == 100
+    assert [fa4.arch_flavor(c) for c in (80, 86, 90, 100, 103, 110, 120, 70)] == \
+        ["sm80", "sm80", "sm90", "sm100", "sm100", "sm110", "sm120", ""]
+    asked = []
+
+    def version(dist):
+        asked.append(dist)
+        if dist == "flash-attn-4":
+            return "4.0.0b36"
+        raise metadata.PackageNotFoundError(dist)
+
+    monkeypatch.setattr(metadata, "version", version)
+    assert fa4.machine_facts() == {"flash_attn_4": "4.0.0b36"} and asked == ["flash-attn-4"]
+
+
+def test_fa4_finite_padding_holds_junk_not_nan_in_the_page_tail():
+    """FA4 loads whole 128-key tiles (Dao #2374): the last page's tail gets large finite junk;
+    pages no sequence names stay NaN."""
+    backend = fake("flash-attn4", "fake_flash_attn4")
+    case = Case(entry="kvcache", batch=2, seqlen_q=1, seqlen_k=64, seqlens_k=(40, 9),
+                heads_q=2, head_dim=16, dtype="float16", paged_block_size=16)
+    run = CaseRun(case, backend, CPU, seed=0, profile=get_profile("quick"), device="cpu")
+    inputs = run.inputs
+    ((attr, tail),) = [e for e in inputs.padding["page-tail"] if e[0] == "v_pages"]
+    assert torch.isfinite(inputs.v_pages[tail]).all()
+    unused = dict(inputs.padding["pages-unused"])["v_pages"]
+    assert torch.isnan(inputs.v_pages[unused]).all()
+    assert run.run("fwd").status == "pass"
+
+
+# ------------------------------------------------------------------------------ flashinfer
+
+
+def test_flashinfer_dense_prefill_per_sequence_with_base2_lse_converted():
+    backend = fake("flashinfer", "fake_flashinfer")
+    case = Case(batch=2, seqlen_q=33, seqlen_k=47, heads_q=4, heads_kv=2, head_dim=64,
+                dtype="bfloat16", causal=True, window=(20, 0), softcap=3.0, scale=0.2)
+    verdict = fwd(case, backend)
+    assert verdict.status == "pass", verdict.reason
+    assert verdict.metrics["lse"]["mismatched"] == 0, "base 2 [tokens, heads] converted"
+    prefill = calls(backend, "single_prefill_with_kv_cache")
+    assert len(prefill) == 2, "one call per sequence"
+    _, args, kwargs = prefill[0]
+    assert [a.shape for a in args] == [(33, 4, 64), (47, 2, 64), (47, 2, 64)]
+    assert kwargs == {"causal": True, "kv_layout": "NHD", "return_lse": True, "sm_scale": 0.2,
+                      "window_left": 20, "logits_soft_cap": 3.0, "pos_encoding_mode": "NONE"}
+
+
+@pytest.mark.parametrize("group, tensor_cores", [(8, False), (16, True), (3, False)])
+def test_flashinfer_decode_uses_tensor_cores_past_the_cuda_core_gqa_ratios(group, tensor_cores):
+    """The CUDA-core decode takes GQA ratios 1, 2, 3, 4, 6, 8 (utils.cuh: "Unsupported
+    group_size"); 16 is posed through use_tensor_cores=True."""
+    backend = fake("flashinfer", "fake_flashinfer")
+    dense = Case(batch=2, seqlen_q=1, seqlen_k=90, heads_q=group, heads_kv=1, head_dim=64,
+                 dtype="float16")
+    assert fwd(dense, backend).status == "pass"
+    (name, args, kwargs), _ = calls(backend, "single_decode_with_kv_cache")
+    assert args[0].shape == (group, 64) and kwargs["use_tensor_cores"] is tensor_cores
+    backend.module.CALLS.clear()
+    paged = Case(entry="kvcache", batch=3, seqlen_q=1, seqlen_k=64, seqlens_k=(64, 0, 30),
+                 heads_q=group, heads_kv=1, head_dim=64, dtype="bfloat16", paged_block_size=16)
+    verdict = fwd(paged, backend)
+    assert verdict.status == "pass", verdict.reason
+    (_, _, init), (_, args, kwargs), (_, run_args, run_kw) = calls(backend)
+    assert init["use_tensor_cores"] is tensor_cores
+    assert len(args) == 7, "options after page_size by name (positional ones are deprecated)"
+    assert args[0].tolist() == [0, 4, 4, 6] and args[2].tolist() == [16, 0, 14]
+    assert args[3:] == (group, 1, 64, 16) and kwargs["q_data_type"] == torch.bfloat16
+    assert run_args[0].shape == (3, group, 64) and isinstance(run_args[1], tuple)
+    assert run_kw == {"return_lse": True}
+
+
+def test_flashinfer_varlen_is_pages_of_one_token_and_a_cache_one_page_per_row():
+    backend = fake("flashinfer", "fake_flashinfer")
+    varlen = Case(entry="varlen", batch=3, seqlens_q=(5, 0, 17), seqlens_k=(9, 4, 17),
+                  heads_q=4, heads_kv=1, head_dim=64, head_dim_v=128, dtype="float16",
+                  causal=True)
+    verdict = fwd(varlen, backend)
+    assert verdict.status == "pass", verdict.reason
+    (name, _, init), (_, args, kwargs), _ = calls(backend)
+    assert name == "BatchPrefillWithPagedKVCacheWrapper.__init__" and init["kv_layout"] == "NHD"
+    assert args[0].tolist() == [0, 5, 5, 22] and args[1].tolist() == [0, 9, 13, 30]
+    assert args[2].tolist() == list(range(30)) and args[3].tolist() == [1, 1, 1]
+    assert args[4:] == (4, 1, 64, 1)
+    assert kwargs["head_dim_vo"] == 128 and kwargs["causal"] is True
+    backend.module.CALLS.clear()
+    cache = Case(entry="kvcache", batch=2, seqlen_q=4, seqlen_k=50, seqlens_k=(50, 7),
+                 heads_q=2, head_dim=64, dtype="float16", causal=True)
+    assert fwd(cache, backend).status == "pass"
+    _, (_, args, _), (_, run_args, _) = calls(backend)
+    assert args[0].tolist() == [0, 4, 8] and args[1].tolist() == [0, 1, 2]
+    assert args[2].tolist() == [0, 1] and args[3].tolist() == [50, 7] and args[7] == 50
+    assert run_args[0].shape == (8, 2, 64)
+
+
+def test_flashinfer_heads_major_v_goes_in_as_hnd():
+    backend = fake("flashinfer", "fake_flashinfer")
+    case = Case(batch=2, seqlen_q=20, seqlen_k=40, heads_q=4, heads_kv=2, head_dim=64,
+                dtype="float16", layout="v-transposed")
+    assert fwd(case, backend).status == "pass"
+    _, args, kwargs = calls(backend)[0]
+    assert kwargs["kv_layout"] == "HND" and args[1].shape == (2, 40, 64)
+
+
+def test_flashinfer_alibi_fits_only_where_every_key_is_left_of_the_diagonal():
+    """flashinfer's bias is slope * (kv_idx - qo_idx) with the raw query index: under a
+    causal mask that is flash-attn's bias plus slope * (sk - sq) per sequence (same softmax, lse
+    shifted back by the adapter); elsewhere the sign differs, and with softcap the order."""
+    backend = fake("flashinfer", "fake_flashinfer")
+    causal = Case(batch=2, seqlen_q=30, seqlen_k=70, heads_q=8, head_dim=64, dtype="float16",
+                  causal=True, alibi=True)
+    verdict = fwd(causal, backend)
+    assert verdict.status == "pass", verdict.reason
+    assert verdict.metrics["lse"]["mismatched"] == 0
+    assert calls(backend)[0][2]["pos_encoding_mode"] == "ALIBI"
+    varlen = Case(entry="varlen", batch=2, seqlens_q=(5, 9), seqlens_k=(40, 9), heads_q=4,
+                  head_dim=64, dtype="float16", causal=True, alibi=True)
+    verdict = fwd(varlen, backend)
+    assert verdict.status == "pass" and verdict.metrics["lse"]["mismatched"] == 0
+    both = causal.replace(causal=False)
+    assert any("opposite in sign" in r for r in backend.unsupported_reasons(both, CPU))
+    capped = causal.replace(softcap=2.0)
+    assert any("adds the bias before the tanh" in r
+               for r in backend.unsupported_reasons(capped, CPU))
+    randomly = causal.replace(alibi_slopes="random")
+    assert any("slopes are fixed" in r for r in backend.unsupported_reasons(randomly, CPU))
+
+
+def test_flashinfer_fp8_cache_scales_and_sinks_reach_run():
+    backend = fake("flashinfer", "fake_flashinfer")
+    case = Case(entry="kvcache", batch=2, seqlen_q=3, seqlen_k=80, seqlens_k=(80, 33),
+                heads_q=4, heads_kv=2, head_dim=64, dtype="bfloat16", paged_block_size=16,
+                kv_dtype="float8_e4m3fn", causal=True, learnable_sink=True)
+    verdict = fwd(case, backend)
+    assert verdict.status == "pass", verdict.reason
+    _, (_, _, plan), (_, run_args, run_kw) = calls(backend)
+    assert plan["kv_data_type"] == torch.float8_e4m3fn and run_args[1][0].dtype == plan[
+        "kv_data_type"]
+    assert isinstance(run_kw["k_scale"], float) and isinstance(run_kw["v_scale"], float)
+    assert run_kw["sinks"].shape == (4,)
+
+
+def test_flashinfer_installed_flavors_claim_what_the_sources_say():
+    from harness.backends.flashinfer import FLAVOR_CAPABILITIES as FI
+    from harness.backends.flashinfer import FlashInferBackend
+
+    module = fake("flashinfer", "fake_flashinfer").module
+    cuda = FlashInferBackend(module=module, flavor="cuda")
+    plain = Case(batch=1, seqlen_q=16, seqlen_k=32, heads_q=2, head_dim=64, dtype="float16")
+    assert cuda.unsupported_reasons(plain, H100) == []
+    assert "#4299" in cuda.unsupported_reasons(plain.replace(head_dim=96), H100)[0]
+    assert any("silently ignored on SM80/SM90" in r for r in cuda.unsupported_reasons(
+        plain.replace(entry="varlen", seqlens_q=(16,), seqlens_k=(32,), learnable_sink=True),
+        H100))
+    fnuz = Case(entry="kvcache", batch=1, seqlen_q=1, seqlen_k=32, heads_q=2, head_dim=64,
+                dtype="float16", kv_dtype="float8_e4m3fnuz")
+    assert any("not fnuz" in r for r in cuda.unsupported_reasons(fnuz, H100))
+    rocm = FI["rocm"]
+    assert "silently ignored on the AITER path" in rocm.notes["alibi"]
+    assert "silently ignored on the AITER path" in rocm.notes["sink"]
+    mi250 = from_facts({"torch_version_hip": "6.2", "device_count": 1, "gcn_arch": "gfx90a",
+                        "device_name": "AMD Instinct MI250X"})
+    ported = FlashInferBackend(module=module, flavor="rocm")
+    assert ported.unsupported_reasons(plain, mi250)[0].startswith(
+        "gfx90a is not a target of flashinfer's ROCm port")
+
+
+def test_flashinfer_version_from_either_distribution(monkeypatch):
+    from importlib import metadata
+
+    from harness.backends import flashinfer
+
+    def version(dist):
+        if dist == "amd-flashinfer":
+            return "0.5.3+amd.2"
+        raise metadata.PackageNotFoundError(dist)
+
+    monkeypatch.setattr(metadata, "version", version)
+    assert flashinfer.machine_facts() == {"flashinfer": "0.5.3+amd.2"}
+
+
+# ----------------------------------------------------------- aiter: fp8 entry and sinks
+
+
+def test_aiter_fp8_goes_through_the_pertensor_entry_without_lse():
+    backend = fake("aiter", "fake_aiter")
+    case = Case(batch=2, seqlen_q=40, seqlen_k=130, heads_q=4, heads_kv=2, head_dim=64,
+                dtype="float8_e4m3fnuz", causal=True)
+    verdict = fwd(case, backend)
+    assert verdict.status == "pass", verdict.reason
+    name, args, kwargs = calls(backend)[0]
+    assert name == "flash_attn_fp8_pertensor_func" and len(args) == 6
+    assert [a.shape for a in args[3:]] == [(1,), (1,), (1,)], "one descale per tensor"
+    assert kwargs == {"causal": True, "softmax_scale": None, "window_size": (-1, -1, 0)}
+    assert not backend.returns_lse_for(case) and backend.returns_lse_for(case.replace(
+        dtype="bfloat16"))
+    varlen = Case(entry="varlen", batch=2, seqlens_q=(5, 30), seqlens_k=(60, 30), heads_q=2,
+                  head_dim=64, dtype="float8_e4m3fn", causal=True)
+    backend.module.CALLS.clear()
+    assert fwd(varlen, backend).status == "pass"
+    name, args, _ = calls(backend)[0]
+    assert name == "flash_attn_varlen_fp8_pertensor_func" and len(args) == 10
+
+
+def test_aiter_fp8_output_dtype_follows_the_path_enable_ck_selects(monkeypatch):
+    from harness.backends.aiter_fa import installed_reasons
+
+    case = Case(batch=1, seqlen_q=16, seqlen_k=64, heads_q=2, head_dim=64,
+                dtype="float8_e4m3fnuz")
+    ck = installed_reasons(case.replace(fp8_out="float32"), {})
+    assert ck and "For FP8 input, output must have dtype BF16 for now" in ck[0]
+    assert installed_reasons(case, {}) == []
+    triton = {"ENABLE_CK": "0"}
+    assert installed_reasons(case.replace(fp8_out="float32"), triton) == []
+    assert "returns float32 on the Triton path" in installed_reasons(case, triton)[0]
+    assert "per-tensor" not in " ".join(installed_reasons(case, {}))
+    assert "one descale per tensor" in installed_reasons(case.replace(fp8_recipe="per-head"),
+                                                         {})[0]
+    backend = fake("aiter", "fake_aiter")
+    monkeypatch.setattr(backend.module, "FP8_OUT", torch.float32)
+    assert fwd(case.replace(fp8_out="float32"), backend).status == "pass"
+
+
+def test_aiter_sink_ptr_and_sink_tokens_in_the_window():
+    backend = fake("aiter", "fake_aiter")
+    case = Case(batch=2, seqlen_q=60, seqlen_k=90, heads_q=4, heads_kv=2, head_dim=64,
+                dtype="bfloat16", causal=True, window=(15, 0), sink_tokens=4,
+                learnable_sink=True)
+    verdict = fwd(case, backend)
+    assert verdict.status == "pass", verdict.reason
+    assert verdict.metrics["lse"]["mismatched"] == 0
+    kwargs = calls(backend)[0][2]
+    assert kwargs["window_size"] == (15, 0, 4)
+    assert kwargs["sink_ptr"].shape == (4,) and kwargs["sink_ptr"].dtype == torch.float32
+
+
+def test_aiter_sink_is_refused_where_the_asm_v3_path_drops_it():
+    from harness.backends.aiter_fa import installed_reasons
+
+    dense = Case(batch=1, seqlen_q=200, seqlen_k=300, heads_q=2, head_dim=128,
+                 dtype="bfloat16", causal=True, learnable_sink=True)
+    (why,) = installed_reasons(dense, {})
+    assert "silently dropped on the dense ASM v3 path" in why and "l.1815-1838" in why
+    assert installed_reasons(dense.replace(window=(31, 0)), {}) == []  # a sliding window: CK
+    assert installed_reasons(dense.replace(head_dim=64), {}) == []
+
+
+def test_an_fp8_only_aiter_module_is_explored_in_fp8(tmp_path):
+    """A module with AITER's fp8 entry only serves fp8 dtypes: exploring it draws fp8 cases
+    and judges them (it used to crash the explorer)."""
+    from harness.run.explore import explore
+
+    source = (FAKES / "fake_aiter.py").read_text().replace("Path(__file__).parent",
+                                                           repr(str(FAKES)))
+    module = tmp_path / "fp8_only_aiter.py"
+    module.write_text(source + "\ndel flash_attn_func, flash_attn_varlen_func\n")
+    backend = load_backend(f"aiter@{module}")
+    assert backend.capabilities.dtypes == {"float8_e4m3fn", "float8_e4m3fnuz"}
+    assert backend.availability() is None
+    bf16 = Case(batch=1, seqlen_q=8, heads_q=1, head_dim=64, dtype="bfloat16")
+    assert "has no flash_attn_func for 16-bit inputs" in backend.unsupported_reasons(bf16, CPU)[0]
+    statuses = []
+
+    def run_case(case):
+        verdict = fwd(case, backend)
+        statuses.append((case.dtype, verdict.status))
+        return []
+
+    result = explore(f"aiter@{module}", backend.capabilities, run_case, examples=3, seed=0)
+    assert not result.skipped and statuses
+    assert all(d.startswith("float8") and s in ("pass", "skip") for d, s in statuses), statuses
+
+
+def test_gfx942_fnuz_runs_through_aiter_where_fa3_takes_none():
+    """The fp8 fixture and its zoo take e4m3fnuz through AITER's fp8 entry (FA3 refuses the
+    format): the correct fixture passes, the kernel reading fnuz bytes as fn is caught."""
+    case = Case(batch=1, seqlen_q=64, seqlen_k=300, heads_q=2, head_dim=64,
+                dtype="float8_e4m3fnuz", causal=True)
+    fixture = load_backend("aiter@tests/fixtures/fa3_fp8_ref.py")
+    assert fixture.unsupported_reasons(case, CPU) == []
+    assert any("fp8_e4m3 data type" in r for r in load_backend(
+        "flash-attn3@tests/fixtures/fa3_fp8_ref.py").unsupported_reasons(case, CPU))
+    assert fwd(case, fixture).status == "pass"
+    buggy = fwd(case, load_backend("aiter@tests/zoo/fp8/fnuz_as_fn.py"))
+    assert buggy.status == "fail", buggy.reason
+
+
+def test_info_lists_flash_attn4_and_flashinfer_with_their_availability():
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "info", "--json"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {b["name"]: b for b in json.loads(proc.stdout)["backends"]}
+    for name, package in (("flash-attn4", "flash-attn-4"), ("flashinfer", "flashinfer-python")):
+        row = rows[name]
+        assert row["family"] == name and row["available"] is False  # no GPU on this machine
+        assert package in row["reason"] or row["reason"].startswith("no GPU here"), row

@@ -73,7 +73,7 @@ def test_fp8_fields_stay_out_of_existing_ids_and_show_in_the_label():
     (dict(dtype="float8_e4m3fn", fp8_scales=[1.0, 1.0, 1.0], fp8_recipe="per-head"),
      "use fp8_recipe = 'per-tensor'"),
     (dict(dtype="float8_e5m2", dropout_p=0.1), "set dropout_p = 0"),
-    (dict(dtype="float8_e4m3fn", layout="packed-qkv"), "use contiguous or strided"),
+    (dict(dtype="float8_e4m3fn", layout="packed-qkv"), "use contiguous, strided or latent-kv"),
 ])
 def test_fp8_field_errors_name_the_field_and_the_fix(fields, message):
     with pytest.raises(InvalidCase, match=re_escape(message)):

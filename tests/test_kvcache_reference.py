@@ -110,6 +110,10 @@ def dense_kvcache(inputs):
                else torch.zeros(b_, dtype=torch.long))
     key_valid &= arange >= leftpad[:, None]
     group = hq // hkv
+    # The padding a kernel must not read is NaN (harness.exact.padding): keep it out of the
+    # products here too, as a kernel that reads only valid keys does.
+    k_ref = k_ref.masked_fill(~key_valid[:, :, None, None], 0.0)
+    v_ref = v_ref.masked_fill(~key_valid[:, :, None, None], 0.0)
     kr = k_ref.double().repeat_interleave(group, dim=2)
     vr = v_ref.double().repeat_interleave(group, dim=2)
     scale = case.scale or 1 / math.sqrt(d)
@@ -137,6 +141,12 @@ def dense_kvcache(inputs):
     prob = torch.softmax(scores, -1).nan_to_num(0.0)
     out = torch.einsum("bhts,bshd->bthd", prob, vr)
     return out, lse
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal, NaN included (the padding a kernel must not read is NaN)."""
+    return (a.shape == b.shape and torch.equal(a.isnan(), b.isnan())
+            and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
 
 
 def assert_matches(ref, out, lse):
@@ -209,9 +219,9 @@ def test_cache_after_is_old_cache_plus_new_rows(name):
     before = inputs.clone()
     k_after, v_after = cache_after(inputs)
     # cache_after never writes into the inputs
-    assert torch.equal(inputs.k, before.k)
+    assert same(inputs.k, before.k)
     if case.paged_block_size:
-        assert torch.equal(inputs.k_pages, before.k_pages)
+        assert same(inputs.k_pages, before.k_pages)
         k_log = logical_from_pages(k_after, inputs.block_table, case.seqlen_k)
         v_log = logical_from_pages(v_after, inputs.block_table, case.seqlen_k)
         k_old = logical_from_pages(inputs.k_pages, inputs.block_table, case.seqlen_k)
@@ -230,14 +240,14 @@ def test_cache_after_is_old_cache_plus_new_rows(name):
     for b, row in enumerate(rows):
         sl = slice(lens[b], lens[b] + case.seqlen_new)
         written[row, sl] = True
-        assert torch.equal(k_log[row, sl], k_new[b])
-        assert torch.equal(v_log[row, sl], inputs.v_new[b])
-    assert torch.equal(k_log[~written], k_old[~written])
-    assert torch.equal(v_log[~written], v_old[~written])
+        assert same(k_log[row, sl], k_new[b])
+        assert same(v_log[row, sl], inputs.v_new[b])
+    assert same(k_log[~written], k_old[~written])
+    assert same(v_log[~written], v_old[~written])
     if case.paged_block_size:  # pages outside the table (spares) unchanged too
         used = set(inputs.block_table.flatten().tolist())
         spare = [p for p in range(k_after.shape[0]) if p not in used]
-        assert spare and torch.equal(k_after[spare], inputs.k_pages[spare])
+        assert spare and same(k_after[spare], inputs.k_pages[spare])
 
 
 def test_rotated_keys_are_stored_rotated():
@@ -248,15 +258,18 @@ def test_rotated_keys_are_stored_rotated():
     assert not torch.equal(k_after[row, start:start + case.seqlen_new], inputs.k_new[0])
 
 
-def test_decoys_sit_in_every_slot_a_kernel_must_not_read():
+def test_nan_sits_in_every_slot_a_kernel_must_not_read():
     case = Case(**KV, seqlen_q=2, seqlen_new=2, cache_batch_idx=True, cache_leftpad=(4, 0, 9))
     inputs = make_inputs(case)
     rows = inputs.cache_batch_idx.tolist()
     assert inputs.k.shape[0] == 2 * case.batch and len(set(rows)) == case.batch
     unused = [r for r in range(inputs.k.shape[0]) if r not in rows]
-    assert inputs.k[unused].float().mean() > 3  # decoys are N(4, 1)
-    assert inputs.k[rows[0], :4].float().mean() > 3  # before the leftpad
-    assert inputs.k[rows[2], 41:].float().mean() > 3  # past the cache length
+    for t in (inputs.k, inputs.v):
+        assert t[unused].isnan().all()  # rows no sequence uses
+        assert t[rows[0], :4].isnan().all()  # before the leftpad
+        assert t[rows[2], 41:].isnan().all()  # past the cache length
+        assert not t[rows[2], 9:41].isnan().any()  # the keys themselves
+    assert set(inputs.padding) == {"cache-tail", "leftpad", "cache-rows"}
 
 
 def test_inputs_clone_is_deep_and_keeps_geometry():
@@ -265,10 +278,10 @@ def test_inputs_clone_is_deep_and_keeps_geometry():
     copy = inputs.clone()
     for name in ("q", "k", "v", "k_new", "cache_seqlens"):
         a, b = getattr(inputs, name), getattr(copy, name)
-        assert a.stride() == b.stride() and torch.equal(a, b)
+        assert a.stride() == b.stride() and same(a, b)
         assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
     copy.k.fill_(0)
-    assert inputs.k.abs().sum() > 0
+    assert inputs.k.nan_to_num(0.0).abs().sum() > 0
 
 
 def test_paged_varlen_pages_hold_each_sequence():
@@ -280,9 +293,10 @@ def test_paged_varlen_pages_hold_each_sequence():
     for b in range(case.batch):
         logical = torch.cat([inputs.k_pages[int(p)] for p in inputs.block_table[b]])
         assert torch.equal(logical[: cu[b + 1] - cu[b]], inputs.k[cu[b]:cu[b + 1]])
+        assert logical[cu[b + 1] - cu[b]:].isnan().all()  # the tail of its pages
     assert "paged" in case.features
     spare = set(range(inputs.k_pages.shape[0])) - set(inputs.block_table.flatten().tolist())
-    assert len(spare) == 2 and all(inputs.k_pages[p].float().mean() > 3 for p in spare)
+    assert len(spare) == 2 and all(inputs.k_pages[p].isnan().all() for p in spare)
 
 
 def test_per_batch_alibi_slopes_follow_each_sequence():

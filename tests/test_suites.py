@@ -29,6 +29,10 @@ MODELS = {
     "falcon-7b": (71, 1, 64, 0.0, None, -1),
     "gpt2": (12, 12, 64, 0.0, None, -1),
     "bert-base": (12, 12, 64, 0.0, None, -1),
+    # inference/model.py: 192 ** -0.5 * (0.1 * ln 40 + 1) ** 2
+    "deepseek-v3": (128, 128, 192, 0.0, 0.1352337788608801, -1),
+    "deepseek-v3-absorbed": (128, 1, 576, 0.0, 0.1352337788608801, -1),
+    "gpt-oss-20b": (64, 8, 64, 0.0, None, None),  # window on sliding layers only
 }
 
 
@@ -132,7 +136,7 @@ def test_edge_covers_the_corners():
     lengths = {n for pair in pairs for n in pair}
     for block in (64, 128, 256):
         assert {block - 1, block, block + 1} <= lengths, block
-    dims = {c.head_dim for c in cases}
+    dims = {c.head_dim for c in cases if c.dv == c.head_dim}  # MLA's 576/512: issue 26
     assert min(dims) == 8 and max(dims) == 256 and any(d % 32 for d in dims)
     ratios = {c.heads_q // c.heads_kv for c in cases}
     assert {1, 2, 4, 8, 16, 71} <= ratios

@@ -24,6 +24,7 @@ from harness.run.strategies import (
     vacuous_features,
     without_vacuous,
 )
+from harness.vocab import OPT_IN_FEATURES
 from tests.zoo import input_space_kernels as zoo
 from tests.zoo.kernels import correct
 
@@ -96,7 +97,7 @@ def test_capabilities_default_to_contiguous_last_dims():
     user function does not claim lastdim-strided unless it says so; sdpa-math takes it, torch's
     fused SDPA kernels refuse it."""
     assert "lastdim-strided" not in Capabilities().features
-    assert frozenset(FEATURES) - {"lastdim-strided"} == DEFAULT_FEATURES
+    assert frozenset(FEATURES) - {"lastdim-strided"} - set(OPT_IN_FEATURES) == DEFAULT_FEATURES
     user = load_backend("tests/zoo/kernels.py:correct")
     assert "lastdim-strided" not in user.capabilities.features
     assert {"packed", "v-transposed", "dout-strided"} <= user.capabilities.features
@@ -324,7 +325,7 @@ def test_strategies_draw_every_distribution_and_claimed_layout(drawn_sdpa):
                                               "large"}
     assert {c.layout for c in drawn_sdpa} == {"contiguous", "strided", "packed-qkv",
                                               "packed-kv", "v-transposed", "dout-strided",
-                                              "lastdim-strided"}
+                                              "lastdim-strided", "latent-kv"}
     sixteen = [c for c in drawn_sdpa if c.dtype != "float32"]
     assert sum(c.values in ("scaled", "key-bias") for c in sixteen) > len(sixteen) / 4
     user = _draw(load_backend("tests/zoo/kernels.py:correct").capabilities, 100)

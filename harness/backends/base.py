@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from harness.case import DTYPES, ENTRIES, FP8_DTYPES, Case
 from harness.errors import UsageError
-from harness.vocab import CHECKS, FEATURES
+from harness.vocab import CHECKS, FEATURES, OPT_IN_FEATURES, PADDING_REGIONS
 
 if TYPE_CHECKING:
     from harness.exact.inputs import Inputs
@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 
 #: What a backend claims unless it says otherwise: everything but a last dimension with stride
 #: != 1, which flash-attn's kernels cannot read (its Python API copies such tensors, see
-#: ``maybe_contiguous`` in flash_attn/flash_attn_interface.py); SDPA takes it.
-DEFAULT_FEATURES = frozenset(FEATURES) - {"lastdim-strided"}
+#: ``maybe_contiguous`` in flash_attn/flash_attn_interface.py); SDPA takes it. The problems of
+#: issue 26 (:data:`harness.vocab.OPT_IN_FEATURES`) are claimed only where a family poses them.
+DEFAULT_FEATURES = frozenset(FEATURES) - {"lastdim-strided"} - frozenset(OPT_IN_FEATURES)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,18 @@ class Capabilities:
         deterministic_backward: whether backward promises bitwise repeatability (when not, the
             determinism check still measures dq/dk/dv but requires only the forward to repeat;
             ``notes["deterministic_backward"]`` says why).
-        notes: per feature, why it is unsupported (replaces the generic reason).
+        notes: per feature, why it is unsupported (replaces the generic reason); ``dtype:X``
+            says why dtype X is not taken (appended to the generic reason), ``A+B`` why the
+            exclusive pair ``(A, B)`` is refused (the original's own words, replacing the
+            generic reason).
+        head_dims_v: with ``mla`` claimed, the ``(head_dim, head_dim_v)`` pairs taken when they
+            differ, as inclusive ranges ``((qk_lo, qk_hi), (v_lo, v_hi))`` (FA3: q/k in (128,
+            192] with v in (96, 128], or q/k <= 64 with v <= 512); empty = any pair within
+            ``head_dim_max``. ``notes["head_dims_v"]`` cites the source.
+        finite_padding: padding regions (:data:`harness.vocab.PADDING_REGIONS`) the family's
+            contract wants finite (FA4's varlen loads whole 128-key tiles: rows past
+            ``seqused_k`` in the last one must be finite): there the inputs hold large finite
+            junk instead of NaN, which a kernel keeping its contract never lets into the result.
     """
 
     dtypes: frozenset[str] = frozenset(DTYPES)
@@ -58,6 +70,8 @@ class Capabilities:
     returns_lse: bool = False
     deterministic_backward: bool = True
     notes: Mapping[str, str] = field(default_factory=dict)
+    head_dims_v: tuple[tuple[tuple[int, int], tuple[int, int]], ...] = ()
+    finite_padding: frozenset[str] = frozenset()
 
     def reasons(self, case: Case, who: str) -> list[str]:
         """Why ``who`` does not support ``case``; empty when supported."""
@@ -66,20 +80,41 @@ class Capabilities:
             out.append(f"{who} has no {case.entry} entry point")
         if case.dtype not in self.dtypes:
             supported = ", ".join(sorted(self.dtypes))
-            out.append(f"dtype={case.dtype} is not supported by {who} ({supported})")
+            why = self.notes.get(f"dtype:{case.dtype}")
+            out.append(f"dtype={case.dtype} is not supported by {who} ({supported})"
+                       + (f": {why}" if why else ""))
         if self.head_dim_max and case.head_dim > self.head_dim_max:
             out.append(f"head_dim={case.head_dim} > {self.head_dim_max}")
         if case.head_dim % self.head_dim_multiple:
             out.append(f"head_dim={case.head_dim} is not a multiple of {self.head_dim_multiple}")
         for feature in sorted(case.features - self.features):
             out.append(self.notes.get(feature, f"{feature} is not supported by {who}"))
+        out.extend(self._head_dim_v_reasons(case, who))
         if case.paged_block_size and case.paged_block_size % self.paged_block_multiple:
             out.append(f"paged_block_size={case.paged_block_size} is not a multiple of "
                        f"{self.paged_block_multiple} ({who})")
         for a, b in self.exclusive:
             if a in case.features and b in case.features:
-                out.append(f"{a} cannot be combined with {b} in {who}")
+                out.append(self.notes.get(f"{a}+{b}", f"{a} cannot be combined with {b} in {who}"))
         return out
+
+    def _head_dim_v_reasons(self, case: Case, who: str) -> list[str]:
+        """Why the ``(head_dim, head_dim_v)`` pair of an ``mla`` case is not taken."""
+        d, dv = case.head_dim, getattr(case, "dv", case.head_dim)
+        if dv == d or "mla" not in self.features:
+            return []
+        if self.head_dims_v:
+            if any(lo <= d <= hi and vlo <= dv <= vhi
+                   for (lo, hi), (vlo, vhi) in self.head_dims_v):
+                return []
+            ranges = ", ".join(f"q/k {lo}-{hi} with v {vlo}-{vhi}"
+                               for (lo, hi), (vlo, vhi) in self.head_dims_v)
+            source = self.notes.get("head_dims_v", "")
+            return [f"(head_dim, head_dim_v)=({d}, {dv}) is not a pair {who} takes ({ranges})"
+                    + (f": {source}" if source else "")]
+        if self.head_dim_max and dv > self.head_dim_max:
+            return [f"head_dim_v={dv} > {self.head_dim_max}"]
+        return []
 
     def check_reasons(self, check: str, case: Case, who: str) -> list[str]:
         """Why a particular check cannot run for this case (beyond the case being unsupported):
@@ -91,8 +126,13 @@ class Capabilities:
         """Why the case's backward cannot be taken on ``who``; empty when it can."""
         if case.dtype.startswith("float8"):
             return ["fp8 attention is forward only (no family claims an fp8 backward)"]
+        if getattr(case, "kv_dtype", ""):
+            return ["an fp8 KV cache is inference: forward only"]
         if case.entry == "kvcache":
             return ["the kvcache entry point is forward-only"]
+        if case.layout in ("latent-kv", "padded"):
+            return [f"layout={case.layout!r} is posed forward only (the shared latent of "
+                    "absorbed MLA decode and padded varlen serve inference)"]
         if case.entry == "varlen" and case.paged_block_size:
             return ["a paged KV cache is forward-only (flash-attn's varlen backward takes no "
                     "block_table: csrc/flash_attn/flash_api.cpp, mha_varlen_bwd)"]
@@ -126,6 +166,20 @@ class Capabilities:
                                             for p in pairs):
                     raise _wrong_type(where, key, "a list of [feature, feature] pairs", value)
                 kwargs[key] = tuple(tuple(pair) for pair in pairs)
+            elif key == "finite_padding":
+                values = frozenset(_names(value, key, where))
+                bad = sorted(values - set(PADDING_REGIONS))
+                if bad:
+                    raise UsageError(f"{where}: capabilities['finite_padding'] has unknown "
+                                     f"regions {bad} (allowed: {', '.join(PADDING_REGIONS)})")
+                kwargs[key] = values
+            elif key == "head_dims_v":
+                try:
+                    kwargs[key] = tuple((tuple(map(int, qk)), tuple(map(int, v)))
+                                        for qk, v in value)
+                except (TypeError, ValueError):
+                    raise UsageError(f"{where}: capabilities['head_dims_v'] must be a list of "
+                                     "[[qk_lo, qk_hi], [v_lo, v_hi]] ranges") from None
             elif key == "notes":
                 if not isinstance(value, Mapping) or not all(
                         isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
@@ -207,6 +261,11 @@ class Backend:
         if case.entry not in self.capabilities.entries:
             return [f"{self.name} has no {case.entry} entry point"]
         return []
+
+    def returns_lse_for(self, case: Case) -> bool:
+        """Whether the forward returns the log-sum-exp for ``case``: the capabilities'
+        ``returns_lse``, unless a family's path for the case returns none (AITER's fp8 entry)."""
+        return self.capabilities.returns_lse
 
     def forward(self, inputs: Inputs, *, deterministic: bool = True) -> Outputs:
         """Run the kernel on ``inputs``; differentiable when the backend has a backward."""

@@ -23,6 +23,7 @@ from harness.backends.module import (
     take_return,
 )
 from harness.case import FP8_DTYPES, Case
+from harness.vocab import OPT_IN_FEATURES
 
 #: every feature but lastdim-strided (base.DEFAULT_FEATURES: the API copies such tensors)
 ALL = frozenset(DEFAULT_FEATURES)
@@ -41,6 +42,31 @@ CONVENTION = Convention(
 
 _NO_DROPOUT = "flash-attn3 has no dropout (hopper/flash_attn_interface.py takes no dropout_p)"
 _NO_ALIBI = "flash-attn3 has no ALiBi (hopper/flash_attn_interface.py takes no alibi_slopes)"
+#: FA3's value head dims (hopper/flash_api.cpp @ 0251105a, l.782-787): "(head_size > 128 &&
+#: head_size <= 192 && head_size_v > 96 && head_size_v <= 128) || (head_size <= 64 &&
+#: head_size_v <= 512)", and "Only Hopper supports different V headdim".
+FA3_HEAD_DIMS_V = (((129, 192), (97, 128)), ((1, 64), (1, 512)))
+#: The input dtypes FA3 takes (hopper/flash_api.cpp @ 0251105a, mha_fwd l.715-720): "FlashAttention
+#: only supports fp16, bf16, and fp8_e4m3 data type" (float8_e4m3fn; no e4m3fnuz, no e5m2, no
+#: float32), fp8 on Hopper only ("FlashAttention on Ampere/Ada cards only supports fp16 and bf16
+#: data type"), k and v in q's dtype.
+FA3_DTYPES = FP16 | {"float8_e4m3fn"}
+_FA3_DTYPE_WORDS = ("FA3 takes fp16, bf16 and float8_e4m3fn only: \"FlashAttention only supports "
+                    "fp16, bf16, and fp8_e4m3 data type\" (hopper/flash_api.cpp, mha_fwd)")
+_DTYPE_NOTES = {f"dtype:{d}": _FA3_DTYPE_WORDS
+                for d in ("float32", "float8_e4m3fnuz", "float8_e5m2")}
+#: hopper/flash_api.cpp (l.787-790): "HeaddimV > 256 requires fp16 and bf16 data type".
+FA3_FP8_HEAD_DIM_V_MAX = 256
+_ISSUE26_NOTES = {
+    "head_dims_v": "hopper/flash_api.cpp (l.782-787): q/k in (128, 192] with v in (96, 128], "
+                   "or q/k <= 64 with v <= 512; Hopper only",
+    "sink": "Dao-AILab's hopper/flash_attn_interface.py takes no learnable sink (vLLM's fork "
+            "adds one)",
+    "sink-tokens": "hopper/flash_attn_interface.py dropped sink_token_length (commit 5458c78e, "
+                   "\"Remove sink token\")",
+    "fp8-kv": "FA3 takes q, k and v of one dtype: \"query and key must have the same dtype\" "
+              "(hopper/flash_api.cpp), so no fp8 KV cache with 16-bit queries",
+}
 
 #: What each flavor claims, with sources.
 FLAVOR_CAPABILITIES: dict[str, Capabilities] = {
@@ -49,11 +75,15 @@ FLAVOR_CAPABILITIES: dict[str, Capabilities] = {
     # hdim 64..256). The varlen function takes no page_table: paged varlen is not posed.
     # fp8 forward: float8_e4m3fn with float32 descales (hopper/test_flash_attn.py); fp8 cases
     # are forward-only, judged by harness/fp8.py.
+    # Issue 26: a value head dim of its own (FA3_HEAD_DIMS_V), v as a view of k, and padded
+    # varlen through seqused_q/seqused_k.
     "cuda": Capabilities(
-        dtypes=FP16 | {"float8_e4m3fn"}, head_dim_max=256,
-        features=ALL - {"dropout", "alibi", "alibi-per-batch"},
+        dtypes=FA3_DTYPES, head_dim_max=256,
+        features=ALL - {"dropout", "alibi", "alibi-per-batch"} | {"mla", "latent-kv", "padded"},
         entries=frozenset({"dense", "varlen", "kvcache"}), returns_lse=True,
-        notes={"dropout": _NO_DROPOUT, "alibi": _NO_ALIBI, "alibi-per-batch": _NO_ALIBI},
+        head_dims_v=FA3_HEAD_DIMS_V,
+        notes={"dropout": _NO_DROPOUT, "alibi": _NO_ALIBI, "alibi-per-batch": _NO_ALIBI,
+               **_ISSUE26_NOTES, **_DTYPE_NOTES},
     ),
     # On ROCm, flash-attention's hopper/flash_attn_interface.py routes to AITER's Triton kernels
     # (ROCm/aiter, aiter/ops/triton/), which refuse softcap and num_splits > 1.
@@ -67,12 +97,18 @@ FLAVOR_CAPABILITIES: dict[str, Capabilities] = {
                "splits": "num_splits > 1 is refused by AITER's Triton FA3 path on ROCm "
                          "(ROCm/aiter aiter/ops/triton/)"},
     ),
-    # flash-attn3@TARGET: what the API can express, fp8 formats included (the module narrows).
+    # flash-attn3@TARGET: what the API can express, in the dtypes the real kernel takes
+    # (FA3_DTYPES: fp16, bf16, float8_e4m3fn; the module narrows). Issue 26's problems are
+    # posed to a module whose functions take their keywords (FEATURE_KEYWORDS: learnable_sink,
+    # sink_token_length, seqused_q), but not an fp8 cache under 16-bit queries, which FA3
+    # refuses although it takes k_descale ("query and key must have the same dtype").
     "module": Capabilities(
-        dtypes=frozenset({"float16", "bfloat16", "float32", *FP8_DTYPES}),
-        features=ALL - {"dropout", "alibi", "alibi-per-batch"},
+        dtypes=FA3_DTYPES,
+        features=ALL - {"dropout", "alibi", "alibi-per-batch"}
+        | (set(OPT_IN_FEATURES) - {"fp8-kv"}),
         entries=frozenset({"dense", "varlen", "kvcache"}), returns_lse=True,
-        notes={"dropout": _NO_DROPOUT, "alibi": _NO_ALIBI, "alibi-per-batch": _NO_ALIBI},
+        notes={"dropout": _NO_DROPOUT, "alibi": _NO_ALIBI, "alibi-per-batch": _NO_ALIBI,
+               "fp8-kv": _ISSUE26_NOTES["fp8-kv"], **_DTYPE_NOTES},
     ),
 }
 
@@ -128,14 +164,20 @@ class FlashAttn3Backend(ModuleBackend):
         if self.flavor == "cuda" and target.vendor == "nvidia" and target.arch != "sm_90":
             reasons.insert(0, f"{target.arch} is not Hopper (sm_90), which flash-attn3 needs "
                               "(hopper/README.md)")
+        if case.dtype in FP8_DTYPES and case.dv > FA3_FP8_HEAD_DIM_V_MAX:
+            reasons.append(f"head_dim_v={case.dv} with dtype={case.dtype}: \"HeaddimV > 256 "
+                           "requires fp16 and bf16 data type\" (hopper/flash_api.cpp, mha_fwd)")
         return list(dict.fromkeys(reasons))
 
     def forward(self, inputs, *, deterministic: bool = True):
         from harness.exact.outputs import Outputs
 
         case = inputs.case
+        from harness.backends.flash_attn import issue26_arguments
+
         common: dict[str, Any] = {"softmax_scale": case.scale, "causal": case.causal,
-                                  "window_size": case.window, "softcap": case.softcap}
+                                  "window_size": case.window, "softcap": case.softcap,
+                                  **issue26_arguments(inputs)}
         for name in ("q_descale", "k_descale", "v_descale"):  # fp8 cases (issue 14)
             if inputs_value(inputs, name) is not None:
                 common[name] = inputs_value(inputs, name)

@@ -1,10 +1,11 @@
 """The families: API conventions a kernel can be tested through, and where each usually lives.
 
-A family is a name (``flash-attn``, ``flash-attn3``, ``aiter``, ``vllm-flash-attn``, ``xformers``,
-``flex-attention``, ``sdpa``), the module it imports by default, a backend class that speaks its
-call convention (see each class's module for the convention and its capabilities, with sources),
-and the facts it adds to the machine fingerprint. Nothing here imports torch or a kernel package
-at module level: the registry is read by the CLI's argument parsing and the pytest plugin.
+A family is a name (``flash-attn``, ``flash-attn3``, ``flash-attn4``, ``aiter``,
+``flashinfer``, ``vllm-flash-attn``, ``xformers``, ``flex-attention``, ``sdpa``), the module it
+imports by default, a backend class that speaks its call convention (see each class's module
+for the convention and its capabilities, with sources), and the facts it adds to the machine
+fingerprint. Nothing here imports torch or a kernel package at module level: the registry is
+read by the CLI's argument parsing and the pytest plugin.
 """
 
 from __future__ import annotations
@@ -70,9 +71,16 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("flash-attn3", "flash_attn_interface", _B + "fa3:FlashAttn3Backend",
            "flash-attn 3 (hopper/ flash_attn_interface): no dropout, no ALiBi; page_table",
            facts=_B + "fa3:machine_facts"),
+    Family("flash-attn4", "flash_attn.cute", _B + "fa4:FlashAttn4Backend",
+           "FlashAttention-4 (flash_attn.cute, PyPI flash-attn-4): learnable_sink, page_table, "
+           "seqused_q/k, qv (absorbed MLA); claims per architecture sm80-sm120",
+           facts=_B + "fa4:machine_facts"),
     Family("aiter", "aiter", _B + "aiter_fa:AiterBackend",
            "AITER's flash_attn_func / flash_attn_varlen_func (ROCm gfx942, gfx950)",
            facts=_B + "aiter_fa:machine_facts"),
+    Family("flashinfer", "flashinfer", _B + "flashinfer:FlashInferBackend",
+           "FlashInfer: single prefill/decode and paged batch wrappers (lse base 2, NHD/HND); "
+           "the ROCm port as flavor rocm", facts=_B + "flashinfer:machine_facts"),
     Family("vllm-flash-attn", "vllm.vllm_flash_attn", _B + "vllm_fa:VllmFlashAttnBackend",
            "vLLM's flash-attention fork: varlen (max_seqlen_q first, seqused_k) and kv-cache",
            facts=_B + "vllm_fa:machine_facts"),

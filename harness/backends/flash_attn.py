@@ -43,6 +43,7 @@ from harness.backends.module import (
 )
 from harness.case import Case
 from harness.errors import UsageError
+from harness.vocab import OPT_IN_FEATURES
 
 #: every feature but lastdim-strided (base.DEFAULT_FEATURES: the API copies such tensors)
 ALL = frozenset(DEFAULT_FEATURES)
@@ -72,48 +73,116 @@ _TRITON_LIMITS = {
                               "to the kernels (flash_attn_triton_amd, 2.7/2.8)",
 }
 
+#: Combinations the CUDA original refuses, in its own words (TORCH_CHECKs, so a RuntimeError:
+#: csrc/flash_attn/flash_api.cpp @ v2.8.3, mha_fwd l.397 and mha_fwd_kvcache l.1247, l.1396).
+#: A module imitating flash-attn is asked the same (``--audit`` still runs them).
+CUDA_EXCLUSIVE = (("softcap", "dropout"), ("paged", "batch-idx"), ("paged", "leftpad"))
+CUDA_REFUSALS = {
+    "softcap+dropout": "\"Softcapping does not support dropout for now\" (flash-attn "
+                       "csrc/flash_attn/flash_api.cpp v2.8.3, mha_fwd l.397)",
+    "paged+batch-idx": "\"Paged KVcache does not support cache_batch_idx\" (flash-attn "
+                       "csrc/flash_attn/flash_api.cpp v2.8.3, mha_fwd_kvcache l.1247)",
+    "paged+leftpad": "\"We don't support Paged KV and leftpad_k running at the same time yet\" "
+                     "(flash-attn csrc/flash_attn/flash_api.cpp v2.8.3, mha_fwd_kvcache l.1396)",
+}
+#: The CK build's (ROCm/flash-attention @ b3ae4966, the same in Dao-AILab's csrc/flash_attn_ck):
+#: paged with cache_batch_idx refused (mha_fwd_kvcache.cpp l.308), paged varlen with dropout
+#: refused (mha_varlen_fwd.cpp); cache_leftpad is a commented-out parameter (l.279), so it is
+#: accepted and ignored: not refused with a paged cache as the CUDA build does, not honoured.
+CK_EXCLUSIVE = (("paged", "batch-idx"), ("paged", "dropout"))
+CK_REFUSALS = {
+    "paged+batch-idx": "\"Paged KVcache does not support cache_batch_idx\" (ROCm/flash-attention "
+                       "csrc/flash_attn_ck/mha_fwd_kvcache.cpp l.308)",
+    "paged+dropout": "\"Paged KV does not support dropout\" (ROCm/flash-attention "
+                     "csrc/flash_attn_ck/mha_varlen_fwd.cpp)",
+    "leftpad": "cache_leftpad is accepted and silently ignored by rocm-ck (leftpad_k is a "
+               "commented-out parameter of mha_fwd_kvcache: csrc/flash_attn_ck/"
+               "mha_fwd_kvcache.cpp l.279)",
+}
+#: AITER's Triton FA2 interface, which current upstream's Triton flavor is
+#: (aiter/ops/triton/_triton_kernels/flash_attn_triton_amd/interface_v2.py @ e4048607):
+#: fwd_kvcache raises on num_splits > 1 and prints cache_leftpad only under DEBUG (Dao #1788).
+AITER_TRITON_REFUSALS = {
+    "softcap": "NotImplementedError(\"softcap is not supported in the AMD Triton FA2 interface "
+               "(expected 0.0).\") (ROCm/aiter flash_attn_triton_amd/interface_v2.py fwd)",
+    "splits": "NotImplementedError(\"num_splits > 1 not supported in AMD Triton FA2 "
+              "fwd_kvcache.\") (ROCm/aiter flash_attn_triton_amd/interface_v2.py)",
+    "leftpad": "cache_leftpad is accepted and silently ignored by rocm-triton-aiter (fwd_kvcache "
+               "only prints it under DEBUG: ROCm/aiter flash_attn_triton_amd/interface_v2.py; "
+               "Dao-AILab/flash-attention #1788)",
+}
+
+#: Issue 26's problems in flash-attn 2: refused by every build (v2.8.3), each with its source.
+ISSUE26_NOTES = {
+    "mla": "flash-attn 2 takes one head dim for q, k and v: csrc/flash_attn/flash_api.cpp "
+           "(v2.8.3) CHECK_SHAPE(v, batch_size, seqlen_k, num_heads_k, head_size), CK "
+           "csrc/flash_attn_ck/mha_fwd.cpp the same (vLLM pads v to the qk head dim for it: "
+           "vllm/v1/attention/backends/mla/common.py)",
+    "sink": "flash-attn 2's API takes no learnable sink (flash_attn/flash_attn_interface.py "
+            "v2.8.3; FA4's flash_attn.cute takes learnable_sink)",
+    "sink-tokens": "flash-attn 2's window_size has no sink element (flash_attn_interface.py "
+                   "v2.8.3)",
+    "fp8-kv": "flash-attn 2 takes fp16/bf16 only, k and v in q's dtype: \"FlashAttention only "
+              "support fp16 and bf16 data type\", \"query and key must have the same dtype\" "
+              "(csrc/flash_attn/flash_api.cpp v2.8.3)",
+    "padded": "flash_attn_varlen_func takes no seqused_q/seqused_k (flash_attn_interface.py "
+              "v2.8.3): a padded varlen layout cannot be described to it",
+}
+
 #: What each flavor claims, with the public source of every restriction.
 FLAVOR_CAPABILITIES: dict[str, Capabilities] = {
     # flash_attn/flash_attn_interface.py and csrc/flash_attn/flash_api.cpp (Dao-AILab 2.8):
     # fp16/bf16, head_dim <= 256, softcap excludes dropout, paged blocks divisible by 256.
     "cuda": Capabilities(
         dtypes=FP16, head_dim_max=256, features=ALL, entries=ENTRIES, paged_block_multiple=256,
-        exclusive=(("softcap", "dropout"), ("paged", "batch-idx"), ("paged", "leftpad")),
-        returns_lse=True,  # mha_fwd_kvcache refuses paged caches with batch-idx or leftpad
+        exclusive=CUDA_EXCLUSIVE,  # in the original's words: CUDA_REFUSALS
+        returns_lse=True,
         # called with deterministic=True, which flash-attn's own tests hold to bitwise repeats
-        deterministic_backward=True,
+        deterministic_backward=True, notes={**ISSUE26_NOTES, **CUDA_REFUSALS},
     ),
     # ROCm/flash-attention, csrc/flash_attn_ck/mha_fwd.cpp: the softcap argument is commented
-    # out, so it is accepted and ignored; paged KV needs blocks divisible by 128.
+    # out, so it is accepted and ignored, and so is mha_fwd_kvcache's leftpad_k; paged KV needs
+    # blocks divisible by 128 (CK_REFUSALS).
     "rocm-ck": Capabilities(
-        dtypes=FP16, head_dim_max=256, features=ALL - {"softcap"}, entries=ENTRIES,
-        paged_block_multiple=128, returns_lse=True, deterministic_backward=True,
+        dtypes=FP16, head_dim_max=256, features=ALL - {"softcap", "leftpad"}, entries=ENTRIES,
+        paged_block_multiple=128, exclusive=CK_EXCLUSIVE, returns_lse=True,
+        deterministic_backward=True,
         notes={"softcap": "softcap is accepted and silently ignored by rocm-ck "
-                          "(csrc/flash_attn_ck/mha_fwd.cpp)"},
+                          "(csrc/flash_attn_ck/mha_fwd.cpp)", **ISSUE26_NOTES, **CK_REFUSALS},
     ),
     # ROCm/flash-attention, flash_attn/flash_attn_triton_amd (2.7/2.8 era): window_size, softcap,
     # deterministic and block_table are accepted but not passed to the kernels.
     "rocm-triton": Capabilities(
         dtypes=FLOATS, head_dim_max=256,
         features=ALL - {"window", "softcap", "paged"}, entries=ENTRIES, returns_lse=True,
-        deterministic_backward=False, notes=dict(_TRITON_LIMITS),
+        deterministic_backward=False, notes={**_TRITON_LIMITS, **ISSUE26_NOTES},
     ),
     # Dao-AILab PR #2230 moved the Triton AMD backend to ROCm/aiter
     # (aiter/ops/triton/_triton_kernels/flash_attn_triton_amd). Its limits are carried over from
     # the in-tree backend it was moved from until a run on an AMD GPU measures them (--audit).
+    # Read since in AITER's interface_v2.py (AITER_TRITON_REFUSALS): softcap and num_splits > 1
+    # raise, cache_leftpad is ignored.
     "rocm-triton-aiter": Capabilities(
         dtypes=FLOATS, head_dim_max=256,
-        features=ALL - {"window", "softcap", "paged"}, entries=ENTRIES, returns_lse=True,
-        deterministic_backward=False,
-        notes={k: v.replace("rocm-triton (flash_attn_triton_amd, 2.7/2.8)",
-                            "rocm-triton-aiter (carried over from flash_attn_triton_amd 2.8; "
-                            "unmeasured)")
-               for k, v in _TRITON_LIMITS.items()},
+        features=ALL - {"window", "softcap", "paged", "splits", "leftpad"}, entries=ENTRIES,
+        returns_lse=True, deterministic_backward=False,
+        notes={**{k: v.replace("rocm-triton (flash_attn_triton_amd, 2.7/2.8)",
+                               "rocm-triton-aiter (carried over from flash_attn_triton_amd "
+                               "2.8; unmeasured)")
+                  for k, v in _TRITON_LIMITS.items()}, **ISSUE26_NOTES,
+               **AITER_TRITON_REFUSALS},
     ),
     # flash-attn@TARGET: what the API can express (flash_attn_interface.py signatures); the
-    # module narrows it with ATTN_HARNESS_CAPABILITIES.
-    "module": Capabilities(dtypes=FLOATS, head_dim_max=0, features=ALL, entries=ENTRIES,
-                           returns_lse=True, deterministic_backward=True),
+    # module narrows it with ATTN_HARNESS_CAPABILITIES. Issue 26's problems are posed to a
+    # module whose functions take the keywords later releases and forks use for them
+    # (FEATURE_KEYWORDS): learnable_sink (FA4), sink_token_length (FA3 before 5458c78e and
+    # flash_attn/utils/testing.py), k_descale/v_descale (FA3), seqused_q/seqused_k (FA3, FA4);
+    # a head_dim_v of its own and v as a view of k need no keyword. The combinations the
+    # original refuses (CUDA_REFUSALS) are not asked of a module either: a real flash-attn
+    # given as flash-attn@flash_attn.flash_attn_interface raises there.
+    "module": Capabilities(dtypes=FLOATS, head_dim_max=0, features=ALL | set(OPT_IN_FEATURES),
+                           entries=ENTRIES, exclusive=CUDA_EXCLUSIVE, returns_lse=True,
+                           deterministic_backward=True, notes=dict(CUDA_REFUSALS)),
 }
 
 
@@ -282,7 +351,32 @@ FEATURE_KEYWORDS = {
     "leftpad": {"kvcache": ("cache_leftpad",)},
     "batch-idx": {"kvcache": ("cache_batch_idx",)},
     "splits": {"kvcache": ("num_splits",)},
+    "sink": {"*": ("learnable_sink",)},
+    "sink-tokens": {"*": ("sink_token_length",)},
+    "fp8-kv": {"*": ("k_descale",)},
+    "padded": {"varlen": ("seqused_q",)},
 }
+
+
+def issue26_arguments(inputs) -> dict[str, Any]:
+    """The keywords of issue 26's problems, for the functions that take them (the callers keep
+    those the function accepts): the learnable sink (FA4's ``learnable_sink``), sink tokens
+    (``sink_token_length``), the descales of an fp8 KV cache (FA3's ``k_descale``/``v_descale``,
+    ``(batch, heads_kv)`` float32) and a padded varlen layout's lengths (``seqused_q``,
+    ``seqused_k``). Only what the case poses is returned."""
+    case = inputs.case
+    out: dict[str, Any] = {}
+    if getattr(case, "learnable_sink", False):
+        out["learnable_sink"] = inputs_value(inputs, "learnable_sink")
+    if getattr(case, "sink_tokens", 0):
+        out["sink_token_length"] = case.sink_tokens
+    if getattr(case, "kv_dtype", ""):
+        out["k_descale"] = inputs_value(inputs, "k_descale")
+        out["v_descale"] = inputs_value(inputs, "v_descale")
+    if case.entry == "varlen" and case.layout == "padded":
+        out["seqused_q"] = inputs_value(inputs, "seqused_q")
+        out["seqused_k"] = inputs_value(inputs, "seqused_k")
+    return out
 
 
 class FlashAttnBackend(ModuleBackend):
@@ -390,6 +484,7 @@ class FlashAttnBackend(ModuleBackend):
             "window_size": case.window,
             "softcap": case.softcap,
             "alibi_slopes": inputs.alibi_slopes,
+            **issue26_arguments(inputs),
         }
         if case.entry == "kvcache":
             return self._kvcache(inputs, common)
@@ -497,7 +592,8 @@ def varlen_lse_layout(lse, case: Case):
     (``FLASH_ATTENTION_TRITON_AMD_REF=1``, flash-attn 2.8.3) returns ``(total_q, heads_q)``.
     Only that exact transposition is undone; any other shape is left for the judge to reject.
     """
-    if (lse is not None and lse.dim() == 2 and case.total_q != case.heads_q
-            and tuple(lse.shape) == (case.total_q, case.heads_q)):
+    rows = case.rows_q  # padding rows of a padded layout included
+    if (lse is not None and lse.dim() == 2 and rows != case.heads_q
+            and tuple(lse.shape) == (rows, case.heads_q)):
         return lse.t()
     return lse

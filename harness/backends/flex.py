@@ -46,8 +46,11 @@ CONVENTION = Convention(
     source="pytorch/pytorch torch/nn/attention/flex_attention.py",
 )
 
+#: Issue 26: a value head dim of its own (flex_attention takes value (B, Hkv, S, Ev)), v as a
+#: view of k, and sink tokens in the mask_mod; a learnable sink has no parameter.
 _FEATURES = frozenset({"causal", "window", "softcap", "alibi", "alibi-per-batch", "gqa",
-                       "scale", "strided", "seqlen_q>seqlen_k", "packed", "v-transposed"})
+                       "scale", "strided", "seqlen_q>seqlen_k", "packed", "v-transposed",
+                       "mla", "latent-kv", "sink-tokens"})
 _CPU_REASON = ("torch.compile on CPU only supports inference and `return_lse` is not supported "
                "yet (torch/_inductor/kernel/flex/flex_cpu.py)")
 
@@ -58,7 +61,9 @@ FLAVOR_CAPABILITIES: dict[str, Capabilities] = {
         dtypes=frozenset({"float16", "bfloat16", "float32"}), features=_FEATURES,
         entries=frozenset({"dense", "varlen"}), backward=True, returns_lse=True,
         notes={"dropout": "flex_attention has no dropout",
-               "paged": "the flex-attention adapter poses no paged KV cache"},
+               "paged": "the flex-attention adapter poses no paged KV cache",
+               "sink": "flex_attention has no learnable sink (score_mod cannot add a logit to "
+                       "the denominator)"},
     ),
 }
 FLAVOR_CAPABILITIES["cpu"] = replace(
@@ -149,7 +154,7 @@ class FlexAttentionBackend(ModuleBackend):
     def _mods(self, case: Case, slopes, device) -> tuple[Any, Any]:
         """``(score_mod, block_mask)`` for ``case``, cached so compiled graphs are reused."""
         key = (case.entry, case.batch, case.seqlen_q, case.seqlen_k, case.seqlens_q,
-               case.seqlens_k, case.mask_window, case.softcap,
+               case.seqlens_k, case.mask_window, case.sink_tokens, case.softcap,
                None if slopes is None else tuple(slopes.flatten().tolist()), str(device))
         if key not in self._masks:
             if len(self._masks) >= MASK_CACHE_SIZE:  # oldest first: exploration draws many
@@ -254,7 +259,8 @@ def build_mods(module: Any, case: Case, slopes, device) -> tuple[Any, Any]:
     """flash-attn's semantics as flex's ``score_mod`` and block mask.
 
     Query ``i`` of a sequence with ``sq`` queries and ``sk`` keys sees key ``j`` when
-    ``-right <= i + sk - sq - j <= left`` (``case.mask_window``, ``-1`` = unbounded); softcap is
+    ``-right <= i + sk - sq - j <= left`` (``case.mask_window``, ``-1`` = unbounded), the left
+    bound sparing the sink tokens ``j < case.sink_tokens`` (harness.exact.scores); softcap is
     ``c * tanh(s / c)``, then ALiBi subtracts ``slope * |i + sk - sq - j|``. Varlen sequences are
     told apart by document ids over the packed tokens.
     """
@@ -279,7 +285,9 @@ def build_mods(module: Any, case: Case, slopes, device) -> tuple[Any, Any]:
     offset = tensor(lens_k) - tensor(lens_q)
     dense_offset = tensor(case.seqlen_k - case.seqlen_q)
     left_t, right_t = tensor(left), tensor(right)
+    sink_t = tensor(case.sink_tokens)
     bounded_left, bounded_right = left >= 0, right >= 0
+    sinks = bool(case.sink_tokens)
 
     def rel(q_idx, kv_idx):
         if not varlen:
@@ -295,7 +303,11 @@ def build_mods(module: Any, case: Case, slopes, device) -> tuple[Any, Any]:
         if bounded_right:
             ok = ok & (d >= -right_t)
         if bounded_left:
-            ok = ok & (d <= left_t)
+            if sinks:  # sink tokens: spared the left bound only
+                key = kv_idx - start_k[doc_k[kv_idx]] if varlen else kv_idx
+                ok = ok & ((d <= left_t) | (key < sink_t))
+            else:
+                ok = ok & (d <= left_t)
         return ok
 
     capped = case.softcap > 0

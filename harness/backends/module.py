@@ -173,6 +173,10 @@ def narrow(base: Capabilities, declared: Capabilities | Mapping[str, Any] | None
             changes[name] = getattr(base, name) and getattr(declared, name)
     if "exclusive" in given:
         changes["exclusive"] = tuple(dict.fromkeys(base.exclusive + declared.exclusive))
+    if "head_dims_v" in given and declared.head_dims_v:
+        changes["head_dims_v"] = declared.head_dims_v
+    if "finite_padding" in given:  # asking for finite padding takes NaN away there
+        changes["finite_padding"] = base.finite_padding | declared.finite_padding
     notes = dict(base.notes)
     for feature in changes.get("features", base.features) ^ base.features:
         notes[feature] = f"{feature} is not claimed by {who} ({CAPABILITIES_ATTR})"

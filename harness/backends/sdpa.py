@@ -17,7 +17,7 @@ from dataclasses import replace
 
 from harness.backends.base import Backend, Capabilities, Unsupported
 from harness.case import Case
-from harness.vocab import FEATURES
+from harness.vocab import FEATURES, OPT_IN_FEATURES
 
 KERNELS = {
     "sdpa-math": "MATH",
@@ -33,12 +33,23 @@ _NONDETERMINISTIC_BWD = ("torch's GPU SDPA kernels take no deterministic flag; t
 _FUSED_LASTDIM = ("torch's fused SDPA kernels require the last dimension to have stride 1 "
                   "(only sdpa-math takes lastdim-strided)")
 _NO_MASK_CUDA = "{name} takes no attn_mask on GPUs, so {feature} cannot be expressed"
+#: Of issue 26's problems SDPA poses a value head dim of its own ("value: (N, ..., S, Ev)",
+#: torch.nn.functional.scaled_dot_product_attention's docstring), v as a view of k, and sink
+#: tokens (in the explicit bottom-right attn_mask); a learnable sink has no parameter, fp8 and
+#: padded varlen no entry point.
+_ISSUE26 = {"mla", "latent-kv", "sink-tokens"}
+_NO_SINK = "SDPA has no learnable sink (no parameter adds a logit to the softmax denominator)"
+_NO_FP8 = "SDPA takes no fp8 KV cache (q, k and v of one dtype)"
+_FLASH_SAME_DIM = ("torch refuses it: \"Flash attention requires q,k,v to have the same last "
+                   "dimension\" (aten/src/ATen/native/transformers, check_head_dim_size_flash)")
 
 
 def _base_caps(**changes) -> Capabilities:
-    features = frozenset(FEATURES) - {"softcap", "paged"}
+    features = (frozenset(FEATURES) - {"softcap", "paged"} - frozenset(OPT_IN_FEATURES)
+                | _ISSUE26)
     caps = Capabilities(features=features, entries=frozenset({"dense"}),
-                        notes={"softcap": _NO_SOFTCAP, "paged": _NO_PAGED})
+                        notes={"softcap": _NO_SOFTCAP, "paged": _NO_PAGED, "sink": _NO_SINK,
+                               "fp8-kv": _NO_FP8})
     return replace(caps, **changes)
 
 
@@ -126,6 +137,12 @@ class SdpaBackend(Backend):
         # torch: "All fused kernels require the last dimension of the input to have stride 1"
         caps = replace(caps, features=caps.features - {"lastdim-strided"},
                        notes={**caps.notes, "lastdim-strided": _FUSED_LASTDIM})
+        # torch's flash kernels (CPU and GPU) refuse a value head dim of its own: "Flash
+        # attention requires q,k,v to have the same last dimension" (sdp_utils).
+        if self.name == "sdpa-flash":
+            caps = replace(caps, features=caps.features - {"mla", "latent-kv"},
+                           notes={**caps.notes, "mla": _FLASH_SAME_DIM,
+                                  "latent-kv": _FLASH_SAME_DIM})
         if self.device_type == "cpu":
             if self.name == "sdpa-flash":
                 return replace(caps, features=caps.features - {"dropout"},
@@ -137,9 +154,9 @@ class SdpaBackend(Backend):
                        notes={**caps.notes, "deterministic_backward": _NONDETERMINISTIC_BWD})
         if self.name == "sdpa-flash":
             notes = {**caps.notes, **{f: _NO_MASK_CUDA.format(name=self.name, feature=f)
-                                      for f in ("window", "alibi")}}
+                                      for f in ("window", "alibi", "sink-tokens")}}
             return replace(caps, dtypes=fp16, head_dim_max=256, notes=notes,
-                           features=caps.features - {"window", "alibi"})
+                           features=caps.features - {"window", "alibi", "sink-tokens"})
         if self.name == "sdpa-efficient":
             return replace(caps, features=caps.features - {"gqa"},
                            notes={**caps.notes, "gqa": "sdpa-efficient has no GQA (enable_gqa)"})
@@ -190,7 +207,8 @@ class SdpaBackend(Backend):
         if case.heads_kv != case.heads_q:
             kwargs["enable_gqa"] = True
         mask = None
-        simple_causal = case.mask_window == (-1, 0) and case.seqlen_q == case.seqlen_k
+        simple_causal = (case.mask_window == (-1, 0) and case.seqlen_q == case.seqlen_k
+                         and not case.sink_tokens)
         if case.alibi or (case.has_mask and not simple_causal):
             mask = attn_mask(case, inputs.alibi_slopes, q.dtype, q.device)
         elif simple_causal:
@@ -218,7 +236,7 @@ class SdpaBackend(Backend):
 
 
 def attn_mask(case: Case, slopes, dtype, device):
-    """The bottom-right aligned mask as SDPA wants it.
+    """The bottom-right aligned mask as SDPA wants it, sink tokens included.
 
     Boolean ``(seqlen_q, seqlen_k)`` (True = attend) without ALiBi; with ALiBi an additive
     ``(1, heads_q, seqlen_q, seqlen_k)`` bias holding ``-slope * |i + sk - sq - j|`` where visible
@@ -233,8 +251,8 @@ def attn_mask(case: Case, slopes, dtype, device):
     rel = i + (sk - sq) - j
     visible = torch.ones(sq, sk, dtype=torch.bool, device=device)
     left, right = case.mask_window
-    if left >= 0:
-        visible &= rel <= left
+    if left >= 0:  # sink tokens are spared the left bound, never the right one
+        visible &= (rel <= left) | (j < case.sink_tokens)
     if right >= 0:
         visible &= -rel <= right
     if not case.alibi:

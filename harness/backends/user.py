@@ -15,6 +15,14 @@ Keyword arguments the function does not accept are not passed; a case that needs
 is skipped with that reason. A ``capabilities`` attribute (a dict with the fields of
 :class:`~harness.backends.base.Capabilities`) narrows what it is asked to do; an ``out``
 parameter, if present, receives a NaN-poisoned buffer so unwritten elements cannot pass.
+
+Issue 26's problems are asked of a function whose signature names their keyword (not through
+``**kwargs``): ``learnable_sink`` (FA4's name: float32 ``(heads_q,)`` sink logits),
+``sink_token_length`` (sink tokens kept besides the window) and ``k_descale`` (an fp8 KV cache:
+k and v arrive in fp8 with ``k_descale``/``v_descale`` of shape ``(batch, heads_kv)``, as FA3
+takes them). A value head dim of its own (``mla``, v ``(batch, seqlen_k, heads_kv,
+head_dim_v)``) and v as a view of k (``latent-kv``) need a ``capabilities`` declaration.
+fp8 cases pass ``q_descale``/``k_descale``/``v_descale`` to a function that takes them.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import importlib.util
 import inspect
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +49,14 @@ PARAMETER_FEATURES = {
     "window_size": "window",
     "softcap": "softcap",
     "alibi_slopes": "alibi",
+    "learnable_sink": "sink",
+    "sink_token_length": "sink-tokens",
+    "k_descale": "fp8-kv",
 }
+#: Issue 26's keywords: a function whose signature names one is asked the problem it poses
+#: (without a ``capabilities`` declaration; with one, the declaration decides).
+SIGNATURE_FEATURES = {"learnable_sink": "sink", "sink_token_length": "sink-tokens",
+                      "k_descale": "fp8-kv"}
 
 
 def is_file_spec(spec: str) -> bool:
@@ -100,15 +116,6 @@ class FunctionBackend(Backend):
         self.version = version
         self.flavor = getattr(func, "flavor", "") or ""
         declared = getattr(func, "capabilities", None)
-        if isinstance(declared, Capabilities):
-            self.capabilities = declared
-        elif isinstance(declared, Mapping):
-            self.capabilities = Capabilities.from_mapping(declared, f"{name}.capabilities")
-        elif declared is None:
-            self.capabilities = Capabilities()
-        else:
-            raise UsageError(f"{name}.capabilities must be a dict of capability fields, "
-                             f"got {type(declared).__name__}")
         try:
             signature = inspect.signature(func)
         except (TypeError, ValueError):  # builtins without one: assume it takes everything
@@ -117,13 +124,22 @@ class FunctionBackend(Backend):
             self.params = set(signature.parameters)
             self.var_kw = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
             _require_qkv(name, func, signature)
+        if isinstance(declared, Capabilities):
+            self.capabilities = declared
+        elif isinstance(declared, Mapping):
+            self.capabilities = Capabilities.from_mapping(declared, f"{name}.capabilities")
+        elif declared is None:
+            named = {f for k, f in SIGNATURE_FEATURES.items() if k in self.params}
+            base = Capabilities()
+            self.capabilities = replace(base, features=base.features | named)
+        else:
+            raise UsageError(f"{name}.capabilities must be a dict of capability fields, "
+                             f"got {type(declared).__name__}")
         self.capabilities = self._narrowed(self.capabilities)
 
     def _narrowed(self, caps: Capabilities) -> Capabilities:
         """Features whose keyword the function does not take are not claimed either, so
         strategies never draw them and skips say why."""
-        from dataclasses import replace
-
         missing = {feature: self._missing_reason(keyword, feature)
                    for keyword, feature in PARAMETER_FEATURES.items()
                    if not self._accepts(keyword) and feature in caps.features}
@@ -161,6 +177,13 @@ class FunctionBackend(Backend):
             "alibi_slopes": inputs.alibi_slopes,
             "deterministic": deterministic,
         }
+        if getattr(case, "learnable_sink", False):
+            wanted["learnable_sink"] = inputs.learnable_sink
+        if getattr(case, "sink_tokens", 0):
+            wanted["sink_token_length"] = case.sink_tokens
+        for name in ("q_descale", "k_descale", "v_descale"):  # fp8 inputs and fp8 KV caches
+            if getattr(inputs, name, None) is not None:
+                wanted[name] = getattr(inputs, name)
         for keyword, value in wanted.items():
             if self._accepts(keyword):
                 kwargs[keyword] = value
@@ -168,8 +191,8 @@ class FunctionBackend(Backend):
         if lse_wanted:
             kwargs["return_attn_probs"] = True
         if "out" in self.params:
-            kwargs["out"] = torch.full(inputs.q.shape, float("nan"), dtype=inputs.q.dtype,
-                                       device=inputs.q.device)
+            kwargs["out"] = torch.full((*inputs.q.shape[:-1], case.dv), float("nan"),
+                                       dtype=inputs.q.dtype, device=inputs.q.device)
         result = self.func(inputs.q, inputs.k, inputs.v, **kwargs)
         # flash_attn_func's convention: `out if not return_softmax else (out, softmax_lse, S)`
         out, lse = take_return(result, self.name, "(out, softmax_lse, ...)" if lse_wanted

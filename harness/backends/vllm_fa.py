@@ -38,6 +38,23 @@ CONVENTION = Convention(
 
 _INFERENCE = ("vllm_flash_attn is built for inference: no backward and no dropout "
               "(vllm-project/flash-attention)")
+#: Issue 26's problems vLLM's fork is not asked: each with its source.
+_ISSUE26_NOTES = {
+    "mla": "vLLM pads v to the qk head dim before flash_attn_varlen_func \"for attention "
+           "backends that do not support different headdims\" (FA3 on Hopper and FA4 aside; "
+           "vllm/v1/attention/backends/mla/common.py)",
+    "fp8-kv": "with an fp8 KV cache vLLM quantises q to fp8 too for its flash-attn backend (one "
+              "dtype for q, k, v; docs features/quantization/quantized_kvcache)",
+    "padded": "vLLM's flash_attn_varlen_func takes seqused_k but no seqused_q "
+              "(vllm_flash_attn/flash_attn_interface.py)",
+}
+
+#: Combinations vLLM's fork refuses, in its words (vllm-project/flash-attention
+#: csrc/flash_attn/flash_api.cpp @ 04325b67, mha_fwd_kvcache; a TORCH_CHECK, so a RuntimeError).
+_EXCLUSIVE = (("paged", "batch-idx"),)
+_REFUSALS = {"paged+batch-idx": "\"Paged KVcache does not support cache_batch_idx\" "
+                                "(vllm-project/flash-attention csrc/flash_attn/flash_api.cpp, "
+                                "mha_fwd_kvcache)"}
 
 FLAVOR_CAPABILITIES: dict[str, Capabilities] = {
     # vllm-project/flash-attention csrc/flash_attn/flash_api.cpp: fp16/bf16, head_dim <= 256,
@@ -45,13 +62,14 @@ FLAVOR_CAPABILITIES: dict[str, Capabilities] = {
     "cuda": Capabilities(
         dtypes=frozenset({"float16", "bfloat16"}), head_dim_max=256,
         features=ALL - {"dropout"}, entries=frozenset({"varlen", "kvcache"}), backward=False,
-        paged_block_multiple=16, returns_lse=True,
-        notes={"dropout": _INFERENCE, "backward": _INFERENCE},
+        paged_block_multiple=16, exclusive=_EXCLUSIVE, returns_lse=True,
+        notes={"dropout": _INFERENCE, "backward": _INFERENCE, **_ISSUE26_NOTES, **_REFUSALS},
     ),
     "module": Capabilities(
         dtypes=frozenset({"float16", "bfloat16", "float32"}), features=ALL - {"dropout"},
-        entries=frozenset({"varlen", "kvcache"}), backward=False, returns_lse=True,
-        notes={"dropout": _INFERENCE, "backward": _INFERENCE},
+        entries=frozenset({"varlen", "kvcache"}), backward=False, exclusive=_EXCLUSIVE,
+        returns_lse=True,
+        notes={"dropout": _INFERENCE, "backward": _INFERENCE, **_ISSUE26_NOTES, **_REFUSALS},
     ),
 }
 

@@ -32,8 +32,12 @@ CONVENTION = Convention(
 MASKS = ("LowerTriangularFromBottomRightMask", "BlockDiagonalMask",
          "BlockDiagonalCausalFromBottomRightMask")
 
+#: Issue 26: v may have a head dim of its own ("value: [B, Mkv, H, Kv]",
+#: xformers/ops/fmha/__init__.py memory_efficient_attention), v may be a view of k, and sink
+#: tokens go into the tensor bias with the window.
 _FEATURES = frozenset({"causal", "window", "alibi", "gqa", "scale", "strided",
-                       "seqlen_q>seqlen_k", "packed", "v-transposed"})
+                       "seqlen_q>seqlen_k", "packed", "v-transposed", "mla", "latent-kv",
+                       "sink-tokens"})
 
 FLAVOR_CAPABILITIES: dict[str, Capabilities] = {
     # xformers/ops/fmha: fp16/bf16/fp32 (cutlass op), forward only here; no softcap parameter;

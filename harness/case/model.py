@@ -42,7 +42,7 @@ DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1,
                "float8_e4m3fnuz": 1, "float8_e5m2": 1}
 ENTRIES = ("dense", "varlen", "kvcache")
 LAYOUTS = ("contiguous", "strided", "packed-qkv", "packed-kv", "v-transposed", "dout-strided",
-           "lastdim-strided")
+           "lastdim-strided", "latent-kv", "padded")
 #: Value distributions (issue 12), each with the default of its ``value_scale`` parameter:
 #: scaled: q and k times the factor (flash-attn's test_flash_attn_bwd_overflow uses 3 and 5);
 #: key-bias: the score shift, +- t, of the offset all keys share with queries aligned with or
@@ -60,11 +60,29 @@ DTYPE_MAX = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38,
 LAYOUT_ENTRIES = {"packed-qkv": ("dense", "varlen"), "packed-kv": ("dense", "varlen"),
                   "v-transposed": ("dense", "varlen", "kvcache"),
                   "dout-strided": ("dense", "varlen"),
-                  "lastdim-strided": ("dense", "varlen", "kvcache")}
+                  "lastdim-strided": ("dense", "varlen", "kvcache"),
+                  "padded": ("varlen",)}
 #: layout -> the feature it turns on (Case.features, Capabilities.features).
 LAYOUT_FEATURES = {"strided": "strided", "packed-qkv": "packed", "packed-kv": "packed",
                    "v-transposed": "v-transposed", "dout-strided": "dout-strided",
-                   "lastdim-strided": "lastdim-strided"}
+                   "lastdim-strided": "lastdim-strided", "latent-kv": "latent-kv",
+                   "padded": "padded"}
+#: Value distributions of v and of dout (issue 26; ``Case.v_values``, ``Case.dout_values``),
+#: each applied to N(0, 1) draws: ``offset`` adds :data:`TENSOR_VALUE_OFFSET` (a non-zero mean:
+#: an output far from 0 whose accumulation error grows with the key count), ``large`` multiplies
+#: by :data:`TENSOR_VALUE_LARGE`, ``rows`` multiplies a few tokens of each sequence (its first
+#: and its middle one) by :data:`TENSOR_VALUE_LARGE` (a few large rows).
+TENSOR_VALUES = ("normal", "offset", "large", "rows")
+TENSOR_VALUE_OFFSET = 8.0
+TENSOR_VALUE_LARGE = 100.0
+#: fp8 formats a KV cache may be stored in with 16-bit queries (issue 26, ``Case.kv_dtype``):
+#: vLLM's ``--kv-cache-dtype fp8`` is e4m3fn, or e4m3fnuz on gfx942; fp8_e5m2 is its other
+#: choice (vllm/platforms/rocm.py, docs features/quantization/quantized_kvcache).
+KV_DTYPES = FP8_DTYPES
+#: padded varlen (``layout = "padded"``): each sequence's slot is its length rounded up past
+#: the next multiple of this (at least one padding token), so ``cu_seqlens`` give slot offsets
+#: and ``seqused_q``/``seqused_k`` the lengths, as FA3/FA4's and vLLM's varlen calls take them.
+PADDED_SLOT_MULTIPLE = 64
 
 #: Fields that carry meaning for people but do not change the problem (not part of case_id).
 METADATA_FIELDS = ("name", "source", "checks")
@@ -112,7 +130,11 @@ class Case:
             ``packed-kv`` (k, v views of one ``(b, s, 2, hkv, d)`` buffer), ``v-transposed``
             (v a view of a heads-major ``(b, hkv, s, d)`` buffer, so its strides differ from
             k's), ``dout-strided`` (a non-contiguous output gradient) or ``lastdim-strided``
-            (q, k, v with last-dimension stride 2; SDPA takes it, flash-attn kernels do not).
+            (q, k, v with last-dimension stride 2; SDPA takes it, flash-attn kernels do not),
+            ``latent-kv`` (v a view of k's first ``head_dim_v`` dimensions: the shared latent
+            of DeepSeek's absorbed MLA decode, k = [kv_c ; k_pe], v = kv_c) or ``padded``
+            (varlen only: every sequence's tokens start at a padded slot offset, the slot's
+            tail holds padding; see :data:`PADDED_SLOT_MULTIPLE`).
         values: the value distribution of q and k: normal (N(0, 1)), scaled, key-bias, sink,
             flat or large (see :data:`VALUE_SCALE_DEFAULTS` and ``harness.exact.inputs``).
         value_scale: the distribution's parameter (scaled/large: the factor; key-bias: the
@@ -139,6 +161,22 @@ class Case:
             before the cast, the kernel gets them as descales); None = amax scaling, each scale
             ``amax / max of the format`` over its tensor (or head).
         fp8_out: fp8 dtypes only: the dtype the kernel returns (bfloat16, float16, float32).
+        head_dim_v: the head dim of v and of the output (MLA: DeepSeek-V3 prefill 192/128,
+            absorbed decode 576/512); 0 = ``head_dim``. With ``layout = "latent-kv"`` v is the
+            first ``head_dim_v`` dimensions of k (the shared latent of absorbed MLA decode).
+        learnable_sink: a learnable sink logit per query head (gpt-oss ``sinks``, FA4
+            ``learnable_sink``, AITER ``sink_ptr``): one more logit in every row's softmax, in
+            natural-log units of the scaled score (not scaled, not soft-capped), that joins the
+            denominator and the lse but not the output's numerator (``harness.exact.scores``).
+        sink_tokens: the first ``sink_tokens`` keys of each sequence stay visible under a local
+            window (StreamingLLM's sink tokens, AITER's ``window_size[2]``): exempt from the
+            window's left bound, never from its right bound (so a causal row does not see a
+            sink token after its own position); needs a bounded left side (``window[0] >= 0``).
+        kv_dtype: the fp8 format of the key/value cache with 16-bit queries (``""`` = the case's
+            dtype): k and v are quantised with ``fp8_recipe``/``fp8_scales`` (``[k, v]``) and
+            the kernel gets their descales (vLLM's ``k_scale``/``v_scale``).
+        v_values: the value distribution of v (:data:`TENSOR_VALUES`).
+        dout_values: the value distribution of the output gradient (:data:`TENSOR_VALUES`).
         name: a human label (metadata).
         source: where the shape comes from, e.g. a model card (metadata).
         checks: the checks this case wants (metadata); ``None`` means whatever the run asks for.
@@ -174,6 +212,12 @@ class Case:
     fp8_recipe: str = "per-tensor"
     fp8_scales: tuple[float, float, float] | None = None
     fp8_out: str = "bfloat16"
+    head_dim_v: int = 0
+    learnable_sink: bool = False
+    sink_tokens: int = 0
+    kv_dtype: str = ""
+    v_values: str = "normal"
+    dout_values: str = "normal"
     name: str = field(default="", compare=False)
     source: str = field(default="", compare=False)
     checks: tuple[str, ...] | None = field(default=None, compare=False)
@@ -221,6 +265,52 @@ class Case:
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------------------ derived
+
+    @property
+    def dv(self) -> int:
+        """The head dim of v and of the output: ``head_dim_v``, or ``head_dim`` when 0."""
+        return self.head_dim_v or self.head_dim
+
+    @property
+    def kv_fp8(self) -> bool:
+        """Whether k and v are an fp8 cache read by 16-bit queries (``kv_dtype``)."""
+        return self.kv_dtype in FP8_DTYPES
+
+    @property
+    def fp8(self) -> bool:
+        """Whether any input is fp8: an fp8 dtype, or an fp8 KV cache."""
+        return self.dtype in FP8_DTYPES or self.kv_fp8
+
+    @property
+    def kv_storage_dtype(self) -> str:
+        """The dtype k and v are stored in: ``kv_dtype``, or the case's dtype."""
+        return self.kv_dtype or self.dtype
+
+    def slots(self, lengths: tuple[int, ...]) -> tuple[int, ...]:
+        """varlen: the tokens each sequence occupies in its packed tensor: its length, or with
+        ``layout = "padded"`` the length rounded up past the next multiple of
+        :data:`PADDED_SLOT_MULTIPLE` (at least one padding token)."""
+        if self.layout != "padded":
+            return tuple(lengths)
+        m = PADDED_SLOT_MULTIPLE
+        return tuple((n // m + 1) * m for n in lengths)
+
+    @property
+    def rows_q(self) -> int:
+        """varlen: rows of the packed q (and out, lse): ``total_q``, plus the padding of a
+        padded layout."""
+        if self.entry != "varlen":
+            return self.total_q
+        assert self.seqlens_q is not None
+        return sum(self.slots(self.seqlens_q))
+
+    @property
+    def rows_k(self) -> int:
+        """varlen: rows of the packed k and v, padding included."""
+        if self.entry != "varlen":
+            return self.total_k
+        assert self.seqlens_k is not None
+        return sum(self.slots(self.seqlens_k))
 
     @property
     def group_size(self) -> int:
@@ -379,21 +469,30 @@ class Case:
         return sum(sk * n for (_, sk), n in self.length_counts())
 
     def attended_pairs(self) -> int:
-        """Query-key pairs the mask leaves visible, summed over the batch (per head)."""
+        """Query-key pairs the mask leaves visible, summed over the batch (per head); sink
+        tokens add the pairs the left bound alone would hide."""
         left, right = self.mask_window
-        return sum(n * attended_pairs(sq, sk, left, right)
+        return sum(n * (attended_pairs(sq, sk, left, right)
+                        + sink_pairs(sq, sk, left, right, self.sink_tokens))
                    for (sq, sk), n in self.length_counts())
 
     def flops_fwd(self) -> int:
-        """Forward FLOPs as flash-attn's benchmark counts them: 4 * heads * d * visible pairs."""
-        return 4 * self.heads_q * self.head_dim * self.attended_pairs()
+        """Forward FLOPs as flash-attn's benchmark counts them: ``2 * (head_dim + head_dim_v)``
+        per head and visible pair (``q k^T`` and ``P V``; hopper/benchmark_attn.py ``flops``,
+        ``batch * nheads * 2 * seqlen_q * avg_seqlen * (headdim + headdim_v)``), which is
+        ``4 * head_dim`` when the head dims are equal."""
+        return 2 * self.heads_q * (self.head_dim + self.dv) * self.attended_pairs()
 
     def input_bytes(self) -> int:
-        """Bytes of q, k, v and the output at the case's dtype (kv-cache at its capacity)."""
+        """Bytes of q, k, v and the output (q and out at the case's dtype, k and v at
+        :attr:`kv_storage_dtype`; kv-cache at its capacity, padded varlen with its padding)."""
         es = DTYPE_BYTES[self.dtype]
-        tokens_k = self.cache_rows * self.seqlen_k if self.entry == "kvcache" else self.total_k
-        q_bytes = self.total_q * self.heads_q * self.head_dim * es
-        return 2 * q_bytes + 2 * tokens_k * self.heads_kv * self.head_dim * es
+        kv_es = DTYPE_BYTES[self.kv_storage_dtype]
+        tokens_k = self.cache_rows * self.seqlen_k if self.entry == "kvcache" else self.rows_k
+        rows_q = self.rows_q
+        q_bytes = rows_q * self.heads_q * (self.head_dim + self.dv) * es  # q and the output
+        v_dims = 0 if self.layout == "latent-kv" else self.dv  # v is a view of k
+        return q_bytes + tokens_k * self.heads_kv * (self.head_dim + v_dims) * kv_es
 
     @property
     def features(self) -> frozenset[str]:
@@ -421,11 +520,19 @@ class Case:
         if any(sq > sk for (sq, sk), _ in self.length_counts()):
             on.add("seqlen_q>seqlen_k")
         on.update(name for name, test in _CACHE_FEATURES if test(self))
+        on.update(name for name, test in _PROBLEM_FEATURES if test(self))
         return frozenset(on)
 
     @property
     def fp8_label(self) -> str:
-        """The scaling of an fp8 case, e.g. ``desc=amax/head``, ``desc=q0.5,k0.25,v2 out=f32``."""
+        """The scaling of an fp8 case, e.g. ``desc=amax/head``, ``desc=q0.5,k0.25,v2 out=f32``
+        (an fp8 KV cache: ``kv=e4m3fn desc=k0.25,v2``)."""
+        if self.kv_fp8:
+            text = "kv=" + _DTYPE_LABELS[self.kv_dtype] + " "
+            if self.fp8_scales is not None:
+                k, v = self.fp8_scales
+                return text + f"desc=k{k:g},v{v:g}"
+            return text + "desc=amax/" + ("head" if self.fp8_recipe == "per-head" else "tensor")
         if self.fp8_scales is not None:
             q, k, v = self.fp8_scales
             text = f"desc=q{q:g},k{k:g},v{v:g}"
@@ -438,14 +545,13 @@ class Case:
     @property
     def label(self) -> str:
         """A short human description, e.g. ``b2 q113 k203 h8/2 d64 f16 causal``."""
-        dt = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float8_e4m3fn": "e4m3fn",
-              "float8_e4m3fnuz": "e4m3fnuz", "float8_e5m2": "e5m2"}[self.dtype]
+        dt = _DTYPE_LABELS[self.dtype]
         heads = f"h{self.heads_q}"
         if self.heads_kv != self.heads_q:
             heads += f"/{self.heads_kv}"
-        parts = [f"b{self.batch}", f"q{self.seqlen_q}", f"k{self.seqlen_k}", heads,
-                 f"d{self.head_dim}", dt]
-        if self.dtype in FP8_DTYPES:
+        dims = f"d{self.head_dim}" + (f"/{self.dv}" if self.dv != self.head_dim else "")
+        parts = [f"b{self.batch}", f"q{self.seqlen_q}", f"k{self.seqlen_k}", heads, dims, dt]
+        if self.fp8:
             parts.append(self.fp8_label)
         if self.entry != "dense":
             page = f"/page{self.paged_block_size}" if self.paged_block_size else ""
@@ -483,6 +589,14 @@ class Case:
             parts.append(f"splits{self.num_splits}")
         if self.alibi and self.alibi_slopes != "standard":
             parts.append(f"slopes={self.alibi_slopes}")
+        if self.learnable_sink:
+            parts.append("sink")
+        if self.sink_tokens:
+            parts.append(f"sinktok{self.sink_tokens}")
+        if self.v_values != "normal":
+            parts.append(f"v={self.v_values}")
+        if self.dout_values != "normal":
+            parts.append(f"dout={self.dout_values}")
         return parts
 
     def to_toml(self) -> str:
@@ -504,6 +618,8 @@ class Case:
 
 
 _MISSING = object()
+_DTYPE_LABELS = {"float16": "f16", "bfloat16": "bf16", "float32": "f32",
+                 "float8_e4m3fn": "e4m3fn", "float8_e4m3fnuz": "e4m3fnuz", "float8_e5m2": "e5m2"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -523,6 +639,14 @@ _CACHE_FEATURES = (
     ("batch-idx", lambda c: c.cache_batch_idx),
     ("splits", lambda c: c.num_splits != 0),
     ("alibi-per-batch", lambda c: c.alibi and c.alibi_slopes == "random-per-batch"),
+)
+#: The problems of issue 26: (name, whether the case poses it); layouts add theirs through
+#: :data:`LAYOUT_FEATURES`.
+_PROBLEM_FEATURES = (
+    ("mla", lambda c: c.dv != c.head_dim),
+    ("sink", lambda c: c.learnable_sink),
+    ("sink-tokens", lambda c: c.sink_tokens > 0),
+    ("fp8-kv", lambda c: c.kv_fp8),
 )
 
 
@@ -615,6 +739,10 @@ def _normalize(case: Case) -> None:
         _set(case, "fp8_scales", tuple(float(x) if _is_int(x) else x for x in case.fp8_scales))
     if _is_int(case.heads_q) and case.heads_kv == 0:
         _set(case, "heads_kv", case.heads_q)
+    if _is_int(case.head_dim_v) and case.head_dim_v == case.head_dim:
+        _set(case, "head_dim_v", 0)  # one spelling per problem: equal dims are the default
+    if case.kv_dtype and case.kv_dtype == case.dtype:
+        _set(case, "kv_dtype", "")
     if case.entry == "varlen":
         if case.seqlen_q == 0 and _int_tuple(case.seqlens_q):
             _set(case, "seqlen_q", max(case.seqlens_q, default=0))
@@ -681,6 +809,7 @@ def _problems(case: Case) -> list[str]:  # noqa: C901 - one flat list of rules r
     if not p:
         p.extend(_cache_problems(case))
     p.extend(_value_layout_problems(case))
+    p.extend(_problem_problems(case))
     if case.checks is not None and (
             not isinstance(case.checks, tuple) or not all(c in CHECKS for c in case.checks)):
         p.append(f"checks={case.checks!r} must be a list drawn from {', '.join(CHECKS)}")
@@ -690,40 +819,97 @@ def _problems(case: Case) -> list[str]:  # noqa: C901 - one flat list of rules r
     return p
 
 
-def _fp8_problems(case: Case) -> list[str]:
-    """The rules of the ``fp8_*`` fields (issue 14)."""
+def _fp8_problems(case: Case) -> list[str]:  # noqa: C901 - one flat list of rules reads best
+    """The rules of the ``fp8_*`` fields (issue 14) and of ``kv_dtype`` (issue 26)."""
     p: list[str] = []
-    if case.dtype not in FP8_DTYPES:
+    fp8_dtype = case.dtype in FP8_DTYPES
+    if not isinstance(case.kv_dtype, str) or case.kv_dtype not in ("",) + KV_DTYPES:
+        p.append(f"kv_dtype={case.kv_dtype!r} must be one of {', '.join(KV_DTYPES)} (or omitted "
+                 "for the case's dtype)")
+        return p
+    if case.kv_dtype and case.dtype not in ("float16", "bfloat16"):
+        p.append(f"kv_dtype={case.kv_dtype!r} is an fp8 KV cache read by 16-bit queries, but "
+                 f"dtype={case.dtype!r}: use dtype float16 or bfloat16 (an fp8 dtype makes q, k "
+                 "and v fp8)")
+        return p
+    if not fp8_dtype and not case.kv_dtype:
         for name, default in (("fp8_recipe", "per-tensor"), ("fp8_scales", None),
                               ("fp8_out", "bfloat16")):
             if getattr(case, name) != default:
                 p.append(f"{name}={getattr(case, name)!r} is for fp8 dtypes only "
-                         f"(dtype={case.dtype!r}): remove it or use one of {', '.join(FP8_DTYPES)}")
+                         f"(dtype={case.dtype!r}): remove it, use one of {', '.join(FP8_DTYPES)} "
+                         "or set kv_dtype")
         return p
     if case.fp8_recipe not in FP8_RECIPES:
         p.append(f"fp8_recipe={case.fp8_recipe!r} must be one of {', '.join(FP8_RECIPES)}")
-    if case.fp8_out not in FP8_OUT_DTYPES:
+    if fp8_dtype and case.fp8_out not in FP8_OUT_DTYPES:
         p.append(f"fp8_out={case.fp8_out!r} must be one of {', '.join(FP8_OUT_DTYPES)}")
+    if not fp8_dtype and case.fp8_out != "bfloat16":
+        p.append(f"fp8_out={case.fp8_out!r} is for fp8 dtypes: with kv_dtype the kernel returns "
+                 f"the queries' dtype ({case.dtype}); remove it")
     scales = case.fp8_scales
+    names = "[q, k, v]" if fp8_dtype else "[k, v]"
+    count = 3 if fp8_dtype else 2
     if scales is not None:
-        if not (isinstance(scales, tuple) and len(scales) == 3 and all(
+        if not (isinstance(scales, tuple) and len(scales) == count and all(
                 isinstance(x, float) and math.isfinite(x) and x > 0 for x in scales)):
             p.append(f"fp8_scales={list(scales) if isinstance(scales, tuple) else scales!r} must "
-                     "be [q, k, v], three finite numbers > 0 (or omitted for amax scaling)")
+                     f"be {names}, {count} finite numbers > 0 (or omitted for amax scaling)")
         elif case.fp8_recipe != "per-tensor":
             p.append(f"fp8_scales fixes one scale per tensor but fp8_recipe="
                      f"{case.fp8_recipe!r}: omit fp8_scales or use fp8_recipe = 'per-tensor'")
+        elif case.layout == "latent-kv" and scales[-1] != scales[-2]:
+            p.append(f"fp8_scales={list(scales)}: with layout='latent-kv' v is a view of k's "
+                     "bytes, so its scale is k's: make the k and v scales equal")
+    what = "fp8 KV caches (kv_dtype)" if not fp8_dtype else f"dtype={case.dtype!r}"
     if case.dropout_p:
-        p.append(f"dtype={case.dtype!r} is forward-only attention without dropout: "
-                 "set dropout_p = 0")
-    if case.layout not in ("contiguous", "strided"):
-        p.append(f"layout={case.layout!r} is not posed for fp8 dtypes (q, k, v are quantised "
-                 "one tensor at a time): use contiguous or strided")
+        p.append(f"{what} is forward-only attention without dropout: set dropout_p = 0")
+    if case.layout not in ("contiguous", "strided", "latent-kv"):
+        p.append(f"layout={case.layout!r} is not posed for {what} (q, k, v are quantised one "
+                 "tensor at a time): use contiguous, strided or latent-kv")
     for name, default in (("seqlen_new", 0), ("rotary_dim", 0), ("cache_leftpad", None),
                           ("cache_batch_idx", False)):
         if getattr(case, name, default) != default:
-            p.append(f"{name}={getattr(case, name)!r} is not posed for fp8 dtypes yet (appended "
+            p.append(f"{name}={getattr(case, name)!r} is not posed for {what} yet (appended "
                      f"keys and cache rows are not quantised): remove it or use a 16-bit dtype")
+    return p
+
+
+def _problem_problems(case: Case) -> list[str]:  # noqa: C901 - one flat list of rules reads best
+    """The rules of issue 26's fields: ``head_dim_v``, the sinks, the v/dout values and the
+    latent-kv and padded layouts."""
+    p: list[str] = []
+    if not _is_int(case.head_dim_v) or case.head_dim_v < 0:
+        p.append(f"head_dim_v={case.head_dim_v!r} must be an integer >= 0 (0 = head_dim)")
+        return p
+    layout = case.layout
+    if case.dv != case.head_dim and layout in ("packed-qkv", "packed-kv"):
+        p.append(f"layout={layout!r} holds k and v in one buffer, so it needs head_dim_v == "
+                 f"head_dim (got {case.head_dim} and {case.dv}): use contiguous")
+    if layout == "latent-kv":
+        if case.dv > case.head_dim:
+            p.append(f"layout='latent-kv' makes v the first head_dim_v dimensions of k, so "
+                     f"head_dim_v={case.dv} must be <= head_dim={case.head_dim}")
+        if case.seqlen_new or case.rotary_dim:
+            p.append("layout='latent-kv' is not posed with kv-cache appends (seqlen_new, "
+                     "rotary_dim): remove them")
+    if layout == "padded" and case.dropout_p:
+        p.append("layout='padded' is forward-only attention without dropout: set dropout_p = 0")
+    if not isinstance(case.learnable_sink, bool):
+        p.append(f"learnable_sink={case.learnable_sink!r} must be true or false")
+    elif case.learnable_sink and case.dropout_p:
+        p.append("learnable_sink = true is not posed with dropout (the exact dropout judge's "
+                 "probabilities have no sink): set dropout_p = 0")
+    if not _is_int(case.sink_tokens) or case.sink_tokens < 0:
+        p.append(f"sink_tokens={case.sink_tokens!r} must be an integer >= 0")
+    elif case.sink_tokens and not (isinstance(case.window, tuple) and len(case.window) == 2
+                                   and _is_int(case.window[0]) and case.window[0] >= 0):
+        p.append(f"sink_tokens={case.sink_tokens} keeps the first keys visible besides a local "
+                 "window, so it needs one: set window = [left, right] with left >= 0")
+    for name in ("v_values", "dout_values"):
+        value = getattr(case, name)
+        if value not in TENSOR_VALUES:
+            p.append(f"{name}={value!r} must be one of {', '.join(TENSOR_VALUES)}")
     return p
 
 
@@ -900,6 +1086,23 @@ def attended_pairs(seqlen_q: int, seqlen_k: int, left: int, right: int) -> int:
         # count(i) = max(0, slope * i + c) with c = hi_const - lo_const + 1
         total += _sum_positive_linear(slope, hi_const - lo_const + 1, a, b)
     return total
+
+
+def sink_pairs(seqlen_q: int, seqlen_k: int, left: int, right: int, sink_tokens: int) -> int:
+    """Pairs that sink tokens add to the window's, in O(1): row ``i`` also sees keys ``j <
+    min(sink_tokens, seqlen_k)`` left of its left bound ``i + off - left`` and within its right
+    bound ``i + off + right`` (``harness.exact.scores``: sinks are exempt from the left bound
+    only), ``min(S, i + c)`` of them, ``c = min(off - left, off + right + 1)``."""
+    if seqlen_q <= 0 or seqlen_k <= 0 or left < 0 or sink_tokens <= 0:
+        return 0
+    off = seqlen_k - seqlen_q
+    sinks = min(sink_tokens, seqlen_k)
+    c = off - left if right < 0 else min(off - left, off + right + 1)
+    n = seqlen_q
+    a = min(n, max(0, 1 - c))  # first row with i + c > 0
+    b = min(n, max(a, sinks - c))  # first row with i + c >= sinks
+    ramp = (b - a) * (a + b - 1) // 2 + (b - a) * c
+    return ramp + (n - b) * sinks
 
 
 def _sum_positive_linear(slope: int, c: int, a: int, b: int) -> int:

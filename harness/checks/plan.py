@@ -53,8 +53,8 @@ def estimated_bytes(case: Case, checks: tuple[str, ...]) -> int:
     comes from its registry entry (``CheckSpec.reference``, ``.baseline``, ``.gradients``)."""
     es = DTYPE_BYTES[case.dtype]
     base = case.input_bytes()
-    q_elems = case.total_q * case.heads_q * case.head_dim
-    kv_elems = (base - 2 * q_elems * es) // es  # k and v, at the cache capacity
+    q_elems = case.rows_q * case.heads_q * (case.head_dim + case.dv) // 2  # q and out, halved
+    kv_elems = (base - 2 * q_elems * es) // DTYPE_BYTES[case.kv_storage_dtype]  # k and v
     specs = [CHECKS[c] for c in checks]
     judged = any(s.reference for s in specs)  # these compute the reference
     # The forward reference widens q and its output to float64; keys go one block at a time.
@@ -140,7 +140,7 @@ def plan(case: Case, backend: Backend, target: Target, checks: tuple[str, ...], 
     if call:
         return skip_all("; ".join(call))
     reasons = backend.unsupported_reasons(case, target)
-    if case.dtype.startswith("float8"):  # the fp8 format this target's kernels take
+    if case.dtype.startswith("float8") or case.kv_dtype:  # the fp8 format the target takes
         from harness.exact.fp8 import fp8_reasons  # imports torch: only for fp8 cases
 
         reasons = reasons + fp8_reasons(case, target)

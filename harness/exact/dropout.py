@@ -69,7 +69,7 @@ def exact_cost(case: Case) -> tuple[int, int]:
     """``(kernel calls, entries of D(P))`` the exact judge of ``case`` needs."""
     lengths = case.sequence_lengths()
     longest = max((sk for _, sk in lengths), default=0)
-    calls = max(1, -(-longest // case.head_dim)) + 3
+    calls = max(1, -(-longest // case.dv)) + 3  # V = identity blocks of head_dim_v columns
     entries = sum(case.heads_q * sq * sk for sq, sk in lengths)
     return calls, entries
 
@@ -278,7 +278,8 @@ def reference_gradients(inputs: Inputs, keep: list[torch.Tensor], *,
     dtype = dtype or _exact_dtype(inputs)
     p = Params.of(case)
     rate = 1.0 - case.dropout_p
-    result = Outputs(out=torch.zeros(inputs.q.shape, dtype=dtype, device=inputs.device),
+    out_shape = (*inputs.q.shape[:-1], inputs.v.shape[-1])  # v's head dim (head_dim_v)
+    result = Outputs(out=torch.zeros(out_shape, dtype=dtype, device=inputs.device),
                      dq=torch.zeros(inputs.q.shape, dtype=dtype, device=inputs.device),
                      dk=torch.zeros(inputs.k.shape, dtype=dtype, device=inputs.device),
                      dv=torch.zeros(inputs.v.shape, dtype=dtype, device=inputs.device))
@@ -318,7 +319,8 @@ def baseline_gradients(inputs: Inputs, keep: list[torch.Tensor], *,
     case = inputs.case
     p = Params.of(case)
     dt, dev = inputs.q.dtype, inputs.device
-    result = Outputs(out=torch.zeros(inputs.q.shape, dtype=dt, device=dev),
+    out_shape = (*inputs.q.shape[:-1], inputs.v.shape[-1])  # v's head dim (head_dim_v)
+    result = Outputs(out=torch.zeros(out_shape, dtype=dt, device=dev),
                      dq=torch.zeros(inputs.q.shape, dtype=dt, device=dev),
                      dk=torch.zeros(inputs.k.shape, dtype=dt, device=dev),
                      dv=torch.zeros(inputs.v.shape, dtype=dt, device=dev))

@@ -30,6 +30,15 @@ Emulating that one rounding (as FA3's own test does with ``intermediate_dtype``)
 baseline's error the error an fp8 kernel is entitled to, and nothing more: a kernel that rounds
 ``P`` more coarsely (e5m2) or reads the wrong scale stands out against it.
 
+**FP8 KV caches with 16-bit queries** (``Case.kv_dtype``, issue 26): k and v are quantised as
+above (``fp8_scales`` is ``[k, v]``), q stays in the case's 16-bit dtype and the kernel returns
+that dtype. The reference is exact on ``fp8 * descale``. The baseline (:func:`kv_baseline`)
+emulates the dequantisation vLLM's kernels do: each fp8 element times its scale in float32,
+rounded to the queries' dtype (``scaled_convert`` in csrc/quantization/fp8/nvidia/
+quant_utils.cuh: "Dequant(FP8) * scale => HP"), then the same-precision baseline at that dtype
+(products accumulated in float32, ``P`` at the dtype). vLLM's scales are per tensor
+(``k_scale``/``v_scale`` of shape ``[1]``) or per kv head; ``fp8_recipe`` gives either.
+
 **The rule** (FA3's, ``hopper/test_flash_attn.py``)::
 
     max|out - ref| <= k * max|baseline - ref| + atol,   k = 2, or 3 with softcap,
@@ -58,7 +67,7 @@ from harness.case import FP8_DTYPES, Case
 from harness.exact.judge import Comparison, Verdict, compare
 from harness.exact.outputs import Outputs
 from harness.exact.reference import BLOCK_ELEMS, ieee_float32, reference
-from harness.exact.scores import Params, Precision, logits
+from harness.exact.scores import Params, Precision, logits, with_sink
 
 if TYPE_CHECKING:
     from harness.exact.inputs import Inputs
@@ -136,6 +145,16 @@ def is_fp8(dtype: str) -> bool:
     return dtype in FP8_DTYPES
 
 
+def is_fp8_case(case: Case) -> bool:
+    """Whether a case has fp8 inputs: an fp8 dtype or an fp8 KV cache (``kv_dtype``)."""
+    return case.dtype in FP8_DTYPES or getattr(case, "kv_dtype", "") in FP8_DTYPES
+
+
+def fp8_format(case: Case) -> str:
+    """The fp8 format of a case's fp8 inputs: ``kv_dtype`` or its dtype."""
+    return getattr(case, "kv_dtype", "") or case.dtype
+
+
 # ---------------------------------------------------------------------------- targets
 
 
@@ -156,17 +175,20 @@ def fp8_reasons(case: Case, target: Target) -> list[str]:
     """Why an fp8 case should not run on ``target`` (empty: it may). For the dispatcher: a
     non-empty list is a skip with that reason, and ``--audit`` runs the case anyway to show
     whether the kernel refuses the format or silently misreads it."""
-    if not is_fp8(case.dtype):
+    if not is_fp8_case(case):
         return []
     known = target_formats(target)
     if known is None:
         return []
     formats, source = known
-    if case.dtype in formats:
+    fmt = fp8_format(case)
+    field = "kv_dtype" if fmt != case.dtype else "dtype"
+    if fmt in formats:
         return []
     if not formats:
-        return [f"{target.arch} kernels take no fp8 format ({source}); dtype={case.dtype}"]
-    return [f"{target.arch} kernels take {', '.join(formats)}, not {case.dtype} ({source}); "
+        return [f"{target.arch} kernels take no fp8 format ({source}); {field}={fmt}"]
+    what = " for the KV cache (kv_dtype)" if field == "kv_dtype" else ""
+    return [f"{target.arch} kernels take {', '.join(formats)}, not {fmt}{what} ({source}); "
             "--audit runs it anyway"]
 
 
@@ -202,16 +224,20 @@ def _amax(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return torch.nan_to_num(t.detach().float().abs(), nan=0.0).amax(dim=dims)
 
 
-def _scales(inputs: Inputs, fmt: Format) -> dict[str, torch.Tensor]:
-    """The float32 scales ``(batch, heads_kv)`` of q, k, v for the case's recipe."""
+def _scales(inputs: Inputs, fmt: Format, names: str = "qkv") -> dict[str, torch.Tensor]:
+    """The float32 scales ``(batch, heads_kv)`` of ``names`` (q, k, v; an fp8 KV cache: k, v)
+    for the case's recipe. With ``layout = "latent-kv"`` v shares k's bytes and so its scale."""
     case = inputs.case
     shape = (case.batch, case.heads_kv)
     dev = inputs.device
     if case.fp8_scales is not None:
         return {name: torch.full(shape, float(s), dtype=torch.float32, device=dev)
-                for name, s in zip("qkv", case.fp8_scales, strict=True)}
+                for name, s in zip(names, case.fp8_scales, strict=True)}
     out: dict[str, torch.Tensor] = {}
-    for name in "qkv":
+    for name in names:
+        if name == "v" and case.layout == "latent-kv":
+            out[name] = out["k"]
+            continue
         t = getattr(inputs, name)
         if case.fp8_recipe == "per-tensor":
             amax = _amax(t, tuple(range(t.dim()))).expand(shape)
@@ -246,30 +272,40 @@ def quantise(x: torch.Tensor, scale: torch.Tensor, fmt: Format) -> torch.Tensor:
 
 
 def make_fp8_inputs(case: Case, device: str | torch.device = "cpu", seed: int = 0) -> Inputs:
-    """The inputs of an fp8 case: float32 draws quantised with the case's scales.
+    """The inputs of an fp8 case: float32 draws quantised with the case's scales (an fp8 KV
+    cache: k and v quantised, q rounded to the case's 16-bit dtype).
 
     The float32 values are those :func:`harness.exact.inputs.make_inputs` draws for the case's
     float32 twin (same fields, dtype float32, fp8 fields off), so they are seeded from the fp8 case
     through the twin's id and identical on every machine.
     """
-    from harness.exact.inputs import make_inputs
+    from harness.exact.inputs import TORCH_DTYPES, make_inputs
 
-    fmt = FORMATS[case.dtype]
+    kv_only = case.dtype not in FP8_DTYPES
+    fmt = FORMATS[fp8_format(case)]
     twin = case.replace(dtype="float32", fp8_recipe="per-tensor", fp8_scales=None,
-                        fp8_out="bfloat16")
+                        fp8_out="bfloat16", kv_dtype="")
     inputs = make_inputs(twin, device, seed)
     inputs = dataclasses.replace(inputs, case=case)
-    scales = _scales(inputs, fmt)
+    names = "kv" if kv_only else "qkv"
+    scales = _scales(inputs, fmt, names)
     changes: dict[str, Any] = {}
-    for name in "qkv":
+    for name in names:
         t = getattr(inputs, name)
+        if name == "v" and case.layout == "latent-kv":  # k's first head_dim_v dims, quantised
+            changes["v"] = changes["k"][..., : case.dv]
+            continue
         changes[name] = quantise(t, expand_descale(scales[name], t, inputs, name), fmt)
+    if kv_only:
+        changes["q"] = inputs.q.to(TORCH_DTYPES[case.dtype])
+        changes["dout"] = inputs.dout.to(TORCH_DTYPES[case.dtype])
     if inputs.k_pages is not None and inputs.block_table is not None:
         page_scale = _page_scales(inputs, scales)
-        for name in ("k", "v"):
-            pages = getattr(inputs, f"{name}_pages")
-            changes[f"{name}_pages"] = quantise(pages, page_scale[name], fmt)
-    changes.update(q_descale=scales["q"], k_descale=scales["k"], v_descale=scales["v"])
+        changes["k_pages"] = quantise(inputs.k_pages, page_scale["k"], fmt)
+        changes["v_pages"] = (changes["k_pages"][..., : case.dv] if case.layout == "latent-kv"
+                              else quantise(inputs.v_pages, page_scale["v"], fmt))
+    changes.update(q_descale=None if kv_only else scales["q"], k_descale=scales["k"],
+                   v_descale=scales["v"])
     return dataclasses.replace(inputs, **changes)
 
 
@@ -284,13 +320,36 @@ def _page_scales(inputs: Inputs, scales: dict[str, torch.Tensor]) -> dict[str, t
 
 def dequantised(inputs: Inputs, dtype: torch.dtype = torch.float64) -> Inputs:
     """A shallow copy whose q, k, v are the exact values ``fp8 * descale`` at ``dtype`` (and
-    whose descales are None: they are applied)."""
+    whose descales are None: they are applied). With an fp8 KV cache q is only widened."""
     changes: dict[str, Any] = {"q_descale": None, "k_descale": None, "v_descale": None}
     for name in "qkv":
         t = getattr(inputs, name)
         descale = getattr(inputs, f"{name}_descale")
+        if descale is None:  # the 16-bit queries of an fp8 KV cache
+            changes[name] = t.to(dtype)
+            continue
         changes[name] = t.to(dtype) * expand_descale(descale.to(dtype), t, inputs, name)
     return dataclasses.replace(inputs, **changes)
+
+
+def kv_dequantised(inputs: Inputs) -> Inputs:
+    """An fp8 KV cache as a 16-bit kernel reads it: each element times its scale in float32,
+    rounded to the queries' dtype (vLLM's ``scaled_convert``); q as it is, descales None."""
+    dtype = inputs.q.dtype
+    changes: dict[str, Any] = {"k_descale": None, "v_descale": None}
+    for name in "kv":
+        t = getattr(inputs, name)
+        descale = getattr(inputs, f"{name}_descale")
+        changes[name] = (t.float() * expand_descale(descale.float(), t, inputs, name)).to(dtype)
+    return dataclasses.replace(inputs, **changes)
+
+
+def kv_baseline(inputs: Inputs, **kwargs: Any) -> Outputs:
+    """The baseline of an fp8 KV cache with 16-bit queries: the same-precision baseline
+    (:func:`harness.exact.reference.baseline`) of the cache as :func:`kv_dequantised` reads it."""
+    from harness.exact.reference import baseline
+
+    return baseline(kv_dequantised(inputs), **kwargs)
 
 
 def fp8_reference(inputs: Inputs, **kwargs: Any) -> Outputs:
@@ -320,7 +379,7 @@ def _slopes_for(inputs: Inputs, index: int, piece, B: int) -> torch.Tensor | Non
 
 
 def baseline_block(q8, k8, v8, descales, p: Params, fmt: Format, slopes=None, *,
-                   rows=None, seqlen_q=None):
+                   rows=None, seqlen_q=None, sinks=None):
     """fp8-emulating attention of one uniform batch (see the module docstring).
 
     Args:
@@ -330,28 +389,31 @@ def baseline_block(q8, k8, v8, descales, p: Params, fmt: Format, slopes=None, *,
         fmt: the format ``P`` is rounded to.
         slopes: float32 ALiBi slopes ``(B, Hq)`` or None.
         rows: int64 positions of q's rows among ``seqlen_q`` (default all, in order).
+        sinks: float32 learnable sink logits ``(Hq,)`` or None.
 
     Returns:
-        ``(out float32 (B, n, Hq, d), lse float32 (B, Hq, n))``; rows seeing no key 0 / -inf.
+        ``(out float32 (B, n, Hq, dv), lse float32 (B, Hq, n))``; rows seeing no key 0 / -inf
+        (the sink, with one).
     """
     B, n, Hq, d = q8.shape
-    sk, Hkv = k8.shape[1], k8.shape[2]
+    sk, Hkv, dv = k8.shape[1], k8.shape[2], v8.shape[-1]
     seqlen_q = n if seqlen_q is None else seqlen_q
     rows = torch.arange(n, device=q8.device) if rows is None else rows
     qd, kd, vd = descales
     s, _, _ = logits(q8.reshape(B, n, Hkv, Hq // Hkv, d), k8, p, rows=rows, off=sk - seqlen_q,
                      slopes=slopes, precision=Precision.FP8, descale=qd * kd)
+    s = with_sink(s, sinks)  # the learnable sink's column: in the max and the sum, not in P V
     m = s.amax(-1)
     m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     prob = torch.exp(s - m_safe[..., None])
     l_sum = prob.sum(-1)
     lifted = 2.0 ** fmt.p_offset
-    p8 = (prob * lifted).to(fmt.dtype).float()
+    p8 = (prob[..., :sk] * lifted).to(fmt.dtype).float()
     o = torch.einsum("bhgij,bjhd->bhgid", p8, v8.float()) * vd.view(B, Hkv, 1, 1, 1)
     seen = l_sum > 0
     o = torch.where(seen[..., None], o / (l_sum * lifted).clamp_min(1e-30)[..., None], 0.0)
     lse = torch.where(seen, m + torch.log(l_sum.clamp_min(1e-30)), -math.inf)
-    return o.permute(0, 3, 1, 2, 4).reshape(B, n, Hq, d), lse.reshape(B, Hq, n)
+    return o.permute(0, 3, 1, 2, 4).reshape(B, n, Hq, dv), lse.reshape(B, Hq, n)
 
 
 @ieee_float32
@@ -360,17 +422,21 @@ def fp8_baseline(inputs: Inputs, *, rows: list[torch.Tensor | None] | None = Non
     """The fp8-emulating baseline of a case: out float32 (rounded to the kernel's output dtype
     by :func:`fp8_verdict`), lse float32. ``rows`` samples query rows as in
     :func:`harness.exact.reference.reference`."""
-    from harness.exact.reference import _empty_result, _row_mask
+    from harness.exact.reference import _empty_result, _no_keys, _row_mask, case_sinks
 
     case = inputs.case
+    if case.dtype not in FP8_DTYPES:
+        raise ValueError("an fp8 KV cache with 16-bit queries: the baseline is kv_baseline")
     fmt = FORMATS[case.dtype]
     p = Params.of(case)
+    sinks = case_sinks(inputs, torch.float32)
     result = _empty_result(inputs, torch.float32, torch.float32, False)
     result.rows = _row_mask(inputs, rows)
     with torch.no_grad():
         for index, piece in enumerate(inputs.sequences()):
             q, k, v = piece.q_like(inputs.q), piece.kv_like(inputs.k), piece.kv_like(inputs.v)
             if q.shape[1] == 0 or k.shape[1] == 0:
+                _no_keys(piece, result.lse, sinks, q.shape[1])
                 continue
             B, n = q.shape[0], q.shape[1]
             descales = _piece_descales(inputs, index, piece)
@@ -382,7 +448,7 @@ def fp8_baseline(inputs: Inputs, *, rows: list[torch.Tensor | None] | None = Non
             for i0 in range(0, len(positions), step):
                 at = positions[i0:i0 + step]
                 o, lse = baseline_block(q[:, at], k, v, descales, p, fmt, slopes, rows=at,
-                                        seqlen_q=n)
+                                        seqlen_q=n, sinks=sinks)
                 outs.append(o)
                 lses.append(lse)
             o, lse = torch.cat(outs, 1), torch.cat(lses, 2)
@@ -505,15 +571,16 @@ def fp8_verdict(case: Case, kernel: Outputs, baseline: Outputs, ref: Outputs) ->
     ratios = [c.ratio for c in comparisons if c.ratio is not None]
     metrics["ratio"] = max(ratios) if ratios and all(math.isfinite(r) for r in ratios) else None
     metrics["err"] = max(c.err for c in comparisons)
-    metrics["fp8"] = {"format": case.dtype, "scales": case.fp8_label, "k": k, "atol": atol,
-                      **mean.metrics(), **similarity(kernel.out, ref.out, valid),
+    expected = case.fp8_out if case.dtype in FP8_DTYPES else case.dtype
+    metrics["fp8"] = {"format": fp8_format(case), "scales": case.fp8_label, "k": k,
+                      "atol": atol, **mean.metrics(), **similarity(kernel.out, ref.out, valid),
                       "out_dtype": str(kernel.out.dtype).replace("torch.", ""),
-                      "expected_out_dtype": case.fp8_out}
-    if str(kernel.out.dtype).replace("torch.", "") != case.fp8_out:
+                      "expected_out_dtype": expected}
+    if str(kernel.out.dtype).replace("torch.", "") != expected:
         notes.append(f"the kernel returned {kernel.out.dtype} where the case expects "
-                     f"{case.fp8_out} (fp8_out); judged at {kernel.out.dtype}")
+                     f"{expected}; judged at {kernel.out.dtype}")
     problems = [c.message() for c in comparisons if not c.ok]
-    if not mean.ok:
+    if not mean.ok and not any(c.nonfinite for c in comparisons):  # NaN says it already
         problems.append(mean.message())
     status = "fail" if problems else "pass"
     return Verdict("fwd", status, metrics, "; ".join(problems + notes))

@@ -6,7 +6,9 @@ numbers. ``strided`` cases get views into larger buffers whose gaps hold NaN: a 
 ignores strides reads the gaps and its output shows it.
 
 Value distributions (``Case.values``, parameter ``Case.value_scale`` = ``t`` below, ``s`` the
-softmax scale, ``d`` the head dim) change q and k only; v and dout stay N(0, 1):
+softmax scale, ``d`` the head dim) change q and k only; v and dout have their own
+(``Case.v_values``, ``Case.dout_values``: N(0, 1), or shifted by 8, or times 100, or a few
+large rows, :data:`harness.case.TENSOR_VALUES`):
 
 * ``scaled``: q and k times ``t`` (flash-attn's test_flash_attn_bwd_overflow: 3 and 5).
 * ``key-bias``: every key of a kv head carries the same offset ``a * u`` (``u`` a random sign
@@ -22,7 +24,13 @@ Layouts beyond ``strided``: ``packed-qkv``/``packed-kv`` make q, k, v (or k, v) 
 buffer (``Inputs.packed``, the gradient leaf of :meth:`Inputs.with_grad`); ``v-transposed``
 makes v a view of a heads-major ``(b, hkv, s + 1, d)`` buffer (an extra NaN token per head) so
 its strides differ from k's; ``dout-strided`` gives dout the NaN-gapped strided layout;
-``lastdim-strided`` gives q, k, v a last-dimension stride of 2 with NaN in between.
+``lastdim-strided`` gives q, k, v a last-dimension stride of 2 with NaN in between;
+``latent-kv`` makes v the view ``k[..., :head_dim_v]``; ``padded`` (varlen) places each
+sequence at a padded slot offset (``cu_seqlens_*`` are slot offsets, ``seqused_*`` lengths).
+
+Every element a kernel must not read is NaN (:mod:`harness.exact.padding`): cache slots past
+each length, before a leftpad, cache rows no sequence uses, pages no sequence's keys live in,
+the tail of a sequence's last page, the gaps of a padded varlen layout.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.case import FP8_DTYPES, Case
+from harness.case import FP8_DTYPES, TENSOR_VALUE_LARGE, TENSOR_VALUE_OFFSET, Case
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 #: Rows drawn per randn call: bounds the float32 staging memory for million-token inputs.
@@ -71,7 +79,10 @@ class Inputs:
     Shapes by entry point (``hq``/``hkv`` heads, ``d`` head_dim):
 
     * dense: ``q`` (batch, seqlen_q, hq, d); ``k``, ``v`` (batch, seqlen_k, hkv, d).
-    * varlen: ``q`` (total_q, hq, d); ``k``, ``v`` (total_k, hkv, d); ``cu_seqlens_q/k`` int32.
+    * varlen: ``q`` (total_q, hq, d); ``k``, ``v`` (total_k, hkv, d); ``cu_seqlens_q/k`` int32;
+      ``seqused_q/k`` int32 ``(batch,)`` the lengths (with ``layout = "padded"`` the totals
+      include each slot's padding and ``cu_seqlens_*`` are the slot offsets).
+    * v, the output and dout have ``head_dim_v`` (``Case.dv``) as their last dimension.
     * kvcache: ``q`` (batch, seqlen_q, hq, d); ``k``, ``v`` the logical cache
       (batch, seqlen_k, hkv, d) with ``cache_seqlens`` int32; when paged, ``k_pages``/``v_pages``
       (num_blocks, block, hkv, d) and ``block_table`` (batch, blocks_per_seq) int32 hold the same
@@ -126,6 +137,15 @@ class Inputs:
     q_descale: torch.Tensor | None = None
     k_descale: torch.Tensor | None = None
     v_descale: torch.Tensor | None = None
+    #: ``Case.learnable_sink``: float32 ``(heads_q,)`` sink logits (``harness.exact.scores``).
+    learnable_sink: torch.Tensor | None = None
+    #: varlen: int32 ``(batch,)`` query and key lengths (FA3/FA4's and vLLM's ``seqused_*``).
+    seqused_q: torch.Tensor | None = None
+    seqused_k: torch.Tensor | None = None
+    #: What a kernel must not read (``harness.exact.padding``): region -> ``[(tensor name,
+    #: bool mask over its token dimensions)]``; NaN there unless a backend's contract wants it
+    #: finite.
+    padding: dict | None = None
 
     @property
     def device(self) -> torch.device:
@@ -136,10 +156,12 @@ class Inputs:
         case = self.case
         if case.entry == "varlen":
             assert self.cu_seqlens_q is not None and self.cu_seqlens_k is not None
+            assert case.seqlens_q is not None and case.seqlens_k is not None
             cq = self.cu_seqlens_q.tolist()
             ck = self.cu_seqlens_k.tolist()
-            for b in range(case.batch):
-                yield Piece(self, slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1]), packed=True)
+            for b in range(case.batch):  # a padded slot's tail is not the sequence's
+                yield Piece(self, slice(cq[b], cq[b] + case.seqlens_q[b]),
+                            slice(ck[b], ck[b] + case.seqlens_k[b]), packed=True)
         elif case.per_sequence_keys:
             # Keys as the reference sees them after resolve_cache: row b, positions
             # [0, cache_seqlens + seqlen_new - cache_leftpad).
@@ -269,10 +291,13 @@ def _fresh_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def make_inputs(case: Case, device: str | torch.device = "cpu", seed: int = 0) -> Inputs:
-    """Draw the inputs of ``case`` on ``device`` from ``seed`` (fp8 cases:
-    :func:`harness.exact.fp8.make_fp8_inputs`, which builds on this)."""
-    if case.dtype in FP8_DTYPES:
-        raise ValueError(f"{case.dtype} inputs are drawn by harness.exact.fp8.make_fp8_inputs")
+    """Draw the inputs of ``case`` on ``device`` from ``seed`` (fp8 cases, an fp8 KV cache
+    included: :func:`harness.exact.fp8.make_fp8_inputs`, which builds on this)."""
+    if case.dtype in FP8_DTYPES or case.kv_fp8:
+        raise ValueError(f"{case.kv_dtype or case.dtype} inputs are drawn by "
+                         "harness.exact.fp8.make_fp8_inputs")
+    from harness.exact.padding import poison
+
     gen = torch.Generator(device="cpu").manual_seed(derive_seed(seed, case.case_id))
     dtype = TORCH_DTYPES[case.dtype]
     hq, hkv, d = case.heads_q, case.heads_kv, case.head_dim
@@ -284,37 +309,66 @@ def make_inputs(case: Case, device: str | torch.device = "cpu", seed: int = 0) -
         inputs = _varlen(case, gen, dtype, device, slopes)
         if case.paged_block_size:
             _page(inputs, gen)
-        return inputs
-    q_shape = (case.batch, case.seqlen_q, hq, d)
-    kv_rows = case.cache_rows if case.entry == "kvcache" else case.batch
-    kv_shape = (kv_rows, case.seqlen_k, hkv, d)
-    segments = ([(b, 0, n) for b, n in enumerate(case.seqlens_k)] if case.seqlens_k
-                else [(slice(None), 0, case.seqlen_k)])
-    q, k, v, dout, packed = _draw_qkv(case, q_shape, kv_shape, gen, dtype, device,
-                                      key_segments=segments)
-    inputs = Inputs(case=case, q=q, k=k, v=v, dout=dout, alibi_slopes=slopes, packed=packed)
-    if case.entry == "kvcache":
-        lengths = case.cache_lengths()
-        rows = _cache_rows(inputs, extra)
-        _decoy_cache_tail(k, v, lengths, gen, rows)
-        inputs.cache_seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
-        _cache_extras(inputs, rows, extra)
-        if case.paged_block_size:
-            _page(inputs, gen)
+    else:
+        q_shape = (case.batch, case.seqlen_q, hq, d)
+        kv_rows = case.cache_rows if case.entry == "kvcache" else case.batch
+        kv_shape = (kv_rows, case.seqlen_k, hkv, d)
+        segments = ([(b, 0, n) for b, n in enumerate(case.seqlens_k)] if case.seqlens_k
+                    else [(slice(None), 0, case.seqlen_k)])
+        q, k, v, dout, packed = _draw_qkv(case, q_shape, kv_shape, gen, dtype, device,
+                                          key_segments=segments,
+                                          query_segments=[(slice(None), 0, case.seqlen_q)])
+        inputs = Inputs(case=case, q=q, k=k, v=v, dout=dout, alibi_slopes=slopes,
+                        packed=packed)
+        if case.entry == "kvcache":
+            lengths = case.cache_lengths()
+            rows = _cache_rows(inputs, extra)
+            _decoy_cache_tail(k, v, lengths, gen, rows)
+            inputs.cache_seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+            _cache_extras(inputs, rows, extra)
+            if case.paged_block_size:
+                _page(inputs, gen)
+    if case.learnable_sink:
+        inputs.learnable_sink = case_sinks(case, device, seed)
+    poison(inputs)
     return inputs
 
 
 def _varlen(case, gen, dtype, device, slopes) -> Inputs:
     assert case.seqlens_q is not None and case.seqlens_k is not None
-    tq, tk = sum(case.seqlens_q), sum(case.seqlens_k)
-    starts = cumulative(case.seqlens_k, "cpu").tolist()
+    slots_q, slots_k = case.slots(case.seqlens_q), case.slots(case.seqlens_k)
+    starts_q = cumulative(slots_q, "cpu").tolist()
+    starts = cumulative(slots_k, "cpu").tolist()
     segments = [(None, start, n) for start, n in zip(starts, case.seqlens_k, strict=False)]
-    q, k, v, dout, packed = _draw_qkv(case, (tq, case.heads_q, case.head_dim),
-                                      (tk, case.heads_kv, case.head_dim), gen, dtype, device,
-                                      key_segments=segments)
+    q_segments = [(None, start, n) for start, n in zip(starts_q, case.seqlens_q, strict=False)]
+    q, k, v, dout, packed = _draw_qkv(case, (sum(slots_q), case.heads_q, case.head_dim),
+                                      (sum(slots_k), case.heads_kv, case.head_dim), gen, dtype,
+                                      device, key_segments=segments, query_segments=q_segments)
     return Inputs(case=case, q=q, k=k, v=v, dout=dout, alibi_slopes=slopes, packed=packed,
-                  cu_seqlens_q=cumulative(case.seqlens_q, device),
-                  cu_seqlens_k=cumulative(case.seqlens_k, device))
+                  cu_seqlens_q=cumulative(slots_q, device),
+                  cu_seqlens_k=cumulative(slots_k, device),
+                  seqused_q=torch.tensor(case.seqlens_q, dtype=torch.int32, device=device),
+                  seqused_k=torch.tensor(case.seqlens_k, dtype=torch.int32, device=device))
+
+
+#: Learnable sinks sit this far (natural-log units), up or down, around a typical row's
+#: log-sum-exp (:func:`case_sinks`): the sink then holds between 12% and 88% of a row's
+#: softmax mass, so removing it moves the output by far more than any tolerance.
+SINK_SPREAD = 2.0
+
+
+def case_sinks(case: Case, device, seed: int = 0) -> torch.Tensor:
+    """The learnable sink logits of ``case``, float32 ``(heads_q,)``, from a generator of their
+    own: uniform within :data:`SINK_SPREAD` of a typical row's log-sum-exp, ``log(visible
+    keys per row) + (scale^2 d) / 2`` (the lse of N(0, 1) q and k), so each head's sink is
+    comparable to its rows' normalisers and matters (gpt-oss's learned sinks play that role)."""
+    gen = torch.Generator(device="cpu").manual_seed(derive_seed(seed, case.case_id, "sink"))
+    scale = effective_scale(case)
+    rows = max(1, case.total_q)
+    typical = math.log(max(1.0, case.attended_pairs() / rows)) + 0.5 * scale * scale \
+        * case.head_dim
+    offsets = (torch.rand(case.heads_q, generator=gen) * 2 - 1) * SINK_SPREAD
+    return (typical + offsets).to(torch.float32).to(device)
 
 
 def cumulative(lengths, device) -> torch.Tensor:
@@ -325,24 +379,32 @@ def cumulative(lengths, device) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.int32, device=device)
 
 
-def _draw_qkv(case: Case, q_shape, kv_shape, gen, dtype, device, key_segments):
+def _draw_qkv(case: Case, q_shape, kv_shape, gen, dtype, device, key_segments,
+              query_segments=()):
     """q, k, v, dout and the packed buffer (or None) of a case, in its values and layout.
 
     Normal values in the contiguous and strided layouts are drawn exactly as before issue 12
     (so existing inputs are unchanged); everything else is staged in float32 on the CPU: q, k,
-    v, dout drawn in that order, then the distribution's extra draws, then rounding.
+    v, dout drawn in that order, then the distribution's extra draws, then rounding. v and dout
+    have ``head_dim_v`` as their last dimension (``kv_shape``/``q_shape`` are q's and k's).
     """
     layout = case.layout
-    if case.values == "normal" and layout in ("contiguous", "strided"):
+    v_shape = (*kv_shape[:-1], case.dv)
+    out_shape = (*q_shape[:-1], case.dv)
+    plain = (case.values == "normal" and case.v_values == "normal"
+             and case.dout_values == "normal" and case.dv == case.head_dim)
+    if plain and layout in ("contiguous", "strided"):
         strided = layout == "strided"
         q = _draw(q_shape, gen, dtype, device, strided)
         k = _draw(kv_shape, gen, dtype, device, strided)
         v = _draw(kv_shape, gen, dtype, device, strided)
         dout = _draw(q_shape, gen, dtype, device, False)
         return q, k, v, dout, None
-    q32, k32, v32, dout32 = (_randn(shape, gen) for shape in (q_shape, kv_shape, kv_shape,
-                                                                  q_shape))
+    q32, k32, v32, dout32 = (_randn(shape, gen) for shape in (q_shape, kv_shape, v_shape,
+                                                                  out_shape))
     shape_values(case, q32, k32, gen, key_segments)
+    tensor_values(case.v_values, v32, key_segments)
+    tensor_values(case.dout_values, dout32, query_segments)
     packed = None
     if layout in ("packed-qkv", "packed-kv"):
         tensors = (q32, k32, v32) if layout == "packed-qkv" else (k32, v32)
@@ -359,9 +421,37 @@ def _draw_qkv(case: Case, q_shape, kv_shape, gen, dtype, device, key_segments):
     mode = {"strided": "strided", "lastdim-strided": "lastdim"}.get(layout, "contiguous")
     q = _place(q32, dtype, device, mode)
     k = _place(k32, dtype, device, mode)
-    v = _place(v32, dtype, device, "heads-major" if layout == "v-transposed" else mode)
+    if layout == "latent-kv":  # the shared latent: v is k's first head_dim_v dimensions
+        v = k[..., : case.dv]
+    else:
+        v = _place(v32, dtype, device, "heads-major" if layout == "v-transposed" else mode)
     dout = _place(dout32, dtype, device, "strided" if layout == "dout-strided" else "contiguous")
     return q, k, v, dout, packed
+
+
+def tensor_values(kind: str, x: torch.Tensor, segments) -> None:
+    """Turn N(0, 1) float32 ``x`` (v or dout) into the distribution ``kind`` of
+    :data:`harness.case.TENSOR_VALUES`, in place: ``offset`` adds
+    :data:`~harness.case.TENSOR_VALUE_OFFSET`, ``large`` multiplies by
+    :data:`~harness.case.TENSOR_VALUE_LARGE`, ``rows`` multiplies the first and the middle token
+    of each sequence (``segments`` as in :func:`shape_values`) by it. No draws: the generator's
+    stream is the same whatever the distribution."""
+    if kind == "normal":
+        return
+    if kind == "offset":
+        x.add_(TENSOR_VALUE_OFFSET)
+        return
+    if kind == "large":
+        x.mul_(TENSOR_VALUE_LARGE)
+        return
+    for row, start, length in segments:
+        if length <= 0:
+            continue
+        for pos in sorted({start, start + length // 2}):
+            if row is None:
+                x[pos].mul_(TENSOR_VALUE_LARGE)
+            else:
+                x[row, pos].mul_(TENSOR_VALUE_LARGE)
 
 
 def effective_scale(case: Case) -> float:
@@ -497,7 +587,8 @@ def _decoy(k, v, row: int, positions: slice, gen) -> None:
     if n > 0:
         shape = (n, *k.shape[2:])
         k[row, positions] = (torch.randn(shape, generator=gen) + 4.0).to(k.dtype).to(k.device)
-        v[row, positions] = (torch.randn(shape, generator=gen) + 8.0).to(v.dtype).to(v.device)
+        v_shape = (n, *v.shape[2:])
+        v[row, positions] = (torch.randn(v_shape, generator=gen) + 8.0).to(v.dtype).to(v.device)
 
 
 #: flash-attn's tests draw random ALiBi slopes as ``torch.rand(...) * 0.3``
@@ -544,7 +635,7 @@ def _cache_extras(inputs: Inputs, rows: list[int], gen) -> None:
         shape = (case.batch, case.seqlen_new, case.heads_kv, case.head_dim)
         strided = case.layout == "strided"
         inputs.k_new = _draw(shape, gen, dtype, device, strided)
-        inputs.v_new = _draw(shape, gen, dtype, device, strided)
+        inputs.v_new = _draw((*shape[:-1], case.dv), gen, dtype, device, strided)
     if case.rotary_dim:
         angle = torch.rand(case.window_seqlen_k, case.rotary_dim // 2, generator=gen) * 2 * math.pi
         inputs.rotary_cos = torch.cos(angle).to(dtype).to(device)
@@ -563,9 +654,10 @@ def _page(inputs: Inputs, gen) -> None:
     block = case.paged_block_size
     k, v = inputs.k, inputs.v
     if case.entry == "varlen":
-        assert inputs.cu_seqlens_k is not None
+        assert inputs.cu_seqlens_k is not None and case.seqlens_k is not None
         cu = inputs.cu_seqlens_k.tolist()
-        spans = [(k[cu[b]:cu[b + 1]], v[cu[b]:cu[b + 1]]) for b in range(case.batch)]
+        ends = [cu[b] + case.seqlens_k[b] for b in range(case.batch)]  # not a padded slot's tail
+        spans = [(k[cu[b]:ends[b]], v[cu[b]:ends[b]]) for b in range(case.batch)]
     else:
         spans = [(k[r], v[r]) for r in range(case.cache_rows)]
     per_seq = -(-case.seqlen_k // block)
@@ -575,7 +667,8 @@ def _page(inputs: Inputs, gen) -> None:
     table = order[: len(spans) * per_seq].view(len(spans), per_seq)
     pages_shape = (num_blocks, block, case.heads_kv, case.head_dim)
     k_pages = (torch.randn(pages_shape, generator=gen) + 4.0).to(k.dtype).to(k.device)
-    v_pages = (torch.randn(pages_shape, generator=gen) + 8.0).to(v.dtype).to(v.device)
+    v_pages = (torch.randn(pages_shape, generator=gen) + 8.0)[..., : case.dv]
+    v_pages = v_pages.contiguous().to(v.dtype).to(v.device)
     for b, (row_k, row_v) in enumerate(spans):
         for i in range(per_seq):
             lo, hi = i * block, min((i + 1) * block, row_k.shape[0])
@@ -584,5 +677,7 @@ def _page(inputs: Inputs, gen) -> None:
             page = int(table[b, i])
             k_pages[page, : hi - lo] = row_k[lo:hi]
             v_pages[page, : hi - lo] = row_v[lo:hi]
+    if case.layout == "latent-kv":  # v's pages are k's, as its cache is k's
+        v_pages = k_pages[..., : case.dv]
     inputs.k_pages, inputs.v_pages = k_pages, v_pages
     inputs.block_table = table.to(torch.int32).to(k.device)

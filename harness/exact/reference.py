@@ -30,7 +30,7 @@ from harness.exact.kvcache import (  # noqa: F401 - cache_after and LSE_CONVENTI
     resolve_cache,
 )
 from harness.exact.outputs import Outputs
-from harness.exact.scores import Params, Precision, logits, matmul
+from harness.exact.scores import Params, Precision, logits, matmul, open_rows, with_sink
 
 #: Scores held at once by the reference (per block) and the baseline (per query-row chunk).
 BLOCK_ELEMS = 1 << 22
@@ -89,8 +89,11 @@ def _block_visibility(p: Params, r0: int, r1: int, j0: int, j1: int, off: int) -
     """'none', 'all' or 'some' keys of block rows [r0..r1] x cols [j0, j1) are visible."""
     min_rel = r0 + off - (j1 - 1)  # rel = i + off - j
     max_rel = r1 + off - j0
-    if (p.left >= 0 and min_rel > p.left) or (p.right >= 0 and -max_rel > p.right):
+    if p.right >= 0 and -max_rel > p.right:
         return "none"
+    if p.left >= 0 and min_rel > p.left:
+        # left of every row's window; sink tokens (keys < sink_tokens) are spared that bound
+        return "some" if j0 < p.sink_tokens else "none"
     if (p.left < 0 or max_rel <= p.left) and (p.right < 0 or -min_rel <= p.right):
         return "all"
     return "some"
@@ -119,38 +122,39 @@ def _blocks(p, rows_chunk: torch.Tensor, sk: int, ck: int,
 
 
 def attention_forward(q, k, v, p: Params, slopes=None, *, rows=None, seqlen_q=None,
-                      block_elems: int = BLOCK_ELEMS):
+                      block_elems: int = BLOCK_ELEMS, sinks=None):
     """Exact attention of one uniform batch, chunked.
 
     Args:
         q: ``(B, n, Hq, d)``, the query rows to compute (all rows unless ``rows`` is given).
-        k, v: ``(B, sk, Hkv, d)``.
+        k: ``(B, sk, Hkv, d)``; v: ``(B, sk, Hkv, dv)``.
         p: scale, window and softcap.
         slopes: ALiBi slopes ``(Hq,)`` or None.
         rows: sorted int64 positions of q's rows among ``seqlen_q`` queries (row sampling).
         seqlen_q: the full query length the positions refer to (default ``n``).
         block_elems: scores held at once.
+        sinks: learnable sink logits ``(Hq,)`` or None (:mod:`harness.exact.scores`).
 
     Returns:
-        ``(out (B, n, Hq, d), lse (B, Hq, n))`` in q's dtype; rows that see no key are 0 / -inf.
+        ``(out (B, n, Hq, dv), lse (B, Hq, n))`` in q's dtype; rows that see no key are 0 /
+        -inf (0 / the sink with a learnable sink).
     """
     B, n, Hq, d = q.shape
-    sk, Hkv = k.shape[1], k.shape[2]
+    sk, Hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
     G = Hq // Hkv
     seqlen_q = n if seqlen_q is None else seqlen_q
     rows = _row_index(n, q.device) if rows is None else rows
     off = sk - seqlen_q
     qg = q.reshape(B, n, Hkv, G, d)
     sl = None if slopes is None else slopes.to(q.dtype)
-    out = q.new_zeros(B, Hkv, G, n, d)
+    out = q.new_zeros(B, Hkv, G, n, dv)
     lse = q.new_full((B, Hkv, G, n), -math.inf)
     cq, ck = _chunk_sizes(B * Hq, n, sk, block_elems)
     for i0 in range(0, n, cq):
         i1 = min(n, i0 + cq)
         qb, rb = qg[:, i0:i1], rows[i0:i1]
-        m = q.new_full((B, Hkv, G, i1 - i0), -math.inf)
-        l_sum = q.new_zeros(B, Hkv, G, i1 - i0)
-        acc = q.new_zeros(B, Hkv, G, i1 - i0, d)
+        m, l_sum = open_rows(sinks, (B, Hkv, G, i1 - i0), q.dtype, q.device)
+        acc = q.new_zeros(B, Hkv, G, i1 - i0, dv)
         for j0, j1, need_mask in _blocks(p, rb, sk, ck, off):
             s, _, _ = logits(qb, k[:, j0:j1].to(q.dtype), p, rows=rb, off=off, j0=j0, slopes=sl,
                              need_mask=need_mask)
@@ -166,14 +170,15 @@ def attention_forward(q, k, v, p: Params, slopes=None, *, rows=None, seqlen_q=No
         normalised = acc / l_sum.clamp_min(1e-300)[..., None]
         out[:, :, :, i0:i1] = torch.where(seen[..., None], normalised, 0.0)
         lse[:, :, :, i0:i1] = torch.where(seen, m + torch.log(l_sum.clamp_min(1e-300)), -math.inf)
-    return out.permute(0, 3, 1, 2, 4).reshape(B, n, Hq, d), lse.reshape(B, Hq, n)
+    return out.permute(0, 3, 1, 2, 4).reshape(B, n, Hq, dv), lse.reshape(B, Hq, n)
 
 
 def attention_backward(q, k, v, out, lse, dout, p: Params, slopes=None, *,
                        block_elems: int = BLOCK_ELEMS):
     """Exact gradients of one uniform batch: ``(dq, dk, dv)`` shaped like ``(q, k, v)``.
 
-    ``out`` and ``lse`` are the reference forward's results for the same inputs.
+    ``out`` and ``lse`` are the reference forward's results for the same inputs (a learnable
+    sink is in the lse: the probabilities ``exp(s - lse)`` are the ones it leaves the keys).
     """
     B, sq, Hq, d = q.shape
     sk, Hkv = k.shape[1], k.shape[2]
@@ -181,7 +186,7 @@ def attention_backward(q, k, v, out, lse, dout, p: Params, slopes=None, *,
     off = sk - sq
     rows = _row_index(sq, q.device)
     qg = q.reshape(B, sq, Hkv, G, d)
-    dog = dout.reshape(B, sq, Hkv, G, d)
+    dog = dout.reshape(B, sq, Hkv, G, dout.shape[-1])
     delta = (dout * out).sum(-1).reshape(B, sq, Hkv, G).permute(0, 2, 3, 1)  # (B, Hkv, G, sq)
     lse = lse.reshape(B, Hkv, G, sq)
     lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse)
@@ -240,11 +245,11 @@ def dropout_variance_forward(q, k, v, lse, p: Params, slopes=None, *,
     ``dp`` each kept term is scaled by ``1/(1-dp)``, so the output's variance is
     ``dp / (1 - dp)`` times this. ``lse`` comes from :func:`attention_forward`."""
     B, sq, Hq, d = q.shape
-    Hkv = k.shape[2]
-    acc = q.new_zeros(B, Hkv, Hq // Hkv, sq, d)
+    Hkv, dv = k.shape[2], v.shape[-1]
+    acc = q.new_zeros(B, Hkv, Hq // Hkv, sq, dv)
     for i0, i1, _, _, vb, prob in _probability_blocks(q, k, v, lse, p, slopes, block_elems):
         acc[:, :, :, i0:i1] += torch.einsum("bhgij,bjhd->bhgid", prob * prob, vb * vb)
-    return acc.permute(0, 3, 1, 2, 4).reshape(B, sq, Hq, d)
+    return acc.permute(0, 3, 1, 2, 4).reshape(B, sq, Hq, dv)
 
 
 def score_rounding_forward(q, k, v, out, lse, p: Params, slopes=None, *, unit: float,
@@ -266,11 +271,11 @@ def score_rounding_forward(q, k, v, out, lse, p: Params, slopes=None, *, unit: f
     ``lse`` from :func:`attention_forward` (``rows`` and ``seqlen_q`` as there).
     """
     B, n, Hq, d = q.shape
-    Hkv = k.shape[2]
+    Hkv, dv = k.shape[2], v.shape[-1]
     G = Hq // Hkv
     gamma = math.sqrt(d) * unit * abs(p.scale)
-    first = q.new_zeros(B, Hkv, G, n, d)  # sum_j w_j v_jc
-    second = q.new_zeros(B, Hkv, G, n, d)  # sum_j w_j v_jc**2
+    first = q.new_zeros(B, Hkv, G, n, dv)  # sum_j w_j v_jc
+    second = q.new_zeros(B, Hkv, G, n, dv)  # sum_j w_j v_jc**2
     weight = q.new_zeros(B, Hkv, G, n)  # sum_j w_j
     for i0, i1, qb, kb, vb, prob in _probability_blocks(q, k, v, lse, p, slopes, block_elems,
                                                         rows=rows, seqlen_q=seqlen_q):
@@ -278,10 +283,10 @@ def score_rounding_forward(q, k, v, out, lse, p: Params, slopes=None, *, unit: f
         first[:, :, :, i0:i1] += torch.einsum("bhgij,bjhd->bhgid", w, vb)
         second[:, :, :, i0:i1] += torch.einsum("bhgij,bjhd->bhgid", w, vb * vb)
         weight[:, :, :, i0:i1] += w.sum(-1)
-    o = out.reshape(B, n, Hkv, G, d).permute(0, 2, 3, 1, 4)
+    o = out.reshape(B, n, Hkv, G, dv).permute(0, 2, 3, 1, 4)
     spread = (second - 2 * o * first + o * o * weight[..., None]).clamp_min(0)
     slack = torch.sqrt(weight[..., None] * spread)
-    return slack.permute(0, 3, 1, 2, 4).reshape(B, n, Hq, d), weight.reshape(B, Hq, n)
+    return slack.permute(0, 3, 1, 2, 4).reshape(B, n, Hq, dv), weight.reshape(B, Hq, n)
 
 
 def score_rounding_backward(q, k, v, out, lse, dout, p: Params, slopes=None, *, unit: float,
@@ -310,7 +315,7 @@ def score_rounding_backward(q, k, v, out, lse, dout, p: Params, slopes=None, *, 
     off = sk - sq
     gamma = math.sqrt(d) * unit * abs(p.scale)
     rows = _row_index(sq, q.device)
-    qg, dog = q.reshape(B, sq, Hkv, G, d), dout.reshape(B, sq, Hkv, G, d)
+    qg, dog = q.reshape(B, sq, Hkv, G, d), dout.reshape(B, sq, Hkv, G, dout.shape[-1])
     delta = (dout * out).sum(-1).reshape(B, sq, Hkv, G).permute(0, 2, 3, 1)
     lse = lse.reshape(B, Hkv, G, sq)
     lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse)
@@ -353,6 +358,73 @@ def score_rounding_backward(q, k, v, out, lse, dout, p: Params, slopes=None, *, 
     return dq.reshape(B, sq, Hq, d), dk, dv
 
 
+def delta_rounding_backward(q, k, v, out, lse, dout, p: Params, slopes=None, *, unit: float,
+                            block_elems: int = BLOCK_ELEMS):
+    """How far a correct FlashAttention-style backward's dq and dk may move because it takes
+    ``D_i = sum_c dO_ic O_ic`` from the output as stored at the kernel's dtype (flash-attn's
+    ``flash_bwd_preprocess``: ``dot(dO, O)`` on the saved O). Rounding O moves ``D_i`` by at
+    most ``unit * sum_c |dO_ic O_ic|``; ``dS_ij = P_ij g_ij (dP_ij - D_i)`` then by ``P_ij
+    |dD_i|`` (``g <= 1``), so ``dq_i`` by ``scale |dD_i| sum_j P_ij |k_j|`` and ``dk_j`` by
+    ``scale sum_i P_ij |dD_i| |q_i|``. Negligible for N(0, 1) v and dout; with a v far from 0
+    and large dout rows it reaches several times the same-dtype baseline's error.
+
+    Returns ``(dq_slack, dk_slack, dv_slack = 0)`` shaped like ``(q, k, v)``; ``out`` and ``lse``
+    from :func:`attention_forward`."""
+    B, sq, Hq, d = q.shape
+    sk, Hkv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    off = sk - sq
+    rows = _row_index(sq, q.device)
+    qg = q.reshape(B, sq, Hkv, G, d)
+    moved = unit * (dout.abs() * out.abs()).sum(-1)  # (B, sq, Hq)
+    moved = moved.reshape(B, sq, Hkv, G).permute(0, 2, 3, 1)  # (B, Hkv, G, sq)
+    lse = lse.reshape(B, Hkv, G, sq)
+    lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse)
+    sl = None if slopes is None else slopes.to(q.dtype)
+    dq = torch.zeros_like(qg)
+    dk = torch.zeros_like(k)
+    cq, ck = _chunk_sizes(B * Hq, sq, sk, block_elems)
+    for i0 in range(0, sq, cq):
+        i1 = min(sq, i0 + cq)
+        qb, rb = qg[:, i0:i1], rows[i0:i1]
+        for j0, j1, need_mask in _blocks(p, rb, sk, ck, off):
+            kb = k[:, j0:j1]
+            s, _, _ = logits(qb, kb, p, rows=rb, off=off, j0=j0, slopes=sl, need_mask=need_mask)
+            w = torch.exp(s - lse_safe[..., i0:i1, None]) * moved[..., i0:i1, None]
+            dq[:, i0:i1] += torch.einsum("bhgij,bjhd->bihgd", w, kb.abs()) * abs(p.scale)
+            dk[:, j0:j1] += torch.einsum("bhgij,bihgd->bjhd", w, qb.abs()) * abs(p.scale)
+    return dq.reshape(B, sq, Hq, d), dk, torch.zeros_like(v)
+
+
+@ieee_float32
+def delta_rounding(inputs: Inputs, unit: float, *, block_elems: int = BLOCK_ELEMS) -> Outputs:
+    """:func:`delta_rounding_backward` over a whole case (dense and varlen; the backward's
+    entry points): the allowances as an :class:`Outputs` in the reference's dtype, out and lse
+    zero."""
+    case = inputs.case
+    dtype = reference_dtype(case.dtype, inputs.device)
+    p = Params.of(case)
+    slopes = inputs.alibi_slopes.to(dtype) if case.alibi and inputs.alibi_slopes is not None \
+        else None
+    sinks = case_sinks(inputs, dtype)
+    result = _empty_result(inputs, dtype, dtype, True)
+    result.lse.zero_()
+    for index, piece in enumerate(inputs.sequences()):
+        q, k, v = piece.q_like(inputs.q), piece.kv_like(inputs.k), piece.kv_like(inputs.v)
+        if q.shape[1] == 0 or k.shape[1] == 0:
+            continue
+        q = q.to(dtype)
+        sl = _piece_slopes(slopes, piece, index)
+        out, lse = attention_forward(q, k, v, p, sl, block_elems=block_elems, sinks=sinks)
+        do = piece.q_like(inputs.dout).to(dtype)
+        dq, dk, dv = delta_rounding_backward(q, k.to(dtype), v.to(dtype), out, lse, do, p, sl,
+                                             unit=unit, block_elems=block_elems)
+        piece.put_q(result.dq, dq)
+        piece.put_kv(result.dk, dk)
+        piece.put_kv(result.dv, dv)
+    return result
+
+
 @ieee_float32
 def score_rounding(inputs: Inputs, unit: float, *, grads: bool = False,
                    rows: list[torch.Tensor | None] | None = None,
@@ -369,6 +441,7 @@ def score_rounding(inputs: Inputs, unit: float, *, grads: bool = False,
     p = Params.of(case)
     slopes = inputs.alibi_slopes.to(dtype) if case.alibi and inputs.alibi_slopes is not None \
         else None
+    sinks = case_sinks(inputs, dtype)
     result = _empty_result(inputs, dtype, dtype, grads)
     result.lse.zero_()
     result.rows = _row_mask(inputs, rows)
@@ -381,14 +454,15 @@ def score_rounding(inputs: Inputs, unit: float, *, grads: bool = False,
         chosen = rows[index] if rows is not None else None
         if chosen is not None:
             out, lse = attention_forward(q[:, chosen], k, v, p, sl, rows=chosen,
-                                         seqlen_q=q.shape[1], block_elems=block_elems)
+                                         seqlen_q=q.shape[1], block_elems=block_elems,
+                                         sinks=sinks)
             o_s, l_s = score_rounding_forward(q[:, chosen], k, v, out, lse, p, sl, unit=unit,
                                               rows=chosen, seqlen_q=q.shape[1],
                                               block_elems=block_elems)
             piece.put_q_rows(result.out, chosen, o_s)
             piece.put_lse_rows(result.lse, chosen, l_s)
             continue
-        out, lse = attention_forward(q, k, v, p, sl, block_elems=block_elems)
+        out, lse = attention_forward(q, k, v, p, sl, block_elems=block_elems, sinks=sinks)
         o_s, l_s = score_rounding_forward(q, k, v, out, lse, p, sl, unit=unit,
                                           block_elems=block_elems)
         piece.put_q(result.out, o_s)
@@ -406,43 +480,46 @@ def score_rounding(inputs: Inputs, unit: float, *, grads: bool = False,
 # ----------------------------------------------------------------------------- baseline
 
 
-def _plain_chunk(qc, k, v, rows, off, p: Params, slopes, precision: Precision):
-    """Attention of query rows ``rows`` written the plain way (one softmax over all keys), with
-    the logits at ``precision`` and ``P @ V`` at the inputs' dtype; differentiable."""
+def _plain_chunk(qc, k, v, rows, off, p: Params, slopes, precision: Precision, sinks=None):
+    """Attention of query rows ``rows`` written the plain way (one softmax over all keys and
+    the learnable sink's column, which is dropped before ``P @ V``), with the logits at
+    ``precision`` and ``P @ V`` at the inputs' dtype; differentiable."""
     B, n, Hq, d = qc.shape
     Hkv = k.shape[2]
     qg = qc.reshape(B, n, Hkv, Hq // Hkv, d)
     s, _, seen = logits(qg, k, p, rows=rows, off=off, slopes=slopes, precision=precision)
+    keys = s.shape[-1]
+    s = with_sink(s, sinks)
     lse = torch.logsumexp(s.float(), -1)
-    prob = torch.softmax(s, dim=-1)
+    prob = torch.softmax(s, dim=-1)[..., :keys]
     if seen is not None:  # rows that see no key: 0, not the NaN of a softmax over -inf
         prob = prob.masked_fill(~seen.any(-1)[:, None], 0.0)
-    o = matmul("bhgij,bjhd->bihgd", prob.to(qc.dtype), v).reshape(B, n, Hq, d)
+    o = matmul("bhgij,bjhd->bihgd", prob.to(qc.dtype), v).reshape(B, n, Hq, v.shape[-1])
     return o, lse.reshape(B, Hq, n)
 
 
-def _baseline_chunk(qc, k, v, rows, off, p: Params, slopes):
-    """Plain attention of query rows ``rows`` in the inputs' own dtype (the logits at
-    :attr:`Precision.BASELINE`); differentiable."""
-    return _plain_chunk(qc, k, v, rows, off, p, slopes, Precision.BASELINE)
+def _baseline_chunk(qc, k, v, rows, off, p: Params, slopes, sinks=None):
+    """Plain attention of query rows ``rows`` in the inputs' own dtype (the logits, the sink
+    among them, at :attr:`Precision.BASELINE`); differentiable."""
+    return _plain_chunk(qc, k, v, rows, off, p, slopes, Precision.BASELINE, sinks)
 
 
-def _split_scale_chunk(qc, k, v, rows, off, p: Params, slopes):
+def _split_scale_chunk(qc, k, v, rows, off, p: Params, slopes, sinks=None):
     """The baseline with the softmax scale split between q and k (``sqrt(scale)`` each, as
     PyTorch's math SDPA does) instead of applied to q: the same math, another correct rounding
     order, which on ill-conditioned float32 cases errs up to a few times the plain one."""
     root = math.sqrt(p.scale)
     return _baseline_chunk(qc * root, k * root, v, rows, off, dataclasses.replace(p, scale=1.0),
-                           slopes)
+                           slopes, sinks)
 
 
-def _widened_chunk(qc, k, v, rows, off, p: Params, slopes):
+def _widened_chunk(qc, k, v, rows, off, p: Params, slopes, sinks=None):
     """The baseline with flash-attn's precision split instead of plain PyTorch's: scores,
     softcap, ALiBi and softmax in float32 (so they cannot overflow at float16), ``P`` rounded to
     the inputs' dtype before ``P @ V`` at that dtype, and in the backward ``dS`` rounded to it
     before the dq/dk products (:attr:`Precision.WIDENED`). Differentiable; ``(out, lse
     float32)`` like :func:`_baseline_chunk`."""
-    return _plain_chunk(qc, k, v, rows, off, p, slopes, Precision.WIDENED)
+    return _plain_chunk(qc, k, v, rows, off, p, slopes, Precision.WIDENED, sinks)
 
 
 def _baseline_rows(B: int, Hq: int, sk: int, block_elems: int) -> int:
@@ -450,7 +527,7 @@ def _baseline_rows(B: int, Hq: int, sk: int, block_elems: int) -> int:
 
 
 def baseline_forward(q, k, v, p: Params, slopes=None, *, block_elems: int = BLOCK_ELEMS,
-                     chunk=None):
+                     chunk=None, sinks=None):
     """The same math as the reference in the inputs' dtype: ``(out, lse float32)``.
 
     Results go straight into preallocated tensors: keeping small per-chunk results alive
@@ -461,12 +538,12 @@ def baseline_forward(q, k, v, p: Params, slopes=None, *, block_elems: int = BLOC
     off = k.shape[1] - sq
     rows = _row_index(sq, q.device)
     step = _baseline_rows(B, Hq, k.shape[1], block_elems)
-    out = torch.empty(B, sq, Hq, d, dtype=q.dtype, device=q.device)
+    out = torch.empty(B, sq, Hq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, sq, dtype=torch.float32, device=q.device)
     with torch.no_grad():
         for i0 in range(0, sq, step):
             o, l_ = (chunk or _baseline_chunk)(q[:, i0:i0 + step], k, v, rows[i0:i0 + step],
-                                               off, p, slopes)
+                                               off, p, slopes, sinks)
             out[:, i0:i0 + step] = o
             lse[:, :, i0:i0 + step] = l_
             del o, l_
@@ -474,24 +551,25 @@ def baseline_forward(q, k, v, p: Params, slopes=None, *, block_elems: int = BLOC
 
 
 def baseline_rows(q, k, v, rows: torch.Tensor, p: Params, slopes=None, *,
-                  block_elems: int = BLOCK_ELEMS, chunk=None):
-    """The baseline of the query rows ``rows`` only: ``(out (B, len(rows), Hq, d), lse)``."""
+                  block_elems: int = BLOCK_ELEMS, chunk=None, sinks=None):
+    """The baseline of the query rows ``rows`` only: ``(out (B, len(rows), Hq, dv), lse)``."""
     B, sq, Hq, d = q.shape
     off = k.shape[1] - sq
     step = _baseline_rows(B, Hq, k.shape[1], block_elems)
-    out = torch.empty(B, len(rows), Hq, d, dtype=q.dtype, device=q.device)
+    out = torch.empty(B, len(rows), Hq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, len(rows), dtype=torch.float32, device=q.device)
     with torch.no_grad():
         for i0 in range(0, len(rows), step):
             chosen = rows[i0:i0 + step]
-            o, l_ = (chunk or _baseline_chunk)(q[:, chosen], k, v, chosen, off, p, slopes)
+            o, l_ = (chunk or _baseline_chunk)(q[:, chosen], k, v, chosen, off, p, slopes,
+                                               sinks)
             out[:, i0:i0 + step] = o
             lse[:, :, i0:i0 + step] = l_
     return out, lse
 
 
 def baseline_backward(q, k, v, dout, p: Params, slopes=None, *, block_elems: int = BLOCK_ELEMS,
-                      chunk=None):
+                      chunk=None, sinks=None):
     """Gradients of the baseline by autograd, one query chunk at a time; the chunks' dk and dv
     are summed in float32 (one plain backward over all rows would accumulate them in one
     matmul)."""
@@ -512,7 +590,8 @@ def baseline_backward(q, k, v, dout, p: Params, slopes=None, *, block_elems: int
             # sum over each group happens in the low dtype too.
             ke = kk.repeat_interleave(group, dim=2) if group > 1 else kk
             ve = vv.repeat_interleave(group, dim=2) if group > 1 else vv
-            o, _ = (chunk or _baseline_chunk)(qc, ke, ve, rows[i0:i0 + step], off, p, slopes)
+            o, _ = (chunk or _baseline_chunk)(qc, ke, ve, rows[i0:i0 + step], off, p, slopes,
+                                              sinks)
             gq, gk, gv = torch.autograd.grad(o, (qc, kk, vv), dout[:, i0:i0 + step])
         dq[:, i0:i0 + step] = gq
         dk += gk.float()
@@ -525,16 +604,18 @@ def baseline_backward(q, k, v, dout, p: Params, slopes=None, *, block_elems: int
 
 
 def empty_lse(case: Case, device, dtype) -> torch.Tensor:
-    """An lse tensor of the case's layout filled with -inf (rows that see no key)."""
+    """An lse tensor of the case's layout filled with -inf (rows that see no key, and the
+    padding rows of a padded varlen layout)."""
     if case.entry == "varlen":
-        return torch.full((case.heads_q, case.total_q), -math.inf, dtype=dtype, device=device)
+        return torch.full((case.heads_q, case.rows_q), -math.inf, dtype=dtype, device=device)
     return torch.full((case.batch, case.heads_q, case.seqlen_q), -math.inf, dtype=dtype,
                       device=device)
 
 
 def _empty_result(inputs: Inputs, dtype, lse_dtype, grads: bool) -> Outputs:
     dev = inputs.device
-    result = Outputs(out=torch.zeros(inputs.q.shape, dtype=dtype, device=dev),
+    out_shape = (*inputs.q.shape[:-1], inputs.case.dv)
+    result = Outputs(out=torch.zeros(out_shape, dtype=dtype, device=dev),
                      lse=empty_lse(inputs.case, dev, lse_dtype))
     if grads:
         result.dq = torch.zeros(inputs.q.shape, dtype=dtype, device=dev)
@@ -561,19 +642,43 @@ def sample_rows(inputs: Inputs, count: int, seed: int) -> list[torch.Tensor | No
 
 
 def _row_mask(inputs: Inputs, rows: list[torch.Tensor | None] | None) -> torch.Tensor | None:
-    if rows is None or all(r is None for r in rows):
+    """The rows a result holds: the sampled ones, and never the padding rows of a padded
+    varlen layout (whose output the kernel need not write); None for all rows."""
+    padded = inputs.case.layout == "padded"
+    if not padded and (rows is None or all(r is None for r in rows)):
         return None
+    pieces = list(inputs.sequences())
+    chosen_rows = rows if rows is not None else [None] * len(pieces)
     mask = torch.zeros(inputs.q.shape[:-2], dtype=torch.bool, device=inputs.device)
-    for piece, chosen in zip(inputs.sequences(), rows, strict=True):
+    for piece, chosen in zip(pieces, chosen_rows, strict=True):
         piece.mark_rows(mask, chosen)
     return mask
+
+
+def case_sinks(inputs: Inputs, dtype: torch.dtype, use: bool | None = None
+               ) -> torch.Tensor | None:
+    """The learnable sink logits ``(Hq,)`` at ``dtype`` when the case has them (``use``
+    overrides whether they apply), else None."""
+    wanted = inputs.case.learnable_sink if use is None else use
+    sinks = getattr(inputs, "learnable_sink", None)
+    return sinks.to(dtype) if wanted and sinks is not None else None
+
+
+def _no_keys(piece, lse: torch.Tensor, sinks: torch.Tensor | None, rows: int) -> None:
+    """A sequence without keys: its rows' lse is the sink (output 0), or stays -inf."""
+    if sinks is None or rows == 0:
+        return
+    value = sinks.to(lse.dtype)[None, :, None].expand(1 if piece.packed else lse[piece.rows]
+                                                      .shape[0], -1, rows)
+    piece.put_lse(lse, value)
 
 
 @ieee_float32
 def reference(inputs: Inputs, *, dtype: torch.dtype | None = None, params: Params | None = None,
               alibi: bool | None = None, grads: bool = False,
               rows: list[torch.Tensor | None] | None = None,
-              block_elems: int = BLOCK_ELEMS, lse_convention: str = "harness") -> Outputs:
+              block_elems: int = BLOCK_ELEMS, lse_convention: str = "harness",
+              sink: bool | None = None) -> Outputs:
     """The exact result of a case, in the layout of its entry point.
 
     kv-cache cases attend the cache as it is after the call: appended keys and values, rotary
@@ -585,6 +690,7 @@ def reference(inputs: Inputs, *, dtype: torch.dtype | None = None, params: Param
         dtype: computation dtype (default :func:`reference_dtype`).
         params: override the case's scale/window/softcap (feature-effect checks use this).
         alibi: override whether ALiBi applies.
+        sink: override whether the learnable sink applies.
         grads: also compute dq, dk, dv for ``inputs.dout``.
         rows: per piece, the query rows to compute (:func:`sample_rows`); the others stay zero
             and ``Outputs.rows`` marks the computed ones. Forward only.
@@ -610,6 +716,7 @@ def reference(inputs: Inputs, *, dtype: torch.dtype | None = None, params: Param
     slopes = None
     if use_alibi and inputs.alibi_slopes is not None:
         slopes = inputs.alibi_slopes.to(dtype)
+    sinks = case_sinks(inputs, dtype, sink)
     if rows is not None and grads:
         raise ValueError("row sampling is for the forward only")
     result = _empty_result(inputs, dtype, dtype, grads)
@@ -617,6 +724,7 @@ def reference(inputs: Inputs, *, dtype: torch.dtype | None = None, params: Param
     for index, piece in enumerate(inputs.sequences()):
         q, k, v = piece.q_like(inputs.q), piece.kv_like(inputs.k), piece.kv_like(inputs.v)
         if q.shape[1] == 0 or k.shape[1] == 0:
+            _no_keys(piece, result.lse, sinks, q.shape[1])
             continue
         # Keys and values stay at the input dtype and are widened one block at a time, so the
         # reference's memory follows the block, not the key length (a 1M-token cache).
@@ -625,11 +733,12 @@ def reference(inputs: Inputs, *, dtype: torch.dtype | None = None, params: Param
         chosen = rows[index] if rows is not None else None
         if chosen is not None:
             o, lse = attention_forward(q[:, chosen], k, v, p, sl, rows=chosen,
-                                       seqlen_q=q.shape[1], block_elems=block_elems)
+                                       seqlen_q=q.shape[1], block_elems=block_elems,
+                                       sinks=sinks)
             piece.put_q_rows(result.out, chosen, o)
             piece.put_lse_rows(result.lse, chosen, lse)
             continue
-        o, lse = attention_forward(q, k, v, p, sl, block_elems=block_elems)
+        o, lse = attention_forward(q, k, v, p, sl, block_elems=block_elems, sinks=sinks)
         piece.put_q(result.out, o)
         piece.put_lse(result.lse, lse)
         if grads:
@@ -663,27 +772,30 @@ def baseline(inputs: Inputs, *, grads: bool = False,
     case = inputs.case
     p = Params.of(case)
     slopes = inputs.alibi_slopes if case.alibi else None
+    sinks = case_sinks(inputs, torch.float32)
     result = _empty_result(inputs, inputs.q.dtype, torch.float32, grads)
     result.rows = _row_mask(inputs, rows)
     for index, piece in enumerate(inputs.sequences()):
         q, k, v = piece.q_like(inputs.q), piece.kv_like(inputs.k), piece.kv_like(inputs.v)
         if q.shape[1] == 0 or k.shape[1] == 0:
+            _no_keys(piece, result.lse, sinks, q.shape[1])
             continue
         sl = _piece_slopes(slopes, piece, index)
         chosen = rows[index] if rows is not None else None
         if chosen is not None:
             o, lse = baseline_rows(q, k, v, chosen, p, sl, block_elems=block_elems,
-                                   chunk=chunk)
+                                   chunk=chunk, sinks=sinks)
             piece.put_q_rows(result.out, chosen, o)
             piece.put_lse_rows(result.lse, chosen, lse)
             continue
-        o, lse = baseline_forward(q, k, v, p, sl, block_elems=block_elems, chunk=chunk)
+        o, lse = baseline_forward(q, k, v, p, sl, block_elems=block_elems, chunk=chunk,
+                                  sinks=sinks)
         piece.put_q(result.out, o)
         piece.put_lse(result.lse, lse)
         if grads:
             do = piece.q_like(inputs.dout)
             dq, dk, dv = baseline_backward(q, k, v, do, p, sl, block_elems=block_elems,
-                                           chunk=chunk)
+                                           chunk=chunk, sinks=sinks)
             piece.put_q(result.dq, dq)
             piece.put_kv(result.dk, dk)
             piece.put_kv(result.dv, dv)

@@ -7,6 +7,30 @@ mask (query ``i`` sees key ``j`` when ``-right <= i + seqlen_k - seqlen_q - j <=
 baseline all build their logits here (:func:`logits`) and differ only in the *precision* they
 are computed at, which is this module's one parameter (:class:`Precision`). What each does with
 the logits afterwards (an online softmax, a plain one, ``P`` rounded to fp8) is its own business.
+
+Two kinds of sink (issue 26), also defined here and nowhere else:
+
+* **Sink tokens** (``Case.sink_tokens = n``; StreamingLLM, AITER's ``window_size[2]``): keys
+  ``j < n`` are exempt from the window's *left* bound, never from its right bound, so a row
+  sees a sink token only once it is at or before the row's own bottom-right position (plus the
+  right window). This is the rule of the kernels: CK's ``IsOutOfSinkBound`` unmasks column
+  ``i_x`` only when ``i_x < sink && i_x < i_y + x`` (the right edge; ROCm/rocm-libraries
+  projects/composablekernel/include/ck_tile/ops/fmha/block/block_masking.hpp @ 07c6e390), and
+  FA4's reference ``construct_local_mask(..., sink_token_length)`` exempts them from the left
+  bound only (flash_attn/cute/testing.py @ 0251105a). AITER's own test reference
+  (op_tests/test_batch_prefill.py ``ref_masked_attention_with_sink``) would also show them to
+  causal rows before them, rows its tests never reach (``kv_len >= qo_len + window``). CK also
+  keeps a sink from query rows ``i >= seqlen_k`` (``i_y < x_total``), which only exist when
+  ``seqlen_q > seqlen_k``; the harness does not model that corner.
+* **A learnable sink** (``Case.learnable_sink``; gpt-oss ``sinks``, FA4 ``learnable_sink``,
+  AITER ``sink_ptr``): one more logit per query head, in natural-log units of the already
+  scaled score (not scaled, not soft-capped, no ALiBi, never masked), appended to every row.
+  It joins the softmax denominator and the lse, ``lse = log(sum_j exp(s_j) + exp(sink))``, but
+  not the output's numerator: ``out = sum_j exp(s_j - lse) v_j``. A row that sees no key has
+  output 0 and lse = sink (FA4 ``attention_ref`` in flash_attn/cute/testing.py; gpt-oss's
+  ``eager_attention_forward`` concatenates ``sinks`` as a column and drops it after the
+  softmax). :func:`sink_column` gives the logit as that column, :func:`open_rows` the state an
+  online softmax starts from; the consumers use one or the other.
 """
 
 from __future__ import annotations
@@ -28,18 +52,21 @@ class Params:
         scale: softmax scale.
         left, right: bottom-right aligned window; -1 = unbounded.
         softcap: tanh cap of the scaled scores; 0 = off.
+        sink_tokens: keys ``j < sink_tokens`` ignore the left bound (module docstring).
     """
 
     scale: float
     left: int = -1
     right: int = -1
     softcap: float = 0.0
+    sink_tokens: int = 0
 
     @classmethod
     def of(cls, case: Case) -> Params:
         left, right = case.mask_window
         scale = case.scale if case.scale is not None else 1.0 / math.sqrt(case.head_dim)
-        return cls(scale=scale, left=left, right=right, softcap=case.softcap)
+        return cls(scale=scale, left=left, right=right, softcap=case.softcap,
+                   sink_tokens=getattr(case, "sink_tokens", 0))
 
     @property
     def masked(self) -> bool:
@@ -108,14 +135,48 @@ def relative(rows: torch.Tensor, j0: int, n_cols: int, off: int) -> torch.Tensor
     return rows[:, None] + off - cols[None, :]
 
 
-def visible(rel: torch.Tensor, p: Params) -> torch.Tensor:
-    """Which (row, key) pairs the window leaves visible, from :func:`relative`."""
+def visible(rel: torch.Tensor, p: Params, j0: int = 0) -> torch.Tensor:
+    """Which (row, key) pairs the window leaves visible, from :func:`relative` (keys from
+    ``j0``): the left bound spares the sink tokens, the right bound spares nothing."""
     seen = torch.ones_like(rel, dtype=torch.bool)
     if p.left >= 0:
-        seen &= rel <= p.left
+        left_ok = rel <= p.left
+        if p.sink_tokens > j0:
+            cols = torch.arange(j0, j0 + rel.shape[-1], device=rel.device)
+            left_ok = left_ok | (cols < p.sink_tokens)[None, :]
+        seen &= left_ok
     if p.right >= 0:
         seen &= -rel <= p.right
     return seen
+
+
+def sink_column(sinks: torch.Tensor, like: torch.Tensor, hkv: int, group: int) -> torch.Tensor:
+    """The learnable sink as one more logit column of ``like`` (logits ``(B, Hkv, G, n, ck)``):
+    ``(B, Hkv, G, n, 1)`` in ``like``'s dtype. ``sinks`` is ``(Hq,)``; query head ``h`` is kv
+    head ``h // group``, member ``h % group``. Append it with :func:`with_sink`."""
+    col = sinks.reshape(1, hkv, group, 1, 1).to(like.dtype)
+    return col.expand(like.shape[0], hkv, group, like.shape[3], 1)
+
+
+def with_sink(s: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Logits ``(B, Hkv, G, n, ck)`` with the sink column appended last (unchanged without a
+    sink): a plain softmax over the result is the softmax with the sink, and its last column
+    is dropped before ``P V``."""
+    if sinks is None:
+        return s
+    return torch.cat([s, sink_column(sinks, s, s.shape[1], s.shape[2])], dim=-1)
+
+
+def open_rows(sinks: torch.Tensor | None, shape: tuple[int, int, int, int], dtype, device):
+    """The state ``(running max, running sum)`` an online softmax over rows of ``shape`` ``(B,
+    Hkv, G, n)`` starts from: ``(-inf, 0)``, or with a learnable sink the sink as a row's
+    first logit, ``(sink, 1)`` (a zero-valued key: it adds to the sum, not to the output)."""
+    if sinks is None:
+        return (torch.full(shape, -math.inf, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device))
+    B, hkv, group, n = shape
+    m = sinks.to(device=device, dtype=dtype).reshape(1, hkv, group, 1).expand(shape).clone()
+    return m, torch.ones(shape, dtype=dtype, device=device)
 
 
 def logits(qg: torch.Tensor, k: torch.Tensor, p: Params, *, rows: torch.Tensor, off: int,
@@ -168,6 +229,6 @@ def logits(qg: torch.Tensor, k: torch.Tensor, p: Params, *, rows: torch.Tensor, 
             s = s - per_head(slopes.to(s.dtype), hkv, group) * rel.abs().to(s.dtype)
     seen = None
     if mask:
-        seen = visible(rel, p)
+        seen = visible(rel, p, j0)
         s = s.masked_fill(~seen, -math.inf)
     return s, t, seen

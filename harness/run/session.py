@@ -586,6 +586,8 @@ class PytestSession:
                          database_dir=self._out / ".hypothesis",
                          backward=gradients(checks), shard=self.options.shard)
         text = summary(result)
+        if result.skipped:
+            pytest.skip(text)
         if result.minimal is not None:
             self.findings.append(text)
             pytest.fail(text, pytrace=False)

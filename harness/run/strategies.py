@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass
 
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 
 from harness.backends.base import Capabilities
 from harness.case import (
@@ -41,6 +42,7 @@ from harness.case import (
     Case,
     attended_pairs,
 )
+from harness.case.model import sink_pairs
 from harness.errors import InvalidCase
 
 #: Lengths where tiled kernels change code paths: tile edges and their neighbours.
@@ -63,7 +65,7 @@ VALUES_FP16 = ("normal", "scaled", "key-bias", "scaled", "large", "scaled", "sin
 SCALED_FP16 = (None, 100.0, 1000.0, 100.0)
 #: Layouts, the default first.
 LAYOUT_CHOICES = ("contiguous", "strided", "packed-qkv", "packed-kv", "v-transposed",
-                  "dout-strided", "lastdim-strided")
+                  "dout-strided", "lastdim-strided", "latent-kv", "padded")
 #: Key lengths of the long-key decode shape: just past and at 16k, past 32k, 64k and 128k (the
 #: first is where shrinking and a corner's first case land: one key past 16,384).
 DECODE_KEYS = (16385, 16384, 32769, 65536, 131072, 135168)
@@ -79,10 +81,29 @@ GRID_PROGRAMS = (65536, 65535, 65537, 70000)
 #: which would otherwise blunt the judge); exploration gives each corner a share of its cases
 #: (:func:`harness.run.explore.plan`), so a quick run of 20 cases visits every corner.
 CORNERS = ("grid", "decode", "overflow", "key-bias", "packed", "v-transposed", "dout-strided",
-           "dropout")
+           "dropout", "mla", "sinks", "fp8", "padding", "serving")
 #: Corner -> the layout it forces.
 CORNER_LAYOUTS = {"packed": "packed-qkv", "v-transposed": "v-transposed",
                   "dout-strided": "dout-strided"}
+#: Issue 26's corners: a value head dim of its own (mla: DeepSeek's 192/128 first, then a
+#: smaller or larger v, and v as a view of k), sinks (a learnable sink and sink tokens under a
+#: window, whichever the backend claims), fp8 with soft rows at long keys (normal values, no
+#: window, 1024+ keys, few queries: multi-block softmax and accumulation; an fp8 dtype or an
+#: fp8 KV cache), poisoned padding (cache tails, the last page's tail, padded varlen gaps) and
+#: serving shapes (varlen or kv-cache decode of many ragged sequences, about a tenth empty, or
+#: chunked prefill; GQA 8 or 16 with heads per rank that do not divide 16).
+PROBLEM_CORNERS = ("mla", "sinks", "fp8", "padding", "serving")
+#: head_dim_v choices of the mla draws: same, DeepSeek's 192/128, a smaller v, a larger v.
+MLA_KINDS = ("same", "same", "same", "same", "deepseek", "smaller", "larger")
+#: Sink token counts (StreamingLLM keeps 4).
+SINK_TOKENS = (0, 4, 1, 16)
+#: v and dout distributions (normal most often).
+TENSOR_VALUE_CHOICES = ("normal", "normal", "normal", "offset", "rows", "large")
+#: Serving shapes: sequences per batch and GQA ratios (8 and 16: vLLM's ROCm paged attention
+#: takes ratios up to 16), kv heads per rank (3 first: 24 and 48 query heads do not divide 16).
+SERVING_BATCH = (16, 8, 24, 32)
+SERVING_GROUPS = (8, 16)
+SERVING_KV_HEADS = (3, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -169,15 +190,20 @@ def cases(draw, capabilities: Capabilities | None = None, budget: Budget | None 
     """
     caps = capabilities or Capabilities()
     budget = budget or BUDGETS["quick"]
+    nothing = undrawable(caps)
+    if nothing:  # sampled_from([]) would fail inside hypothesis with no word of the cause
+        raise InvalidArgument(f"no case can be drawn: {nothing}")
     feats = caps.features
     entries = [e for e in ("dense", "varlen", "kvcache") if e in caps.entries]
     if backward:
         entries = [e for e in entries if e != "kvcache"] or entries
     entry = draw(st.sampled_from(entries))
-    # fp8 dtypes after the others (shrinking moves to 16-bit); forward only (issue 14).
+    # fp8 dtypes after the others (shrinking moves to 16-bit); forward only (issue 14): with
+    # backward, only where the backend claims nothing else (its cases are then forward-only).
     fp8 = () if backward else FP8_DTYPES
     claimed = [d for d in DTYPES + fp8 if d in caps.dtypes]
-    dtype = draw(st.sampled_from(claimed or [d for d in DTYPES if d in caps.dtypes]))
+    dtype = draw(st.sampled_from(claimed or [d for d in DTYPES + FP8_DTYPES
+                                             if d in caps.dtypes]))
     if corner is not None:
         entry, dtype = _corner_entry_dtype(corner, entry, dtype, entries, caps)
     dims = [d for d in HEAD_DIMS if (not caps.head_dim_max or d <= caps.head_dim_max)
@@ -236,13 +262,35 @@ def cases(draw, capabilities: Capabilities | None = None, budget: Budget | None 
     if head_dim not in dims:
         head_dim = max(dims_ok)
 
+    serving = _serving_draws(draw, budget)
+    if corner == "serving":
+        entry = "varlen" if "varlen" in entries else "kvcache"
+        batch, heads_kv, group = serving["batch"], serving["heads_kv"], serving["group"]
+        seqlen_q, seqlen_k = 1, serving["keys"]
+    elif corner == "fp8":  # soft rows at long keys: 16 to 64 queries, 16k+ keys (the budget
+        # trims the queries): many key blocks for the softmax's rescaling and the accumulator
+        batch = min(batch, 2)
+        seqlen_q = max(16, min(len_q, 64))
+        seqlen_k = decode_k if budget.max_decode_keys else many_k
+    elif corner in ("mla", "sinks", "padding") and shape not in ("grid", "decode"):
+        # A corner's first (simplest) case is all the quick profile draws there: enough
+        # queries and keys that a wrong scale, a sink or a read past a length shows.
+        seqlen_q, seqlen_k = max(seqlen_q, 16), max(seqlen_k, 96)
     fields: dict = dict(batch=batch, heads_kv=heads_kv, heads_q=heads_kv * group,
                         head_dim=head_dim, dtype=dtype, entry=entry)
     fields.update(_feature_fields(draw, feats, fields, corner))
-    fields.update(_entry_fields(draw, entry, batch, seqlen_q, seqlen_k, caps))
+    fields.update(_entry_fields(draw, entry, batch, seqlen_q, seqlen_k, caps, corner))
+    if corner == "serving":
+        fields.update(_serving_lengths(serving, entry, caps))
+    fields.update(_problem_fields(draw, feats, fields, corner, dims))
     fields.update(_value_layout_fields(draw, feats, fields, corner))
-    fields.update(_fp8_fields(draw, fields))
-    case = _fit(Case(**fields), budget)
+    fields.update(_fp8_fields(draw, fields, corner))
+    try:
+        drawn = Case(**fields)
+    except InvalidCase:  # a combination of draws the case model refuses: draw again
+        _assume_not(True)
+        raise
+    case = _fit(drawn, budget)
     _assume_not(case is None)
     case = _cache_fields(draw, case, caps)
     if shape == "grid":  # one or two tokens: most masks are vacuous; drop them, keep the shape
@@ -258,6 +306,26 @@ def cases(draw, capabilities: Capabilities | None = None, budget: Budget | None 
     return case
 
 
+def undrawable(capabilities: Capabilities | None) -> str:
+    """Why :func:`cases` can draw nothing for these capabilities ('' when it can): no entry
+    point, no dtype or no head dim of :data:`HEAD_DIMS` left (a module that narrows its
+    family's claims to formats the family does not take, say ``dtypes = ["float8_e5m2"]`` for
+    ``aiter@FILE``). Exploration skips such a backend with this reason."""
+    caps = capabilities or Capabilities()
+    out = []
+    if not {"dense", "varlen", "kvcache"} & set(caps.entries):
+        out.append("it claims no entry point (dense, varlen, kvcache)")
+    if not [d for d in DTYPES + FP8_DTYPES if d in caps.dtypes]:
+        out.append(f"it claims no dtype the harness draws (claimed: "
+                   f"{', '.join(sorted(caps.dtypes)) or 'none'}; drawn: "
+                   f"{', '.join(DTYPES + FP8_DTYPES)})")
+    if not [d for d in HEAD_DIMS if (not caps.head_dim_max or d <= caps.head_dim_max)
+            and d % max(1, caps.head_dim_multiple) == 0]:
+        out.append(f"no head dim of {list(HEAD_DIMS)} is <= head_dim_max={caps.head_dim_max} "
+                   f"and a multiple of {caps.head_dim_multiple}")
+    return "; ".join(out)
+
+
 def corners_for(capabilities: Capabilities | None, budget: Budget | None = None,
                 backward: bool = True) -> list[str]:
     """The :data:`CORNERS` a backend with these capabilities can be explored in: the shapes the
@@ -266,8 +334,10 @@ def corners_for(capabilities: Capabilities | None, budget: Budget | None = None,
     caps = capabilities or Capabilities()
     budget = budget or BUDGETS["quick"]
     feats = caps.features
+    fp8 = any(d in caps.dtypes for d in FP8_DTYPES) or "fp8-kv" in feats
     if not any(d in caps.dtypes for d in DTYPES):
-        return []
+        return ["fp8"] if fp8 else []  # an fp8-only backend: its one corner
+    cache = bool({"varlen", "kvcache"} & set(caps.entries))
     usable = {
         "grid": budget.grid and "dense" in caps.entries,
         "decode": bool(budget.max_decode_keys),
@@ -278,8 +348,38 @@ def corners_for(capabilities: Capabilities | None, budget: Budget | None = None,
         "dout-strided": backward and "dout-strided" in feats
         and bool({"dense", "varlen"} & set(caps.entries)),
         "dropout": "dropout" in feats and bool({"dense", "varlen"} & set(caps.entries)),
+        "mla": "mla" in feats,
+        "sinks": "sink" in feats or ("sink-tokens" in feats and "window" in feats),
+        "fp8": fp8,
+        "padding": "kvcache" in caps.entries or ("varlen" in caps.entries
+                                                 and bool({"paged", "padded"} & feats)),
+        "serving": cache and "gqa" in feats,
     }
     return [c for c in CORNERS if usable[c]]
+
+
+def has_padding(case: Case) -> bool:
+    """Whether the case's inputs hold padding a kernel must not read (a static rule for
+    :func:`in_corner`; ``harness.exact.padding`` computes the regions themselves): a kv-cache
+    sequence shorter than the cache, a page only partly used, a padded varlen layout."""
+    if case.layout == "padded":
+        return True
+    lengths = [sk for (_, sk), _ in case.length_counts()]
+    if case.entry == "kvcache":
+        return any(n < case.seqlen_k for n in case.cache_lengths())
+    if case.entry == "varlen" and case.paged_block_size:
+        return any(n % case.paged_block_size for n in lengths) or len(lengths) > 1
+    return False
+
+
+def is_serving(case: Case) -> bool:
+    """A serving shape: many sequences (8+) through varlen or a kv-cache, GQA 8 or 16, each
+    decoding one token, or chunks of queries against longer cached prefixes."""
+    if case.entry not in ("varlen", "kvcache") or case.batch < 8 \
+            or case.group_size not in SERVING_GROUPS:
+        return False
+    pairs = [pair for pair, _ in case.length_counts()]
+    return all(sq <= 1 for sq, _ in pairs) or all(sk >= sq for sq, sk in pairs)
 
 
 def in_corner(case: Case, corner: str) -> bool:
@@ -297,6 +397,17 @@ def in_corner(case: Case, corner: str) -> bool:
         return case.layout in ("packed-qkv", "packed-kv")
     if corner == "dropout":
         return case.dropout_p > 0
+    if corner == "mla":
+        return case.dv != case.head_dim
+    if corner == "sinks":
+        return case.learnable_sink or case.sink_tokens > 0
+    if corner == "fp8":
+        return (case.fp8 and case.values == "normal" and "window" not in case.features
+                and case.seqlen_k >= 1024)
+    if corner == "padding":
+        return has_padding(case)
+    if corner == "serving":
+        return is_serving(case)
     return case.layout == CORNER_LAYOUTS[corner]
 
 
@@ -306,7 +417,11 @@ def outside_corner(case: Case, corner: str) -> Case | None:
     an invalid case: whether a failure found in a corner needs the corner at all."""
     changes = {"overflow": {"values": "normal", "value_scale": None},
                "key-bias": {"values": "normal", "value_scale": None},
-               "dropout": {"dropout_p": 0.0}}.get(corner)
+               "dropout": {"dropout_p": 0.0},
+               "mla": {"head_dim_v": 0, "layout": "contiguous"},
+               "sinks": {"learnable_sink": False, "sink_tokens": 0}}.get(corner)
+    if corner == "fp8" and case.kv_dtype:  # the same case with a 16-bit cache
+        changes = {"kv_dtype": "", "fp8_recipe": "per-tensor", "fp8_scales": None}
     if corner in CORNER_LAYOUTS:
         changes = {"layout": "contiguous"}
     if changes is None:
@@ -324,6 +439,13 @@ def _corner_entry_dtype(corner, entry, dtype, entries, caps) -> tuple[str, str]:
         entry = next(e for e in ("dense", "varlen") if e in entries)
     if corner == "overflow":
         return entry, "float16" if "float16" in caps.dtypes else "bfloat16"
+    if corner == "fp8":  # an fp8 dtype, or 16-bit queries for an fp8 KV cache
+        claimed = [d for d in FP8_DTYPES if d in caps.dtypes]
+        if dtype in claimed or (claimed and "fp8-kv" not in caps.features):
+            return entry, dtype if dtype in claimed else claimed[0]
+        return entry, next(d for d in ("bfloat16", "float16", *claimed) if d in caps.dtypes)
+    if corner in ("padding", "serving") and entry == "dense":
+        entry = next(e for e in ("kvcache", "varlen") if e in entries)
     if dtype in FP8_DTYPES:
         dtype = next(d for d in DTYPES if d in caps.dtypes)
     return entry, dtype
@@ -352,6 +474,10 @@ def _value_layout_fields(draw, feats, fields, corner=None) -> dict:
         values = "key-bias"
     elif corner in CORNER_LAYOUTS:
         layout = CORNER_LAYOUTS[corner]
+    elif corner == "fp8":  # soft rows: normal values
+        values = "normal"
+    elif corner == "padding" and fields["entry"] == "varlen" and "padded" in feats:
+        layout = "padded"
     if values != "normal":
         from harness.case import VALUE_SCALE_DEFAULTS
 
@@ -370,43 +496,151 @@ def _value_layout_fields(draw, feats, fields, corner=None) -> dict:
         feature = LAYOUT_FEATURES[layout]
         if feature not in feats or (layout in LAYOUT_ENTRIES
                                     and entry not in LAYOUT_ENTRIES[layout]) \
-                or (fields.get("paged_block_size") and layout != "strided"):
+                or (fields.get("paged_block_size")
+                    and layout not in ("strided", "latent-kv", "padded")) \
+                or (layout in ("packed-qkv", "packed-kv") and fields.get("head_dim_v")) \
+                or (layout == "latent-kv"
+                    and fields.get("head_dim_v", 0) > fields["head_dim"]) \
+                or (layout == "padded" and fields.get("dropout_p")):
             layout = "contiguous"
     if layout != "contiguous":
         out["layout"] = layout
     return out
 
 
-#: fp8 fixed scales as headroom factors: the scale maps 4 (about the largest |N(0, 1)| draw of
-#: a tensor) to ``max * headroom`` of the format. 1 fills the range; below 1 saturates (1/64:
-#: nearly everything clamps to +-max); above 1 pushes small values into subnormals.
+def _serving_draws(draw, budget: Budget) -> dict:
+    """Every choice of a serving shape, drawn every time (the choice sequence keeps its
+    shape): batch, kv heads, GQA ratio, ragged key lengths with about a tenth empty, and a
+    chunk length (0 = decode)."""
+    most = SERVING_BATCH[-1]
+    keys = draw(st.integers(48, max(48, min(budget.max_seqlen, 1024))))
+    # shortfalls from the longest, so the simplest draw is a full cache, not one key
+    short = draw(st.lists(st.integers(0, keys - 1), min_size=most, max_size=most))
+    return dict(batch=draw(st.sampled_from(SERVING_BATCH)),
+                heads_kv=draw(st.sampled_from(SERVING_KV_HEADS)),
+                group=draw(st.sampled_from(SERVING_GROUPS)), keys=keys,
+                lengths=[keys - x for x in short],
+                empty=draw(st.lists(st.sampled_from((False,) * 9 + (True,)), min_size=most,
+                                    max_size=most)),
+                chunk=draw(st.sampled_from((0, 0, 16, 7, 64))))
+
+
+def _serving_lengths(serving: dict, entry: str, caps: Capabilities) -> dict:
+    """The serving corner's lengths: one query per sequence (or a chunk of them against a
+    longer cached prefix), ragged keys with about a tenth of the sequences empty (as
+    cudnn-frontend's ragged sweeps draw them), paged where the backend claims it."""
+    batch = serving["batch"]
+    # about a tenth empty: where drawn, and the second of every ten sequences
+    keys = [0 if empty or b % 10 == 1 else n for b, (n, empty) in
+            enumerate(zip(serving["lengths"][:batch], serving["empty"][:batch], strict=True))]
+    if not any(keys):
+        keys[0] = serving["keys"]
+    chunk = serving["chunk"]
+    out: dict = {}
+    if entry == "varlen":
+        queries = [min(chunk, n) if chunk else 1 for n in keys]
+        if chunk:  # chunked prefill: each chunk against its prefix (keys >= queries)
+            keys = [max(n, q) for n, q in zip(keys, queries, strict=True)]
+        if not any(queries):
+            queries[0] = 1
+        out.update(seqlens_q=tuple(queries), seqlens_k=tuple(keys), seqlen_q=max(queries),
+                   seqlen_k=max(keys))
+    else:
+        out.update(seqlen_q=chunk or 1, seqlen_k=max(keys), seqlens_k=tuple(keys))
+    if "paged" in caps.features:
+        multiple = max(1, caps.paged_block_multiple)
+        out["paged_block_size"] = 16 if multiple == 1 else multiple
+    return out
+
+
+def _problem_fields(draw, feats, fields, corner, dims) -> dict:
+    """Issue 26's problems, each drawn every time (off first) and kept where the backend
+    claims it: a value head dim of its own (DeepSeek's 192/128, a smaller or a larger v), a
+    learnable sink, sink tokens beside a window, an fp8 KV cache for 16-bit queries, and the
+    distributions of v and dout. A corner turns its problem on."""
+    kind = draw(st.sampled_from(MLA_KINDS))
+    sink = draw(st.booleans())
+    tokens = draw(st.sampled_from(SINK_TOKENS))
+    kv_format = draw(st.sampled_from(("",) + FP8_DTYPES))
+    v_values = draw(st.sampled_from(TENSOR_VALUE_CHOICES))
+    dout_values = draw(st.sampled_from(TENSOR_VALUE_CHOICES))
+    out: dict = {}
+    d = fields["head_dim"]
+    if corner == "mla" and kind == "same":
+        kind = "deepseek"
+    if "mla" in feats and kind != "same":
+        if kind == "deepseek" and 192 in dims:
+            out.update(head_dim=192, head_dim_v=128)
+        elif kind == "larger" or (kind == "deepseek" and d <= 64):
+            out["head_dim_v"] = min(512, 2 * d) if d <= 64 else max(8, d // 2)
+        else:
+            out["head_dim_v"] = max(8, (d // 2) // 8 * 8) if d > 8 else 16
+    if corner == "sinks":
+        sink = sink or "sink-tokens" not in feats or not tokens
+        tokens = tokens or 4
+    if "sink" in feats and sink and not fields.get("dropout_p"):
+        out["learnable_sink"] = True
+    window = fields.get("window", (-1, -1))
+    if "sink-tokens" in feats and tokens and window[0] > 0:
+        out["sink_tokens"] = tokens
+    sixteen = fields["dtype"] in ("float16", "bfloat16")
+    if corner == "fp8":  # v with a non-zero mean: accumulation errors grow with the output
+        v_values = v_values if v_values != "normal" else "offset"
+        if sixteen:
+            kv_format = kv_format or FP8_DTYPES[0]
+    if "fp8-kv" in feats and sixteen and kv_format and not fields.get("dropout_p"):
+        out["kv_dtype"] = kv_format
+    if v_values != "normal":
+        out["v_values"] = v_values
+    if dout_values != "normal":
+        out["dout_values"] = dout_values
+    return out
+
+
+#: fp8 fixed scales as headroom factors: the scale is ``4 / (max * headroom)``, so 4 (about the
+#: largest |N(0, 1)| draw of a tensor) lands on ``max * headroom`` of the format. 1 fills the
+#: range; above 1 saturates (16: every value beyond 0.25 clamps to +-max, most of the tensor);
+#: below 1 leaves the top of the range unused and pushes small values into subnormals (1/64:
+#: the largest draw at a 64th of the range).
 FP8_HEADROOM = (1.0, 0.25, 4.0, 1.0 / 64, 16.0)
 #: Largest finite value of each fp8 format (torch.finfo).
 FP8_MAX = {"float8_e4m3fn": 448.0, "float8_e4m3fnuz": 240.0, "float8_e5m2": 57344.0}
 
 
-def _fp8_fields(draw, fields) -> dict:
-    """fp8 scaling (issue 14), drawn every time and kept for fp8 dtypes only: amax scaling per
-    tensor first (shrinking moves there), per head, or fixed scales near the format's limits
-    (saturating, filling the range, reaching subnormals), one headroom per tensor. fp8 cases are
-    forward-only attention without dropout, on contiguous or strided tensors."""
+def _fp8_fields(draw, fields, corner=None) -> dict:
+    """fp8 scaling (issue 14), drawn every time and kept for fp8 dtypes and fp8 KV caches only:
+    amax scaling per tensor first (shrinking moves there), per head, or fixed scales near the
+    format's limits (saturating, filling the range, reaching subnormals), one headroom per
+    tensor (k and v only for a KV cache; v shares k's under latent-kv). fp8 cases are
+    forward-only attention without dropout, on contiguous, strided or latent-kv tensors, with no
+    kv-cache appends. The fp8 corner scales per head unless fixed scales were drawn: one scale
+    per (batch, kv head) is where a kernel can read the wrong one."""
     recipe = draw(st.sampled_from(("per-tensor", "per-head", "fixed")))
+    if corner == "fp8" and recipe == "per-tensor":
+        recipe = "per-head"
     headroom = [draw(st.sampled_from(FP8_HEADROOM)) for _ in "qkv"]
-    if fields["dtype"] not in FP8_DTYPES:
+    fmt = fields.get("kv_dtype") or fields["dtype"]
+    if fmt not in FP8_DTYPES:
         return {}
     out: dict = {"dropout_p": 0.0}
-    if fields.get("layout", "contiguous") not in ("contiguous", "strided"):
+    if fields.get("layout", "contiguous") not in ("contiguous", "strided", "latent-kv"):
         out["layout"] = "contiguous"
     if recipe == "per-head":
         out["fp8_recipe"] = "per-head"
     elif recipe == "fixed":
-        fmax = FP8_MAX[fields["dtype"]]
-        out["fp8_scales"] = tuple(float(f"{4.0 / (fmax * h):.3g}") for h in headroom)
+        fmax = FP8_MAX[fmt]
+        scales = [float(f"{4.0 / (fmax * h):.3g}") for h in headroom]
+        if fields.get("kv_dtype"):
+            scales = scales[1:]
+        if out.get("layout", fields.get("layout")) == "latent-kv":
+            scales[-1] = scales[-2]
+        out["fp8_scales"] = tuple(scales)
     return out
 
 
 #: feature -> the field values that turn it off (see :func:`without_vacuous`).
-FEATURE_OFF = {"causal": {"causal": False}, "window": {"window": (-1, -1)},
+FEATURE_OFF = {"causal": {"causal": False}, "window": {"window": (-1, -1), "sink_tokens": 0},
+               "sink-tokens": {"sink_tokens": 0},
                "scale": {"scale": None}, "softcap": {"softcap": 0.0},
                "alibi": {"alibi": False, "alibi_slopes": "standard"},
                "strided": {"layout": "contiguous"}, "v-transposed": {"layout": "contiguous"},
@@ -534,6 +768,10 @@ def vacuous_features(case: Case) -> list[str]:
     tokens = case.total_q if case.layout == "packed-qkv" else case.total_k
     if "packed" in feats and tokens <= 1:
         out.append("packed")
+    # Sink tokens every row sees through its window anyway.
+    if "sink-tokens" in feats and not any(sink_pairs(sq, sk, left, right, case.sink_tokens)
+                                          for sq, sk in lengths):
+        out.append("sink-tokens")
     return out
 
 
@@ -543,7 +781,8 @@ def _assume_not(condition: bool) -> None:
     assume(not condition)
 
 
-def _entry_fields(draw, entry, batch, seqlen_q, seqlen_k, caps) -> dict:
+def _entry_fields(draw, entry, batch, seqlen_q, seqlen_k, caps, corner=None) -> dict:
+    padding = corner == "padding"
     if entry == "varlen":
         lens_q = draw(st.lists(st.integers(0, max(1, seqlen_q)), min_size=batch, max_size=batch))
         lens_k = draw(st.lists(st.integers(0, max(1, seqlen_k)), min_size=batch, max_size=batch))
@@ -551,14 +790,21 @@ def _entry_fields(draw, entry, batch, seqlen_q, seqlen_k, caps) -> dict:
             lens_q[0] = max(1, seqlen_q)
         if sum(lens_k) == 0:
             lens_k[0] = max(1, seqlen_k)
-        return dict(seqlens_q=tuple(lens_q), seqlens_k=tuple(lens_k), seqlen_q=max(lens_q),
-                    seqlen_k=max(lens_k))
+        out = dict(seqlens_q=tuple(lens_q), seqlens_k=tuple(lens_k), seqlen_q=max(lens_q),
+                   seqlen_k=max(lens_k))
+        if padding and "padded" not in caps.features and "paged" in caps.features:
+            multiple = max(1, caps.paged_block_multiple)
+            out["paged_block_size"] = 16 if multiple == 1 else multiple
+        return out
     out: dict = dict(seqlen_q=seqlen_q, seqlen_k=seqlen_k)
     if entry == "kvcache":
-        if draw(st.booleans()):
-            out["seqlens_k"] = tuple(draw(st.lists(st.integers(0, seqlen_k), min_size=batch,
-                                                   max_size=batch)))
-        if "paged" in caps.features and draw(st.booleans()):
+        ragged = draw(st.booleans())
+        lens = draw(st.lists(st.integers(0, seqlen_k), min_size=batch, max_size=batch))
+        if padding:  # a tail past each length: the first sequence's ends mid-page
+            lens[0] = max(1, seqlen_k - 1 - seqlen_k // 3 - lens[0] % 16)
+        if ragged or padding:
+            out["seqlens_k"] = tuple(lens)
+        if "paged" in caps.features and (draw(st.booleans()) or padding):
             multiple = max(1, caps.paged_block_multiple)
             out["paged_block_size"] = multiple * draw(st.sampled_from((1, 2)))
             if multiple == 1:
@@ -580,6 +826,8 @@ def _cache_fields(draw, case: Case, caps: Capabilities) -> Case:
     token; with GQA the decode the issue names). Off is drawn first, so shrinking turns each
     off."""
     feats = caps.features
+    if case.fp8 or case.layout == "latent-kv":  # appended keys are not quantised or shared
+        feats = feats - {"append", "rotary", "leftpad", "batch-idx"}
     append, new = draw(st.booleans()), draw(st.integers(1, 16))
     decode_step = draw(st.booleans())  # one query appending one token: the serving decode step
     rotary = draw(st.booleans())
@@ -659,6 +907,10 @@ def _feature_fields(draw, feats, fields, corner=None) -> dict:
     dropout_p = draw(st.sampled_from((0.0,) * 8 + (0.17, 0.3)))
     if corner is not None:
         dropout_p = (dropout_p or 0.17) if corner == "dropout" else 0.0
+    if corner == "sinks" and "sink-tokens" in feats and "window" in feats:
+        left = left if left > 0 else 16  # sink tokens live beside a sliding window
+    if corner == "fp8":  # soft rows: no narrow window
+        left = right = -1
     if "causal" in feats and causal:
         out["causal"] = True
     if "window" in feats:

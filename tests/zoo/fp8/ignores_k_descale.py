@@ -22,8 +22,9 @@ ATTN_HARNESS_CAPABILITIES = {**_REF.ATTN_HARNESS_CAPABILITIES,
 def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descale=None,
                     k_descale=None, v_descale=None, window_size=(-1, -1), attention_chunk=0,
                     softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0,
-                    return_attn_probs=False):
-    """FA3's fp8 forward signature, with the bug named in the module docstring."""
+                    return_attn_probs=False, learnable_sink=None):
+    """FA3's fp8 forward signature (with FA4's learnable_sink), with the bug named in the
+    module docstring."""
     out, lse = _REF._attention(q, k, v, q_descale, k_descale, v_descale, softmax_scale, causal,
-                               window_size, softcap, bug=BUG)
+                               window_size, softcap, bug=BUG, sinks=learnable_sink)
     return (out, lse) if return_attn_probs else out
