@@ -13,9 +13,10 @@ for it: one given an ``--attn-*`` option, or with a test that uses the plugin's 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
-import pytest
+import pytest  # noqa: TID253 - the plugin runs inside pytest
 
 from harness.errors import HarnessError
 from harness.options import OPTIONS, PREFIX, add_options, option_values
@@ -60,7 +61,7 @@ def _activate(config) -> None:
     if state["active"]:
         return
     state["active"] = True
-    from harness.run.session import validate_options
+    from harness.run.session import validate_options  # noqa: PLC0415 - the plugin starts light
 
     try:
         state["options"] = validate_options(option_values(config.getoption, PREFIX),
@@ -80,7 +81,7 @@ def _session(config):
     _activate(config)
     state = _state(config)
     if state["session"] is None and not state.get("error"):
-        from harness.run.session import PytestSession
+        from harness.run.session import PytestSession  # noqa: PLC0415 - the plugin starts light
 
         try:
             given = getattr(config, "workerinput", {})
@@ -116,8 +117,6 @@ def _stamp(config) -> str:
     (``harness.results.storage``). Formatted here so that no harness module is imported."""
     state = _state(config)
     if "stamp" not in state:
-        import time
-
         state["stamp"] = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     return state["stamp"]
 
@@ -206,7 +205,7 @@ def pytest_load_initial_conftests(early_config, parser, args) -> None:
         return
     if not any(str(a).startswith(f"--{PREFIX}") for a in args):
         return
-    from harness.run.devices import pin_xdist_worker
+    from harness.run.devices import pin_xdist_worker  # noqa: PLC0415 - the plugin starts light
 
     try:
         early_config.stash[_PINNED_KEY] = pin_xdist_worker()

@@ -9,13 +9,53 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tabulate import tabulate
+
 from harness import __version__, options
+from harness.backends import known_backends, load_backend
+from harness.case.regressions import promote
 from harness.errors import HarnessError, UsageError
+from harness.results import outdir, storage
+from harness.results.compare import Thresholds, compare, render_markdown
+from harness.results.plot import PlotOutcome, sweeps, write_plots
+from harness.results.records import RecordWriter, read_many, read_records
+from harness.results.report import render
+from harness.run.devices import parse_devices, resolve_devices
+from harness.run.machine import detect
+from harness.run.progress import Console
+from harness.run.session import (
+    check_backend_versions,
+    choose_backends,
+    collect_cases,
+    count_statuses,
+    deliberate,
+    explore_checks,
+    failed,
+    make_task,
+    open_run,
+    prepare_out_dir,
+    prepare_output_file,
+    resume_records,
+    shard_out_dir,
+    take_share,
+    validate_known_issues,
+    validate_options,
+    write_report,
+)
+from harness.run.worker import (
+    ExplorationWorker,
+    Worker,
+    WorkerDied,
+    run_in_process,
+    run_tasks,
+    run_tasks_on_devices,
+)
 from harness.vocab import gradients
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -29,8 +69,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def device_list(value: str):
-    from harness.run.devices import parse_devices
-
     try:
         return parse_devices(value)
     except ValueError as exc:
@@ -144,8 +182,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "(attn-harness run --resume continues)\n")
         return 130
     except BrokenPipeError:  # `attn-harness info --json | head`: the reader has gone
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
 
@@ -155,8 +191,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_options(args):
     """The run options of ``args`` as the session's :class:`~harness.run.session.RunOptions`."""
-    from harness.run.session import validate_options
-
     return validate_options(options.option_values(lambda dest: getattr(args, dest), ""))
 
 
@@ -170,8 +204,6 @@ def cmd_run(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from harness.run.session import collect_cases
-
     opts = run_options(args)  # known issues and backend specs checked before anything starts
     cases, notes = collect_cases(opts, args.case or ())  # every case file validated here too
     notes = list(opts.notes) + notes
@@ -182,9 +214,6 @@ def _cmd_run(args) -> int:
             raise UsageError("--devices runs one worker process per GPU, --no-isolation runs in "
                              "this process: drop one of them")
         return _run_in_process(args, opts, cases)
-    from harness.run.session import choose_backends
-    from harness.run.worker import Worker, WorkerDied
-
     worker = Worker()
     try:
         target = worker.start()
@@ -208,8 +237,6 @@ def _devices(spec, target: dict, notes: list[str]) -> list[int]:
     """The device indices of ``--devices`` on this machine; [] means one worker as usual."""
     if spec is None:
         return []
-    from harness.run.devices import resolve_devices
-
     devices = resolve_devices(spec, int(target.get("device_count") or 0), target["vendor"])
     if not devices:
         notes.append("--devices all: no GPU here, so one worker runs on the CPU")
@@ -223,9 +250,6 @@ def _out_dir(args, opts, target: dict) -> Path:
     ``--resume`` names) under ``reports/<target-id>/``; a shard's own folder under it when
     sharded. The folder is locked for this run (``args.out_lock``) and refused where a link
     stands in place of a file the run writes (:mod:`harness.results.outdir`)."""
-    from harness.results import outdir
-    from harness.run.session import open_run, prepare_out_dir, shard_out_dir
-
     run = open_run(opts, target, resume=getattr(args, "resume", None),
                    inline=getattr(args, "case", None) or ())
     path = prepare_out_dir(shard_out_dir(run, opts))
@@ -236,16 +260,6 @@ def _out_dir(args, opts, target: dict) -> Path:
 
 def _run(args, opts, cases, target, specs, resolved, notes, worker) -> int:
     from harness.results import jury
-    from harness.results.records import RecordWriter, read_records
-    from harness.run.session import (
-        count_statuses,
-        deliberate,
-        failed,
-        make_task,
-        take_share,
-        write_report,
-    )
-    from harness.run.worker import run_tasks
 
     share = take_share(cases, specs, opts)
     opts = share.options
@@ -256,15 +270,7 @@ def _run(args, opts, cases, target, specs, resolved, notes, worker) -> int:
                     {s: info["describe"] for s, info in resolved.items() if "describe" in info},
                     notes)
     jury_dir = jury.prepare(out_dir) if len(specs) > 1 else None
-    tasks = []
-    for suite, case in cases:
-        for spec in specs:
-            if (case.case_id, spec) not in share.keys:
-                continue
-            remaining = tuple(c for c in opts.checks if (spec, case.case_id, c) not in done)
-            if remaining:
-                tasks.append(make_task(suite, case, spec, opts, checks=remaining,
-                                       jury_dir=str(jury_dir or "")))
+    tasks = _tasks(cases, specs, opts, share.keys, done, jury_dir=str(jury_dir or ""))
     print(f"attn-harness {__version__} on {target['target_id']} ({target['device_name']}): "
           f"{len(cases)} case(s) x {len(specs)} backend(s) [{', '.join(specs)}]"
           f"{f', shard {opts.shard}' if opts.shard is not None else ''}, "
@@ -276,16 +282,12 @@ def _run(args, opts, cases, target, specs, resolved, notes, worker) -> int:
     if done:
         print(f"resuming: {len(done)} record(s) kept, {len(tasks)} task(s) to go", file=sys.stderr)
     start = time.perf_counter()
-    from harness.run.progress import Console
-
     console = Console(start=start)
     console.suite(tasks)
     progress = console.task
     devices = getattr(args, "device_indices", None)
     with RecordWriter(results, append=bool(args.resume)) as writer:
         if devices:
-            from harness.run.worker import run_tasks_on_devices
-
             run_tasks_on_devices(tasks, writer.write, devices=devices, timeout_s=opts.timeout,
                                  progress=progress, first_worker=worker)
             worker = None
@@ -308,14 +310,27 @@ def _run(args, opts, cases, target, specs, resolved, notes, worker) -> int:
     return EXIT_FAILED if failed(records) else EXIT_OK
 
 
+def _tasks(cases, specs, opts, keys, done, *, jury_dir: str = "") -> list:
+    """A task for each case and backend of this run's share (``keys``: ``(case_id, spec)``)
+    with the checks not recorded yet (``done``: ``(spec, case_id, check)`` kept by
+    ``--resume``); none where every check is recorded."""
+    tasks = []
+    for suite, case in cases:
+        for spec in specs:
+            if (case.case_id, spec) not in keys:
+                continue
+            remaining = tuple(c for c in opts.checks if (spec, case.case_id, c) not in done)
+            if remaining:
+                tasks.append(make_task(suite, case, spec, opts, checks=remaining,
+                                       jury_dir=jury_dir))
+    return tasks
+
+
 def _resumed(args, opts, target: dict, results: Path, describe: dict[str, dict[str, str]],
              notes: list[str]) -> dict:
     """With ``--resume``: the records of ``results`` this run keeps, by ``(backend, case_id,
     check)`` (after checking they come from this machine, seed, profile and backend builds);
     without, none. The same in a worker process and in this one (``--no-isolation``)."""
-    from harness.results.records import read_records
-    from harness.run.session import check_backend_versions, resume_records
-
     if not (args.resume and results.exists()):
         return {}
     done, more = resume_records(results, target, opts, retry_crashed=args.retry_crashed)
@@ -329,8 +344,6 @@ def _resumed(args, opts, target: dict, results: Path, describe: dict[str, dict[s
 
 def _drop_crashed(results: Path) -> None:
     """--retry-crashed: the crash and timeout records leave the file; their checks run again."""
-    from harness.results.records import read_records
-
     kept = [r for r in read_records(results) if r.status not in ("crash", "timeout")]
     results.write_text("".join(r.to_json() + "\n" for r in kept), encoding="utf-8")
 
@@ -342,9 +355,6 @@ def _explore(args, opts, specs, sink, done, worker=None, *, out_dir: Path,
 
     ``worker``: the suite's worker, still running, which the exploration goes on in (and
     stops)."""
-    from harness.run.session import explore_checks, make_task
-    from harness.run.worker import ExplorationWorker
-
     checks = explore_checks(opts)
     examples = opts.examples_for(inline=bool(args.case))
     if examples <= 0 or not checks:
@@ -367,7 +377,9 @@ def _explore(args, opts, specs, sink, done, worker=None, *, out_dir: Path,
                 continue
             part = (f" (shard {opts.shard}: its part of {examples * opts.shard.count})"
                     if opts.shard is not None else "")
-            print(f"exploring {spec}: up to {examples} generated case(s){part}, checks "
+            budget = (f" (free draws for {opts.explore_budget_s:g} s at most)"
+                      if opts.explore_budget_s is not None else "")
+            print(f"exploring {spec}: up to {examples} generated case(s){part}{budget}, checks "
                   f"{','.join(checks)}, seed {opts.seed}", file=sys.stderr)
 
             def run_case(case, spec=spec):
@@ -391,7 +403,8 @@ def _explore(args, opts, specs, sink, done, worker=None, *, out_dir: Path,
                              examples=examples, seed=opts.seed, on_record=record,
                              regressions=opts.regressions or out_dir / "regressions",
                              database_dir=out_dir / ".hypothesis", backward=gradients(checks),
-                             on_case=on_case, shard=opts.shard)
+                             on_case=on_case, shard=opts.shard,
+                             budget_s=opts.explore_budget_s)
             if console is not None:
                 console.close()
             text = summary(result)
@@ -402,12 +415,6 @@ def _explore(args, opts, specs, sink, done, worker=None, *, out_dir: Path,
 
 
 def _run_in_process(args, opts, cases) -> int:
-    from harness.backends import known_backends, load_backend
-    from harness.results.records import RecordWriter, read_records
-    from harness.run.machine import detect
-    from harness.run.session import failed, make_task, take_share, write_report
-    from harness.run.worker import run_in_process
-
     target = detect().to_dict()
     for spec in opts.backends:  # a spec that does not load is bad usage, before any output
         load_backend(spec)
@@ -422,14 +429,7 @@ def _run_in_process(args, opts, cases) -> int:
                     {s: load_backend(s).describe() for s in specs}, notes)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    tasks = []
-    for suite, case in cases:
-        for spec in specs:
-            if (case.case_id, spec) not in share.keys:
-                continue
-            remaining = tuple(c for c in opts.checks if (spec, case.case_id, c) not in done)
-            if remaining:
-                tasks.append(make_task(suite, case, spec, opts, checks=remaining))
+    tasks = _tasks(cases, specs, opts, share.keys, done)
     if done:
         print(f"resuming: {len(done)} record(s) kept, {len(tasks)} task(s) to go", file=sys.stderr)
     with RecordWriter(results, append=bool(args.resume)) as writer:
@@ -444,9 +444,6 @@ def _run_in_process(args, opts, cases) -> int:
 
 
 def cmd_info(args) -> int:
-    from harness.backends import known_backends
-    from harness.run.worker import Worker
-
     worker = Worker()
     try:
         target = worker.start()
@@ -468,8 +465,6 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps({"target": target, "backends": backends}, indent=2))
         return EXIT_OK
-    from tabulate import tabulate
-
     rows = [[k, v] for k, v in target.items()
             if k not in ("extra", "libraries") and v not in ("", None, {})]
     rows += [[k, v] for k, v in (target.get("libraries") or {}).items()]
@@ -489,8 +484,6 @@ def cmd_info(args) -> int:
 def _resolve(refs, what: str):
     """RUN arguments (:func:`harness.results.storage.resolve_many`) as runs and files; says on
     stderr which runs were taken."""
-    from harness.results import storage
-
     found, files, notes = storage.resolve_many(refs)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
@@ -501,19 +494,12 @@ def _resolve(refs, what: str):
 
 
 def cmd_report(args) -> int:
-    from harness.results.plot import PlotOutcome, write_plots
-    from harness.results.records import read_many
-    from harness.results.report import render
-    from harness.run.session import validate_known_issues
-
     _, files = _resolve(args.results, "report")
     base_files = _resolve(args.baseline, "baseline")[1] if args.baseline else []
     records = read_many(files, require_records=True)
     baseline = read_many(base_files, require_records=True) if args.baseline else None
     known = validate_known_issues() or None
     if args.output:
-        from harness.run.session import prepare_output_file
-
         out = prepare_output_file(Path(args.output), inputs=[*files, *base_files])
         try:
             plots = write_plots(records, out.parent)
@@ -524,8 +510,6 @@ def cmd_report(args) -> int:
         written = ", ".join(name for _, name in plots.files)
         print(f"wrote {out}" + (f" and {written} next to it" if written else ""), file=sys.stderr)
     else:
-        from harness.results.plot import sweeps
-
         plots = (PlotOutcome(skipped="plots are written only next to a report file (-o FILE.md)")
                  if sweeps(records) else write_plots(records, "."))  # nothing to draw: no file
         sys.stdout.write(render(records, baseline=baseline, plots=plots, known_issues=known))
@@ -536,16 +520,10 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from harness.results.compare import Thresholds, compare, render_markdown
-    from harness.results.records import read_many
-    from harness.run.session import prepare_output_file
-
     runs, files = _resolve(args.results, "compare")
     if args.baseline:
         base_files = _resolve(args.baseline, "baseline")[1]
     else:
-        from harness.results import storage
-
         if len(runs) != 1 or runs[0] is None:
             raise UsageError("compare: give --baseline RUN (without it, the current results "
                              "must be one numbered run, compared with the run before it)")
@@ -571,9 +549,6 @@ def cmd_compare(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    from harness.case.regressions import promote
-    from harness.results import storage
-
     files: list[Path] = []
     for ref in args.files:
         if (ref == storage.LATEST or ref.isdigit()) and not Path(ref).exists():

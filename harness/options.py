@@ -39,17 +39,10 @@ class Profile:
     Attributes:
         name: quick, nightly or exhaustive.
         explore_examples: hypothesis-generated cases per backend on top of the suites.
-        warmup_s: throughput warm-up time budget per timed function, seconds.
-        budget_s: throughput measurement time budget per timed function, seconds.
-        min_reps: fewest timed repetitions, whatever the budget.
-        dropout_samples: kernel runs (seeds) behind a statistical dropout verdict.
-        timeout_s: default per-check time limit in the worker, seconds.
-        determinism_runs: runs the determinism check compares where the kernel promises a
-            deterministic backward (flash-attn's race-condition test repeats 250 times); two
-            otherwise.
-        graph_replay: time CUDA/HIP graph replays instead of plain calls (for tiny problems,
-            where launch overhead dominates; ``attn-harness run --graph-replay``). Timing falls
-            back to plain calls, and says so in the record, where capture is impossible.
+        explore_budget_s: wall time one backend's free draws may take, seconds, when the
+            profile's count is used (``--explore N`` asks for N cases whatever they take; None:
+            no limit). The corners are visited whatever the time, a case begun is finished, a
+            failure is always shrunk, and the summary says how many free draws were judged.
     """
 
     name: str
@@ -61,11 +54,21 @@ class Profile:
     timeout_s: float
     determinism_runs: int = 2
     graph_replay: bool = False
+    explore_budget_s: float | None = None
 
+
+#: The quick profile's budget for each backend's free draws, seconds. On our 2-core CPU a plain
+#: kernel's 7 free draws take a few seconds and the zoo's slow Python kernels fail within 12 s
+#: when their bug is in reach of a free draw; a backend that compiles a graph per new structure
+#: (flex-attention: 2.5-6 s a case warm, about twice that on a first run; Triton builds on a
+#: cold cache) spends a minute on them. The corners, where the input-space bugs are found, are
+#: not cut: a budget over the whole exploration lost them on a loaded machine.
+QUICK_EXPLORE_BUDGET_S = 20.0
 
 PROFILES = {
     "quick": Profile("quick", explore_examples=20, warmup_s=0.05, budget_s=0.25, min_reps=5,
-                     dropout_samples=48, timeout_s=300.0, determinism_runs=3),
+                     dropout_samples=48, timeout_s=300.0, determinism_runs=3,
+                     explore_budget_s=QUICK_EXPLORE_BUDGET_S),
     "nightly": Profile("nightly", explore_examples=300, warmup_s=0.2, budget_s=1.0, min_reps=10,
                        dropout_samples=96, timeout_s=900.0, determinism_runs=50),
     "exhaustive": Profile("exhaustive", explore_examples=3000, warmup_s=0.5, budget_s=2.0,
@@ -364,3 +367,11 @@ class RunOptions:
     @property
     def examples(self) -> int:
         return self.examples_for()
+
+    @property
+    def explore_budget_s(self) -> float | None:
+        """The profile's exploration time budget per backend, or None when ``--explore N``
+        asked for a number of cases (they are all judged)."""
+        if self.explore is None or self.explore == EXPLORE_PROFILE:
+            return get_profile(self.profile).explore_budget_s
+        return None

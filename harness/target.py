@@ -13,6 +13,7 @@ import platform
 import re
 import subprocess
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -379,8 +380,6 @@ def git_revision() -> str:
 
 
 def _package_version(name: str) -> str:
-    from importlib import metadata
-
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:

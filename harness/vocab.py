@@ -4,7 +4,7 @@ Every other module derives from these two tables: the CLI's and the plugin's ``-
 the records schema's enums (``tests/test_vocab.py`` checks that the schema file agrees), the
 report's columns and matrix, the known-issue keys, compare's ranks and the runner's order. Adding a
 check is one :data:`CHECKS` entry here plus its judging function, registered with
-:func:`harness.checks.context.check` (the only module that imports torch for it). This module
+:func:`harness.checks.registry.check` (the only module that imports torch for it). This module
 imports nothing heavy, so light paths (the plugin's option parsing, the schema, case files) can use
 it.
 """

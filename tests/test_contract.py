@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from harness.case import Case
-from harness.checks.context import clone_inputs, modified_inputs
+from harness.checks.contract import clone_inputs, modified_inputs
 from harness.exact.inputs import make_inputs
 from harness.run.worker import Task, execute
 from harness.target import detect

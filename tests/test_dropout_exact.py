@@ -1,4 +1,4 @@
-"""Exact dropout judging (harness/dropout.py): D(P) recovered from seeded calls with identity
+"""Exact dropout judging (harness/exact/dropout.py): D(P) recovered from seeded calls with identity
 V blocks, judged entry by entry, and the backward judged with the forward's mask. The kernels
 are the dropout zoo (tests/zoo/dropout_kernels.py) and SDPA's math backend on the CPU."""
 

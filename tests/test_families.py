@@ -648,7 +648,7 @@ def test_lse_rows_without_keys_conventions_are_declared():
 def test_grads_of_a_packed_entry_point_are_read_from_the_buffer(layout):
     """qkvpacked/kvpacked kernels use the buffer, not the q, k, v views of it: differentiating
     with respect to the views finds them unused; the checks read them from the buffer."""
-    from harness.checks.context import grad_leaves
+    from harness.checks.contract import grad_leaves
 
     backend = fake("flash-attn", "fake_flash_attn2")
     case = Case(batch=2, seqlen_q=12, heads_q=2, head_dim=8, dtype="float32", causal=True,
@@ -745,8 +745,8 @@ def test_combinations_the_original_refuses_are_skips_in_its_words(tmp_path, monk
     cache_leftpad (csrc/flash_attn/flash_api.cpp, mha_fwd_kvcache): posed, a correct kernel
     would count an error. The module flavor and the CUDA build skip them with the original's
     words; --audit still runs them, and a loud refusal is 'rejected' (good)."""
-    from harness.checks.context import run_plan
     from harness.checks.plan import plan
+    from harness.checks.runner import run_plan
 
     backend = _original_like(tmp_path, monkeypatch, "fa_refusing")
     case = PAGED.replace(**combination)

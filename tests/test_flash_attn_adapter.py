@@ -24,8 +24,9 @@ import torch
 
 from harness.backends.flash_attn import FlashAttnBackend
 from harness.case import Case
-from harness.checks.context import CaseRun, audit_verdict
+from harness.checks.context import CaseRun
 from harness.checks.plan import Plan
+from harness.checks.runner import audit_verdict
 from harness.exact.inputs import make_inputs
 from harness.exact.reference import Params, attention_forward
 from harness.options import get_profile

@@ -6,6 +6,11 @@ annotations, not imports). The pytest plugin imports only the library's light op
 from __future__ import annotations
 
 import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 from tests.conftest import REPO
@@ -215,3 +220,29 @@ def test_nothing_in_the_package_imports_the_plugin():
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert "attn_harness_pytestplugin" not in names, path
+
+
+#: Imported only where needed (``banned-module-level-imports`` in pyproject.toml): what the CLI's
+#: report and compare must run without.
+HEAVY = ("torch", "numpy", "pytest", "_pytest", "hypothesis", "matplotlib", "triton")
+
+
+def test_report_and_compare_import_neither_torch_nor_pytest(tmp_path):
+    """``attn-harness report`` and ``compare`` run on another machine's records, in a process
+    that never imports torch, pytest or hypothesis (their imports stay inside functions)."""
+    results = REPO / "tests/fixtures/nightly/artifacts/results-cpu-x86_64-none/results.jsonl"
+    code = textwrap.dedent(f"""
+        import contextlib, io, json, sys
+        from harness.cli import main
+        with contextlib.redirect_stdout(io.StringIO()):
+            codes = [main(["report", {str(results)!r}]),
+                     main(["compare", {str(results)!r}, "--baseline", {str(results)!r}])]
+        print(json.dumps([codes, sorted(m for m in sys.modules
+                                        if m.split(".")[0] in {HEAVY!r})]))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    codes, heavy = json.loads(out.stdout.strip().splitlines()[-1])
+    assert codes[0] == 0 and codes[1] in (0, 1)
+    assert heavy == []

@@ -106,8 +106,11 @@ def test_a_correct_kernel_passes_cases_and_exploration(parity):
 
 def test_a_buggy_kernel_fails_with_the_minimal_case_and_its_replay_command(parity):
     regressions = parity.path / "regressions"
+    # forward only: the mapping is wrong in the forward, and the zoo's Python kernel took
+    # minutes over the backward of the decode and dropout corners (and was once killed for
+    # memory there while other work ran)
     result = run(parity, "test_explore.py", f"--attn-backend={ZOO}:gqa_mapping",
-                 "--attn-examples=20", f"--attn-regressions={regressions}")
+                 "--attn-examples=20", "--attn-checks=fwd", f"--attn-regressions={regressions}")
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
     assert "shrunk in" in out and "replay: attn-harness run --backend" in out

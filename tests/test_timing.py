@@ -366,7 +366,8 @@ def test_forward_flops_count_visible_pairs():
 def test_throughput_check_rates_fwd_bwd_and_both_with_flash_attn_factors(monkeypatch):
     """check_throughput's arithmetic, with time_function replaced by a fixed 2 ms."""
     from harness.backends import load_backend
-    from harness.checks import context as checks
+    from harness.checks import throughput
+    from harness.checks.context import CaseRun
     from harness.options import get_profile
     from harness.target import Target
 
@@ -378,10 +379,10 @@ def test_throughput_check_rates_fwd_bwd_and_both_with_flash_attn_factors(monkeyp
         seen.append((tuple(fns), kwargs))
         return {name: Timing(2.0, 1.5, 2.5, 1.0, 7, "fake") for name in fns}
 
-    monkeypatch.setattr(checks, "time_functions", fake_time_functions)
+    monkeypatch.setattr(throughput, "time_functions", fake_time_functions)
     case = Case(batch=1, seqlen_q=16, heads_q=2, head_dim=8, dtype="float32", causal=True)
     target = Target(vendor="cpu", device_name="cpu", arch="x86_64", peak_tflops=100.0)
-    run = checks.CaseRun(case, load_backend("sdpa-math"), target, seed=0,
+    run = CaseRun(case, load_backend("sdpa-math"), target, seed=0,
                          profile=get_profile("quick"), device="cpu")
     verdict = run.run("throughput")
     m = verdict.metrics
@@ -394,7 +395,7 @@ def test_throughput_check_rates_fwd_bwd_and_both_with_flash_attn_factors(monkeyp
     assert m["pct_peak"] is None  # float32 is not what the fp16/bf16 peak measures
     assert [names for names, _ in seen] == [("fwd", "bwd", "fwd_bwd")]  # timed together
     assert all(k["graph"] is False for _, k in seen)
-    half = checks.CaseRun(case.replace(dtype="bfloat16"), load_backend("sdpa-math"), target,
+    half = CaseRun(case.replace(dtype="bfloat16"), load_backend("sdpa-math"), target,
                           seed=0, profile=get_profile("quick"), device="cpu").run("throughput")
     assert half.metrics["pct_peak"] == pytest.approx(100 * half.metrics["tflops"] / 100.0)
 
@@ -402,7 +403,7 @@ def test_throughput_check_rates_fwd_bwd_and_both_with_flash_attn_factors(monkeyp
 def test_fp8_throughput_is_measured_against_the_fp8_peak():
     """fp8 cases take the device's dense fp8 figure (issue 14), not the fp16/bf16 one; a device
     without a recorded fp8 figure gets no percentage rather than a wrong one."""
-    from harness.checks.context import peak_for_dtype
+    from harness.checks.throughput import peak_for_dtype
     from harness.target import Target, peak_for
 
     h100 = Target(vendor="nvidia", device_name="NVIDIA H100 80GB HBM3", arch="sm_90",

@@ -9,7 +9,8 @@ import re
 import pytest
 
 from harness import vocab
-from harness.checks import context as checks
+from harness.checks import context  # noqa: F401 - imports the checks, registering them
+from harness.checks import registry as checks
 from harness.results.records import load_schema
 from tests.conftest import REPO
 

@@ -14,6 +14,7 @@ A backend spec on the command line is one of
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -21,6 +22,9 @@ from pathlib import Path
 from harness.backends.base import Backend, Capabilities, Unsupported
 from harness.backends.families import BARE, FAMILIES, Family
 from harness.backends.families import machine_facts as _family_facts
+from harness.backends.module import import_target
+from harness.backends.sdpa import SdpaBackend
+from harness.backends.user import FunctionBackend, is_file_spec, load_function
 from harness.errors import UsageError
 
 __all__ = ["Backend", "Capabilities", "Unsupported", "BUILTIN", "FAMILIES", "Family",
@@ -32,8 +36,6 @@ ENTRY_POINT_GROUP = "attn_harness.backends"
 
 def _sdpa(name: str) -> Callable[[], Backend]:
     def make() -> Backend:
-        from harness.backends.sdpa import SdpaBackend
-
         return SdpaBackend(name)
 
     return make
@@ -82,8 +84,6 @@ def spec_problem(spec: str) -> str:
     For the pytest plugin's configure-time check: built-ins, entry points, ``FILE.py:FUNC`` with
     an existing file, ``FAMILY@MODULE`` and ``FAMILY@FILE.py`` with an existing file.
     """
-    from harness.backends.user import is_file_spec
-
     if spec in BUILTIN or spec in entry_point_names():
         return ""
     if "@" in spec:
@@ -98,8 +98,6 @@ def spec_problem(spec: str) -> str:
             return f"--backend {spec}: empty target after '@' (give a module name or a .py file)"
         if target.endswith(".py"):
             return "" if Path(target).is_file() else f"--backend {spec}: no such file {target}"
-        import importlib.util
-
         top = target.split(".")[0]
         try:  # the top-level package only: finding it imports nothing
             found = importlib.util.find_spec(top) is not None
@@ -119,9 +117,6 @@ def spec_problem(spec: str) -> str:
 
 def load_backend(spec: str) -> Backend:
     """Resolve a backend spec (see the module docstring); UsageError if it names nothing."""
-    from harness.backends.module import import_target
-    from harness.backends.user import FunctionBackend, is_file_spec, load_function
-
     if spec in BUILTIN:
         return BUILTIN[spec]()
     parsed = _module_spec(spec)
@@ -144,8 +139,6 @@ def load_backend(spec: str) -> Backend:
 
 
 def _from_entry_point(ep: metadata.EntryPoint) -> Backend:
-    from harness.backends.user import FunctionBackend
-
     try:
         obj = ep.load()
     except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the harness down

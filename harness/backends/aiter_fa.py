@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from importlib import metadata
 from typing import Any
 
 from harness.backends.base import DEFAULT_FEATURES, Capabilities
+from harness.backends.flash_attn import varlen_lse_layout
 from harness.backends.module import (
     Convention,
     ModuleBackend,
@@ -271,8 +273,6 @@ class AiterBackend(ModuleBackend):
         out, lse = take_return(result, name, *(("(out, softmax_lse)",) if kw.get("return_lse")
                                                else ("out", "(out,)")))
         if lse is not None and case.entry == "varlen":
-            from harness.backends.flash_attn import varlen_lse_layout
-
             lse = varlen_lse_layout(lse, case)
         return Outputs(out=out, lse=lse)
 
@@ -330,8 +330,6 @@ def installed_reasons(case: Case, environ) -> list[str]:
 
 
 def _dist_version() -> str:
-    from importlib import metadata
-
     for dist in ("amd-aiter", "aiter"):
         try:
             return metadata.version(dist)

@@ -10,10 +10,12 @@ are handled: a tuple's first item is the output, its second the lse.
 
 from __future__ import annotations
 
+from importlib import metadata
 from typing import Any
 
 from harness.backends.base import DEFAULT_FEATURES, Capabilities
 from harness.backends.flash_attn import FEATURE_KEYWORDS as FLASH_ATTN_KEYWORDS
+from harness.backends.flash_attn import issue26_arguments, varlen_lse_layout
 from harness.backends.module import (
     Convention,
     ModuleBackend,
@@ -74,7 +76,7 @@ FLAVOR_CAPABILITIES: dict[str, Capabilities] = {
     # size ("page_block_size can be arbitrary"); head dims up to 256 (hopper/setup.py builds
     # hdim 64..256). The varlen function takes no page_table: paged varlen is not posed.
     # fp8 forward: float8_e4m3fn with float32 descales (hopper/test_flash_attn.py); fp8 cases
-    # are forward-only, judged by harness/fp8.py.
+    # are forward-only, judged by harness/exact/fp8.py.
     # Issue 26: a value head dim of its own (FA3_HEAD_DIMS_V), v as a view of k, and padded
     # varlen through seqused_q/seqused_k.
     "cuda": Capabilities(
@@ -173,8 +175,6 @@ class FlashAttn3Backend(ModuleBackend):
         from harness.exact.outputs import Outputs
 
         case = inputs.case
-        from harness.backends.flash_attn import issue26_arguments
-
         common: dict[str, Any] = {"softmax_scale": case.scale, "causal": case.causal,
                                   "window_size": case.window, "softcap": case.softcap,
                                   **issue26_arguments(inputs)}
@@ -226,8 +226,6 @@ class FlashAttn3Backend(ModuleBackend):
                                *(tuple_only if kw.get("return_attn_probs")
                                  else ("out", *tuple_only)))
         if lse is not None and case.entry == "varlen":
-            from harness.backends.flash_attn import varlen_lse_layout
-
             lse = varlen_lse_layout(lse, case)
         return Outputs(out=out, lse=lse)
 
@@ -238,8 +236,6 @@ class FlashAttn3Backend(ModuleBackend):
 
 def machine_facts() -> dict[str, str]:
     """FA3's version when installed (distribution ``flash_attn_3``), without importing it."""
-    from importlib import metadata
-
     for dist in ("flash_attn_3", "flash-attn-3"):
         try:
             return {"flash_attn_3": metadata.version(dist)}

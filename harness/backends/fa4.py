@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import os
 import re
+from importlib import metadata
 from typing import Any
 
 from harness.backends.base import DEFAULT_FEATURES, Capabilities
@@ -439,8 +440,6 @@ class FlashAttn4Backend(ModuleBackend):
 
 def distribution_version() -> str:
     """The installed ``flash-attn-4`` version ('' when not installed), without importing it."""
-    from importlib import metadata
-
     try:
         return metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from harness.backends.module import first_line
+
 
 @dataclass(frozen=True)
 class Family:
@@ -114,7 +116,5 @@ def machine_facts(hip: str | None = None,
         try:
             out.update(family.machine_facts(hip, environ))
         except Exception as exc:  # noqa: BLE001 - a fingerprint must not fail for one family
-            from harness.backends.module import first_line
-
             out[f"{family.name}_facts_error"] = first_line(exc)
     return out

@@ -28,6 +28,7 @@ import importlib.util
 import os
 import re
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from harness.backends.module import (
     FLAVOR_ATTR,
     Convention,
     ModuleBackend,
+    Signature,
     case_value,
     inputs_value,
     same_storage,
@@ -457,8 +459,6 @@ class FlashAttnBackend(ModuleBackend):
     def _kwargs(self, func_entry: str, wanted: dict[str, Any], func=None) -> dict[str, Any]:
         """The keywords of ``wanted`` that the function takes (the rest were ruled out by
         :meth:`call_reasons` when the case needs them)."""
-        from harness.backends.module import Signature
-
         sig = Signature.of(func) if func is not None else self.signature(func_entry)
         return {k: v for k, v in wanted.items() if sig.accepts(k)}
 
@@ -571,8 +571,6 @@ def machine_facts(hip: str, environ: Any = os.environ) -> dict[str, str]:
         ``flash_attn`` (the installed distribution's version) and ``flash_attn_flavor`` (how it
         will load here, :func:`detect_flavor`); empty when flash-attn is not installed.
     """
-    from importlib import metadata
-
     version = ""
     for dist in ("flash-attn", "flash_attn"):
         try:

@@ -50,6 +50,7 @@ Call convention:
 from __future__ import annotations
 
 import math
+from importlib import metadata
 from typing import Any
 
 from harness.backends.base import DEFAULT_FEATURES, Capabilities
@@ -448,8 +449,6 @@ class FlashInferBackend(ModuleBackend):
 
 def distribution_version() -> str:
     """The installed flashinfer's version ('' when none), without importing it."""
-    from importlib import metadata
-
     for dist in DISTRIBUTIONS:
         try:
             return metadata.version(dist)

@@ -30,6 +30,7 @@ from harness.backends.base import Capabilities, Unsupported
 from harness.backends.module import (
     Convention,
     ModuleBackend,
+    Signature,
     first_line,
     import_default,
     take_return,
@@ -221,8 +222,6 @@ def _is_compile_error(exc: BaseException) -> bool:
 def lse_request(module: Any) -> dict[str, Any]:
     """How this torch asks flex_attention for the lse: ``return_aux=AuxRequest(lse=True)`` where
     it exists (newer torch deprecates ``return_lse``), else ``return_lse=True``."""
-    from harness.backends.module import Signature
-
     sig = Signature.of(module.flex_attention)
     aux = getattr(module, "AuxRequest", None)
     if aux is not None and "return_aux" in sig.params:

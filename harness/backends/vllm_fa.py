@@ -10,10 +10,12 @@ flash-attn 2's signature. Inference only (no backward), CUDA only (on ROCm vLLM 
 
 from __future__ import annotations
 
+from importlib import metadata
 from typing import Any
 
 from harness.backends.base import DEFAULT_FEATURES, Capabilities
 from harness.backends.flash_attn import FEATURE_KEYWORDS as FLASH_ATTN_KEYWORDS
+from harness.backends.flash_attn import varlen_lse_layout
 from harness.backends.module import (
     Convention,
     ModuleBackend,
@@ -165,16 +167,12 @@ class VllmFlashAttnBackend(ModuleBackend):
         out, lse = take_return(result, name,
                                "(out, softmax_lse)" if kw.get("return_softmax_lse") else "out")
         if lse is not None and case.entry == "varlen":
-            from harness.backends.flash_attn import varlen_lse_layout
-
             lse = varlen_lse_layout(lse, case)
         return Outputs(out=out, lse=lse)
 
 
 def machine_facts() -> dict[str, str]:
     """vLLM's version when installed, without importing it."""
-    from importlib import metadata
-
     try:
         return {"vllm": metadata.version("vllm")}
     except metadata.PackageNotFoundError:

@@ -12,10 +12,13 @@ Local windows and ALiBi go in as an additive tensor bias (dense, MHA only). Forw
 
 from __future__ import annotations
 
+import math
+from importlib import metadata
 from typing import Any
 
 from harness.backends.base import Capabilities, Unsupported
 from harness.backends.module import Convention, ModuleBackend, import_default, take_return
+from harness.backends.sdpa import attn_mask
 from harness.case import Case
 
 CONVENTION = Convention(
@@ -159,11 +162,7 @@ def tensor_bias(case: Case, slopes, dtype, device):
     """An additive ``(batch, heads, seqlen_q, seqlen_k)`` bias: the bottom-right window (``-inf``
     outside) plus ALiBi; its storage is padded to a multiple of 8 keys, as xformers requires of
     a tensor bias's last-dimension alignment."""
-    import math
-
     import torch
-
-    from harness.backends.sdpa import attn_mask
 
     mask = attn_mask(case, slopes, dtype, device)
     if mask.dtype == torch.bool:
@@ -177,8 +176,6 @@ def tensor_bias(case: Case, slopes, dtype, device):
 
 def machine_facts() -> dict[str, str]:
     """xformers' version when installed, without importing it."""
-    from importlib import metadata
-
     try:
         return {"xformers": metadata.version("xformers")}
     except metadata.PackageNotFoundError:

@@ -27,17 +27,21 @@ lists (membership) or comparison strings (``">0"``, ``">=128"``, ``"!=64"``).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import operator
 import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from harness.case import FIELD_NAMES, Case
+from harness.case.suites import project_dir
 from harness.errors import InvalidCase
+from harness.escape import md
 from harness.vocab import FEATURES, JUDGED
 
 if sys.version_info >= (3, 11):
@@ -213,8 +217,6 @@ def _entry_problem(entry: dict[str, Any]) -> tuple[str, str] | None:
     """``(key, message)`` for the first mistake in one ``[[issue]]`` table, or None."""
     for key in entry:
         if key not in _KEYS:
-            import difflib
-
             close = difflib.get_close_matches(key, _KEYS, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             return key, f"unknown key {key!r} ({hint}keys: {', '.join(_KEYS)})"
@@ -328,8 +330,6 @@ def _fail(where: str, text: str, index: int | None, issue_id: Any, key: str, mes
 
 def shipped_path() -> Path:
     """The known issues that ship with the package (``harness/case/library/known_issues.toml``)."""
-    from importlib import resources
-
     return Path(str(resources.files("harness.case").joinpath("library", "known_issues.toml")))
 
 
@@ -337,8 +337,6 @@ def default_paths() -> list[Path]:
     """The shipped file, then the project's own ``known_issues.toml`` (which adds to it) in
     :func:`harness.case.suites.project_dir` (``--cases-dir``, else ``./cases``), where that exists
     and is not the shipped file itself."""
-    from harness.case.suites import project_dir
-
     paths = [shipped_path()]
     project = project_dir() / "known_issues.toml"
     if project.is_file() and project.resolve() != paths[0].resolve():
@@ -469,8 +467,6 @@ def section(records: Iterable[Any], issues: Iterable[KnownIssue]) -> str:
     stale = unmatched(records, issues)
     if not stale:
         return ""
-    from harness.escape import md
-
     rows = "\n".join(
         f"| {md(i.id, code=True)} | {md(i.backend, code=True)}"
         f"{' ' + md(','.join(i.flavors)) if i.flavors else ''} | {md(i.source)} | "

@@ -15,8 +15,10 @@ on any machine. The semantics follow flash-attn 2.x (see ``docs``/the design):
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import hashlib
+import itertools
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -711,8 +713,6 @@ def case_from_dict(data: Mapping[str, Any]) -> Case:
 
 
 def unknown_field_message(key: str) -> str:
-    import difflib
-
     close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return f"unknown field {key!r} ({hint}fields are {', '.join(FIELD_NAMES)})"
@@ -1125,8 +1125,6 @@ def _sum_positive_linear(slope: int, c: int, a: int, b: int) -> int:
 
 def grid(**axes: Iterable[Any]) -> list[Case]:
     """Cartesian product of keyword axes as cases (a convenience for tests and notebooks)."""
-    import itertools
-
     names = list(axes)
     combos = itertools.product(*axes.values())
     return [Case(**dict(zip(names, combo, strict=True))) for combo in combos]

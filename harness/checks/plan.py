@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from harness.backends.base import Backend
 from harness.case import DTYPE_BYTES, Case
+from harness.exact.fp8 import fp8_reasons  # imports torch: only for fp8 cases
 from harness.exact.reference import BLOCK_ELEMS
 from harness.target import Target
 from harness.vocab import CHECKS
@@ -141,8 +142,6 @@ def plan(case: Case, backend: Backend, target: Target, checks: tuple[str, ...], 
         return skip_all("; ".join(call))
     reasons = backend.unsupported_reasons(case, target)
     if case.dtype.startswith("float8") or case.kv_dtype:  # the fp8 format the target takes
-        from harness.exact.fp8 import fp8_reasons  # imports torch: only for fp8 cases
-
         reasons = reasons + fp8_reasons(case, target)
     if reasons and not audit:  # every reason the backend does not take it, before sizes
         return skip_all("; ".join(reasons))

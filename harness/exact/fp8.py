@@ -64,9 +64,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from harness.case import FP8_DTYPES, Case
+from harness.exact.inputs import TORCH_DTYPES, make_inputs
 from harness.exact.judge import Comparison, Verdict, compare
 from harness.exact.outputs import Outputs
-from harness.exact.reference import BLOCK_ELEMS, ieee_float32, reference
+from harness.exact.reference import (
+    BLOCK_ELEMS,
+    _empty_result,
+    _no_keys,
+    _row_mask,
+    baseline,
+    case_sinks,
+    ieee_float32,
+    reference,
+)
 from harness.exact.scores import Params, Precision, logits, with_sink
 
 if TYPE_CHECKING:
@@ -279,8 +289,6 @@ def make_fp8_inputs(case: Case, device: str | torch.device = "cpu", seed: int = 
     float32 twin (same fields, dtype float32, fp8 fields off), so they are seeded from the fp8 case
     through the twin's id and identical on every machine.
     """
-    from harness.exact.inputs import TORCH_DTYPES, make_inputs
-
     kv_only = case.dtype not in FP8_DTYPES
     fmt = FORMATS[fp8_format(case)]
     twin = case.replace(dtype="float32", fp8_recipe="per-tensor", fp8_scales=None,
@@ -347,8 +355,6 @@ def kv_dequantised(inputs: Inputs) -> Inputs:
 def kv_baseline(inputs: Inputs, **kwargs: Any) -> Outputs:
     """The baseline of an fp8 KV cache with 16-bit queries: the same-precision baseline
     (:func:`harness.exact.reference.baseline`) of the cache as :func:`kv_dequantised` reads it."""
-    from harness.exact.reference import baseline
-
     return baseline(kv_dequantised(inputs), **kwargs)
 
 
@@ -422,8 +428,6 @@ def fp8_baseline(inputs: Inputs, *, rows: list[torch.Tensor | None] | None = Non
     """The fp8-emulating baseline of a case: out float32 (rounded to the kernel's output dtype
     by :func:`fp8_verdict`), lse float32. ``rows`` samples query rows as in
     :func:`harness.exact.reference.reference`."""
-    from harness.exact.reference import _empty_result, _no_keys, _row_mask, case_sinks
-
     case = inputs.case
     if case.dtype not in FP8_DTYPES:
         raise ValueError("an fp8 KV cache with 16-bit queries: the baseline is kv_baseline")

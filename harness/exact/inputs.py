@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.case import FP8_DTYPES, TENSOR_VALUE_LARGE, TENSOR_VALUE_OFFSET, Case
+from harness.exact.padding import poison
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 #: Rows drawn per randn call: bounds the float32 staging memory for million-token inputs.
@@ -296,8 +297,6 @@ def make_inputs(case: Case, device: str | torch.device = "cpu", seed: int = 0) -
     if case.dtype in FP8_DTYPES or case.kv_fp8:
         raise ValueError(f"{case.kv_dtype or case.dtype} inputs are drawn by "
                          "harness.exact.fp8.make_fp8_inputs")
-    from harness.exact.padding import poison
-
     gen = torch.Generator(device="cpu").manual_seed(derive_seed(seed, case.case_id))
     dtype = TORCH_DTYPES[case.dtype]
     hq, hkv, d = case.heads_q, case.heads_kv, case.head_dim

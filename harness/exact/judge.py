@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from harness.exact.outputs import Outputs
+
 K_OUT = 2.0
 K_GRAD = 3.0
 #: Absolute slack added to the rule: flash-attn's 1e-5, for every dtype. The baseline's error can
@@ -466,8 +468,6 @@ def sound_baseline(reference, plain, *fallbacks):
         ``(chosen, replaced)``: an :class:`~harness.exact.outputs.Outputs` and, per tensor taken
         from a fallback, its index in ``fallbacks`` (record it: ``metrics["yardstick"]``).
     """
-    from harness.exact.outputs import Outputs
-
     chosen = Outputs(out=plain.out, lse=plain.lse, dq=plain.dq, dk=plain.dk, dv=plain.dv,
                      rows=plain.rows)
     replaced: dict[str, int] = {}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -721,36 +721,22 @@ def reference(inputs: Inputs, *, dtype: torch.dtype | None = None, params: Param
         raise ValueError("row sampling is for the forward only")
     result = _empty_result(inputs, dtype, dtype, grads)
     result.rows = _row_mask(inputs, rows)
-    for index, piece in enumerate(inputs.sequences()):
-        q, k, v = piece.q_like(inputs.q), piece.kv_like(inputs.k), piece.kv_like(inputs.v)
-        if q.shape[1] == 0 or k.shape[1] == 0:
-            _no_keys(piece, result.lse, sinks, q.shape[1])
-            continue
-        # Keys and values stay at the input dtype and are widened one block at a time, so the
-        # reference's memory follows the block, not the key length (a 1M-token cache).
-        q = q.to(dtype)
-        sl = _piece_slopes(slopes, piece, index)
-        chosen = rows[index] if rows is not None else None
-        if chosen is not None:
-            o, lse = attention_forward(q[:, chosen], k, v, p, sl, rows=chosen,
-                                       seqlen_q=q.shape[1], block_elems=block_elems,
-                                       sinks=sinks)
-            piece.put_q_rows(result.out, chosen, o)
-            piece.put_lse_rows(result.lse, chosen, lse)
-            continue
-        o, lse = attention_forward(q, k, v, p, sl, block_elems=block_elems, sinks=sinks)
-        piece.put_q(result.out, o)
-        piece.put_lse(result.lse, lse)
-        if grads:
-            do = piece.q_like(inputs.dout).to(dtype)
-            dq, dk, dv = attention_backward(q, k.to(dtype), v.to(dtype), o, lse, do, p, sl,
-                                            block_elems=block_elems)
-            piece.put_q(result.dq, dq)
-            piece.put_kv(result.dk, dk)
-            piece.put_kv(result.dv, dv)
-    if lse_convention != "harness":
-        result.lse = convert_lse(result.lse, inputs, "harness", lse_convention)
-    return result
+
+    def forward_rows(q, k, v, chosen, sl):
+        return attention_forward(q[:, chosen], k, v, p, sl, rows=chosen, seqlen_q=q.shape[1],
+                                 block_elems=block_elems, sinks=sinks)
+
+    def forward(q, k, v, sl):
+        return attention_forward(q, k, v, p, sl, block_elems=block_elems, sinks=sinks)
+
+    def backward(q, k, v, o, lse, do, sl):
+        return attention_backward(q, k.to(dtype), v.to(dtype), o, lse, do.to(dtype), p, sl,
+                                  block_elems=block_elems)
+
+    # Keys and values stay at the input dtype and are widened one block at a time, so the
+    # reference's memory follows the block, not the key length (a 1M-token cache).
+    return _by_piece(inputs, result, sinks, slopes, rows, grads, lse_convention, forward,
+                     forward_rows, backward, q_dtype=dtype)
 
 
 @ieee_float32
@@ -775,27 +761,52 @@ def baseline(inputs: Inputs, *, grads: bool = False,
     sinks = case_sinks(inputs, torch.float32)
     result = _empty_result(inputs, inputs.q.dtype, torch.float32, grads)
     result.rows = _row_mask(inputs, rows)
+
+    def forward_rows(q, k, v, chosen, sl):
+        return baseline_rows(q, k, v, chosen, p, sl, block_elems=block_elems, chunk=chunk,
+                             sinks=sinks)
+
+    def forward(q, k, v, sl):
+        return baseline_forward(q, k, v, p, sl, block_elems=block_elems, chunk=chunk,
+                                sinks=sinks)
+
+    def backward(q, k, v, o, lse, do, sl):
+        return baseline_backward(q, k, v, do, p, sl, block_elems=block_elems, chunk=chunk,
+                                 sinks=sinks)
+
+    return _by_piece(inputs, result, sinks, slopes, rows, grads, lse_convention, forward,
+                     forward_rows, backward)
+
+
+def _by_piece(inputs: Inputs, result: Outputs, sinks, slopes, rows, grads: bool,
+              lse_convention: str, forward: Callable, forward_rows: Callable,
+              backward: Callable, *, q_dtype: torch.dtype | None = None) -> Outputs:
+    """Fill ``result`` sequence by sequence, the loop :func:`reference` and :func:`baseline`
+    share: a sequence without queries or keys gets :func:`_no_keys`; with ``rows``, only the
+    chosen query rows (``forward_rows(q, k, v, chosen, slopes)``); else the whole sequence
+    (``forward(q, k, v, slopes)``, both giving ``(out, lse)``) and, with ``grads``,
+    ``backward(q, k, v, out, lse, dout, slopes)`` giving ``(dq, dk, dv)``. ``q_dtype``: each
+    sequence's queries are converted to it first. The lse is then converted to
+    ``lse_convention``."""
     for index, piece in enumerate(inputs.sequences()):
         q, k, v = piece.q_like(inputs.q), piece.kv_like(inputs.k), piece.kv_like(inputs.v)
         if q.shape[1] == 0 or k.shape[1] == 0:
             _no_keys(piece, result.lse, sinks, q.shape[1])
             continue
+        if q_dtype is not None:
+            q = q.to(q_dtype)
         sl = _piece_slopes(slopes, piece, index)
         chosen = rows[index] if rows is not None else None
         if chosen is not None:
-            o, lse = baseline_rows(q, k, v, chosen, p, sl, block_elems=block_elems,
-                                   chunk=chunk, sinks=sinks)
+            o, lse = forward_rows(q, k, v, chosen, sl)
             piece.put_q_rows(result.out, chosen, o)
             piece.put_lse_rows(result.lse, chosen, lse)
             continue
-        o, lse = baseline_forward(q, k, v, p, sl, block_elems=block_elems, chunk=chunk,
-                                  sinks=sinks)
+        o, lse = forward(q, k, v, sl)
         piece.put_q(result.out, o)
         piece.put_lse(result.lse, lse)
         if grads:
-            do = piece.q_like(inputs.dout)
-            dq, dk, dv = baseline_backward(q, k, v, do, p, sl, block_elems=block_elems,
-                                           chunk=chunk, sinks=sinks)
+            dq, dk, dv = backward(q, k, v, o, lse, piece.q_like(inputs.dout), sl)
             piece.put_q(result.dq, dq)
             piece.put_kv(result.dk, dk)
             piece.put_kv(result.dv, dv)

@@ -6,5 +6,5 @@
 ``test_cases.py`` runs every case of ``--attn-suite`` (default: smoke) on every
 ``--attn-backend`` (default: every backend available here); ``test_explore.py`` explores each
 backend and fails with the minimal case and its replay command. The fixtures come from the
-plugin (``attn_harness_pytestplugin``); the session behind them is ``harness.session``.
+plugin (``attn_harness_pytestplugin``); the session behind them is ``harness.run.session``.
 """

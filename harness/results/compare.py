@@ -48,6 +48,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from tabulate import tabulate
+
 from harness import vocab
 from harness.escape import md
 from harness.results.records import (
@@ -55,6 +57,7 @@ from harness.results.records import (
     backend_label,
     case_of,
     finite_or_none,
+    merge_records,
     setup_fingerprint,
     setup_labels,
 )
@@ -178,8 +181,6 @@ def compare(current: Iterable[Record], baseline: Iterable[Record],
         allow_missing: baseline records the run lacks are notices, not regressions (the case
             or backend was dropped deliberately).
     """
-    from harness.results.records import merge_records
-
     current, _ = merge_records(current)
     baseline, _ = merge_records(baseline)
     th = thresholds or Thresholds()
@@ -381,8 +382,6 @@ def throughput_move(now: dict, before: dict, threshold: float, *, same_software:
 
 def render_markdown(c: Comparison, *, level: int = 1) -> str:
     """The comparison as markdown; ``level`` is the heading level of its title."""
-    from tabulate import tabulate
-
     h = "#" * level
     regressions = c.regressions
     verdict = (f"**{len(regressions)} regression(s)**" if regressions else "no regression")

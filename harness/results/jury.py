@@ -28,6 +28,9 @@ from tabulate import tabulate
 
 from harness.case import Case
 from harness.errors import HarnessError
+from harness.escape import md
+from harness.exact.reference import _row_mask
+from harness.results import outdir
 
 #: Written into the directory :func:`prepare` makes: what it is, for anyone who finds it.
 MARKER = "ATTN_HARNESS_JURY"
@@ -65,8 +68,6 @@ def _slug(text: str) -> str:
 def save_rows(directory: str | Path, case: Case, backend: str, inputs, rows, kernel_out,
               ref, allowed: float, kind: str) -> Path:
     """Keep a backend's output (and the reference) on the sampled rows of ``case``."""
-    from harness.exact.reference import _row_mask
-
     _refuse_symlink(Path(directory))
     mask = _row_mask(inputs, rows)
     if mask is None:
@@ -174,9 +175,7 @@ def _rmdir_if_empty(path: Path) -> None:
 
 
 def write(verdicts: list[JuryVerdict], path: str | Path) -> None:
-    from harness.results.outdir import open_for_writing
-
-    with open_for_writing(path) as out:  # never through a symlink
+    with outdir.open_for_writing(path) as out:  # never through a symlink
         for v in verdicts:
             out.write(json.dumps(_jsonable(asdict(v))) + "\n")
 
@@ -200,8 +199,6 @@ def section(verdicts: list[JuryVerdict]) -> str:
     """The report's jury section (empty when no case ran on more than one backend)."""
     if not verdicts:
         return ""
-    from harness.escape import md
-
     rows = []  # labels, backends and findings may come from a jury.jsonl: all escaped
     for v in verdicts:
         distances = ", ".join(f"{md(b, code=True)} {_fmt(d)}" for b, d in v.to_reference.items())

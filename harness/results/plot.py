@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.case import case_from_dict
 from harness.results.records import Record, finite_or_none, setup_fingerprint, setup_labels
 from harness.vocab import TIMED
 
@@ -68,8 +69,6 @@ def family_key(case: dict) -> str:
 
 def family_title(case: dict) -> str:
     """``h32/8 d128 bf16 causal, seqlen_q = seqlen_k`` for a case of the family."""
-    from harness.case import case_from_dict
-
     label = case_from_dict(case).label.split(" ")
     shape = " ".join(p for p in label if not re.fullmatch(r"[bqk]\d+", p))
     if case.get("seqlen_q") == case.get("seqlen_k"):

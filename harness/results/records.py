@@ -13,12 +13,14 @@ state).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import json
 import math
 import os
 import re
+import shlex
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from harness import vocab
+from harness.case import case_from_dict
 from harness.errors import HarnessError, RecordsError
 from harness.vocab import CHECK_NAMES as CHECKS  # noqa: F401 - re-exported
 from harness.vocab import FAILING, STATUSES  # noqa: F401 - re-exported
@@ -281,8 +284,6 @@ def check_case(record: Record, where: str) -> None:
     """The case must be a valid :class:`harness.case.Case` (rules beyond the schema's reach),
     and ``case_id`` must be that case's id (a record edited by hand, or merged from another
     case, would otherwise be compared and resumed as the wrong case)."""
-    from harness.case import case_from_dict
-
     try:
         case = case_from_dict(record.case)
     except HarnessError as exc:
@@ -571,8 +572,6 @@ def merge_records(records: Iterable[Record]) -> tuple[list[Record], int]:
 
 def replay_command(record: Record) -> str:
     """The one command that replays a record's check on any machine."""
-    import shlex
-
     case = case_of(record)
     return " ".join([
         "attn-harness run",
@@ -590,8 +589,6 @@ def case_of(record: Record):
 
 @functools.lru_cache(maxsize=4096)
 def _case(canonical: str):
-    from harness.case import case_from_dict
-
     return case_from_dict(json.loads(canonical))
 
 
@@ -603,8 +600,6 @@ def backend_label(r: Record) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``python -m harness.results.records --write-schema``: regenerate the schema file's enums
     from the registry."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m harness.results.records",
                                      description=main.__doc__.splitlines()[0])
     parser.add_argument("--write-schema", action="store_true", required=True,

@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 from tabulate import tabulate
 
 from harness.case import Case
+from harness.case.known_issues import section
 from harness.escape import fence, md
+from harness.results.compare import compare, render_markdown
 from harness.results.records import (
     FAILING,
     STATUSES,
@@ -613,8 +615,6 @@ def inert_section(view: View) -> str:
 def _known_issues_section(view: View, issues: Sequence[Any] | None) -> str:
     if issues is None:
         return ""
-    from harness.case.known_issues import section
-
     return section(view.records, issues)
 
 
@@ -637,8 +637,6 @@ def render(records: Iterable[Record], *, title: str = "attn-harness report",
         return f"# {title}\n\nNo records.\n"
     changes = ""
     if baseline is not None:
-        from harness.results.compare import compare, render_markdown
-
         changes = render_markdown(compare(view.records, list(baseline)), level=2)
     sections = [
         header_section(view, title),

@@ -116,7 +116,7 @@ def _locked(directory: Path) -> Iterator[None]:
     """Hold ``directory/.lock`` (where ``fcntl`` exists), so two runs starting at once do not
     take one number."""
     try:
-        import fcntl
+        import fcntl  # noqa: PLC0415 - POSIX only
     except ImportError:  # pragma: no cover - not on Linux
         yield
         return

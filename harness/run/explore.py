@@ -40,11 +40,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hypothesis import HealthCheck, Phase, given, reject, settings
+from hypothesis import seed as hypothesis_seed
+from hypothesis.database import DirectoryBasedExampleDatabase
+from hypothesis.errors import Unsatisfiable
+
 from harness.backends.base import Capabilities
 from harness.case import Case
 from harness.escape import one_line
 from harness.options import get_profile
-from harness.results.records import FAILING, Record
+from harness.results.records import FAILING, Record, replay_command
 from harness.run.strategies import BUDGETS, cases, corners_for, outside_corner, undrawable
 from harness.shard import Shard, explore_seed, explore_share
 
@@ -81,6 +86,11 @@ class Exploration:
         shard: ``I/N`` when this was a shard's part of a sharded exploration.
         skipped: why nothing was explored ('' when it was): the backend's claims leave no case
             to draw (:func:`harness.run.strategies.undrawable`).
+        planned: cases the plan asked for (the sum of ``phases``).
+        budget_s: the time budget of the free draws, seconds (None: none).
+        budget_spent: whether the budget ended the free draws: drawn cases were left unjudged.
+        free_planned: free draws the plan asked for.
+        free_judged: free draws judged.
     """
 
     backend: str
@@ -96,15 +106,17 @@ class Exploration:
     unreachable: list[str] = field(default_factory=list)
     shard: str = ""
     skipped: str = ""
+    planned: int = 0
+    budget_s: float | None = None
+    budget_spent: bool = False
+    free_planned: int = 0
+    free_judged: int = 0
 
 
 def settings_for(profile: str, examples: int | None = None, database_dir: Path | None = None):
     """The hypothesis settings of a profile (registered as ``attn-<profile>``); the example
     database in ``database_dir`` (a run's own ``.hypothesis/``; default :data:`DATABASE_DIR`),
     none in CI."""
-    from hypothesis import HealthCheck, Phase, settings
-    from hypothesis.database import DirectoryBasedExampleDatabase
-
     count = get_profile(profile).explore_examples if examples is None else examples
     database = None if os.environ.get("CI") else DirectoryBasedExampleDatabase(
         str(database_dir or DATABASE_DIR))
@@ -117,8 +129,6 @@ def settings_for(profile: str, examples: int | None = None, database_dir: Path |
 
 
 def register_profiles() -> None:
-    from hypothesis import settings
-
     for name in BUDGETS:
         settings.register_profile(f"attn-{name}", settings_for(name))
 
@@ -152,7 +162,7 @@ def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case],
             profile: str = "quick", examples: int | None = None, seed: int = 0,
             on_record: Callable[[Record], None] | None = None, backward: bool = True,
             regressions: Path | None = None, shard: Shard | None = None,
-            database_dir: Path | None = None,
+            database_dir: Path | None = None, budget_s: float | None = None,
             on_case: Callable[[str, Case, list[Record], int], None] | None = None
             ) -> Exploration:
     """Search for a failing case of ``backend`` (see the module docstring).
@@ -171,13 +181,15 @@ def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case],
         shard: this run's share of a sharded sweep: explore its part of the plan for
             ``N x examples`` with its own seed (see the module docstring).
         database_dir: hypothesis's example database (the run's ``.hypothesis/``).
+        budget_s: stop judging new free draws once this much wall time has passed, seconds
+            (the profile's ``explore_budget_s``; None: judge every planned case). The corners,
+            where shipped bugs lived, are visited whatever the time; a case begun is finished
+            and a failure is shrunk; the cases are drawn in the same order, so a budget only
+            cuts the free draws short.
         on_case: called with ``(phase, case, records, step)`` as each case is judged: phase
             ``generate`` (step: the case's number) or ``shrink`` (step: the shrinking step), so
             a front end can print progress as it happens.
     """
-    from hypothesis import given
-    from hypothesis import seed as hypothesis_seed
-
     result = Exploration(backend=backend)
     result.skipped = undrawable(capabilities)
     if result.skipped:
@@ -197,7 +209,12 @@ def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case],
         result.phases = [(c, n) for c, n, _ in mine]
         not_first = {p for p, (_, _, first) in enumerate(mine) if not first}
         result.shard = str(shard)
+    result.planned = sum(n for _, n in result.phases)
+    result.budget_s = budget_s
     draw_seed = explore_seed(seed, shard)
+
+    def out_of_time() -> bool:
+        return budget_s is not None and time.perf_counter() - start >= budget_s
 
     emitted: set[tuple[str, str]] = set()
 
@@ -221,10 +238,11 @@ def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case],
         def body(case: Case) -> None:
             if state.get("error") is not None:
                 return  # the harness itself broke: stop judging, re-raised below
+            if corner is None and not state["failed"] and out_of_time():
+                result.budget_spent = True
+                return  # the budget is spent: the rest of the free draws are not judged
             calls[0] += 1
             if not state["failed"]:
-                from hypothesis import reject
-
                 if skip_first and calls[0] == 1:  # another shard runs this phase's first case
                     seen.add(case.case_id)
                     reject()
@@ -254,10 +272,9 @@ def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case],
 
         body()
 
-    from hypothesis.errors import Unsatisfiable
-
     try:
         for number, (corner, n) in enumerate(result.phases):
+            before = result.examples
             try:
                 phase(corner, n, number in not_first)
             except Unsatisfiable:
@@ -280,6 +297,10 @@ def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case],
                     if any(r.status in FAILING for r in twin_records):
                         case, records = twin, twin_records
                 raise CaseFailed(case, records) from None
+            finally:
+                if corner is None:
+                    result.free_planned += n
+                    result.free_judged += result.examples - before
             if state.get("error") is not None:
                 break
     except CaseFailed as exc:
@@ -313,8 +334,6 @@ def _comment(text: str) -> str:
 
 def write_regression(directory: Path, backend: str, case: Case, failing: list[Record]) -> Path:
     """Write a minimal failing case as a suite file; returns its path."""
-    from harness.results.records import replay_command
-
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{_slug(backend)}-{case.case_id}.toml"
     first = failing[0] if failing else None
@@ -337,6 +356,16 @@ def write_regression(directory: Path, backend: str, case: Case, failing: list[Re
     return path
 
 
+def budget_note(result: Exploration) -> str:
+    """``; the 20 s budget of free draws was spent after 3 of 7 ...``, or '' when it was
+    not."""
+    if not result.budget_spent:
+        return ""
+    return (f"; the {result.budget_s:g} s budget of free draws was spent after "
+            f"{result.free_judged} of {result.free_planned} (the corners were all visited): "
+            f"--explore {result.planned} judges them all")
+
+
 def summary(result: Exploration) -> str:
     """One paragraph for the terminal."""
     if result.skipped:
@@ -347,9 +376,8 @@ def summary(result: Exploration) -> str:
     part = f" (shard {result.shard}'s part)" if result.shard else ""
     if result.minimal is None:
         return (f"explored {result.examples} generated case(s) ({distinct} distinct){part} on "
-                f"{result.backend} in {result.seconds:.1f}s: no failure{unreachable}")
-    from harness.results.records import replay_command
-
+                f"{result.backend} in {result.seconds:.1f}s: no failure{unreachable}"
+                f"{budget_note(result)}")
     lines = [f"explored {result.backend}: case {result.examples} failed after "
              f"{result.seconds_to_first_failure:.1f}s; shrunk in {result.shrink_steps} step(s) to",
              f"  {result.minimal.label}  (case_id {result.minimal.case_id})"]

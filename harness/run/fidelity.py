@@ -28,6 +28,14 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+from tabulate import tabulate
+
+from harness.backends import load_backend
+from harness.case.suites import parse_inline_case
+from harness.checks import timing
+from harness.errors import HarnessError
+from harness.target import detect
+
 #: Allowed |harness / yardstick - 1| per device type.
 TOLERANCE = {"cpu": 0.10, "cuda": 0.03}
 
@@ -77,8 +85,6 @@ def within(ratio: float, tolerance: float) -> bool:
 
 def table(rows: Sequence[Row], tolerance: float, yardstick: str) -> str:
     """The rows as a GitHub markdown table."""
-    from tabulate import tabulate
-
     body = [[r.case, f"`{r.backend}`", r.timed, f"{r.harness_ms:.4g}", f"{r.harness_iqr_ms:.2g}",
              r.reps, f"{r.yardstick_ms:.4g}", f"{r.ratio:.3f}",
              "ok" if within(r.ratio, tolerance) else f"OFF by more than {tolerance:.0%}"]
@@ -141,16 +147,14 @@ def compare_call(fn, device, *, rounds: int, warmup_ms: float, rep_ms: float, gr
     The ratio is the median of the per-round ratios: a round's two measurements are seconds
     apart, so load from other processes, clock changes and drift mostly cancel in its ratio.
     """
-    from harness.checks.timing import time_function
-
     ours, theirs, ratios, iqrs, reps = [], [], [], [], []
     for i in range(rounds):
         steps = ["harness", "yardstick"] if i % 2 == 0 else ["yardstick", "harness"]
         got: dict[str, float] = {}
         for step in steps:
             if step == "harness":
-                t = time_function(fn, device, warmup_s=warmup_ms / 1e3, budget_s=rep_ms / 1e3,
-                                  graph=graph)
+                t = timing.time_function(fn, device, warmup_s=warmup_ms / 1e3,
+                                         budget_s=rep_ms / 1e3, graph=graph)
                 got[step] = t.median_ms
                 iqrs.append(t.iqr_ms)
                 reps.append(t.reps)
@@ -197,18 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from harness.backends import load_backend
-    from harness.case.suites import parse_inline_case
-    from harness.errors import HarnessError
-    from harness.target import detect
-
     target = detect()
     device_type = target.device_type
     device = torch.device(device_type)
-    from harness.checks.timing import CPU_BUDGET_S, CPU_WARMUP_S
-
-    warmup_ms = args.warmup_ms or (25.0 if device_type == "cuda" else CPU_WARMUP_S * 1e3)
-    rep_ms = args.rep_ms or (100.0 if device_type == "cuda" else CPU_BUDGET_S * 1e3)
+    warmup_ms = args.warmup_ms or (25.0 if device_type == "cuda" else timing.CPU_WARMUP_S * 1e3)
+    rep_ms = args.rep_ms or (100.0 if device_type == "cuda" else timing.CPU_BUDGET_S * 1e3)
     passes = [p.strip() for p in args.passes.split(",") if p.strip()]
     try:
         cases = [parse_inline_case(text) for text in (args.case or DEFAULT_CASES[device_type])]

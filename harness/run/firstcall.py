@@ -27,6 +27,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from harness.backends import load_backend
+from harness.case.suites import load_suite
+from harness.errors import HarnessError
+from harness.target import detect
+
 
 def time_case(backend, case, device, repeats: int) -> dict[str, Any]:
     """``{"case", "first_s", "run_s", "compile_s"}`` for one case: the first forward call's wall
@@ -76,11 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
-
-    from harness.backends import load_backend
-    from harness.case.suites import load_suite
-    from harness.errors import HarnessError
-    from harness.target import detect
 
     try:
         backend = load_backend(args.backend)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from harness.results.units import rate
-from harness.vocab import TIMED
+from harness.vocab import FAILING, TIMED
 
 SYMBOLS = {"pass": "ok", "fail": "FAIL", "skip": "skip", "xfail": "xfail", "xpass": "XPASS",
            "crash": "CRASH", "timeout": "TIMEOUT", "error": "ERROR"}
@@ -57,8 +57,6 @@ def outcome_text(records: Sequence[Any]) -> str:
 
 def reason_lines(records: Sequence[Any]) -> list[str]:
     """One indented line per failing record: its check and the start of its reason."""
-    from harness.vocab import FAILING
-
     out = []
     for r in records:
         if r.status in FAILING:

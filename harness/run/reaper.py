@@ -20,6 +20,7 @@ Processes are ended with SIGKILL and, where they are this process's children, re
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import time
@@ -59,8 +60,6 @@ def become_subreaper() -> bool:
     if not Path("/proc/self").is_dir():
         return False
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):  # pragma: no cover - a libc without prctl

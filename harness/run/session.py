@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -19,10 +20,24 @@ from pathlib import Path
 from typing import Any
 
 from harness import shard as sharding
-from harness.case import Case
+from harness.backends import known_backends, spec_problem
+from harness.case import Case, known_issues, suites
+from harness.case.suites import iter_cases, parse_inline_case
 from harness.errors import HarnessError, RecordsError, UsageError
 from harness.options import RunOptions, get_profile
-from harness.results.records import Record, RecordWriter, read_records
+from harness.results import outdir, storage
+from harness.results import records as recs
+from harness.results.plot import write_plots
+from harness.results.records import (
+    Record,
+    RecordWriter,
+    read_many,
+    read_records,
+    replay_command,
+    setup_fingerprint,
+)
+from harness.results.report import render
+from harness.run.worker import ExplorationWorker, Task
 from harness.vocab import CHECK_NAMES, EXPLORED, FAILING, gradients
 
 
@@ -47,8 +62,6 @@ def validate_options(values: dict[str, Any], where: str = "--") -> RunOptions:
     cases_dir = Path(values["cases-dir"]) if values.get("cases-dir") else None
     if cases_dir is not None and not cases_dir.is_dir():
         raise UsageError(f"{where}cases-dir {cases_dir}: no such directory")
-    from harness.case import suites
-
     suites.set_project_dir(cases_dir)
     suite_specs = _unique(values.get("suite"), "--suite", notes)
     for spec in suite_specs:
@@ -102,8 +115,6 @@ def _results_files(path: Path) -> list[Path]:
 def validate_known_issues() -> list[Any]:
     """Read every known-issues file now, in the main process: a broken one is bad input (exit
     2 naming file, line and key), not one traceback per worker. Returns the entries."""
-    from harness.case import known_issues
-
     return list(known_issues.validate())
 
 
@@ -117,8 +128,6 @@ def static_backend_problem(spec: str, where: str = "--") -> str:
     source can only ever say "maybe". The worker's import says, in one line naming the file and
     what it defines.
     """
-    from harness.backends import spec_problem
-
     problem = spec_problem(spec)
     return problem.replace("--backend", f"{where}backend", 1) if problem else ""
 
@@ -135,8 +144,6 @@ def choose_backends(worker, requested: Sequence[str], timeout_s: float | None = 
     one left out, so nothing disappears silently. Each import may take ``timeout_s`` (the run's
     ``--timeout``; default, the worker's own). Returns (specs, notes, resolved info).
     """
-    from harness.backends import known_backends
-
     specs = list(requested) or known_backends()
     resolved = worker.resolve(specs) if timeout_s is None else worker.resolve(specs, timeout_s)
     errors = [info["error"] for info in resolved.values() if "error" in info]
@@ -169,8 +176,6 @@ def collect_cases(options: RunOptions, inline: Sequence[str] = ()) -> tuple[
 
     Suites default to ``smoke`` unless inline cases (``--case``) are given.
     """
-    from harness.case.suites import iter_cases, parse_inline_case
-
     explicit = [("inline", parse_inline_case(text)) for text in inline]
     suites = list(options.suites) or ([] if explicit else ["smoke"])
     out: list[tuple[str, Case]] = []
@@ -190,8 +195,6 @@ def collect_cases(options: RunOptions, inline: Sequence[str] = ()) -> tuple[
 def make_task(suite: str, case: Case, spec: str, options: RunOptions, *,
               checks: Sequence[str] | None = None, jury_dir: str = ""):
     """The one place a :class:`harness.run.worker.Task` is built."""
-    from harness.run.worker import Task
-
     return Task(suite=suite, case=case, backend=spec,
                 checks=tuple(options.checks if checks is None else checks), seed=options.seed,
                 audit=options.audit, profile=options.profile, max_gflop=options.max_gflop,
@@ -299,8 +302,6 @@ def open_run(options: RunOptions, target: dict[str, Any], *, resume: str | None 
     ``reports/<target-id>/`` (:mod:`harness.results.storage`), or with ``resume`` (``latest`` or
     a run number) that earlier run. ``started`` (a start stamp) joins the run of that stamp when
     it exists: the pytest-xdist workers of one session share one run."""
-    from harness.results import storage
-
     if options.out is not None:
         if resume not in (None, storage.LATEST):
             raise UsageError(f"--resume {resume} names a kept run; with {what} DIR give --resume "
@@ -319,8 +320,6 @@ def open_run(options: RunOptions, target: dict[str, Any], *, resume: str | None 
 def run_meta(options: RunOptions, inline: Sequence[str] = ()) -> dict[str, Any]:
     """What ``run.json`` keeps about how a run was asked for; ``selection`` is what ``compare``
     matches to find the run before it that asked for the same."""
-    import sys
-
     return {"argv": list(sys.argv), "cwd": str(Path.cwd()),
             "selection": {"backends": list(options.backends), "suites": list(options.suites),
                           "cases": list(inline), "checks": list(options.checks),
@@ -357,9 +356,6 @@ def resume_records(results: Path, target: dict[str, Any], options: RunOptions, *
     field that differs. ``retry_crashed`` drops crash and timeout records so they run again. A
     torn last line (a run killed mid-write) is dropped, and said.
     """
-    from harness.results import records as recs
-    from harness.results.records import setup_fingerprint
-
     reader = getattr(recs, "read_for_resume", None)
     notes: list[str] = []
     if reader is not None:
@@ -420,9 +416,7 @@ def check_backend_versions(records: Iterable[Record], describe: dict[str, dict[s
 def write_report(records: Sequence[Record], out_dir: Path) -> Path:
     """Render ``out_dir/report.md``: plots, the jury's findings when a jury sat, and the known
     issues that matched nothing in these records."""
-    from harness.results import jury, outdir
-    from harness.results.plot import write_plots
-    from harness.results.report import render
+    from harness.results import jury
 
     try:
         plots = write_plots(records, out_dir)
@@ -496,8 +490,6 @@ class PytestSession:
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        from harness.run.worker import ExplorationWorker
-
         self._runner = ExplorationWorker(self.options.timeout)
         worker = self._runner
         try:
@@ -512,8 +504,6 @@ class PytestSession:
             self.capabilities[spec] = info["capabilities"]
             self.unavailable[spec] = info["availability"] or ""
         target = worker.outcome.target
-        from harness.results import outdir
-
         try:
             # The xdist workers of one session share one run: the controller's start stamp.
             run = open_run(self.options, target, started=self.started_stamp, what="--attn-out")
@@ -584,7 +574,8 @@ class PytestSession:
                          on_record=self._sink,
                          regressions=self.options.regressions or self._out / "regressions",
                          database_dir=self._out / ".hypothesis",
-                         backward=gradients(checks), shard=self.options.shard)
+                         backward=gradients(checks), shard=self.options.shard,
+                         budget_s=self.options.explore_budget_s)
         text = summary(result)
         if result.skipped:
             pytest.skip(text)
@@ -621,8 +612,6 @@ class PytestSession:
 def report_from_files(directory: Path, *, since: float = 0.0) -> Path | None:
     """Render ``report.md`` from the results files a session (or its xdist workers) wrote since
     ``since`` (a time.time()); older files in the directory are not merged in."""
-    from harness.results.records import read_many
-
     files = sorted(p for p in directory.glob("results*.jsonl")
                    if p.stat().st_mtime >= since - 1 and p.stat().st_size > 0)
     if not files:
@@ -637,8 +626,6 @@ def report_from_files(directory: Path, *, since: float = 0.0) -> Path | None:
 def outcome(records: list[Record], case: Case, spec: str) -> None:
     """pytest's verdict for a case's records: fail, skip, strict xfail, or pass."""
     import pytest
-
-    from harness.results.records import replay_command
 
     failing = [r for r in records if r.status in FAILING]
     if failing:

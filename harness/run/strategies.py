@@ -30,15 +30,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from hypothesis import assume
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from harness.backends.base import Capabilities
 from harness.case import (
+    DTYPE_MAX,
     DTYPES,
     FP8_DTYPES,
     LAYOUT_ENTRIES,
     LAYOUT_FEATURES,
+    VALUE_SCALE_DEFAULTS,
     Case,
     attended_pairs,
 )
@@ -479,8 +482,6 @@ def _value_layout_fields(draw, feats, fields, corner=None) -> dict:
     elif corner == "padding" and fields["entry"] == "varlen" and "padded" in feats:
         layout = "padded"
     if values != "normal":
-        from harness.case import VALUE_SCALE_DEFAULTS
-
         chosen = scales[values]
         if chosen is not None and _value_scale_fits(values, chosen, fields["dtype"]):
             out.update(values=values, value_scale=chosen)
@@ -663,8 +664,6 @@ def without_vacuous(case: Case) -> Case:
 
 
 def _value_scale_fits(values: str, scale: float, dtype: str) -> bool:
-    from harness.case import DTYPE_MAX
-
     return values not in ("scaled", "large") or 8 * scale <= DTYPE_MAX.get(dtype, math.inf)
 
 
@@ -776,8 +775,6 @@ def vacuous_features(case: Case) -> list[str]:
 
 
 def _assume_not(condition: bool) -> None:
-    from hypothesis import assume
-
     assume(not condition)
 
 

@@ -12,16 +12,25 @@ by one, so an interrupted run loses nothing and ``--resume`` picks up where it s
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing as mp
 import os
+import queue
 import signal
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from harness.backends import FAMILIES, load_backend
 from harness.case import Case
+from harness.case.known_issues import match
+from harness.errors import HarnessError, UsageError
+from harness.options import get_profile
 from harness.results.records import Record, now
 from harness.run import reaper
+from harness.run.machine import detect
 from harness.vocab import CHECK_NAMES, JUDGED
 
 #: Seconds a fresh worker may take to import torch and probe the device.
@@ -77,9 +86,6 @@ def _own_process_group() -> None:
     it together with every process a kernel started (``os.killpg``), and watch the parent: when
     it is gone (killed), end the group at once and quietly, instead of finishing the task and
     dying of a BrokenPipeError traceback on the next send."""
-    import threading
-    import time
-
     if not hasattr(os, "setsid"):  # pragma: no cover - Windows has no process groups
         return
     with contextlib.suppress(OSError):
@@ -128,8 +134,6 @@ def _worker_main(conn, device_index: int | None, env: dict[str, str]) -> None:
 
 def _serve(conn, device_index: int | None) -> None:
     try:
-        from harness.run.machine import detect
-
         target = detect(device_index or 0)
         if device_index is not None and target.vendor != "cpu":
             import torch
@@ -172,9 +176,6 @@ def resolve(specs: Iterable[str], backends: dict[str, Any],
     knows whose import hung or ended the process). Whatever loading raises is that spec's error,
     in one line: an import may raise anything, KeyboardInterrupt and SystemExit included.
     """
-    from harness.backends import load_backend
-    from harness.errors import HarnessError
-
     out: dict[str, dict[str, Any]] = {}
     for spec in specs:
         if announce is not None:
@@ -197,11 +198,8 @@ def resolve(specs: Iterable[str], backends: dict[str, Any],
 
 def execute(task: Task, target, backends: dict[str, Any]):
     """Run a task in this process, yielding ``begin`` and ``record`` messages."""
-    from harness.backends import load_backend
-    from harness.case.known_issues import match
-    from harness.checks.context import CHECK_ORDER, run_plan
     from harness.checks.plan import plan
-    from harness.options import get_profile
+    from harness.checks.runner import CHECK_ORDER, run_plan
 
     backend = backends.get(task.backend)
     if backend is None:
@@ -212,8 +210,6 @@ def execute(task: Task, target, backends: dict[str, Any]):
     order = [c for c in CHECK_ORDER if c in task.checks]
     profile = get_profile(task.profile)
     if task.graph_replay:
-        from dataclasses import replace
-
         profile = replace(profile, graph_replay=True)
     verdicts = run_plan(the_plan, backend, target, seed=task.seed, profile=profile,
                         jury_dir=task.jury_dir)
@@ -228,8 +224,6 @@ def execute(task: Task, target, backends: dict[str, Any]):
         known = match(task.case, backend.describe(), target, check=record.check)
         if known is not None:
             # The id tells the report which entries matched (known_issues.unmatched).
-            from dataclasses import replace
-
             # Its description and link travel with the record, so a report of these records
             # on another machine explains the expected failure without the entries file.
             record = replace(record, metrics={
@@ -249,8 +243,6 @@ def expected_failure(record: Record, known: str, *, strict: bool = True,
                      source: str = "") -> Record:
     """Expected failure: fail -> xfail; when strict, a pass of a judged check -> xpass (the fix
     shows). ``source`` is where the entry is written (``file:line``), for the xpass reason."""
-    from dataclasses import replace
-
     if record.status in ("fail", "error"):
         return replace(record, status="xfail", reason=f"known issue {known}: {record.reason}")
     if strict and record.status == "pass" and record.check in JUDGED:
@@ -262,8 +254,6 @@ def expected_failure(record: Record, known: str, *, strict: bool = True,
 
 def _clean(value: Any) -> Any:
     """Make metrics strict-JSON: non-finite floats become None."""
-    import math
-
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
@@ -282,8 +272,6 @@ class WorkerDied(Exception):
 
 def import_source(spec: str) -> str:
     """What loading the backend ``spec`` imports, for messages: its file or module."""
-    from harness.backends import FAMILIES
-
     if "@" in spec:
         return spec.partition("@")[2]
     path, sep, _ = spec.rpartition(":")
@@ -324,8 +312,6 @@ class Worker:
         worker process (``os._exit``, a fault) is a UsageError naming the backend and what it
         imports; the worker is then dead or killed.
         """
-        from harness.errors import UsageError
-
         self.send(("resolve", list(specs)))
         loading = None
         while True:
@@ -367,9 +353,6 @@ class Worker:
         which must read as a crash, not as a timeout; so the process is also asked
         (``waitpid``) every :data:`LIVENESS_POLL_S`.
         """
-        import math
-        import time
-
         deadline = time.monotonic() + timeout_s if math.isfinite(timeout_s) else math.inf
         while True:
             left = deadline - time.monotonic()
@@ -478,9 +461,6 @@ def _run_one(worker: Worker, task: Task, timeout_s: float, sink, outcome: Outcom
 
     Each record gets its wall time (``seconds``): from the task's start, or the record before
     it, to its arrival here, so a crash or a timeout counts the time it cost too."""
-    import time
-    from dataclasses import replace
-
     records: list[Record] = []
     pending = [c for c in CHECK_NAMES if c in task.checks]
     current = pending[0] if pending else None
@@ -563,9 +543,6 @@ def run_tasks_on_devices(tasks: Iterable[Task], sink: Callable[[Record], None], 
     ``first_worker`` (started without a device index, so on device 0) serves device 0 when
     ``devices`` starts with 0 and is stopped otherwise. A lost worker is replaced on its device.
     """
-    import queue
-    import threading
-
     if not devices:
         raise ValueError("run_tasks_on_devices needs at least one device index")
     pending: queue.SimpleQueue[Task] = queue.SimpleQueue()
@@ -669,8 +646,6 @@ class ExplorationWorker:
                for c in task.checks if keys[c] in self.kept or keys[c] in done]
         if not remaining:
             return old
-        from dataclasses import replace
-
         records, self.worker = _run_one(self._ensure(), replace(task, checks=remaining),
                                         self.timeout_s, sink, self.outcome)
         for record in records:
@@ -688,8 +663,6 @@ class ExplorationWorker:
 
 def run_in_process(tasks: Iterable[Task], sink: Callable[[Record], None]) -> Outcome:
     """Run tasks here, without isolation (for debugging and notebooks)."""
-    from harness.run.machine import detect
-
     target = detect()
     outcome = Outcome(target=target.to_dict())
     backends: dict[str, Any] = {}

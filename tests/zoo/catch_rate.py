@@ -9,7 +9,8 @@ A benchmark, not a test (pytest does not collect it). Run from the repository ro
     .venv/bin/python -m tests.zoo.catch_rate --zoo problems --suites smoke,edge   # issue 26
 
 Each kernel is explored exactly as ``attn-harness run`` explores (same strategies, worker
-process, checks fwd,bwd,determinism, seed 0). A kernel counts as caught only when its minimal
+process, checks fwd,bwd,determinism, seed 0, the profile's exploration time budget unless
+``--budget`` says otherwise). A kernel counts as caught only when its minimal
 case fails one of the checks its zoo table expects (a ``fail`` verdict): an exploration that ended
 on a timeout or crash of the slow fixture kernel says so in its row and is not a catch. Times are
 wall-clock on this machine and include the worker's start.
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from harness.backends import load_backend
 from harness.case import case_from_dict
+from harness.options import get_profile
 from harness.results.records import FAILING
 from harness.run.explore import explore
 from harness.run.worker import ExplorationWorker, Task
@@ -83,9 +85,10 @@ CHECKS = ("fwd", "bwd", "determinism")
 
 
 def run_one(spec: str, examples: int, seed: int, profile: str, progress: int = 0,
-            timeout: float = 300.0):
-    """Explore ``spec``; with ``progress``, print a line every ``progress`` cases (so a sweep
-    stopped early still says how far it got)."""
+            timeout: float = 300.0, budget_s: float | None = None):
+    """Explore ``spec`` (under the time budget ``budget_s``, as the default job does); with
+    ``progress``, print a line every ``progress`` cases (so a sweep stopped early still says how
+    far it got)."""
     caps = load_backend(spec).capabilities
     start = time.perf_counter()
     seen: set[str] = set()
@@ -105,7 +108,7 @@ def run_one(spec: str, examples: int, seed: int, profile: str, progress: int = 0
                               lambda r: None)
 
         result = explore(spec, caps, run_case, profile=profile, examples=examples, seed=seed,
-                         on_record=on_record)
+                         on_record=on_record, budget_s=budget_s)
     return result, time.perf_counter() - start
 
 
@@ -137,6 +140,13 @@ def run_suites(spec: str, suites: list[str], expected, seed: int, profile: str,
     return None
 
 
+def budget(args) -> float | None:
+    """The exploration budget of ``--budget``: the profile's, none (0), or seconds."""
+    if args.budget == "profile":
+        return get_profile(args.profile).explore_budget_s
+    return float(args.budget) or None
+
+
 def catch_rate(args) -> int:
     rows, firsts = [], []
     spec_of, table = ZOOS[args.zoo]
@@ -152,7 +162,7 @@ def catch_rate(args) -> int:
                                             if found else "not caught by the suites |"),
                   flush=True)
         result, wall = run_one(spec_of(name), args.examples, args.seed, args.profile,
-                               timeout=args.timeout)
+                               timeout=args.timeout, budget_s=budget(args))
         caught = is_caught(result, zoo[name])
         if caught:
             firsts.append(result.seconds_to_first_failure + (wall - result.seconds))
@@ -165,7 +175,9 @@ def catch_rate(args) -> int:
             rows.append(f"| {name} | NO (ended on {ended} at example {result.examples}) | - | "
                         f"- | - | - | `{result.minimal.label}` |")
         else:
-            rows.append(f"| {name} | NO | - | - | - | - | - |")
+            spent = (f" (the {result.budget_s:g} s budget was spent after {result.examples} "
+                     "cases)" if result.budget_spent else "")
+            rows.append(f"| {name} | NO{spent} | - | - | - | - | - |")
         print(rows[-1], flush=True)
     print()
     print(f"caught {len(firsts)} of {len(zoo)}; median time to first failure "
@@ -214,6 +226,9 @@ def main(argv=None) -> int:
                              "dropout masks, flash-attn module variants (fa2), fp8, issue 26's "
                              "problems")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget", default="profile", metavar="S|profile",
+                        help="exploration time budget per kernel, seconds: 'profile' (default) "
+                             "takes the profile's, as `attn-harness run` does; 0 for none")
     parser.add_argument("--kernels", default="", metavar="A,B",
                         help="only these kernels of the zoo (default: all)")
     parser.add_argument("--records", default="", metavar="FILE",

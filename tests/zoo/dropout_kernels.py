@@ -1,5 +1,5 @@
 """Dropout bug zoo: attention kernels with seeded dropout, right and wrong, for testing the
-exact dropout judge (``harness/dropout.py``).
+exact dropout judge (``harness/exact/dropout.py``).
 
 These are *test fixtures*, not kernels anyone should use. Each has flash_attn_func's signature
 (as ``tests/zoo/kernels.py``'s ``correct``) and computes plain float32 attention with

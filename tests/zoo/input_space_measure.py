@@ -10,7 +10,7 @@ A benchmark, not a test (pytest does not collect it). Run from the repository ro
 last commit (``git show HEAD:harness/strategies.py``, "before") and of the working tree
 ("after"), and counts the cases in which every enabled feature is effective: its removal changes
 the exact reference output by more than the parity rule's tolerance (the feature-effect logic of
-``harness.checks.context.feature_effects``) for causal, window, softcap, alibi and scale; the
+``harness.checks.parity.feature_effects``) for causal, window, softcap, alibi and scale; the
 static rule of ``harness.run.strategies.vacuous_features`` for the strided layouts.
 
 ``catch`` and ``false-positives`` explore in this process (``harness.run.worker.execute`` per case,
@@ -76,14 +76,16 @@ def draw_cases(module, caps, n: int, seed: int = 0) -> list[Case]:
 
 def effective(case: Case) -> tuple[bool, list[str]]:
     """Whether every feature the case turns on changes its output; the ones that do not."""
-    from harness.checks import context as checks
+    from harness.checks import parity
+    from harness.checks.context import CheckContext
     from harness.run.strategies import vacuous_features
 
     inputs = make_inputs(case)
     ref = reference.reference(inputs)
     base = reference.baseline(inputs)
     ctx = SimpleNamespace(case=case, inputs=inputs, exact_inputs=inputs, reference=ref)
-    effects = checks.feature_effects(ctx)
+    ctx.feature_variants = CheckContext.feature_variants.func(ctx)
+    effects = parity.feature_effects(ctx)
     allowed = judge.compare("out", base.out, base.out, ref.out, k=judge.K_OUT,
                             atol=judge.ATOL[inputs.q.dtype]).allowed
     inert = judge.inert_features(effects, allowed)
