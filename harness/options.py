@@ -39,10 +39,6 @@ class Profile:
     Attributes:
         name: quick, nightly or exhaustive.
         explore_examples: hypothesis-generated cases per backend on top of the suites.
-        explore_budget_s: wall time one backend's free draws may take, seconds, when the
-            profile's count is used (``--explore N`` asks for N cases whatever they take; None:
-            no limit). The corners are visited whatever the time, a case begun is finished, a
-            failure is always shrunk, and the summary says how many free draws were judged.
     """
 
     name: str
@@ -54,21 +50,11 @@ class Profile:
     timeout_s: float
     determinism_runs: int = 2
     graph_replay: bool = False
-    explore_budget_s: float | None = None
 
-
-#: The quick profile's budget for each backend's free draws, seconds. On our 2-core CPU a plain
-#: kernel's 7 free draws take a few seconds and the zoo's slow Python kernels fail within 12 s
-#: when their bug is in reach of a free draw; a backend that compiles a graph per new structure
-#: (flex-attention: 2.5-6 s a case warm, about twice that on a first run; Triton builds on a
-#: cold cache) spends a minute on them. The corners, where the input-space bugs are found, are
-#: not cut: a budget over the whole exploration lost them on a loaded machine.
-QUICK_EXPLORE_BUDGET_S = 20.0
 
 PROFILES = {
     "quick": Profile("quick", explore_examples=20, warmup_s=0.05, budget_s=0.25, min_reps=5,
-                     dropout_samples=48, timeout_s=300.0, determinism_runs=3,
-                     explore_budget_s=QUICK_EXPLORE_BUDGET_S),
+                     dropout_samples=48, timeout_s=300.0, determinism_runs=3),
     "nightly": Profile("nightly", explore_examples=300, warmup_s=0.2, budget_s=1.0, min_reps=10,
                        dropout_samples=96, timeout_s=900.0, determinism_runs=50),
     "exhaustive": Profile("exhaustive", explore_examples=3000, warmup_s=0.5, budget_s=2.0,
@@ -252,6 +238,10 @@ OPTIONS: tuple[Option, ...] = (
                       "minimal failure (0 = none; 'profile' = the profile's count)",
            "the profile's (20 for quick) in the main job; none when a suite or case is given",
            metavar="N|profile", type=parse_explore, alias="examples"),
+    Option("explore-budget", "seconds each backend's free draws may take: then no new free draw "
+                             "is judged, while every corner is still visited and a failure is "
+                             "still shrunk ('none' for no limit)", "none",
+           metavar="S", type=parse_timeout),
     Option("timeout", "seconds one check may run before it is recorded as a timeout ('none' "
                       "for no limit)", "the profile's, 300 for quick",
            metavar="S", type=parse_timeout),
@@ -330,6 +320,8 @@ class RunOptions:
     checks: tuple[str, ...] = CHECK_NAMES
     seed: int = 0
     explore: int | None = None
+    #: ``--explore-budget``: seconds for each backend's free draws (None or inf: no limit).
+    explore_budget: float | None = None
     timeout_s: float | None = None
     max_gflop: float | None = None
     audit: bool = False
@@ -370,8 +362,6 @@ class RunOptions:
 
     @property
     def explore_budget_s(self) -> float | None:
-        """The profile's exploration time budget per backend, or None when ``--explore N``
-        asked for a number of cases (they are all judged)."""
-        if self.explore is None or self.explore == EXPLORE_PROFILE:
-            return get_profile(self.profile).explore_budget_s
-        return None
+        """``--explore-budget`` in seconds, or None for no limit."""
+        budget = self.explore_budget
+        return None if budget is None or math.isinf(budget) else budget

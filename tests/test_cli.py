@@ -27,7 +27,7 @@ def records(out_dir: Path) -> list[dict]:
 def test_default_run_passes_the_cpu_backends_on_the_smoke_suite(tmp_path):
     from harness.case.suites import load_suite
 
-    # The whole default job: 54 s on an idle 2-core CPU with torch.compile's cache warm, 139 s
+    # The whole default job: 54 s on an idle 2-core CPU with torch.compile's cache warm, 167 s
     # with it cold (flex-attention's graphs), several times that on a core shared with the other
     # test worker; the limit only guards against a hang.
     result = harness("run", "--out", str(tmp_path), "--regressions", str(tmp_path / "regr"),
@@ -44,12 +44,7 @@ def test_default_run_passes_the_cpu_backends_on_the_smoke_suite(tmp_path):
     explored = [(r["backend"]["name"], r["case_id"], r["check"]) for r in recs
                 if r["suite"] == "explore"]
     assert len(explored) == len(set(explored)) > 2 * 10 * 3  # drawn cases, each recorded once
-    # the quick profile's 20 cases per backend, or as many as its time budget allowed
-    explorations = re.findall(r"explored (\d+) generated case\(s\).*", result.stderr)
-    assert len(explorations) == len(backends)
-    for line in re.findall(r"explored \d+ generated case\(s\).*", result.stderr):
-        count = int(re.match(r"explored (\d+)", line).group(1))
-        assert count == 20 or "budget of free draws was spent" in line, line
+    assert result.stderr.count("explored 20 generated case(s)") == len(backends)  # quick
     timed = {r["case"]["name"] for r in smoke if r["check"] == "throughput"
              and r["status"] == "pass"}
     assert timed == {c.name for c in suite.cases if "throughput" in c.checks}

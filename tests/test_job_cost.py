@@ -1,6 +1,6 @@
-"""What keeps the default job short: only the cases there to be timed are timed, and the quick
-profile's exploration stops judging new free draws once their time budget is spent, while every
-corner is still visited (issue 24, point 5).
+"""What keeps the default job short: only the cases there to be timed are timed; and what bounds
+an exploration when asked: ``--explore-budget S`` stops judging new free draws once S seconds
+are spent, while every corner is still visited (issue 24, point 5).
 
 The exploration tests run :func:`harness.run.explore.explore` with a stand-in ``run_case`` and a
 fake clock that each judged case advances, so they take no real time and depend on no load.
@@ -8,14 +8,21 @@ fake clock that each judged case advances, so they take no real time and depend 
 
 from __future__ import annotations
 
+import argparse
+import math
+import re
+import subprocess
+import sys
+
 import pytest
 
 from harness.backends.base import Capabilities
 from harness.case.suites import iter_cases
-from harness.options import EXPLORE_PROFILE, RunOptions, get_profile
+from harness.options import RunOptions, parse_timeout
 from harness.results.records import Record
 from harness.run import explore as explore_module
 from harness.run.explore import explore, summary
+from harness.run.session import validate_options
 
 
 class FakeClock:
@@ -63,8 +70,7 @@ def test_the_budget_stops_the_free_draws_and_every_corner_is_still_visited(clock
                                                     if c not in result.unreachable)
     assert result.budget_spent and result.planned == 20
     text = summary(result)
-    assert f"the 10 s budget of free draws was spent after 3 of {free}" in text
-    assert "--explore 20 judges them all" in text
+    assert f"the 10 s budget of free draws (--explore-budget) was spent after 3 of {free}" in text
 
 
 def test_a_budget_only_cuts_the_same_sequence_short(clock):
@@ -95,14 +101,28 @@ def test_a_failure_found_in_time_is_shrunk_whatever_the_time(clock):
     assert not result.budget_spent
 
 
-def test_the_quick_profile_has_a_budget_that_an_explicit_count_lifts():
-    quick = get_profile("quick").explore_budget_s
-    assert quick is not None and quick > 0
-    assert get_profile("nightly").explore_budget_s is None
-    assert RunOptions().explore_budget_s == quick
-    assert RunOptions(explore=EXPLORE_PROFILE).explore_budget_s == quick
-    assert RunOptions(explore=20).explore_budget_s is None  # --explore 20: all 20 judged
-    assert RunOptions(profile="nightly").explore_budget_s is None
+def test_no_budget_unless_asked_and_bad_values_are_usage_errors():
+    # none by default: a budget cut the zoo's slow kernels' explorations on a loaded machine
+    assert RunOptions().explore_budget_s is None
+    assert RunOptions(explore_budget=math.inf).explore_budget_s is None
+    assert validate_options({"explore-budget": parse_timeout("15")}).explore_budget_s == 15.0
+    for bad in ("0", "-3", "soon"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_timeout(bad)
+
+
+def test_the_cli_takes_the_budget_and_says_what_it_cut(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "run", "--backend", "sdpa-math", "--checks", "fwd",
+         "--explore", "20", "--explore-budget", "0.001", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "free draws for 0.001 s at most" in result.stderr
+    assert re.search(r"budget of free draws \(--explore-budget\) was spent after 0 of \d+ "
+                     r"\(the corners were all visited\)", result.stderr), result.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--explore-budget", "x"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "explore-budget" in bad.stderr
 
 
 def test_the_smoke_suite_judges_every_case_and_times_a_few():

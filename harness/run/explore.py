@@ -182,7 +182,7 @@ def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case],
             ``N x examples`` with its own seed (see the module docstring).
         database_dir: hypothesis's example database (the run's ``.hypothesis/``).
         budget_s: stop judging new free draws once this much wall time has passed, seconds
-            (the profile's ``explore_budget_s``; None: judge every planned case). The corners,
+            (``--explore-budget``; None: judge every planned case). The corners,
             where shipped bugs lived, are visited whatever the time; a case begun is finished
             and a failure is shrunk; the cases are drawn in the same order, so a budget only
             cuts the free draws short.
@@ -361,9 +361,9 @@ def budget_note(result: Exploration) -> str:
     not."""
     if not result.budget_spent:
         return ""
-    return (f"; the {result.budget_s:g} s budget of free draws was spent after "
-            f"{result.free_judged} of {result.free_planned} (the corners were all visited): "
-            f"--explore {result.planned} judges them all")
+    return (f"; the {result.budget_s:g} s budget of free draws (--explore-budget) was spent "
+            f"after {result.free_judged} of {result.free_planned} (the corners were all "
+            "visited)")
 
 
 def summary(result: Exploration) -> str:

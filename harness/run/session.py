@@ -78,6 +78,7 @@ def validate_options(values: dict[str, Any], where: str = "--") -> RunOptions:
         max_cases=suites.MAX_CASES if values.get("max-cases") is None else values["max-cases"],
         profile=values.get("profile") or "quick", checks=tuple(checks),
         seed=int(values.get("seed") or 0), explore=values.get("explore"),
+        explore_budget=values.get("explore-budget"),
         timeout_s=values.get("timeout"), max_gflop=values.get("max-gflop"),
         audit=bool(values.get("audit")),
         out=Path(values["out"]) if values.get("out") else None,

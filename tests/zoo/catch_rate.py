@@ -9,8 +9,8 @@ A benchmark, not a test (pytest does not collect it). Run from the repository ro
     .venv/bin/python -m tests.zoo.catch_rate --zoo problems --suites smoke,edge   # issue 26
 
 Each kernel is explored exactly as ``attn-harness run`` explores (same strategies, worker
-process, checks fwd,bwd,determinism, seed 0, the profile's exploration time budget unless
-``--budget`` says otherwise). A kernel counts as caught only when its minimal
+process, checks fwd,bwd,determinism, seed 0; ``--budget S`` gives the free draws a time budget
+as ``--explore-budget`` does). A kernel counts as caught only when its minimal
 case fails one of the checks its zoo table expects (a ``fail`` verdict): an exploration that ended
 on a timeout or crash of the slow fixture kernel says so in its row and is not a catch. Times are
 wall-clock on this machine and include the worker's start.
@@ -32,7 +32,6 @@ from pathlib import Path
 
 from harness.backends import load_backend
 from harness.case import case_from_dict
-from harness.options import get_profile
 from harness.results.records import FAILING
 from harness.run.explore import explore
 from harness.run.worker import ExplorationWorker, Task
@@ -141,10 +140,8 @@ def run_suites(spec: str, suites: list[str], expected, seed: int, profile: str,
 
 
 def budget(args) -> float | None:
-    """The exploration budget of ``--budget``: the profile's, none (0), or seconds."""
-    if args.budget == "profile":
-        return get_profile(args.profile).explore_budget_s
-    return float(args.budget) or None
+    """The budget of the free draws (``--budget``), seconds; None for none (0)."""
+    return args.budget or None
 
 
 def catch_rate(args) -> int:
@@ -175,8 +172,8 @@ def catch_rate(args) -> int:
             rows.append(f"| {name} | NO (ended on {ended} at example {result.examples}) | - | "
                         f"- | - | - | `{result.minimal.label}` |")
         else:
-            spent = (f" (the {result.budget_s:g} s budget was spent after {result.examples} "
-                     "cases)" if result.budget_spent else "")
+            spent = (f" (the {result.budget_s:g} s budget of free draws was spent after "
+                     f"{result.free_judged})" if result.budget_spent else "")
             rows.append(f"| {name} | NO{spent} | - | - | - | - | - |")
         print(rows[-1], flush=True)
     print()
@@ -226,9 +223,9 @@ def main(argv=None) -> int:
                              "dropout masks, flash-attn module variants (fa2), fp8, issue 26's "
                              "problems")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--budget", default="profile", metavar="S|profile",
-                        help="exploration time budget per kernel, seconds: 'profile' (default) "
-                             "takes the profile's, as `attn-harness run` does; 0 for none")
+    parser.add_argument("--budget", type=float, default=0.0, metavar="S",
+                        help="seconds for each kernel's free draws, as `attn-harness run "
+                             "--explore-budget S` gives them (default 0: no limit)")
     parser.add_argument("--kernels", default="", metavar="A,B",
                         help="only these kernels of the zoo (default: all)")
     parser.add_argument("--records", default="", metavar="FILE",
