@@ -13,9 +13,9 @@ resolves to the wheel. Slow (about a minute); `.ci/run` runs it.
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
-import time
 import venv
 import zipfile
 from pathlib import Path
@@ -128,18 +128,25 @@ def test_an_unrelated_project_imports_only_the_options(installed, tmp_path):
     assert "1 passed" in result.stdout
 
 
+def _children_cpu_s() -> float:
+    """CPU seconds (user + system) of this process's finished children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def test_plugin_startup_time_is_within_noise(installed, tmp_path):
     """Collecting an unrelated project takes no longer with the plugin than without it (best
-    of five runs each, interleaved; 0.3 s of slack for a shared machine)."""
+    of five runs each, interleaved; 0.3 s of slack). Timed in the child's CPU seconds: its wall
+    time on a machine shared with the other test worker swung 0.7-2.3 s run to run."""
     (tmp_path / "test_unrelated.py").write_text(UNRELATED_TEST)
     python = installed / "python"
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     times: dict[str, list[float]] = {"with": [], "without": []}
     for _ in range(5):
         for label, extra in (("with", []), ("without", ["-p", "no:attn_harness"])):
-            start = time.perf_counter()
+            before = _children_cpu_s()
             result = _run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            "--collect-only", *extra], cwd=tmp_path, env=env)
-            times[label].append(time.perf_counter() - start)
+            times[label].append(_children_cpu_s() - before)
             assert result.returncode == 0, result.stdout + result.stderr
     assert min(times["with"]) <= min(times["without"]) + 0.3, times

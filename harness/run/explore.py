@@ -86,10 +86,8 @@ class Exploration:
         shard: ``I/N`` when this was a shard's part of a sharded exploration.
         skipped: why nothing was explored ('' when it was): the backend's claims leave no case
             to draw (:func:`harness.run.strategies.undrawable`).
-        planned: cases the plan asked for (the sum of ``phases``).
         budget_s: the time budget of the free draws, seconds (None: none).
         budget_spent: whether the budget ended the free draws: drawn cases were left unjudged.
-        free_planned: free draws the plan asked for.
         free_judged: free draws judged.
     """
 
@@ -106,11 +104,19 @@ class Exploration:
     unreachable: list[str] = field(default_factory=list)
     shard: str = ""
     skipped: str = ""
-    planned: int = 0
     budget_s: float | None = None
     budget_spent: bool = False
-    free_planned: int = 0
     free_judged: int = 0
+
+    @property
+    def planned(self) -> int:
+        """Cases the plan asked for (the sum of ``phases``)."""
+        return sum(n for _, n in self.phases)
+
+    @property
+    def free_planned(self) -> int:
+        """Free draws the plan asked for."""
+        return sum(n for corner, n in self.phases if corner is None)
 
 
 def settings_for(profile: str, examples: int | None = None, database_dir: Path | None = None):
@@ -209,7 +215,6 @@ def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case],
         result.phases = [(c, n) for c, n, _ in mine]
         not_first = {p for p, (_, _, first) in enumerate(mine) if not first}
         result.shard = str(shard)
-    result.planned = sum(n for _, n in result.phases)
     result.budget_s = budget_s
     draw_seed = explore_seed(seed, shard)
 
@@ -299,7 +304,6 @@ def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case],
                 raise CaseFailed(case, records) from None
             finally:
                 if corner is None:
-                    result.free_planned += n
                     result.free_judged += result.examples - before
             if state.get("error") is not None:
                 break

@@ -85,7 +85,7 @@ CHECKS = ("fwd", "bwd", "determinism")
 
 def run_one(spec: str, examples: int, seed: int, profile: str, progress: int = 0,
             timeout: float = 300.0, budget_s: float | None = None):
-    """Explore ``spec`` (under the time budget ``budget_s``, as the default job does); with
+    """Explore ``spec`` (its free draws under ``budget_s``, as ``--explore-budget`` gives it); with
     ``progress``, print a line every ``progress`` cases (so a sweep stopped early still says how
     far it got)."""
     caps = load_backend(spec).capabilities
@@ -139,11 +139,6 @@ def run_suites(spec: str, suites: list[str], expected, seed: int, profile: str,
     return None
 
 
-def budget(args) -> float | None:
-    """The budget of the free draws (``--budget``), seconds; None for none (0)."""
-    return args.budget or None
-
-
 def catch_rate(args) -> int:
     rows, firsts = [], []
     spec_of, table = ZOOS[args.zoo]
@@ -159,7 +154,7 @@ def catch_rate(args) -> int:
                                             if found else "not caught by the suites |"),
                   flush=True)
         result, wall = run_one(spec_of(name), args.examples, args.seed, args.profile,
-                               timeout=args.timeout, budget_s=budget(args))
+                               timeout=args.timeout, budget_s=args.budget or None)
         caught = is_caught(result, zoo[name])
         if caught:
             firsts.append(result.seconds_to_first_failure + (wall - result.seconds))
