@@ -130,3 +130,23 @@ def test_the_smoke_suite_judges_every_case_and_times_a_few():
     timed = [case.name for case in smoke if "throughput" in case.checks]
     assert timed == ["plain", "causal-gqa-q<k"]
     assert all({"fwd", "bwd", "determinism"} <= set(case.checks) for case in smoke)
+
+
+def test_the_suites_workers_share_the_cores_out():
+    """Each pytest-xdist worker's torch takes its share of the cores (tests/conftest.py), and the
+    harness processes a test starts inherit it: two workers of two threads each on CI's two
+    cores made the suite take twice as long."""
+    import os
+
+    import torch
+
+    from tests.conftest import cpu_threads_per_worker
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        pytest.skip("not a pytest-xdist worker: one process has the cores to itself")
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    assert torch.get_num_threads() == cpu_threads_per_worker()
+    assert torch.get_num_threads() * workers <= max(workers, os.cpu_count() or 1)
+    child = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                           capture_output=True, text=True, check=True)
+    assert int(child.stdout) == torch.get_num_threads()
