@@ -143,7 +143,7 @@ def test_on_a_cpu_the_time_relative_to_the_control_is_judged():
     kind, detail, *_ = throughput_move(_ratio(8.0, 2.5, timing_control_ms=4.0),
                                        {**before, "timing_control_ms": 2.0}, 0.10)
     assert kind == "inconclusive" and "the control workload itself took +100%" in detail
-    assert throughput_move(_ratio(8.0, 2.5, timing_control_ms=2.4),
+    assert throughput_move(_ratio(8.0, 2.5, timing_control_ms=2.6),
                            {**before, "timing_control_ms": 2.0}, 0.10)[0] == "regression"
     # a ratio that drifted within a window cannot be trusted either
     drifting = _ratio(12.5, 2.5, timing_relative_drift=0.3)
@@ -151,6 +151,31 @@ def test_on_a_cpu_the_time_relative_to_the_control_is_judged():
     # other software (a torch upgrade may change the control too): wall times, steady only
     assert throughput_move(_ratio(12.5, 2.02), before, 0.10,
                            same_software=False)[0] == "regression"
+
+
+def test_at_the_same_machine_speed_the_kernels_own_time_is_judged():
+    """Both runs steady, the control within CONTROL_SAME: the wall time decides, corrected by
+    the control. The per-block ratio adds the control's jitter to the kernel's: on the idle
+    VM a 25% slower kernel's ratio quartiles overlapped the baseline's in 4 of 10 pairs."""
+    before = _ratio(2.45, 6.8, spread=0.12, timing_control_ms=0.36)
+    noisy_ratio = _ratio(3.06, 7.5, spread=0.12, timing_control_ms=0.37)  # wall +25%
+    kind, detail, *_ = throughput_move(noisy_ratio, before, 0.10)
+    assert kind == "regression" and "median time +24.9% (slower)" in detail
+    assert "the machine ran at the same speed in both runs" in detail
+    # the control slowed almost as much: what is left of the move is within the threshold
+    kind, detail, *_ = throughput_move({**noisy_ratio, "timing_control_ms": 0.42}, before, 0.10)
+    assert kind == "inconclusive" and "corrected by it the change is +7.1%" in detail
+    # faster beyond the spread: an improvement, not a failure
+    assert throughput_move(before, noisy_ratio, 0.10)[0] == "improvement"
+    # the wall time within the spread: no change, whatever the noisy ratio read
+    assert throughput_move(_ratio(2.47, 8.5, spread=0.01, timing_control_ms=0.36),
+                           _ratio(2.45, 6.8, spread=0.01, timing_control_ms=0.36), 0.10) is None
+    # a run timed while the machine moved leaves the rule to the ratio (inconclusive here)
+    unsteady = {**noisy_ratio, "timing_drift": 0.3}
+    assert throughput_move(unsteady, before, 0.10)[0] == "inconclusive"
+    # without a control time recorded (older records) the ratio decides as before
+    plain = {k: v for k, v in noisy_ratio.items() if k != "timing_control_ms"}
+    assert throughput_move(plain, before, 0.10)[0] == "inconclusive"
 
 
 def test_inconclusive_changes_are_listed_and_do_not_fail_the_comparison(baseline):
