@@ -38,6 +38,14 @@ record says so (``timing_drift``, and a note), since a rerun may read anywhere b
 Nothing is flushed on the CPU (a 256 MB
 write costs more than most CPU problems take, and Timer does not flush either).
 
+The CPU's allocator is held steady before timing (:func:`steady_allocator`): glibc's malloc
+serves a large block from fresh, page-faulting ``mmap`` memory or from its heap depending on
+the process's history (its mmap threshold moves with what was freed before, and the heap's top
+is trimmed back to the system), so the same SDPA call of a few MB of scores read 2.2 ms in one
+process and 6.0 ms in the next, and switched between the two inside a window as the control
+workload's blocks reshuffled the heap. Fixing the thresholds keeps freed memory for reuse, as
+PyTorch's caching allocator does on GPUs, and the kernel is timed rather than the page faults.
+
 Graph replay (``graph=True``): for tiny problems, where launching the kernels costs as much as
 running them, the call is captured once into a CUDA/HIP graph and every warm-up and timed call
 replays it (do_bench_cudagraph's idea, but keeping the flush and per-call events). Where capture
@@ -50,8 +58,11 @@ for the forward (``Case.flops_fwd``), 2.5x that for the backward, 3.5x for both.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import math
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -621,6 +632,35 @@ def attention_control(batch: int, heads: int, seqlen_q: int, seqlen_k: int, head
     return control
 
 
+#: glibc's ``mallopt`` parameters, and the values :func:`steady_allocator` sets: the largest
+#: mmap threshold glibc accepts on 64-bit systems (32 MiB: blocks up to it are reused from the
+#: heap, larger ones are always fresh mmaps) and a trim threshold that never returns the
+#: heap's top to the system.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+STEADY_MMAP_THRESHOLD = 32 * 2**20
+STEADY_TRIM_THRESHOLD = 2**31 - 1
+_allocator: list[str] = []
+
+
+def steady_allocator() -> str:
+    """Fix glibc malloc's mmap and trim thresholds for the rest of this process (once), so a
+    CPU call's temporaries are reused from the heap rather than page-faulted anew on some calls
+    and not others (see the module docstring). Returns ``"+malloc-steady"`` for the timing
+    method where that was done, ``""`` where the C library is not glibc or refused."""
+    if not _allocator:
+        label = ""
+        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                if libc.mallopt(M_MMAP_THRESHOLD, STEADY_MMAP_THRESHOLD) == 1 \
+                        and libc.mallopt(M_TRIM_THRESHOLD, STEADY_TRIM_THRESHOLD) == 1:
+                    label = "+malloc-steady"
+            except (OSError, AttributeError):
+                label = ""
+        _allocator.append(label)
+    return _allocator[0]
+
+
 def time_functions(fns: dict[str, Callable[[], object]], device, *, warmup_s: float = 0.05,
                    budget_s: float = 0.25, min_reps: int = 5, max_reps: int = 100_000,
                    graph: bool = False, clock: Clock | None = None,
@@ -647,7 +687,10 @@ def time_functions(fns: dict[str, Callable[[], object]], device, *, warmup_s: fl
     # One call alone keeps the single-call floor (CPU_BUDGET_S): the window is for sharing.
     floor = CPU_WINDOW_S if len(fns) > 1 else CPU_BUDGET_S
     window_s = max(floor, budget_s * len(fns))
-    return measure_interleaved(fns, clock or HostClock(False),
+    if clock is None:
+        clock = HostClock(False)
+        clock.method += steady_allocator()
+    return measure_interleaved(fns, clock,
                                warmup_s=max(warmup_s, CPU_WARMUP_S), window_s=window_s,
                                extend_s=window_s, min_reps=min_reps, max_reps=max_reps,
                                note=note, control=control)
@@ -706,6 +749,8 @@ def time_function(fn: Callable[[], object], device, *, warmup_s: float = 0.05,
         blocked = not gpu and clock is None
     if clock is None:
         clock = DeviceClock(device, flush) if gpu else HostClock(flush)
+        if not gpu:
+            clock.method += steady_allocator()
     note = ""
     method = clock.method
     if graph:
