@@ -178,6 +178,23 @@ def test_at_the_same_machine_speed_the_kernels_own_time_is_judged():
     assert throughput_move(plain, before, 0.10)[0] == "inconclusive"
 
 
+def test_a_ratio_spread_wider_than_the_move_is_no_regression():
+    """Identical code at load 5-7 (tests/bench/compare_noise.py, the figures of one pair): the
+    control slowed less than the kernel in one run, its ratio's quartiles spread over 4x and
+    did not overlap the other run's tight ones. Beyond both spreads means the medians are also
+    farther apart than either interquartile range is wide."""
+    def record(ms, q1, q3, ratio, r1, r3, control):
+        return {"time_ms": ms, "timing_q1_ms": q1, "timing_q3_ms": q3, "timing_relative": ratio,
+                "timing_relative_q1": r1, "timing_relative_q3": r3, "timing_control_ms": control}
+
+    before = record(2.55, 2.41, 3.31, 0.892, 0.84, 1.11, 2.78)
+    now = record(6.79, 2.82, 7.40, 4.28, 1.31, 4.95, 2.05)  # control -26%: the ratio decides
+    assert throughput_move(now, before, 0.10) is None  # the wall times' quartiles overlap too
+    # a ratio that moved by more than its spreads are wide still counts
+    tight = record(6.79, 6.5, 7.1, 2.5, 2.4, 2.6, 2.05)
+    assert throughput_move(tight, before, 0.10)[0] == "regression"
+
+
 def test_inconclusive_changes_are_listed_and_do_not_fail_the_comparison(baseline):
     current = list(baseline)
     i = pick(current, check="throughput", seqlen=4096)
