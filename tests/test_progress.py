@@ -90,9 +90,22 @@ def test_exploration_reports_each_case_and_each_shrinking_step_as_it_happens(tmp
     lines = out.getvalue().splitlines()
     assert result.minimal is not None and result.shrink_steps > 0
     assert seen == sorted(seen) and seen[-1] > 0  # printed while it ran, not after
-    assert any(line.startswith("explore fake [") for line in lines)
+    drawn = [line for line in lines if line.startswith("explore fake [")]
+    assert drawn and all(" ETA " in line for line in drawn if "[6/6]" not in line)
     shrinks = [line for line in lines if line.startswith("explore fake shrink ")]
-    assert len(shrinks) == result.shrink_steps
+    assert len(shrinks) == result.shrink_steps and not any(" ETA " in x for x in shrinks)
+
+
+def test_exploration_lines_estimate_what_is_left_of_the_backend():
+    out = io.StringIO()
+    console = Console(out, live=False)
+    console.exploring("flex", 4)
+    case = Case(seqlen_q=8, heads_q=1)
+    for step in (1, 2, 3, 4):
+        console.explored("flex", "generate", case, [_record(case, "fwd", "pass")], step)
+    lines = out.getvalue().splitlines()
+    assert [line.split()[2] for line in lines] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+    assert all(" ETA " in line for line in lines[:3]) and " ETA " not in lines[3]
 
 
 def test_the_plugin_runs_every_suite_case_before_exploring(pytester):

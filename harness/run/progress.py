@@ -201,15 +201,19 @@ class Console:
         ``shrink`` (``step`` = the shrinking step)."""
         now = time.perf_counter()
         estimate = self._estimate or Estimate({backend: step})
+        eta = ""
         if phase == "generate":
             estimate.add(backend, now - self._task_start)
             where = f"[{step:>{self._width}}/{estimate.total}]"
+            left = estimate.left_s()
+            if left is not None and step < estimate.total:  # what is left of this backend's
+                eta = f" ETA {duration(left)}"
             if self._bar is not None:
                 self._bar.update(1)
-        else:
+        else:  # shrinking: how many steps it takes is not known in advance
             where = f"shrink {step}:"
         self._task_start = now
-        self.line(f"explore {backend} {where} {self._elapsed()} {case.label:<40} "
+        self.line(f"explore {backend} {where} {self._elapsed()}{eta} {case.label:<40} "
                   f"{outcome_text(records)}")
         if phase == "generate":
             for text in reason_lines(records):
