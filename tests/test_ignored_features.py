@@ -58,3 +58,26 @@ def test_a_kernel_wrong_for_another_reason_is_not_said_to_ignore_anything(target
     record = fwd("wrong_everywhere", case, target)
     assert record.status == "fail" and "appears to be ignored" not in record.reason
     assert "ignored_features" not in record.metrics
+
+
+def test_the_console_line_and_the_report_name_the_ignored_feature(tmp_path):
+    """End to end through the CLI: the console's reason line under the failing case and the
+    report's failure entry both say which feature the kernel looks as if it ignored."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    suite = tmp_path / "window.toml"
+    suite.write_text("[[case]]\nseqlen_q = 64\nseqlen_k = 64\nheads_q = 2\nhead_dim = 32\n"
+                     "window = [8, 0]\ndtype = \"float32\"\n")
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "run", "--backend", f"{KERNELS}:ignores_window",
+         "--suite", str(suite), "--checks", "fwd", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-2000:]
+    said = "window_size appears to be ignored: the output equals attention without the window"
+    (console,) = [line for line in result.stderr.splitlines() if said in line]
+    assert console.strip().startswith("fwd fail: window_size appears")
+    assert said in (out / "report.md").read_text()

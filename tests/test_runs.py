@@ -179,3 +179,23 @@ def test_the_promote_command_takes_files_or_a_run_number(here, capsys):
         "a-1.toml", "a-2.toml"]
     assert "attn-harness run --suite regressions runs them" in capsys.readouterr().err
     assert main(["promote", "missing.toml"]) == 2
+
+
+def test_a_regressions_suite_run_is_a_new_run_that_does_not_explore(tmp_path):
+    """``--suite regressions`` (the promoted cases in ./cases/regressions) is a run like any
+    other: a numbered folder beside the earlier run, which is kept, and no exploration."""
+    (tmp_path / "tiny.toml").write_text(TINY)
+    common = ("--backend", "sdpa-math", "--checks", "fwd")
+    first = harness("run", *common, "--suite", "tiny.toml", cwd=tmp_path)
+    regressions = tmp_path / "cases" / "regressions"
+    regressions.mkdir(parents=True)
+    (regressions / "found.toml").write_text("[[case]]\nseqlen_q = 8\nheads_q = 1\nhead_dim = 32\n")
+    second = harness("run", *common, "--suite", "regressions", cwd=tmp_path)
+    assert first.returncode == 0 and second.returncode == 0, second.stderr[-2000:]
+    (machine,) = (tmp_path / "reports").iterdir()
+    one, two = storage.runs(machine)
+    assert (one.number, two.number) == (1, 2)
+    assert "q16" in (one.path / "report.md").read_text()  # the first run's report is kept
+    (record,) = [json.loads(x) for x in (two.path / "results.jsonl").read_text().splitlines()]
+    assert record["suite"] == "found" and record["case"]["seqlen_q"] == 8  # its file
+    assert "explored" not in second.stderr
