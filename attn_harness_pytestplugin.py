@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest  # noqa: TID253 - the plugin runs inside pytest
@@ -117,7 +118,8 @@ def _stamp(config) -> str:
     (``harness.results.storage``). Formatted here so that no harness module is imported."""
     state = _state(config)
     if "stamp" not in state:
-        state["stamp"] = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        state["started_at"] = time.time()
+        state["stamp"] = time.strftime("%Y%m%d-%H%M%S", time.gmtime(state["started_at"]))
     return state["stamp"]
 
 
@@ -176,14 +178,42 @@ def attn(request):
     return session
 
 
+#: What an xdist worker tells the controller (``workeroutput``): the run folder it wrote to.
+_RUN_DIR = "attn_harness_run_dir"
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
-    state = session.config.stash.get(_STATE_KEY, None)
+    config = session.config
+    state = config.stash.get(_STATE_KEY, None)
+    worker = hasattr(config, "workerinput")
     if state and state.get("session") is not None:
-        state["session"].close(controller=not hasattr(session.config, "workerinput"))
+        state["session"].close(controller=not worker)
+        if worker and state["session"].out is not None:
+            config.workeroutput[_RUN_DIR] = str(state["session"].out)
+    elif state and not worker and state.get("worker_runs"):
+        # `pytest -n N`: the workers ran the tests and wrote their records; the controller,
+        # which holds no session of its own, renders the run's report over all of them.
+        from harness.run.session import report_from_files  # noqa: PLC0415 - the plugin starts light
+
+        state["reports"] = [report for out in sorted(state["worker_runs"])
+                            if (report := report_from_files(Path(out),
+                                                            since=state["started_at"]))]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """pytest-xdist, in the controller: note the run folder each worker wrote to."""
+    out = getattr(node, "workeroutput", {}).get(_RUN_DIR)
+    if out:
+        _state(node.config).setdefault("worker_runs", set()).add(out)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     state = config.stash.get(_STATE_KEY, None)
+    if state and state.get("reports"):
+        terminalreporter.section("attn-harness")
+        for report in state["reports"]:
+            terminalreporter.write_line(f"report: {report}")
     if not state or state.get("session") is None:
         return
     lines = state["session"].summary_lines()

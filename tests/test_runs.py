@@ -165,6 +165,28 @@ def test_the_pytest_plugin_keeps_its_run_beside_the_others(pytester):
     assert (run.path / "report.md").is_file() and storage.latest(machine) == run
 
 
+def test_a_pytest_n_session_gets_one_report_over_all_its_workers(pytester):
+    """`pytest -n 2`: the workers write a results file each into one run folder, and the
+    controller (which runs no test) renders report.md over both and names it."""
+    import shutil
+
+    from tests.conftest import REPO
+
+    shutil.copy(REPO / "harness" / "parity" / "test_cases.py", pytester.path / "test_cases.py")
+    (pytester.path / "c.toml").write_text(TINY + "[[case]]\nseqlen_q = 8\nheads_q = 1\n"
+                                          "head_dim = 32\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "--dist", "load",
+                                           "--attn-backend=sdpa-math", "--attn-suite=c.toml",
+                                           "--attn-checks=fwd", timeout=300)
+    result.assert_outcomes(passed=2)
+    (machine,) = (pytester.path / "reports").iterdir()
+    (run,) = storage.runs(machine)
+    report = (run.path / "report.md").read_text()
+    assert "2 records from 1 machine(s)" in report
+    assert any(line.startswith("report: ") and line.endswith(f"{run.path.name}/report.md")
+               for line in result.stdout.lines), result.stdout.str()
+
+
 def test_the_promote_command_takes_files_or_a_run_number(here, capsys):
     from harness.cli import main
 

@@ -599,6 +599,11 @@ class PytestSession:
                 self._lock.release()
                 self._lock = None
 
+    @property
+    def out(self) -> Path | None:
+        """The folder this session writes its records to, once it has started."""
+        return self._out
+
     def summary_lines(self) -> list[str]:
         lines = [f"{self._count} record(s) from backends {', '.join(self.backends)}"]
         lines.extend(self.notes)
