@@ -61,6 +61,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
 import math
 import platform
 import statistics
@@ -639,26 +640,23 @@ def attention_control(batch: int, heads: int, seqlen_q: int, seqlen_k: int, head
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 STEADY_MMAP_THRESHOLD = 32 * 2**20
 STEADY_TRIM_THRESHOLD = 2**31 - 1
-_allocator: list[str] = []
 
 
+@functools.cache
 def steady_allocator() -> str:
     """Fix glibc malloc's mmap and trim thresholds for the rest of this process (once), so a
     CPU call's temporaries are reused from the heap rather than page-faulted anew on some calls
     and not others (see the module docstring). Returns ``"+malloc-steady"`` for the timing
     method where that was done, ``""`` where the C library is not glibc or refused."""
-    if not _allocator:
-        label = ""
-        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                if libc.mallopt(M_MMAP_THRESHOLD, STEADY_MMAP_THRESHOLD) == 1 \
-                        and libc.mallopt(M_TRIM_THRESHOLD, STEADY_TRIM_THRESHOLD) == 1:
-                    label = "+malloc-steady"
-            except (OSError, AttributeError):
-                label = ""
-        _allocator.append(label)
-    return _allocator[0]
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return ""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        steady = libc.mallopt(M_MMAP_THRESHOLD, STEADY_MMAP_THRESHOLD) == 1 \
+            and libc.mallopt(M_TRIM_THRESHOLD, STEADY_TRIM_THRESHOLD) == 1
+    except (OSError, AttributeError):
+        return ""
+    return "+malloc-steady" if steady else ""
 
 
 def time_functions(fns: dict[str, Callable[[], object]], device, *, warmup_s: float = 0.05,
