@@ -225,8 +225,9 @@ def test_cpu_timing_holds_the_allocator_steady_and_says_so():
                                          text=True, check=True, env=env).stdout.split()
         faults[mode] = float(per_call)
         assert label == ("+malloc-steady" if mode == "steady" else "-")
-    # plain: 650-2,300 faults per call measured (a 1 MiB block is 256 pages)
-    assert faults["plain"] > 100 and faults["steady"] < 10, faults
+    # plain: 650-2,300 faults per call measured (a 1 MiB block is 256 pages); steady: 0 on an
+    # idle machine, up to 38 beside the other test worker (the heap still growing)
+    assert faults["plain"] > 100 and faults["steady"] < faults["plain"] / 10, faults
     t = time_function(lambda: None, "cpu", warmup_s=0.0, budget_s=0.0, min_reps=3)
     assert "+malloc-steady" in t.method
 
