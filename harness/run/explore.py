@@ -33,10 +33,11 @@ none in CI (``CI`` set), where runs must depend on the seed alone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,6 +133,39 @@ def settings_for(profile: str, examples: int | None = None, database_dir: Path |
         phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink),
         suppress_health_check=list(HealthCheck),
     )
+
+
+@contextlib.contextmanager
+def seed_only_draws() -> Iterator[None]:
+    """Draws that depend on the seed and the strategies alone.
+
+    Hypothesis (6.131 and later) mixes into its draws constants it reads from the "local"
+    modules loaded in the process: those outside site-packages, such as an editable install
+    of this harness or a user's kernel file. So the same ``--seed`` drew other cases in a clone
+    than from the wheel, and other cases once a user's module was imported. Inside this
+    context that pool is empty (hypothesis's own edge values stay), and the constants hypothesis
+    cached from it are dropped on the way in and out. A hypothesis without these internals is
+    left as it is.
+    """
+    try:
+        from hypothesis.internal.conjecture import providers
+        from hypothesis.internal.constants_ast import Constants
+    except ImportError:  # pragma: no cover - a hypothesis without local constants
+        yield
+        return
+    cache = getattr(getattr(providers, "CONSTANTS_CACHE", None), "cache", None)
+    local = getattr(providers, "_get_local_constants", None)
+    if local is None or cache is None:  # pragma: no cover - other hypothesis internals
+        yield
+        return
+    empty = Constants()
+    cache.clear()
+    providers._get_local_constants = lambda: empty
+    try:
+        yield
+    finally:
+        providers._get_local_constants = local
+        cache.clear()
 
 
 def register_profiles() -> None:
@@ -275,7 +309,8 @@ def explore(backend: str, capabilities: Capabilities, run_case: Callable[[Case],
                     result.seconds_to_first_failure = time.perf_counter() - start
                 raise CaseFailed(case, records)
 
-        body()
+        with seed_only_draws():
+            body()
 
     try:
         for number, (corner, n) in enumerate(result.phases):
