@@ -26,6 +26,7 @@ from harness.results.compare import Thresholds, compare, render_markdown
 from harness.results.plot import PlotOutcome, sweeps, write_plots
 from harness.results.records import RecordWriter, read_many, read_records
 from harness.results.report import render
+from harness.run import warmup
 from harness.run.devices import parse_devices, resolve_devices
 from harness.run.machine import detect
 from harness.run.progress import Console
@@ -50,6 +51,7 @@ from harness.run.session import (
 )
 from harness.run.worker import (
     ExplorationWorker,
+    Warmers,
     Worker,
     WorkerDied,
     run_in_process,
@@ -271,6 +273,13 @@ def _run(args, opts, cases, target, specs, resolved, notes, worker) -> int:
                     notes)
     jury_dir = jury.prepare(out_dir) if len(specs) > 1 else None
     tasks = _tasks(cases, specs, opts, share.keys, done, jury_dir=str(jury_dir or ""))
+    devices = getattr(args, "device_indices", None)
+    ahead = [] if devices else warmup.plans(
+        tasks, {s: resolved[s] for s in specs if s in resolved}, target,
+        _exploration_of(args, opts))
+    for plan in ahead:
+        notes.append(f"{plan.backend} compiles a graph per structure: a second process compiles "
+                     "the suite's and the exploration's graphs ahead, at idle priority")
     print(f"attn-harness {__version__} on {target['target_id']} ({target['device_name']}): "
           f"{len(cases)} case(s) x {len(specs)} backend(s) [{', '.join(specs)}]"
           f"{f', shard {opts.shard}' if opts.shard is not None else ''}, "
@@ -285,8 +294,7 @@ def _run(args, opts, cases, target, specs, resolved, notes, worker) -> int:
     console = Console(start=start)
     console.suite(tasks)
     progress = console.task
-    devices = getattr(args, "device_indices", None)
-    with RecordWriter(results, append=bool(args.resume)) as writer:
+    with RecordWriter(results, append=bool(args.resume)) as writer, Warmers(ahead):
         if devices:
             run_tasks_on_devices(tasks, writer.write, devices=devices, timeout_s=opts.timeout,
                                  progress=progress, first_worker=worker)
@@ -308,6 +316,16 @@ def _run(args, opts, cases, target, specs, resolved, notes, worker) -> int:
     print(f"done in {time.perf_counter() - start:.1f}s: {counts or 'no records'}; "
           f"wrote {results} and {out_dir / 'report.md'}", file=sys.stderr)
     return EXIT_FAILED if failed(records) else EXIT_OK
+
+
+def _exploration_of(args, opts) -> warmup.Exploration | None:
+    """What the run's exploration draws from (None: it does not explore)."""
+    examples = opts.examples_for(inline=bool(args.case))
+    checks = explore_checks(opts)
+    if examples <= 0 or not checks:
+        return None
+    return warmup.Exploration(profile=opts.profile, examples=examples, seed=opts.seed,
+                              backward=gradients(checks), shard=opts.shard)
 
 
 def _tasks(cases, specs, opts, keys, done, *, jury_dir: str = "") -> list:

@@ -186,6 +186,23 @@ def test_reference_and_baseline_run_without_tf32_and_restore_the_setting(monkeyp
         assert getattr(fn, "__wrapped__", None) is not None, fn.__name__
 
 
+def test_the_reference_leaves_a_fresh_process_s_matmul_setting_as_it_found_it():
+    # torch 2.9+ has fp32_precision: restoring allow_tf32 = False there left "ieee" where a
+    # fresh process has "none", and torch.compile keys its cached graphs on that setting.
+    code = ("import torch\n"
+            "from harness.exact.reference import ieee_float32\n"
+            "matmul = torch.backends.cuda.matmul\n"
+            "before = getattr(matmul, 'fp32_precision', matmul.allow_tf32)\n"
+            "inside = ieee_float32(lambda: matmul.allow_tf32)()\n"
+            "after = getattr(matmul, 'fp32_precision', matmul.allow_tf32)\n"
+            "print(before, inside, after)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    before, inside, after = out
+    assert inside == "False"
+    assert after == before
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_the_cpu_baseline_multiplies_as_a_16_bit_matmul_does(dtype):
     """On a CPU the baseline's 16-bit products are taken in float32 and rounded once (what a

@@ -238,6 +238,10 @@ class Backend:
     #: ``flash-attn`` for the original's causal-ALiBi form (csrc/flash_attn/src/alibi.h: +slope *
     #: col, lse larger by slope * (row + seqlen_k - seqlen_q)), which its ports must match.
     lse_convention: str = "harness"
+    #: Whether its first call on each structure (heads, head dims, dtype, masks) compiles
+    #: code that later runs reuse from an on-disk cache (torch.compile): a run may then
+    #: compile the cases' graphs ahead in a second process (:mod:`harness.run.warmup`).
+    compiles_per_structure: bool = False
 
     def availability(self) -> str | None:
         """None when the backend can run here, else why not."""

@@ -14,7 +14,12 @@ backend calls ``torch.compile(flex_attention, dynamic=True)``: the mods read eve
 captured tensors, so one graph serves every sequence length and window of a given structure
 (heads, head_dim, dtype, which mods); with Python ints captured instead, torch 2.13's CPU
 lowering failed (``'Mul' object has no attribute 'get_name'``, a C++ compile error). When a
-dynamic compile fails anyway the backend falls back to static graphs, one per shape. On
+dynamic compile fails anyway the backend falls back to static graphs, one per shape. Each
+case is compiled as in a fresh process (dynamo is reset when the case changes): what torch
+compiles for a later case otherwise depends on the cases before it (sizes seen earlier are
+symbols of their own, sizes first seen together share one), so a replay of one case compiled
+another graph than the run that failed, and graphs compiled ahead in another process
+(:mod:`harness.run.warmup`) were not the run's. On
 the CPU torch's inductor supports inference only and no lse (``torch/_inductor/kernel/flex/
 flex_cpu.py``: "torch.compile on CPU only supports inference and `return_lse` is not supported
 yet"), so there the backend claims no backward and returns no lse.
@@ -113,6 +118,10 @@ class FlexAttentionBackend(ModuleBackend):
         self.flavor = flavor if module is not None else ""
         self.version = torch.__version__ if target is None else self.version
         self._compiled: dict[bool, Any] = {}
+        #: the case whose graphs dynamo holds (reset when another case comes)
+        self._case_id = ""
+        #: torch's own flex_attention is compiled here; a module's is called as given
+        self.compiles_per_structure = target is None
         #: Why dynamic-shape compilation was given up for static (one graph per shape), if so.
         self.dynamic_failure = ""
         self._masks: dict[Any, Any] = {}
@@ -168,6 +177,11 @@ class FlexAttentionBackend(ModuleBackend):
         from harness.exact.outputs import Outputs
 
         case = inputs.case
+        if self.target is None and case.case_id != self._case_id:
+            import torch
+
+            torch._dynamo.reset()  # this case's graph, as a fresh process compiles it
+            self._case_id = case.case_id
         if case.entry == "varlen":
             q, k, v = (t[None].transpose(1, 2) for t in (inputs.q, inputs.k, inputs.v))
         else:

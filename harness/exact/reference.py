@@ -43,17 +43,25 @@ def ieee_float32(fn):
     ``torch.set_float32_matmul_precision("high")`` in a user kernel's module), a float32
     reference errs about 1e-3, as much as the 16-bit kernels it judges, and a float32 baseline
     grows lenient. The setting is restored afterwards, so kernels run as they were configured.
+    Where torch has ``fp32_precision`` (2.9 and later), restoring ``allow_tf32 = False`` leaves
+    ``"ieee"`` in place of a fresh process's ``"none"``, a setting torch.compile keys its cached
+    graphs on (graphs compiled after the first reference then differed from a fresh process's);
+    so ``"none"`` is put back too. The legacy flag stays the one set and restored: torch refuses
+    to read it once the two APIs were mixed otherwise.
     """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         matmul = torch.backends.cuda.matmul
+        untouched = getattr(matmul, "fp32_precision", None) == "none"
         saved = matmul.allow_tf32
         matmul.allow_tf32 = False
         try:
             return fn(*args, **kwargs)
         finally:
             matmul.allow_tf32 = saved
+            if untouched:
+                matmul.fp32_precision = "none"
 
     return wrapper
 

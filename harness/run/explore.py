@@ -46,6 +46,12 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis.database import DirectoryBasedExampleDatabase
 from hypothesis.errors import Unsatisfiable
 
+try:  # hypothesis 6.131 and later reads constants from local modules (seed_only_draws)
+    from hypothesis.internal.conjecture import providers as _providers
+    from hypothesis.internal.constants_ast import Constants as _Constants
+except ImportError:  # pragma: no cover - a hypothesis without them
+    _providers = _Constants = None
+
 from harness.backends.base import Capabilities
 from harness.case import Case
 from harness.escape import one_line
@@ -147,18 +153,13 @@ def seed_only_draws() -> Iterator[None]:
     cached from it are dropped on the way in and out. A hypothesis without these internals is
     left as it is.
     """
-    try:
-        from hypothesis.internal.conjecture import providers
-        from hypothesis.internal.constants_ast import Constants
-    except ImportError:  # pragma: no cover - a hypothesis without local constants
-        yield
-        return
+    providers = _providers
     cache = getattr(getattr(providers, "CONSTANTS_CACHE", None), "cache", None)
     local = getattr(providers, "_get_local_constants", None)
-    if local is None or cache is None:  # pragma: no cover - other hypothesis internals
+    if local is None or cache is None or _Constants is None:  # pragma: no cover - other internals
         yield
         return
-    empty = Constants()
+    empty = _Constants()
     cache.clear()
     providers._get_local_constants = lambda: empty
     try:

@@ -19,7 +19,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,6 +31,7 @@ from harness.options import get_profile
 from harness.results.records import Record, now
 from harness.run import reaper
 from harness.run.machine import detect
+from harness.run.warmup import Plan, warm
 from harness.vocab import CHECK_NAMES, JUDGED
 
 #: Seconds a fresh worker may take to import torch and probe the device.
@@ -155,6 +156,9 @@ def _serve(conn, device_index: int | None) -> None:
             _send(conn, ("resolved", resolve(task[1], backends,
                                              lambda spec: _send(conn, ("loading", spec)))))
             continue
+        if isinstance(task, tuple) and task[0] == "warm":  # harness.run.warmup: compile ahead
+            _send(conn, ("warmed", warm(task[1], target, backends)))
+            continue
         try:
             for message in execute(task, target, backends):
                 _send(conn, message)
@@ -192,7 +196,9 @@ def resolve(specs: Iterable[str], backends: dict[str, Any],
             continue
         backends[spec] = backend
         out[spec] = {"describe": backend.describe(), "availability": backend.availability(),
-                     "capabilities": backend.capabilities}
+                     "capabilities": backend.capabilities,
+                     "compiles_per_structure": bool(getattr(backend, "compiles_per_structure",
+                                                            False))}
     return out
 
 
@@ -418,6 +424,43 @@ class Worker:
         _LIVE_WORKERS.discard(self.process.pid)
         if self.started:  # the worker itself is multiprocessing's to reap
             reaper.end_orphans(self.started, spare=_LIVE_WORKERS | {self.process.pid})
+
+
+class Warmers:
+    """The warmer processes of a run (:mod:`harness.run.warmup`): started with :meth:`start`,
+    ended with :meth:`stop` (a context manager does both)."""
+
+    def __init__(self, plans_: Sequence[Plan]) -> None:
+        self.plans = list(plans_)
+        self.workers: list[Any] = []
+
+    def start(self) -> Warmers:
+        for plan in self.plans:
+            try:  # not waiting for it to start: the run goes on meanwhile
+                worker = Worker()
+                worker.send(("warm", plan))
+            except Exception:  # noqa: BLE001 - compiling ahead is a convenience, never a failure
+                continue
+            self.workers.append(worker)
+        return self
+
+    def stop(self) -> list[dict[str, Any]]:
+        """End every warmer (done or not); returns the reports of those that had finished."""
+        reports = []
+        for worker in self.workers:
+            with contextlib.suppress(Exception):
+                while (message := worker.receive(0.0)) is not None:
+                    if message[0] == "warmed":
+                        reports.append(message[1])
+            worker.kill()
+        self.workers = []
+        return reports
+
+    def __enter__(self) -> Warmers:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def run_tasks(tasks: Iterable[Task], sink: Callable[[Record], None], *, timeout_s: float,

@@ -1,0 +1,185 @@
+"""Compiling ahead: a second process compiles the graphs a backend will need, on a core the run
+leaves idle, into torch's on-disk caches.
+
+A backend that compiles per structure (:attr:`harness.backends.base.Backend.
+compiles_per_structure`: torch's FlexAttention compiles a graph for each heads, head dims, dtype,
+mask and layout) makes a first run wait for every compile in turn: about 5 s each on a CPU,
+about 35 of them in the default job, single-threaded while the other cores idle. Compiled
+graphs go to torch's caches on disk (``TORCHINDUCTOR_CACHE_DIR``), where any process of the same
+torch finds them. So while the run works, a warmer process calls the backend's forward on the
+cases the run will judge, with the same inputs (:class:`harness.checks.context.CheckContext`),
+and the run then loads what the warmer compiled instead of compiling it.
+
+- The warmer runs at idle priority (``SCHED_IDLE``, else ``nice 19``): it gets a core only when
+  the run leaves one idle, so the run's timed windows keep their cores.
+- It judges and records nothing. Whatever a forward raises, or a crash of the whole warmer,
+  costs only the compiling ahead.
+- Its order: the suite's cases from the last backwards, until one proves cached (the run has
+  come that far, or the cache was warm), then the exploration's draws in order. The same seed,
+  profile and shard draw the same cases in any process
+  (:func:`harness.run.explore.seed_only_draws`). It stops after :data:`CACHED_STREAK` cached
+  draws in a row: the cache is warm, and a warm run is not slowed by a warmer re-tracing its
+  graphs.
+- Only where the target is a CPU: on a GPU the warmer's kernel launches would share the
+  device with the kernels being timed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.backends import load_backend
+from harness.case import Case
+from harness.options import get_profile
+
+#: Cached exploration draws in a row after which the warmer stops (the cache is warm).
+CACHED_STREAK = 3
+
+
+@dataclass(frozen=True)
+class Exploration:
+    """What the run's exploration of a backend will draw from (:func:`harness.run.explore.
+    explore`'s arguments)."""
+
+    profile: str
+    examples: int
+    seed: int
+    backward: bool
+    shard: Any = None
+
+
+@dataclass
+class Plan:
+    """What a warmer compiles ahead for one backend."""
+
+    backend: str
+    #: the suite's cases on this backend, in the run's order
+    cases: list[Case] = field(default_factory=list)
+    #: the exploration to predict the draws of, if the run explores this backend
+    exploration: Exploration | None = None
+    seed: int = 0
+    profile: str = "quick"
+
+
+def plans(tasks: Sequence[Any], resolved: dict[str, dict[str, Any]], target: dict[str, Any],
+          exploration: Exploration | None) -> list[Plan]:
+    """A plan for each backend of the run that compiles per structure, where the target is a
+    CPU (see the module docstring); none otherwise."""
+    if target.get("vendor") != "cpu":
+        return []
+    out = []
+    for spec, info in resolved.items():
+        if not info.get("compiles_per_structure") or info.get("error") or info.get(
+                "availability"):
+            continue
+        mine = [t for t in tasks if t.backend == spec]
+        if not mine and exploration is None:
+            continue
+        first = mine[0] if mine else None
+        out.append(Plan(backend=spec, cases=[t.case for t in mine], exploration=exploration,
+                        seed=first.seed if first else exploration.seed,
+                        profile=first.profile if first else exploration.profile))
+    return out
+
+
+# ------------------------------------------------------------------------------ warmer side
+
+
+def lower_priority() -> str:
+    """Put every thread of this process (and what it starts later) at idle priority; returns
+    how (``SCHED_IDLE``, ``nice``, or '' where neither could be set)."""
+    idle = getattr(os, "SCHED_IDLE", None)
+    if idle is not None:
+        try:
+            for tid in os.listdir("/proc/self/task"):
+                os.sched_setscheduler(int(tid), idle, os.sched_param(0))
+            return "SCHED_IDLE"
+        except (OSError, ValueError):
+            pass
+    with contextlib.suppress(OSError):
+        os.nice(19)
+        return "nice"
+    return ""
+
+
+def _cache_misses() -> int | None:
+    """Graphs compiled so far in this process (torch's FX graph cache misses), or None where
+    this torch does not count them."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - a torch without dynamo
+        return None
+    return int(counters["inductor"]["fxgraph_cache_miss"])
+
+
+def predicted_draws(backend: Any, spec: str, exploration: Exploration) -> list[Case]:
+    """The cases the run's exploration of ``backend`` will draw, in order, as long as no case
+    fails (a failure is shrunk instead)."""
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    from harness.run.explore import explore
+
+    drawn: list[Case] = []
+
+    def run_case(case: Case) -> list:
+        drawn.append(case)
+        return []
+
+    with tempfile.TemporaryDirectory(prefix="attn-harness-warmup-") as home:
+        set_hypothesis_home_dir(home)  # nothing of hypothesis's in the user's folder
+        explore(spec, backend.capabilities, run_case, profile=exploration.profile,
+                examples=exploration.examples, seed=exploration.seed,
+                backward=exploration.backward, shard=exploration.shard, database_dir=home)
+    return drawn
+
+
+def warm(plan: Plan, target: Any, backends: dict[str, Any]) -> dict[str, Any]:
+    """Compile ``plan``'s graphs ahead in this process; returns what it did (for tests and
+    messages): ``priority``, ``compiled`` and ``cached`` case ids, ``failed`` (case id ->
+    why) and ``stopped`` (why it ended early, '' when it went through)."""
+    from harness.checks.context import CheckContext
+
+    done: dict[str, Any] = {"priority": lower_priority(), "compiled": [], "cached": [],
+                            "failed": {}, "stopped": ""}
+    backend = backends.get(plan.backend) or load_backend(plan.backend)
+    backends[plan.backend] = backend
+    if backend.availability() is not None:
+        done["stopped"] = f"unavailable: {backend.availability()}"
+        return done
+    profile = get_profile(plan.profile)
+
+    def compile_one(case: Case) -> bool | None:
+        """True: it was cached; False: compiled now; None: the forward raised."""
+        before = _cache_misses()
+        try:
+            CheckContext(case, backend, target, seed=plan.seed, profile=profile).call()
+        except Exception as exc:  # noqa: BLE001 - the run judges it; here it is only not warmed
+            done["failed"][case.case_id] = f"{type(exc).__name__}: {exc}"[:200]
+            return None
+        after = _cache_misses()
+        cached = before is not None and after == before
+        done["cached" if cached else "compiled"].append(case.case_id)
+        return cached
+
+    for case in reversed(plan.cases):
+        if case.case_id in done["cached"] or case.case_id in done["compiled"]:
+            continue
+        if compile_one(case):
+            break  # the run has been here (or the cache was warm): go on to the draws
+    if plan.exploration is None:
+        return done
+    streak = 0
+    for case in predicted_draws(backend, plan.backend, plan.exploration):
+        if case.case_id in done["cached"] or case.case_id in done["compiled"]:
+            continue
+        cached = compile_one(case)
+        streak = streak + 1 if cached else 0
+        if streak >= CACHED_STREAK:
+            done["stopped"] = f"{CACHED_STREAK} draws in a row were cached: the cache is warm"
+            break
+    return done

@@ -1,0 +1,123 @@
+"""Compiling ahead (:mod:`harness.run.warmup`): a second process compiles the graphs that
+torch's FlexAttention will need, and the run loads them instead of compiling them.
+
+The run can only load what the warmer compiled if a case's graph is the same in any process,
+whatever ran before it. Two things broke that, each tested here through the end-to-end test:
+dynamo compiled a later case's graph differently after other cases (sizes seen earlier get
+symbols of their own), and the reference left torch's float32 matmul setting at ``"ieee"``
+where a fresh process has ``"none"``, a setting compiled graphs are keyed on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from harness.run import warmup
+
+TWO_CASES = textwrap.dedent("""
+    [[case]]
+    batch = 1
+    seqlen_q = 32
+    seqlen_k = 48
+    heads_q = 2
+    head_dim = 16
+    dtype = "float32"
+
+    [[case]]
+    batch = 2
+    seqlen_q = 40
+    seqlen_k = 40
+    heads_q = 4
+    heads_kv = 2
+    head_dim = 32
+    dtype = "bfloat16"
+    causal = true
+""")
+
+#: Warms flex-attention's graphs for a suite file and N exploration draws (checks fwd: no
+#: gradients), printing the warmer's report.
+WARM = textwrap.dedent("""
+    import json, sys
+    from harness.case.suites import load_suite
+    from harness.run.machine import detect
+    from harness.run.warmup import Exploration, Plan, warm
+    cases = [c for s in load_suite(sys.argv[1]) for c in s.cases]
+    plan = Plan(backend="flex-attention", cases=cases,
+                exploration=Exploration("quick", int(sys.argv[2]), 0, False))
+    print(json.dumps(warm(plan, detect(), {})))
+""")
+
+
+def _compiled_graphs(cache: Path) -> int:
+    """Graphs in torch's FX graph cache."""
+    return sum(1 for p in (cache / "fxgraph").rglob("*") if p.is_file())
+
+
+@pytest.mark.slow  # three flex-attention compiles ahead, then a run that loads them: ~45 s
+def test_graphs_compiled_ahead_are_the_ones_the_run_loads(tmp_path):
+    suite = tmp_path / "two.toml"
+    suite.write_text(TWO_CASES, encoding="utf-8")
+    cache = tmp_path / "inductor"
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    warmed = subprocess.run([sys.executable, "-c", WARM, str(suite), "1"], env=env,
+                            capture_output=True, text=True, timeout=600, check=True)
+    report = json.loads(warmed.stdout.splitlines()[-1])
+    # the suite's cases from the last backwards, then the one exploration draw
+    assert len(report["compiled"]) == 3 and not report["failed"], report
+    graphs = _compiled_graphs(cache)
+    assert graphs >= 3
+
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--backend", "flex-attention",
+                          "--suite", str(suite), "--explore", "1", "--checks", "fwd",
+                          "--out", str(out)], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "compiles the suite's and the exploration's graphs ahead" in run.stderr
+    judged = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["case_id"] for r in judged} == set(report["compiled"])
+    # the run (and its own warmer) compiled nothing: every graph was the warmer's
+    assert _compiled_graphs(cache) == graphs
+
+
+def test_the_warmer_runs_at_idle_priority_and_so_do_the_compilers_it_starts():
+    code = textwrap.dedent("""
+        import os, subprocess, sys
+        from harness.run.warmup import lower_priority
+        how = lower_priority()
+        child = subprocess.run([sys.executable, "-c",
+                                "import os; print(os.sched_getscheduler(0))"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        print(how, os.sched_getscheduler(0), child, getattr(os, "SCHED_IDLE", -1))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    how, mine, child, idle = out
+    if how != "SCHED_IDLE":
+        pytest.skip(f"this machine gives no SCHED_IDLE (lowered by {how or 'nothing'})")
+    assert mine == child == idle
+
+
+class _Task:
+    def __init__(self, backend: str, case: object, seed: int = 0, profile: str = "quick"):
+        self.backend, self.case, self.seed, self.profile = backend, case, seed, profile
+
+
+def test_only_a_cpu_run_of_a_backend_that_compiles_per_structure_is_warmed():
+    resolved = {"flex-attention": {"compiles_per_structure": True, "availability": None},
+                "sdpa-math": {"compiles_per_structure": False, "availability": None},
+                "gone": {"compiles_per_structure": True, "availability": "not here"}}
+    tasks = [_Task(spec, f"case-{spec}") for spec in ("sdpa-math", "flex-attention", "gone")]
+    exploration = warmup.Exploration("quick", 20, 0, True)
+    plans = warmup.plans(tasks, resolved, {"vendor": "cpu"}, exploration)
+    assert [(p.backend, p.cases) for p in plans] == [("flex-attention",
+                                                      ["case-flex-attention"])]
+    assert plans[0].exploration == exploration
+    # on a GPU the warmer's launches would share the device with the timed kernels
+    assert warmup.plans(tasks, resolved, {"vendor": "nvidia"}, exploration) == []
