@@ -172,13 +172,15 @@ def test_exploration_shrinks_a_failure_and_writes_a_replayable_regression(tmp_pa
     tiny = tmp_path / "tiny.toml"
     tiny.write_text("[[case]]\nseqlen_q = 8\nheads_q = 1\n")
     regressions = tmp_path / "regressions"
-    result = harness("run", "--backend", f"{ZOO}:window_off_by_one", "--suite", str(tiny),
+    result = harness("run", "--backend", f"{REPO / ZOO}:window_off_by_one", "--suite", str(tiny),
                      "--checks", "fwd", "--explore", "20", "--regressions", str(regressions),
-                     "--out", str(tmp_path / "out"))
+                     "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert result.returncode == 1
     assert "shrunk in" in result.stderr and "written to" in result.stderr
     assert "shrink 1:" in result.stderr  # each shrinking step as it happens
-    assert (tmp_path / "out" / ".hypothesis").is_dir()  # hypothesis's files: the run's folder
+    # nothing of hypothesis's in the folder the user ran from (its files, if any, go to the
+    # run's folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "regressions", "tiny.toml"]
     (written,) = regressions.glob("*.toml")
     from harness.case.suites import load_file
 

@@ -1221,8 +1221,12 @@ def test_an_fp8_only_aiter_module_is_explored_in_fp8(tmp_path):
     assert "has no flash_attn_func for 16-bit inputs" in backend.unsupported_reasons(bf16, CPU)[0]
     statuses = []
 
-    def run_case(case):
-        verdict = fwd(case, backend)
+    def run_case(case):  # planned as a run plans it: what the API does not take is a skip
+        from harness.checks.plan import plan
+        from harness.checks.runner import run_plan
+
+        (verdict,) = run_plan(plan(case, backend, CPU, ("fwd",)), backend, CPU, seed=0,
+                              profile=get_profile("quick"), device="cpu")
         statuses.append((case.dtype, verdict.status))
         return []
 
@@ -1254,3 +1258,21 @@ def test_info_lists_flash_attn4_and_flashinfer_with_their_availability():
         row = rows[name]
         assert row["family"] == name and row["available"] is False  # no GPU on this machine
         assert package in row["reason"] or row["reason"].startswith("no GPU here"), row
+
+
+def test_aiter_varlen_fp8_takes_only_per_tensor_descales(tmp_path):
+    """flash_attn_varlen_fp8_pertensor_func takes one descale per tensor: a per-head recipe on
+    varlen is refused for any module with AITER's API (exploration drew one, and it errored)."""
+    source = (FAKES / "fake_aiter.py").read_text().replace("Path(__file__).parent",
+                                                           repr(str(FAKES)))
+    module = tmp_path / "aiter_api.py"
+    module.write_text(source)
+    backend = load_backend(f"aiter@{module}")
+    varlen = Case(batch=2, seqlen_q=3, seqlen_k=40, heads_q=2, heads_kv=1, head_dim=32,
+                  dtype="float8_e4m3fn", entry="varlen", seqlens_q=(3, 2), seqlens_k=(40, 17),
+                  fp8_recipe="per-head")
+    (why,) = [r for r in backend.unsupported_reasons(varlen, CPU) if "per-head" in r]
+    assert "flash_attn_varlen_fp8_pertensor_func takes one descale per tensor" in why
+    dense = varlen.replace(entry="dense", seqlens_q=None, seqlens_k=None)
+    assert not [r for r in backend.unsupported_reasons(dense, CPU) if "per-head" in r]
+    assert fwd(varlen.replace(fp8_recipe="per-tensor"), backend).status == "pass"

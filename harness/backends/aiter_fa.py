@@ -227,6 +227,11 @@ class AiterBackend(ModuleBackend):
         if self.flavor == "rocm" and target.vendor == "amd" and target.arch not in ARCHS:
             reasons.insert(0, f"{target.arch} is not an AITER attention target "
                               f"({', '.join(ARCHS)})")
+        if case.dtype in FP8 and case.entry == "varlen" and case.fp8_recipe == "per-head":
+            # the API's, whatever module serves it
+            reasons.append("fp8_recipe=per-head on varlen: flash_attn_varlen_fp8_pertensor_func "
+                           "takes one descale per tensor, (1,); (batch, heads_kv) descales are "
+                           f"the dense ASM v3 path's (mha.py l.4034 @ {SOURCE})")
         if self.flavor == "rocm":
             reasons += installed_reasons(case, os.environ)
         return list(dict.fromkeys(reasons))
@@ -317,6 +322,7 @@ def installed_reasons(case: Case, environ) -> list[str]:
             out.append("fp8_recipe=per-head: the CK fp8 path reads one descale per tensor (zero "
                        f"batch and head strides, csrc/py_itfs_ck/mha_fwd_kernels.cu l.155-167 @ "
                        f"{SOURCE})")
+
         if triton_path and case.sink_tokens:
             out.append("sink tokens on the fp8 Triton path: flash_attn_fp8_pertensor_func passes "
                        f"window_size[:2] only, dropping the sink element (mha.py l.3986 @ "

@@ -27,8 +27,10 @@ the same case. Input tensors still use the run's ``--seed``, so every replay com
 
 Settings profiles (``attn-quick``, ``attn-nightly``, ``attn-exhaustive``) are registered with
 hypothesis: no deadline (kernels compile on first use), an explicit seed (``--seed``) so a run
-is reproducible, and the example database in the run's folder (``RUN/.hypothesis/``) locally,
-none in CI (``CI`` set), where runs must depend on the seed alone.
+is reproducible (the draws depend on the seed alone, not on the modules the process has
+loaded: :func:`seed_only_draws`), and the example database in the run's folder
+(``RUN/.hypothesis/``) locally, none in CI (``CI`` set), where runs must depend on the seed
+alone.
 """
 
 from __future__ import annotations
