@@ -220,3 +220,24 @@ def test_an_fp8_only_backend_draws_fp8_even_when_gradients_are_asked():
     found = find(cases(caps, BUDGETS["quick"], backward=True), lambda c: True,
                  settings=settings(database=None, suppress_health_check=list(HealthCheck)))
     assert found.dtype == "float8_e4m3fn"
+
+
+def test_every_dropout_corner_case_has_the_entries_to_see_a_keep_rate_off_by_half():
+    """The exact judge's keep-rate test sits 8 standard errors out: a kernel that drops with
+    p / 2 (tests/zoo/dropout_kernels.py keep_rate_off) shows only over thousands of entries.
+    The corner's old minimum (b2 q8 k16 h2) put it 5 standard errors out, and once the draws
+    changed the quick profile stopped catching it."""
+    caps = load_backend(CORRECT).capabilities
+    drawn: list[Case] = []
+
+    @hypothesis_seed(0)
+    @settings(max_examples=30, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(cases(caps, BUDGETS["quick"], corner="dropout"))
+    def draw(case):
+        drawn.append(case)
+
+    draw()
+    for case in drawn:
+        entries = case.batch * case.heads_q * case.seqlen_q * case.seqlen_k
+        assert entries >= 4096, case.label

@@ -255,8 +255,11 @@ def cases(draw, capabilities: Capabilities | None = None, budget: Budget | None 
     if corner == "dropout":
         # Power for every sub-test of the exact dropout judge: masks distinct across batch
         # entries and across the heads of one GQA group need two of each and rows of enough
-        # decided entries (tens: harness.exact.dropout.identical_masks).
-        batch, seqlen_q, seqlen_k = max(batch, 2), max(seqlen_q, 8), max(seqlen_k, 16)
+        # decided entries (tens: harness.exact.dropout.identical_masks); the keep-rate test
+        # (harness.exact.dropout.keep_rate, 8 standard errors) needs thousands of entries to
+        # see a drop rate off by half (at p = 0.17, 2,000 decided entries put it 10 standard
+        # errors out; 512, the old minimum here, 5).
+        batch, seqlen_q, seqlen_k = max(batch, 2), max(seqlen_q, 32), max(seqlen_k, 64)
         if "gqa" in feats:
             group = max(group, 2)
         else:
