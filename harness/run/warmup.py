@@ -10,24 +10,29 @@ torch finds them. So while the run works, a warmer process calls the backend's f
 cases the run will judge, with the same inputs (:class:`harness.checks.context.CheckContext`),
 and the run then loads what the warmer compiled instead of compiling it.
 
-- The warmer runs at idle priority (``SCHED_IDLE``, else ``nice 19``): it gets a core only when
-  the run leaves one idle, so the run's timed windows keep their cores.
+- The warmer runs at idle priority (``SCHED_IDLE``, else ``nice 19``) from its start, and the
+  run stops it (``SIGSTOP`` on its process group) while a timed check runs: idle priority
+  alone did not keep it out of the timed kernel's way (a median SDPA call up to twice as long
+  on a 2-core machine). It dies with the run, stopped or not (``PR_SET_PDEATHSIG``).
 - It judges and records nothing. Whatever a forward raises, or a crash of the whole warmer,
   costs only the compiling ahead.
-- Its order: the suite's cases from the last backwards, until one proves cached (the run has
-  come that far, or the cache was warm), then the exploration's draws in order. The same seed,
-  profile and shard draw the same cases in any process
-  (:func:`harness.run.explore.seed_only_draws`). It stops after :data:`CACHED_STREAK` cached
-  draws in a row: the cache is warm, and a warm run is not slowed by a warmer re-tracing its
-  graphs.
+- Its order: first the exploration's draws, which the run needs last, while the run judges
+  the suite (the same seed, profile and shard draw the same cases in any process:
+  :func:`harness.run.explore.seed_only_draws`); it stops there after :data:`CACHED_STREAK`
+  cached draws in a row (the cache is warm, and a warm run is not slowed by a warmer
+  re-tracing its graphs). Then the suite's cases from the last backwards, until one proves
+  cached (the run has come that far).
 - Only where the target is a CPU: on a GPU the warmer's kernel launches would share the
-  device with the kernels being timed.
+  device with the kernels being judged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -107,6 +112,16 @@ def lower_priority() -> str:
     return ""
 
 
+def die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (Linux ``PR_SET_PDEATHSIG``):
+    a warmer stopped during a timed check cannot notice it by itself."""
+    if not sys.platform.startswith("linux"):  # pragma: no cover - elsewhere the watch suffices
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _cache_misses() -> int | None:
     """Graphs compiled so far in this process (torch's FX graph cache misses), or None where
     this torch does not count them."""
@@ -166,13 +181,23 @@ def warm(plan: Plan, target: Any, backends: dict[str, Any]) -> dict[str, Any]:
         done["cached" if cached else "compiled"].append(case.case_id)
         return cached
 
+    if plan.exploration is not None:
+        streak = 0
+        for case in predicted_draws(backend, plan.backend, plan.exploration):
+            if case.case_id in done["cached"] or case.case_id in done["compiled"]:
+                continue
+            cached = compile_one(case)
+            streak = streak + 1 if cached else 0
+            if streak >= CACHED_STREAK:
+                done["stopped"] = (f"{CACHED_STREAK} draws in a row were cached: the cache is "
+                                   "warm")
+                return done
     for case in reversed(plan.cases):
         if case.case_id in done["cached"] or case.case_id in done["compiled"]:
             continue
         if compile_one(case):
-            break  # the run has been here (or the cache was warm): go on to the draws
-    if plan.exploration is None:
-        return done
+            break  # the run has come this far (or the cache was warm)
+    return done
     streak = 0
     for case in predicted_draws(backend, plan.backend, plan.exploration):
         if case.case_id in done["cached"] or case.case_id in done["compiled"]:

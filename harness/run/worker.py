@@ -31,7 +31,7 @@ from harness.options import get_profile
 from harness.results.records import Record, now
 from harness.run import reaper
 from harness.run.machine import detect
-from harness.run.warmup import Plan, warm
+from harness.run.warmup import Plan, die_with_parent, lower_priority, warm
 from harness.vocab import CHECK_NAMES, JUDGED
 
 #: Seconds a fresh worker may take to import torch and probe the device.
@@ -118,12 +118,19 @@ def _send(conn, message) -> None:
         _end_quietly()
 
 
-def _worker_main(conn, device_index: int | None, env: dict[str, str]) -> None:
+def _worker_main(conn, device_index: int | None, env: dict[str, str],
+                 idle: bool = False) -> None:
     """Entry point of the worker process: probe once, then serve tasks until told to stop.
 
     The worker is a child subreaper (:mod:`harness.run.reaper`): what its kernels start stays below
     it, and it ends what left its process group after each case, and everything when it stops.
+    An ``idle`` worker (a warmer, :mod:`harness.run.warmup`) runs at idle priority from its
+    first instruction, and dies with its parent even while stopped (the run stops it during
+    timed checks).
     """
+    if idle:
+        lower_priority()
+        die_with_parent()
     _own_process_group()
     reaper.become_subreaper()
     os.environ.update(env)
@@ -294,14 +301,15 @@ _LIVE_WORKERS: set[int] = set()
 class Worker:
     """A worker process and its pipe."""
 
-    def __init__(self, device_index: int | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(self, device_index: int | None = None, env: dict[str, str] | None = None, *,
+                 idle: bool = False) -> None:
         self.device_index, self.env = device_index, env
         # Orphans of the worker's kernels come back here when the worker dies (harness.run.reaper).
         reaper.become_subreaper()
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_main, args=(child, device_index, env or {}),
-                                   daemon=True)
+        self.process = ctx.Process(target=_worker_main,
+                                   args=(child, device_index, env or {}, idle), daemon=True)
         self.process.start()
         child.close()
         _LIVE_WORKERS.add(self.process.pid)
@@ -426,6 +434,17 @@ class Worker:
             reaper.end_orphans(self.started, spare=_LIVE_WORKERS | {self.process.pid})
 
 
+#: The warmers of the runs in flight (:class:`Warmers`), stopped during timed checks.
+_QUIET: list[Warmers] = []
+#: Checks that time the kernel: the warmers are stopped while they run.
+TIMED = ("throughput",)
+
+
+def _quiet(paused: bool) -> None:
+    for warmers in list(_QUIET):
+        warmers.pause(paused)
+
+
 class Warmers:
     """The warmer processes of a run (:mod:`harness.run.warmup`): started with :meth:`start`,
     ended with :meth:`stop` (a context manager does both)."""
@@ -437,15 +456,31 @@ class Warmers:
     def start(self) -> Warmers:
         for plan in self.plans:
             try:  # not waiting for it to start: the run goes on meanwhile
-                worker = Worker()
+                worker = Worker(idle=True)
                 worker.send(("warm", plan))
             except Exception:  # noqa: BLE001 - compiling ahead is a convenience, never a failure
                 continue
             self.workers.append(worker)
+        if self.workers:
+            _QUIET.append(self)
         return self
+
+    def pause(self, paused: bool) -> None:
+        """Stop (``SIGSTOP``) or continue every warmer's process group: a timed check runs
+        with the warmers stopped. Idle priority alone did not keep them out of its way: with
+        a warmer compiling, SDPA's median call on this 2-core machine took up to twice as
+        long."""
+        if not hasattr(signal, "SIGSTOP"):  # pragma: no cover - Windows
+            return
+        for worker in self.workers:
+            with contextlib.suppress(OSError):
+                os.killpg(worker.process.pid, signal.SIGSTOP if paused else signal.SIGCONT)
 
     def stop(self) -> list[dict[str, Any]]:
         """End every warmer (done or not); returns the reports of those that had finished."""
+        if self in _QUIET:
+            _QUIET.remove(self)
+        self.pause(False)
         reports = []
         for worker in self.workers:
             with contextlib.suppress(Exception):
@@ -531,6 +566,14 @@ def _run_one(worker: Worker, task: Task, timeout_s: float, sink, outcome: Outcom
         outcome.target = worker.start()
         worker.backend = {"name": task.backend, "family": "", "flavor": "", "version": ""}
         worker.send(task)
+    try:
+        return _receive_task(worker, task, timeout_s, records, pending, current, emit)
+    finally:
+        _quiet(False)  # however the task ended
+
+
+def _receive_task(worker, task, timeout_s, records, pending, current, emit):
+    """The messages of a task in flight, up to its end (see :func:`_run_one`)."""
     while True:
         try:
             message = worker.receive(timeout_s)
@@ -550,7 +593,10 @@ def _run_one(worker: Worker, task: Task, timeout_s: float, sink, outcome: Outcom
             worker.backend = payload
         elif kind == "begin":
             current = payload
+            _quiet(payload in TIMED)
         elif kind == "record":
+            if payload.check in TIMED:
+                _quiet(False)
             emit(payload)
         elif kind == "ended":  # the kernel raised what ends a process (KeyboardInterrupt ...)
             _abandon(task, worker, current, pending, "crash",
