@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,67 @@ def test_only_a_cpu_run_of_a_backend_that_compiles_per_structure_is_warmed():
     assert plans[0].exploration == exploration
     # on a GPU the warmer's launches would share the device with the timed kernels
     assert warmup.plans(tasks, resolved, {"vendor": "nvidia"}, exploration) == []
+
+
+class _Recorder:
+    """Stands in for a run's warmers: records when the run would stop and continue them."""
+
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def pause(self, paused: bool) -> None:
+        self.log.append(("pause" if paused else "go", None))
+
+
+def test_the_warmers_are_stopped_exactly_while_a_check_is_timed():
+    """With a warmer compiling beside it, the first run's timed cases read 6-13 GFLOP/s where
+    they read 42-75 alone: idle priority was not enough, so the run stops the warmers while a
+    timed check runs."""
+    from harness.case import Case
+    from harness.run import worker as worker_module
+    from harness.run.worker import Task, run_tasks
+
+    log: list = []
+    recorder = _Recorder(log)
+    worker_module._QUIET.append(recorder)
+    try:
+        case = Case(batch=1, seqlen_q=32, seqlen_k=32, heads_q=2, head_dim=16,
+                    dtype="float32", checks=("fwd", "throughput"))
+        run_tasks([Task("t", case, "sdpa-math", ("fwd", "throughput"))],
+                  lambda record: log.append(("record", record.check)), timeout_s=300)
+    finally:
+        worker_module._QUIET.remove(recorder)
+    events = [kind if kind != "record" else f"record {what}" for kind, what in log]
+    fwd, timed = events.index("record fwd"), events.index("record throughput")
+    assert "pause" not in events[:fwd]  # judging runs beside the warmers
+    # stopped when the timed check begins, continued as soon as its record comes
+    assert events[fwd + 1:timed] == ["pause", "go"]
+    assert events[-1] == "go"
+
+
+def test_a_paused_warmer_is_stopped_and_continues():
+    from harness.run.worker import Warmers, Worker
+
+    def state(pid: int, want: str) -> str:
+        """The process's state once it is ``want`` (signals arrive asynchronously), or after
+        5 s."""
+        deadline = time.monotonic() + 5
+        while True:
+            now = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if (now == "T") == (want == "T") or time.monotonic() > deadline:
+                return now
+            time.sleep(0.02)
+
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("no /proc here")
+    warmers = Warmers([])
+    warmers.workers.append(Worker(idle=True))
+    try:
+        pid = warmers.workers[0].process.pid
+        warmers.workers[0].start()
+        warmers.pause(True)
+        assert state(pid, "T") == "T"
+        warmers.pause(False)
+        assert state(pid, "running") != "T"
+    finally:
+        warmers.stop()
