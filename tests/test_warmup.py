@@ -186,3 +186,34 @@ def test_a_paused_warmer_is_stopped_and_continues():
         assert state(pid, "running") != "T"
     finally:
         warmers.stop()
+
+
+#: Starts a warmer on flex-attention, lets it compile a while, then ends it as a run does.
+KILLED = textwrap.dedent("""
+    import sys, time
+    from harness.case import Case
+    from harness.run.warmup import Plan
+    from harness.run.worker import Warmers
+
+    def main():
+        case = Case(batch=1, seqlen_q=32, seqlen_k=48, heads_q=2, head_dim=16, dtype="float32")
+        warmers = Warmers([Plan(backend="flex-attention", cases=[case])]).start()
+        time.sleep(float(sys.argv[1]))
+        warmers.stop()
+
+    if __name__ == "__main__":
+        main()
+""")
+
+
+@pytest.mark.slow  # a warmer killed in the middle of its first compile: ~15 s
+def test_a_run_that_kills_its_warmer_leaves_no_leaked_semaphore_warning(tmp_path):
+    """torch.fx's progress bar (tqdm) made a multiprocessing lock in the warmer; killing the
+    warmer then left Python warning at the run's end of "1 leaked semaphore objects"."""
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED, encoding="utf-8")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    done = subprocess.run([sys.executable, str(script), "12"], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "leaked semaphore" not in done.stderr

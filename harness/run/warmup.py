@@ -34,6 +34,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +123,17 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def no_shared_locks() -> None:
+    """Give tqdm (torch.fx shows progress with it) a thread lock before it makes its
+    multiprocessing one: the run kills its warmer, and a killed process's semaphore made
+    Python warn at the run's end of "1 leaked semaphore objects"."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # torch does not need tqdm
+        return
+    tqdm.set_lock(threading.RLock())
+
+
 def _cache_misses() -> int | None:
     """Graphs compiled so far in this process (torch's FX graph cache misses), or None where
     this torch does not count them."""
@@ -161,6 +173,7 @@ def warm(plan: Plan, target: Any, backends: dict[str, Any]) -> dict[str, Any]:
 
     done: dict[str, Any] = {"priority": lower_priority(), "compiled": [], "cached": [],
                             "failed": {}, "stopped": ""}
+    no_shared_locks()
     backend = backends.get(plan.backend) or load_backend(plan.backend)
     backends[plan.backend] = backend
     if backend.availability() is not None:
