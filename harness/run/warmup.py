@@ -35,7 +35,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,30 +194,20 @@ def warm(plan: Plan, target: Any, backends: dict[str, Any]) -> dict[str, Any]:
         done["cached" if cached else "compiled"].append(case.case_id)
         return cached
 
+    def fresh(cases: Iterable[Case]) -> Iterator[Case]:
+        """The cases not tried yet (a case may be both drawn and in the suite)."""
+        return (c for c in cases
+                if c.case_id not in done["cached"] and c.case_id not in done["compiled"])
+
     if plan.exploration is not None:
         streak = 0
-        for case in predicted_draws(backend, plan.backend, plan.exploration):
-            if case.case_id in done["cached"] or case.case_id in done["compiled"]:
-                continue
-            cached = compile_one(case)
-            streak = streak + 1 if cached else 0
+        for case in fresh(predicted_draws(backend, plan.backend, plan.exploration)):
+            streak = streak + 1 if compile_one(case) else 0
             if streak >= CACHED_STREAK:
                 done["stopped"] = (f"{CACHED_STREAK} draws in a row were cached: the cache is "
                                    "warm")
                 return done
-    for case in reversed(plan.cases):
-        if case.case_id in done["cached"] or case.case_id in done["compiled"]:
-            continue
+    for case in fresh(reversed(plan.cases)):
         if compile_one(case):
             break  # the run has come this far (or the cache was warm)
-    return done
-    streak = 0
-    for case in predicted_draws(backend, plan.backend, plan.exploration):
-        if case.case_id in done["cached"] or case.case_id in done["compiled"]:
-            continue
-        cached = compile_one(case)
-        streak = streak + 1 if cached else 0
-        if streak >= CACHED_STREAK:
-            done["stopped"] = f"{CACHED_STREAK} draws in a row were cached: the cache is warm"
-            break
     return done

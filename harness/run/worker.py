@@ -451,7 +451,7 @@ class Warmers:
 
     def __init__(self, plans_: Sequence[Plan]) -> None:
         self.plans = list(plans_)
-        self.workers: list[Any] = []
+        self.workers: list[Worker] = []
 
     def start(self) -> Warmers:
         for plan in self.plans:
@@ -593,7 +593,8 @@ def _receive_task(worker, task, timeout_s, records, pending, current, emit):
             worker.backend = payload
         elif kind == "begin":
             current = payload
-            _quiet(payload in TIMED)
+            if payload in TIMED:  # continued on its record, or however the task ends
+                _quiet(True)
         elif kind == "record":
             if payload.check in TIMED:
                 _quiet(False)
