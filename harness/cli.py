@@ -34,11 +34,13 @@ from harness.run.session import (
     check_backend_versions,
     choose_backends,
     collect_cases,
+    compiles_on_cpu,
     count_statuses,
     deliberate,
     explore_checks,
     failed,
     make_task,
+    not_explored_note,
     open_run,
     prepare_out_dir,
     prepare_output_file,
@@ -276,10 +278,11 @@ def _run(args, opts, cases, target, specs, resolved, notes, worker) -> int:
     devices = getattr(args, "device_indices", None)
     ahead = [] if devices else warmup.plans(
         tasks, {s: resolved[s] for s in specs if s in resolved}, target,
-        _exploration_of(args, opts))
+        _exploration_of(args, opts, compiles_on_cpu=True))
     for plan in ahead:
+        what = "the suite's and the exploration's" if plan.exploration else "the suite's"
         notes.append(f"{plan.backend} compiles a graph per structure: a second process compiles "
-                     "the suite's and the exploration's graphs ahead, at idle priority")
+                     f"{what} graphs ahead, at idle priority")
     print(f"attn-harness {__version__} on {target['target_id']} ({target['device_name']}): "
           f"{len(cases)} case(s) x {len(specs)} backend(s) [{', '.join(specs)}]"
           f"{f', shard {opts.shard}' if opts.shard is not None else ''}, "
@@ -304,7 +307,7 @@ def _run(args, opts, cases, target, specs, resolved, notes, worker) -> int:
                                first_worker=worker, keep_worker=True).worker
         console.close()
         findings = _explore(args, opts, specs, writer.write, done, worker, out_dir=out_dir,
-                            console=console)
+                            console=console, target=target)
     console.close()
     if jury_dir is not None:
         deliberate(jury_dir, out_dir, keep_previous=bool(args.resume))
@@ -318,9 +321,10 @@ def _run(args, opts, cases, target, specs, resolved, notes, worker) -> int:
     return EXIT_FAILED if failed(records) else EXIT_OK
 
 
-def _exploration_of(args, opts) -> warmup.Exploration | None:
-    """What the run's exploration draws from (None: it does not explore)."""
-    examples = opts.examples_for(inline=bool(args.case))
+def _exploration_of(args, opts, *, compiles_on_cpu: bool = False) -> warmup.Exploration | None:
+    """What the run's exploration of a backend draws from (None: it does not explore it;
+    ``compiles_on_cpu``: see :meth:`harness.options.RunOptions.examples_for`)."""
+    examples = opts.examples_for(inline=bool(args.case), compiles_on_cpu=compiles_on_cpu)
     checks = explore_checks(opts)
     if examples <= 0 or not checks:
         return None
@@ -367,7 +371,7 @@ def _drop_crashed(results: Path) -> None:
 
 
 def _explore(args, opts, specs, sink, done, worker=None, *, out_dir: Path,
-             console=None) -> list[str]:
+             console=None, target: dict | None = None) -> list[str]:
     """Run the profile's exploration for every backend, printing each judged case and each
     backend's summary as it ends; returns the summaries of those that found a failure.
 
@@ -393,11 +397,16 @@ def _explore(args, opts, specs, sink, done, worker=None, *, out_dir: Path,
             info = resolved[spec]
             if "error" in info or info["availability"]:
                 continue
-            part = (f" (shard {opts.shard}: its part of {examples * opts.shard.count})"
+            mine = opts.examples_for(inline=bool(args.case),
+                                     compiles_on_cpu=compiles_on_cpu(info, target or {}))
+            if mine <= 0:
+                print(f"note: {not_explored_note(spec)}", file=sys.stderr)
+                continue
+            part = (f" (shard {opts.shard}: its part of {mine * opts.shard.count})"
                     if opts.shard is not None else "")
             budget = (f" (free draws for {opts.explore_budget_s:g} s at most)"
                       if opts.explore_budget_s is not None else "")
-            print(f"exploring {spec}: up to {examples} generated case(s){part}{budget}, checks "
+            print(f"exploring {spec}: up to {mine} generated case(s){part}{budget}, checks "
                   f"{','.join(checks)}, seed {opts.seed}", file=sys.stderr)
 
             def run_case(case, spec=spec):
@@ -415,10 +424,10 @@ def _explore(args, opts, specs, sink, done, worker=None, *, out_dir: Path,
                     console.explored(spec, phase, case, records, step)
 
             if console is not None:
-                console.exploring(spec, examples)
+                console.exploring(spec, mine)
             # Only generated cases and the minimal failure are recorded, not each shrink step.
             result = explore(spec, info["capabilities"], run_case, profile=opts.profile,
-                             examples=examples, seed=opts.seed, on_record=record,
+                             examples=mine, seed=opts.seed, on_record=record,
                              regressions=opts.regressions or out_dir / "regressions",
                              database_dir=out_dir / ".hypothesis", backward=gradients(checks),
                              on_case=on_case, shard=opts.shard,
@@ -479,7 +488,8 @@ def cmd_info(args) -> int:
             continue
         d = info["describe"]
         backends.append({**d, "name": spec, "available": not info["availability"],
-                         "reason": info["availability"] or ""})
+                         "reason": info["availability"] or "",
+                         "compiles_per_structure": bool(info.get("compiles_per_structure"))})
     if args.json:
         print(json.dumps({"target": target, "backends": backends}, indent=2))
         return EXIT_OK

@@ -39,6 +39,11 @@ class Profile:
     Attributes:
         name: quick, nightly or exhaustive.
         explore_examples: hypothesis-generated cases per backend on top of the suites.
+        explore_compilers_on_cpu: whether the main job (no ``--explore`` given) also explores,
+            on a CPU, a backend that compiles a graph per structure
+            (:attr:`harness.backends.base.Backend.compiles_per_structure`): there nearly every
+            draw is a structure of its own and costs a compile of about 5 s (FlexAttention's
+            C++ template), 20 draws some 100 CPU-seconds on a first run.
     """
 
     name: str
@@ -50,11 +55,13 @@ class Profile:
     timeout_s: float
     determinism_runs: int = 2
     graph_replay: bool = False
+    explore_compilers_on_cpu: bool = True
 
 
 PROFILES = {
     "quick": Profile("quick", explore_examples=20, warmup_s=0.05, budget_s=0.25, min_reps=5,
-                     dropout_samples=48, timeout_s=300.0, determinism_runs=3),
+                     dropout_samples=48, timeout_s=300.0, determinism_runs=3,
+                     explore_compilers_on_cpu=False),
     "nightly": Profile("nightly", explore_examples=300, warmup_s=0.2, budget_s=1.0, min_reps=10,
                        dropout_samples=96, timeout_s=900.0, determinism_runs=50),
     "exhaustive": Profile("exhaustive", explore_examples=3000, warmup_s=0.5, budget_s=2.0,
@@ -345,12 +352,17 @@ class RunOptions:
         """The per-check time limit in force (the profile's when not given); inf = none."""
         return self.timeout_s if self.timeout_s is not None else get_profile(self.profile).timeout_s
 
-    def examples_for(self, *, inline: bool = False) -> int:
+    def examples_for(self, *, inline: bool = False, compiles_on_cpu: bool = False) -> int:
         """Generated cases per backend: ``--explore`` when given (``profile``: the profile's
         count); otherwise the profile's in the main job, and none when suites or inline cases
         (``--case``, a replay) say what to run: a replay of one case must not explore for
-        minutes."""
+        minutes. ``compiles_on_cpu``: the backend compiles a graph per structure and the
+        target is a CPU, which the main job explores only where the profile says so
+        (:attr:`Profile.explore_compilers_on_cpu`; not in the quick profile)."""
         if self.explore is None and (self.suites or inline):
+            return 0
+        if (self.explore is None and compiles_on_cpu
+                and not get_profile(self.profile).explore_compilers_on_cpu):
             return 0
         if self.explore is None or self.explore == EXPLORE_PROFILE:
             return get_profile(self.profile).explore_examples

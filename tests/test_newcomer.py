@@ -37,6 +37,23 @@ def test_only_the_main_job_explores_by_default():
     assert RunOptions(suites=("edge",), explore=EXPLORE_PROFILE, profile="nightly").examples == 300
 
 
+def test_the_quick_main_job_does_not_explore_a_backend_compiling_per_structure_on_a_cpu():
+    """Issue 24, point 5: flex-attention's 20 draws were ~17 structures of their own, each a
+    ~5 s compile on a first run (~100 CPU-seconds). The quick main job leaves them out on a
+    CPU; asking for exploration, or the nightly profile, still explores it."""
+    from harness.run.session import compiles_on_cpu, not_explored_note
+
+    assert RunOptions().examples_for(compiles_on_cpu=True) == 0
+    assert RunOptions(explore=EXPLORE_PROFILE).examples_for(compiles_on_cpu=True) == 20
+    assert RunOptions(explore=4).examples_for(compiles_on_cpu=True) == 4
+    assert RunOptions(profile="nightly").examples_for(compiles_on_cpu=True) == 300
+    flex = {"compiles_per_structure": True}
+    assert compiles_on_cpu(flex, {"vendor": "cpu"})
+    assert not compiles_on_cpu(flex, {"vendor": "nvidia"})
+    assert not compiles_on_cpu({"compiles_per_structure": False}, {"vendor": "cpu"})
+    assert "--explore profile" in not_explored_note("flex-attention")
+
+
 def test_explore_profile_parses_and_nonsense_is_refused():
     import argparse
 

@@ -11,13 +11,16 @@ see no key come back as zeros; the lse is natural-log, ``(batch, heads_q, seqlen
 
 Eager ``flex_attention`` is a debug path (torch warns it may be slow and wrong), so the built-in
 backend calls ``torch.compile(flex_attention, dynamic=True)``: the mods read every number from
-captured tensors, so one graph serves every sequence length and window of a given structure
-(heads, head_dim, dtype, which mods); with Python ints captured instead, torch 2.13's CPU
-lowering failed (``'Mul' object has no attribute 'get_name'``, a C++ compile error). When a
-dynamic compile fails anyway the backend falls back to static graphs, one per shape. Each
-case is compiled as in a fresh process (dynamo is reset when the case changes): what torch
-compiles for a later case otherwise depends on the cases before it (sizes seen earlier are
-symbols of their own, sizes first seen together share one), so a replay of one case compiled
+captured tensors, so cases that differ in sequence lengths and windows can share a graph (torch
+still specializes the head count, sizes of 1, and two sizes that are equal); with Python ints
+captured instead, torch 2.13's CPU lowering failed (``'Mul' object has no attribute
+'get_name'``, a C++ compile error). Where a dynamic compile fails anyway (torch 2.13's CPU
+template with a varlen document mask at some sizes, b3 q64 h4 d64 but not b2 q28: C++ naming an
+undeclared ``cur_qSplitSize7``), that case falls back to a static graph, and every other case
+still tries dynamic first. Each case is compiled as in a fresh process (dynamo is reset when
+the case changes). Otherwise what torch compiles for a case depends on the cases before it
+(sizes seen earlier are symbols of their own, sizes first seen together share one; a failed
+dynamic compile sent every later case to static graphs), so a replay of one case compiled
 another graph than the run that failed, and graphs compiled ahead in another process
 (:mod:`harness.run.warmup`) were not the run's. On
 the CPU torch's inductor supports inference only and no lse (``torch/_inductor/kernel/flex/
@@ -122,8 +125,10 @@ class FlexAttentionBackend(ModuleBackend):
         self._case_id = ""
         #: torch's own flex_attention is compiled here; a module's is called as given
         self.compiles_per_structure = target is None
-        #: Why dynamic-shape compilation was given up for static (one graph per shape), if so.
+        #: Why dynamic-shape compilation was given up for a static graph, if it was: the first
+        #: failure's reason; the cases it was given up for (their ids).
         self.dynamic_failure = ""
+        self._static: set[str] = set()
         self._masks: dict[Any, Any] = {}
 
     def unavailable_reason(self) -> str:
@@ -194,7 +199,7 @@ class FlexAttentionBackend(ModuleBackend):
         want_lse = self.capabilities.returns_lse
         if want_lse:
             kwargs.update(lse_request(self._module))
-        result = self._call(q, k, v, kwargs)
+        result = self._call(q, k, v, kwargs, case.case_id)
         # `out`; `(out, lse)` with return_lse=True; `(out, AuxOutput)` with return_aux
         convention = ("(out, lse)" if kwargs.get("return_lse")
                       else "(out, aux)" if "return_aux" in kwargs else "out")
@@ -208,13 +213,14 @@ class FlexAttentionBackend(ModuleBackend):
         return Outputs(out=out, lse=lse if want_lse else None)
 
 
-    def _call(self, q, k, v, kwargs: dict[str, Any]):
+    def _call(self, q, k, v, kwargs: dict[str, Any], case_id: str = ""):
         """One call; torch's refusals become skips; a failed dynamic compile falls back to a
-        static one (and stays there, with the reason in :attr:`dynamic_failure`)."""
+        static one, for this case only (the reason in :attr:`dynamic_failure`): a replay of
+        another case compiles what the run compiled for it."""
         import torch
 
         patch = _recompile_patch() if self.target is None else {}
-        dynamic = self.target is None and not self.dynamic_failure
+        dynamic = self.target is None and case_id not in self._static
         try:
             with torch._dynamo.config.patch(**patch):
                 return self._function(dynamic)(q, k, v, **kwargs)
@@ -223,7 +229,8 @@ class FlexAttentionBackend(ModuleBackend):
                 raise Unsupported(f"torch refused flex-attention: {refusal_text(exc)}") from None
             if not dynamic or not _is_compile_error(exc):
                 raise
-            self.dynamic_failure = first_line(exc)
+            self.dynamic_failure = self.dynamic_failure or first_line(exc)
+            self._static.add(case_id)
         with torch._dynamo.config.patch(**patch):
             return self._function(False)(q, k, v, **kwargs)
 

@@ -277,6 +277,19 @@ def explore_checks(options: RunOptions) -> tuple[str, ...]:
     return tuple(c for c in options.checks if c in EXPLORED)
 
 
+def compiles_on_cpu(info: dict[str, Any], target: dict[str, Any]) -> bool:
+    """Whether a resolved backend (``info``: :meth:`harness.run.worker.Worker.resolve`'s) compiles
+    a graph per structure on a CPU target (:meth:`RunOptions.examples_for`)."""
+    return bool(info.get("compiles_per_structure")) and target.get("vendor") == "cpu"
+
+
+def not_explored_note(spec: str) -> str:
+    """Why the main job does not explore ``spec``, and how to have it explored."""
+    return (f"not exploring {spec}: it compiles a graph per structure, about 5 s each on a "
+            "CPU, and nearly every draw is a structure of its own; the quick profile explores "
+            "it only when asked (--explore profile or --explore N; the nightly profile does)")
+
+
 # ------------------------------------------------------------------------------ out and resume
 
 
@@ -488,6 +501,9 @@ class PytestSession:
     _count: int = 0
     _cases: list[tuple[str, Case]] | None = None
     _share: frozenset[tuple[str, str]] | None = None
+    #: each backend's resolved info and the target (the worker's), for the exploration count
+    _resolved: dict[str, Any] = field(default_factory=dict)
+    _target: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -499,12 +515,13 @@ class PytestSession:
         except Exception:
             worker.__exit__(None, None, None)
             raise
+        self._resolved = resolved
         for spec in specs:
             info = resolved[spec]
             self.backends.append(spec)
             self.capabilities[spec] = info["capabilities"]
             self.unavailable[spec] = info["availability"] or ""
-        target = worker.outcome.target
+        target = self._target = worker.outcome.target
         try:
             # The xdist workers of one session share one run: the controller's start stamp.
             run = open_run(self.options, target, started=self.started_stamp, what="--attn-out")
@@ -560,6 +577,9 @@ class PytestSession:
         checks = explore_checks(self.options)
         if not checks:
             pytest.skip("exploration needs a check that judges numbers among --attn-checks")
+        if self.options.examples > 0 and self.options.examples_for(
+                compiles_on_cpu=compiles_on_cpu(self._resolved[spec], self._target)) <= 0:
+            pytest.skip(not_explored_note(spec))
         if self.options.examples <= 0:
             pytest.skip("no exploration: it runs by default only without --attn-suite "
                         "(--attn-explore N or --attn-explore profile turns it on)"
@@ -571,7 +591,8 @@ class PytestSession:
 
         self.suite_cases()  # the run id of a sharded session
         result = explore(spec, self.capabilities[spec], run_case, profile=self.options.profile,
-                         examples=self.options.examples, seed=self.options.seed,
+                         examples=self.options.examples_for(compiles_on_cpu=compiles_on_cpu(
+                             self._resolved[spec], self._target)), seed=self.options.seed,
                          on_record=self._sink,
                          regressions=self.options.regressions or self._out / "regressions",
                          database_dir=self._out / ".hypothesis",

@@ -18,10 +18,12 @@ and the run then loads what the warmer compiled instead of compiling it.
   costs only the compiling ahead.
 - Its order: first the exploration's draws, which the run needs last, while the run judges
   the suite (the same seed, profile and shard draw the same cases in any process:
-  :func:`harness.run.explore.seed_only_draws`); it stops there after :data:`CACHED_STREAK`
-  cached draws in a row (the cache is warm, and a warm run is not slowed by a warmer
-  re-tracing its graphs). Then the suite's cases from the last backwards, until one proves
-  cached (the run has come that far).
+  :func:`harness.run.explore.seed_only_draws`). Then the suite's cases that the run calls the
+  backend on, from the last backwards, until it reaches the case the run has started
+  (:attr:`Plan.progress_path`). A cached case does not say the run has come that far: cases
+  that differ only in sizes or values share a graph. It stops after :data:`CACHED_STREAK`
+  cached draws, or suite cases, in a row: the cache is warm, and a warm run is not slowed by
+  a warmer re-tracing its graphs.
 - Only where the target is a CPU: on a GPU the warmer's kernel launches would share the
   device with the kernels being judged.
 """
@@ -37,6 +39,7 @@ import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from harness.backends import load_backend
@@ -66,6 +69,14 @@ class Plan:
     backend: str
     #: the suite's cases on this backend, in the run's order
     cases: list[Case] = field(default_factory=list)
+    #: how the run plans their checks (:func:`harness.checks.plan.plan`): a case the run does
+    #: not call the backend on (unclaimed, over the work limit) is not compiled
+    checks: tuple[str, ...] = ("fwd",)
+    audit: bool = False
+    max_gflop: float | None = None
+    #: a file where the run writes the index (in :attr:`cases`) of the case it has started on
+    #: this backend (:meth:`harness.run.worker.Warmers.reached`); '' where none is kept
+    progress_path: str = ""
     #: the exploration to predict the draws of, if the run explores this backend
     exploration: Exploration | None = None
     seed: int = 0
@@ -89,7 +100,10 @@ def plans(tasks: Sequence[Any], resolved: dict[str, dict[str, Any]], target: dic
         first = mine[0] if mine else None
         out.append(Plan(backend=spec, cases=[t.case for t in mine], exploration=exploration,
                         seed=first.seed if first else exploration.seed,
-                        profile=first.profile if first else exploration.profile))
+                        profile=first.profile if first else exploration.profile,
+                        checks=first.checks if first else ("fwd",),
+                        audit=first.audit if first else False,
+                        max_gflop=first.max_gflop if first else None))
     return out
 
 
@@ -144,6 +158,17 @@ def _cache_misses() -> int | None:
     return int(counters["inductor"]["fxgraph_cache_miss"])
 
 
+def run_reached(plan: Plan) -> int:
+    """The index in ``plan.cases`` of the case the run has started on this backend; -1 where
+    not known (no progress file, or not written yet)."""
+    if not plan.progress_path:
+        return -1
+    try:
+        return int(Path(plan.progress_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # not written yet, or caught while being rewritten
+        return -1
+
+
 def predicted_draws(backend: Any, spec: str, exploration: Exploration) -> list[Case]:
     """The cases the run's exploration of ``backend`` will draw, in order, as long as no case
     fails (a failure is shrunk instead)."""
@@ -170,6 +195,7 @@ def warm(plan: Plan, target: Any, backends: dict[str, Any]) -> dict[str, Any]:
     messages): ``priority``, ``compiled`` and ``cached`` case ids, ``failed`` (case id ->
     why) and ``stopped`` (why it ended early, '' when it went through)."""
     from harness.checks.context import CheckContext
+    from harness.checks.plan import plan as plan_checks
 
     done: dict[str, Any] = {"priority": lower_priority(), "compiled": [], "cached": [],
                             "failed": {}, "stopped": ""}
@@ -199,6 +225,11 @@ def warm(plan: Plan, target: Any, backends: dict[str, Any]) -> dict[str, Any]:
         return (c for c in cases
                 if c.case_id not in done["cached"] and c.case_id not in done["compiled"])
 
+    def called(case: Case) -> bool:
+        """Whether the run calls the backend on a suite case (a skipped one needs no graph)."""
+        return bool(plan_checks(case, backend, target, plan.checks, audit=plan.audit,
+                                max_gflop=plan.max_gflop).run)
+
     if plan.exploration is not None:
         streak = 0
         for case in fresh(predicted_draws(backend, plan.backend, plan.exploration)):
@@ -207,7 +238,20 @@ def warm(plan: Plan, target: Any, backends: dict[str, Any]) -> dict[str, Any]:
                 done["stopped"] = (f"{CACHED_STREAK} draws in a row were cached: the cache is "
                                    "warm")
                 return done
-    for case in fresh(reversed(plan.cases)):
+    streak = 0
+    for index in reversed(range(len(plan.cases))):
+        if index <= run_reached(plan):
+            done["stopped"] = "the run has come this far"
+            break
+        case = plan.cases[index]
+        if not called(case) or case.case_id in done["cached"] + done["compiled"]:
+            continue
+        streak = streak + 1 if compile_one(case) else 0
+        if streak >= CACHED_STREAK:
+            done["stopped"] = f"{CACHED_STREAK} suite cases in a row were cached: the cache is warm"
+            break
+    return done
+    for case in fresh(c for c in reversed(plan.cases) if called(c)):
         if compile_one(case):
             break  # the run has come this far (or the cache was warm)
     return done

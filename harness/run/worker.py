@@ -17,10 +17,12 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from harness.backends import FAMILIES, load_backend
@@ -445,6 +447,11 @@ def _quiet(paused: bool) -> None:
         warmers.pause(paused)
 
 
+def _reached(task: Task) -> None:
+    for warmers in list(_QUIET):
+        warmers.reached(task)
+
+
 class Warmers:
     """The warmer processes of a run (:mod:`harness.run.warmup`): started with :meth:`start`,
     ended with :meth:`stop` (a context manager does both)."""
@@ -452,18 +459,35 @@ class Warmers:
     def __init__(self, plans_: Sequence[Plan]) -> None:
         self.plans = list(plans_)
         self.workers: list[Worker] = []
+        #: per plan: its progress file (Plan.progress_path) and each case id's index
+        self._progress: list[tuple[Plan, Path, dict[str, int]]] = []
+        self._folder: tempfile.TemporaryDirectory | None = None
 
     def start(self) -> Warmers:
-        for plan in self.plans:
+        if self.plans:
+            self._folder = tempfile.TemporaryDirectory(prefix="attn-harness-warmers-")
+        for number, plan in enumerate(self.plans):
+            path = Path(self._folder.name) / f"progress-{number}"
+            plan = replace(plan, progress_path=str(path))
             try:  # not waiting for it to start: the run goes on meanwhile
                 worker = Worker(idle=True)
                 worker.send(("warm", plan))
             except Exception:  # noqa: BLE001 - compiling ahead is a convenience, never a failure
                 continue
             self.workers.append(worker)
+            self._progress.append((plan, path, {c.case_id: i for i, c in
+                                                reversed(list(enumerate(plan.cases)))}))
         if self.workers:
             _QUIET.append(self)
         return self
+
+    def reached(self, task: Task) -> None:
+        """The run starts ``task``: its warmer compiles no case from here on (it goes through
+        the suite backwards, to meet the run)."""
+        for plan, path, index in self._progress:
+            if plan.backend == task.backend and task.case.case_id in index:
+                with contextlib.suppress(OSError):
+                    path.write_text(str(index[task.case.case_id]), encoding="utf-8")
 
     def pause(self, paused: bool) -> None:
         """Stop (``SIGSTOP``) or continue every warmer's process group: a timed check runs
@@ -489,6 +513,10 @@ class Warmers:
                         reports.append(message[1])
             worker.kill()
         self.workers = []
+        self._progress = []
+        if self._folder is not None:
+            self._folder.cleanup()
+            self._folder = None
         return reports
 
     def __enter__(self) -> Warmers:
@@ -556,6 +584,7 @@ def _run_one(worker: Worker, task: Task, timeout_s: float, sink, outcome: Outcom
             pending.remove(record.check)
 
     worker.backend = {"name": task.backend, "family": "", "flavor": "", "version": ""}
+    _reached(task)
     try:
         worker.send(task)
     except (BrokenPipeError, ConnectionResetError, OSError):
