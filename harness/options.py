@@ -243,7 +243,9 @@ OPTIONS: tuple[Option, ...] = (
            metavar="N", type=parse_seed, default=0),
     Option("explore", "hypothesis-generated cases per backend after the suites, shrunk to the "
                       "minimal failure (0 = none; 'profile' = the profile's count)",
-           "the profile's (20 for quick) in the main job; none when a suite or case is given",
+           "the profile's (20 for quick) in the main job, but in quick none on a CPU for a "
+           "backend that compiles a graph per structure (flex-attention); none when a suite or "
+           "case is given",
            metavar="N|profile", type=parse_explore, alias="examples"),
     Option("explore-budget", "seconds each backend's free draws may take: then no new free draw "
                              "is judged, while every corner is still visited and a failure is "

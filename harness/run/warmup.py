@@ -4,7 +4,8 @@ leaves idle, into torch's on-disk caches.
 A backend that compiles per structure (:attr:`harness.backends.base.Backend.
 compiles_per_structure`: torch's FlexAttention compiles a graph for each heads, head dims, dtype,
 mask and layout) makes a first run wait for every compile in turn: about 5 s each on a CPU,
-about 35 of them in the default job, single-threaded while the other cores idle. Compiled
+15 for the default job's smoke cases (the quick profile does not explore such a backend on a
+CPU: :attr:`harness.options.Profile.explore_compilers_on_cpu`), while a core idles. Compiled
 graphs go to torch's caches on disk (``TORCHINDUCTOR_CACHE_DIR``), where any process of the same
 torch finds them. So while the run works, a warmer process calls the backend's forward on the
 cases the run will judge, with the same inputs (:class:`harness.checks.context.CheckContext`),
@@ -165,7 +166,7 @@ def run_reached(plan: Plan) -> int:
         return -1
     try:
         return int(Path(plan.progress_path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # not written yet, or caught while being rewritten
+    except (OSError, ValueError):  # not written yet
         return -1
 
 

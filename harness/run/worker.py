@@ -486,8 +486,10 @@ class Warmers:
         the suite backwards, to meet the run)."""
         for plan, path, index in self._progress:
             if plan.backend == task.backend and task.case.case_id in index:
-                with contextlib.suppress(OSError):
-                    path.write_text(str(index[task.case.case_id]), encoding="utf-8")
+                with contextlib.suppress(OSError):  # replaced whole: never read half-written
+                    fresh = path.with_suffix(".new")
+                    fresh.write_text(str(index[task.case.case_id]), encoding="utf-8")
+                    os.replace(fresh, path)
 
     def pause(self, paused: bool) -> None:
         """Stop (``SIGSTOP``) or continue every warmer's process group: a timed check runs
