@@ -29,4 +29,4 @@ def test_without_a_gpu_it_says_so_and_skips_what_needs_one(tmp_path):
     assert "== run: skipped (SKIP)" in out and "== fidelity: skipped (SKIP)" in out
     with tarfile.open(tmp_path / "gpu-check.tar.gz") as packed:
         names = packed.getnames()
-    assert "./info.log" in names and "./info.json" in names
+    assert "./info.log" in names and "./info.json" in names, out
