@@ -322,7 +322,6 @@ def installed_reasons(case: Case, environ) -> list[str]:
             out.append("fp8_recipe=per-head: the CK fp8 path reads one descale per tensor (zero "
                        f"batch and head strides, csrc/py_itfs_ck/mha_fwd_kernels.cu l.155-167 @ "
                        f"{SOURCE})")
-
         if triton_path and case.sink_tokens:
             out.append("sink tokens on the fp8 Triton path: flash_attn_fp8_pertensor_func passes "
                        f"window_size[:2] only, dropping the sink element (mha.py l.3986 @ "

@@ -577,13 +577,14 @@ class PytestSession:
         checks = explore_checks(self.options)
         if not checks:
             pytest.skip("exploration needs a check that judges numbers among --attn-checks")
-        if self.options.examples > 0 and self.options.examples_for(
-                compiles_on_cpu=compiles_on_cpu(self._resolved[spec], self._target)) <= 0:
-            pytest.skip(not_explored_note(spec))
         if self.options.examples <= 0:
             pytest.skip("no exploration: it runs by default only without --attn-suite "
                         "(--attn-explore N or --attn-explore profile turns it on)"
                         if self.options.explore is None else "--attn-explore 0")
+        examples = self.options.examples_for(
+            compiles_on_cpu=compiles_on_cpu(self._resolved[spec], self._target))
+        if examples <= 0:
+            pytest.skip(not_explored_note(spec))
 
         def run_case(case: Case) -> list[Record]:
             task = make_task("explore", case, spec, self.options, checks=checks)
@@ -591,8 +592,7 @@ class PytestSession:
 
         self.suite_cases()  # the run id of a sharded session
         result = explore(spec, self.capabilities[spec], run_case, profile=self.options.profile,
-                         examples=self.options.examples_for(compiles_on_cpu=compiles_on_cpu(
-                             self._resolved[spec], self._target)), seed=self.options.seed,
+                         examples=examples, seed=self.options.seed,
                          on_record=self._sink,
                          regressions=self.options.regressions or self._out / "regressions",
                          database_dir=self._out / ".hypothesis",

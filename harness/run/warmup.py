@@ -38,7 +38,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,8 @@ from harness.backends import load_backend
 from harness.case import Case
 from harness.options import get_profile
 
-#: Cached exploration draws in a row after which the warmer stops (the cache is warm).
+#: Cached exploration draws, or suite cases, in a row after which the warmer stops (the cache
+#: is warm).
 CACHED_STREAK = 3
 
 
@@ -221,10 +222,9 @@ def warm(plan: Plan, target: Any, backends: dict[str, Any]) -> dict[str, Any]:
         done["cached" if cached else "compiled"].append(case.case_id)
         return cached
 
-    def fresh(cases: Iterable[Case]) -> Iterator[Case]:
-        """The cases not tried yet (a case may be both drawn and in the suite)."""
-        return (c for c in cases
-                if c.case_id not in done["cached"] and c.case_id not in done["compiled"])
+    def tried(case: Case) -> bool:
+        """Whether the case was called already (a case may be both drawn and in the suite)."""
+        return case.case_id in done["cached"] or case.case_id in done["compiled"]
 
     def called(case: Case) -> bool:
         """Whether the run calls the backend on a suite case (a skipped one needs no graph)."""
@@ -233,7 +233,9 @@ def warm(plan: Plan, target: Any, backends: dict[str, Any]) -> dict[str, Any]:
 
     if plan.exploration is not None:
         streak = 0
-        for case in fresh(predicted_draws(backend, plan.backend, plan.exploration)):
+        for case in predicted_draws(backend, plan.backend, plan.exploration):
+            if tried(case):
+                continue
             streak = streak + 1 if compile_one(case) else 0
             if streak >= CACHED_STREAK:
                 done["stopped"] = (f"{CACHED_STREAK} draws in a row were cached: the cache is "
@@ -245,14 +247,10 @@ def warm(plan: Plan, target: Any, backends: dict[str, Any]) -> dict[str, Any]:
             done["stopped"] = "the run has come this far"
             break
         case = plan.cases[index]
-        if not called(case) or case.case_id in done["cached"] + done["compiled"]:
+        if tried(case) or not called(case):
             continue
         streak = streak + 1 if compile_one(case) else 0
         if streak >= CACHED_STREAK:
             done["stopped"] = f"{CACHED_STREAK} suite cases in a row were cached: the cache is warm"
             break
-    return done
-    for case in fresh(c for c in reversed(plan.cases) if called(c)):
-        if compile_one(case):
-            break  # the run has come this far (or the cache was warm)
     return done
